@@ -1,0 +1,7 @@
+"""Model definitions and the weight-file format. Imports torch and safetensors only."""
+
+from models.io import ModelInfo, WeightFileError, load_model, read_metadata, save_model
+from models.vae import VAE, VAEConfig
+from models.vqvae import VQVAE, VQVAEConfig, VectorQuantizer
+
+__all__ = ["VAE", "VAEConfig", "VQVAE", "VQVAEConfig", "VectorQuantizer", "ModelInfo", "WeightFileError", "load_model", "read_metadata", "save_model"]

@@ -1,0 +1,189 @@
+"""Variational autoencoder (Kingma & Welling 2013, arXiv 1312.6114), MLP and convolutional.
+
+Both architectures share one interface, the one pytorch/examples made familiar:
+`encode(x) -> (mu, logvar)`, `reparameterize(mu, logvar)`, `decode(z) -> logits`,
+`forward(x) -> (logits, mu, logvar)`. Pixels in [0, 1] are Bernoulli targets and the
+decoder returns logits, so the reconstruction term is computed with
+`binary_cross_entropy_with_logits` (stable; no sigmoid-then-clamp).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    arch: str = "mlp"  # "mlp" (the classic 784-256-128 model) or "conv"
+    in_channels: int = 1
+    image_size: int = 28  # 28 (MNIST, Fashion-MNIST) or 32 (CIFAR-10); conv needs a multiple of 4
+    latent_dim: int = 20
+    hidden_dims: tuple[int, ...] = (256, 128)  # MLP layer widths; the decoder mirrors them
+    channels: tuple[int, ...] = (32, 64)  # conv: channels of the two stride-2 stages
+    fc_dim: int = 256  # conv: width of the dense layer between the feature map and the latent
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("mlp", "conv"):
+            raise ValueError(f"arch must be 'mlp' or 'conv', got {self.arch!r}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
+        if self.arch == "conv" and (self.image_size % 4 or len(self.channels) != 2):
+            raise ValueError(
+                f"conv VAE needs image_size divisible by 4 and two channel stages, "
+                f"got image_size={self.image_size}, channels={self.channels}"
+            )
+
+
+class VAE(nn.Module):
+    KIND: ClassVar[str] = "vae"
+    config_class: ClassVar[type] = VAEConfig
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, s, d = config.in_channels, config.image_size, config.latent_dim
+        if config.arch == "mlp":
+            dims = (c * s * s, *config.hidden_dims)
+            self.encoder = nn.Sequential(nn.Flatten(), *_mlp(dims))
+            feat = dims[-1]
+            self.decoder = nn.Sequential(
+                *_mlp((d, *reversed(dims[1:]))),
+                nn.Linear(dims[1], dims[0]),
+                nn.Unflatten(1, (c, s, s)),
+            )
+        else:
+            c1, c2 = config.channels
+            r = s // 4
+            self.encoder = nn.Sequential(
+                nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, s/2, s/2)
+                nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),  # (B, c2, s/4, s/4)
+                nn.Flatten(),  # (B, c2 * s/4 * s/4)
+                nn.Linear(c2 * r * r, config.fc_dim), nn.ReLU(),
+            )
+            feat = config.fc_dim
+            self.decoder = nn.Sequential(
+                nn.Linear(d, config.fc_dim), nn.ReLU(),
+                nn.Linear(config.fc_dim, c2 * r * r), nn.ReLU(),
+                nn.Unflatten(1, (c2, r, r)),  # (B, c2, s/4, s/4)
+                nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, s/2, s/2)
+                nn.ConvTranspose2d(c1, c, 4, 2, 1),  # (B, C, s, s) logits
+            )
+        self.fc_mu = nn.Linear(feat, d)
+        self.fc_logvar = nn.Linear(feat, d)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.in_channels, self.config.image_size, self.config.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.config.latent_dim,)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D), the Gaussian q(z|x)."""
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def reparameterize(
+        self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """z = mu + eps * sigma with eps ~ N(0, I): the reparameterisation trick (paper, sec. 2.4)."""
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+        return mu + eps * std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (..., D) -> Bernoulli logits (..., C, H, W)."""
+        lead = z.shape[:-1]
+        logits = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, C, H, W)
+        return logits.reshape(*lead, *self.image_shape)
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator)
+        return self.decode(z), mu, logvar
+
+    def loss(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Negative ELBO averaged over the batch, in nats per image (one sample of z per image)."""
+        logits, mu, logvar = self(x, generator)
+        rec = reconstruction_nll(logits, x)  # (B,)
+        kl = kl_divergence(mu, logvar)  # (B,)
+        loss = (rec + kl).mean()
+        return loss, {"loss": loss.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction: the Bernoulli means decoded from z = mu."""
+        mu, _ = self.encode(x)
+        return torch.sigmoid(self.decode(mu))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """n images (Bernoulli means) decoded from z ~ N(0, temperature^2 I), or from the given z."""
+        if z is None:
+            device = next(self.parameters()).device
+            z = torch.randn(n, self.config.latent_dim, generator=generator, device=device) * temperature
+        return torch.sigmoid(self.decode(z))
+
+    @torch.no_grad()
+    def iwae_bound(self, x: torch.Tensor, k: int, chunk: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance-weighted bound on log p(x) (Burda et al. 2015, eq. 8), per image, float64.
+
+        log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i | x),  z_i ~ q(z | x).
+        The k samples are drawn `chunk` at a time so memory stays at chunk * B decodes;
+        log-weights are accumulated in float64 and combined with logsumexp.
+        """
+        mu, logvar = self.encode(x)  # (B, D)
+        std = torch.exp(0.5 * logvar)
+        log_w = []
+        for start in range(0, k, chunk):
+            m = min(chunk, k - start)
+            eps = torch.randn((m, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + eps * std  # (m, B, D)
+            logits = self.decode(z)  # (m, B, C, H, W)
+            log_px_z = -F.binary_cross_entropy_with_logits(
+                logits, x.expand_as(logits), reduction="none"
+            ).flatten(2).double().sum(-1)  # (m, B)
+            log_pz = (-0.5 * (z.double() ** 2 + LOG_2PI)).sum(-1)
+            log_qz = (-0.5 * (eps.double() ** 2 + LOG_2PI) - 0.5 * logvar.double()).sum(-1)
+            log_w.append(log_px_z + log_pz - log_qz)
+        log_w_all = torch.cat(log_w, 0)  # (k, B)
+        return torch.logsumexp(log_w_all, 0) - math.log(k)
+
+
+def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) under independent Bernoullis, summed over pixels: (B, C, H, W) -> (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per example, closed form (VAE paper, Appendix B):
+    -0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def _mlp(dims: tuple[int, ...]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return layers

@@ -1,0 +1,1 @@
+"""Offline training: python -m training {vae,vqvae,prior}. Writes safetensors weight files."""

@@ -1,0 +1,95 @@
+"""Command line: python -m training {vae,vqvae,prior} [options]. See README.md, "Training your own model"."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from training.data import DATASETS, DataError, load_dataset
+from training.loop import cleanup_distributed, setup_distributed
+
+
+def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, default_lr: float, default_batch: int) -> None:
+    p.add_argument("--data", default="fashion-mnist", help=f"one of {', '.join(DATASETS)} or a folder of images")
+    p.add_argument("--data-root", default=None, help="folder holding the data set's files")
+    p.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR-10 (needs internet)")
+    p.add_argument("--image-size", type=int, default=None, help="image folders: resize to this (default 28)")
+    p.add_argument("--channels", dest="image_channels", type=int, choices=(1, 3), default=None, help="image folders: 1 or 3")
+    p.add_argument("--epochs", type=int, default=default_epochs)
+    p.add_argument("--batch-size", type=int, default=default_batch, help="per process")
+    p.add_argument("--lr", type=float, default=default_lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--name", default=default_name, help="the model's name in the service")
+    p.add_argument("--out", default=None, help=f"weight file (default weights/{default_name}.safetensors)")
+    p.add_argument("--run-dir", default=None, help="where GIFs and the resume checkpoint go (default runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training import prior, vae, vqvae
+
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="family", required=True)
+    p = sub.add_parser("vae", help="train a VAE (MLP or conv)")
+    _common(p, "vae", 20, 1e-3, 128)
+    vae.add_arguments(p)
+    p = sub.add_parser("vqvae", help="train a VQ-VAE")
+    _common(p, "vqvae", 15, 2e-4, 128)
+    vqvae.add_arguments(p)
+    p = sub.add_parser("prior", help="train an autoregressive prior over a VQ-VAE's codes")
+    _common(p, "prior", 20, 1e-3, 64)
+    prior.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.command = "python -m training " + shlex.join(argv)
+    args.out = args.out or f"weights/{args.name}.safetensors"
+    args.run_dir = args.run_dir or f"runs/{args.name}"
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from training import prior, vae, vqvae
+
+    module = {"vae": vae, "vqvae": vqvae, "prior": prior}[args.family]
+    try:
+        rank, world, device = setup_distributed(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        kwargs = dict(root=args.data_root, download=args.download, image_size=args.image_size, channels=args.image_channels)
+        train = load_dataset(args.data, "train", **kwargs).subset(args.limit_train)
+        test = load_dataset(args.data, "test", **kwargs).subset(args.limit_test)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(f"{args.family}: {train.name} {len(train)} train / {len(test)} test images of shape "
+              f"{train.image_shape}, device {device}, {world} process(es)", flush=True)
+    start = time.time()
+    try:
+        module.run(args, train, test, device, rank, world)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+    if rank == 0:
+        print(f"done in {time.time() - start:.0f} s; weights in {args.out}, pictures in {Path(args.run_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""One training loop for every model family: epochs, progress bar, evaluation, best checkpoint, resume, DDP.
+
+A family plugs in with a `loss_fn(model, index) -> (loss, stats)` that builds its own batch
+from the sample indices, an `evaluate(model) -> metrics` on the test split, and
+`save_best(model, metrics)`. Under `torchrun` the loop runs as DistributedDataParallel:
+every rank takes a disjoint shard of each epoch's permutation; rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+
+LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+@dataclass
+class FitConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    run_dir: Path
+    resume: bool = False
+    best_key: str = "loss"  # the test metric to minimise when choosing the best epoch
+    grad_clip: float | None = None
+    progress: bool = True
+    show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _LossModule(nn.Module):
+    """Wraps model + loss so DistributedDataParallel sees the whole step as one forward."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.loss_fn(self.model, index)
+
+
+def fit(
+    model: nn.Module,
+    config: FitConfig,
+    *,
+    n_train: int,
+    loss_fn: LossFn,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    save_best: Callable[[nn.Module, dict[str, Any]], None],
+    on_epoch_end: Callable[[nn.Module, int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train for config.epochs; return the state (history, best epoch and metrics)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed + rank)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    step_module: nn.Module = _LossModule(model, loss_fn)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    ckpt = config.run_dir / "checkpoint.safetensors"
+    state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": None, "history": [], **config.extra_state}
+    if config.resume:
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+        state = load_checkpoint(ckpt, model, optimizer)  # restores the RNG state too
+        if rank == 0:
+            print(f"resumed from {ckpt} after epoch {state['epoch']}")
+
+    per_rank = n_train // world
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        model.train()
+        # The same permutation on every rank (seeded by epoch), each rank takes its own shard.
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+        shard = perm[rank * per_rank : (rank + 1) * per_rank]
+        batches = list(shard.split(config.batch_size))
+        bar = tqdm(batches, desc=f"{desc} {epoch}/{config.epochs}", disable=rank != 0 or not config.progress, leave=False)
+        running, totals, count = None, {}, 0
+        for index in bar:
+            loss, stats = step_module(index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at epoch {epoch}; lower --lr")
+            running = value if running is None else 0.98 * running + 0.02 * value
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(index)
+            count += len(index)
+            bar.set_postfix(loss=f"{running:.4g}", **{k: f"{float(stats[k]):.4g}" for k in config.show if k in stats})
+        train_stats = {f"train_{k}": v / max(count, 1) for k, v in totals.items()}
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            model.eval()
+            metrics = {**train_stats, **evaluate(model)}
+            improved = metrics[config.best_key] < state["best"]
+            if improved:
+                state["best"], state["best_epoch"] = metrics[config.best_key], epoch
+                save_best(model, {**metrics, "epoch": epoch})
+            if on_epoch_end is not None:
+                on_epoch_end(model, epoch)
+            state["history"].append({"epoch": epoch, **{k: round(float(v), 5) for k, v in metrics.items()}})
+            state["epoch"] = epoch
+            save_checkpoint(ckpt, model, optimizer, state)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            print(f"epoch {epoch}: {shown}{' (best)' if improved else ''}", flush=True)
+        else:
+            state["epoch"] = epoch
+        if world > 1:
+            dist.barrier()
+    return state

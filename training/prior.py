@@ -1,0 +1,126 @@
+"""`python -m training prior --vqvae weights/vqvae.safetensors --arch gated`: fit an autoregressive
+prior to the codes a frozen VQ-VAE assigns to the training images; report test NLL in bits per code."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from models.io import load_model, save_model
+from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
+from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
+from models.vqvae import VQVAE
+from training.data import ImageData
+from training.evaluate import usage_stats
+from training.loop import FitConfig, fit
+from training.visuals import save_frame
+
+ARCHS = {
+    "pixelcnn": (PixelCNN, PixelCNNConfig),
+    "gated": (GatedPixelCNN, GatedPixelCNNConfig),
+    "pixelcnnpp": (PixelCNNpp, PixelCNNppConfig),
+}
+GRID = 64
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vqvae", required=True, help="the frozen VQ-VAE weight file whose codes the prior models")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="gated")
+    p.add_argument("--hidden-channels", type=int, default=None, help="default: the architecture's config default")
+    p.add_argument("--n-layers", type=int, default=None, help="default: the architecture's config default")
+    p.add_argument("--dropout", type=float, default=None, help="pixelcnnpp only")
+    p.add_argument("--unconditional", action="store_true", help="ignore the data set's class labels")
+
+
+@torch.inference_mode()
+def encode_codes(vqvae: VQVAE, data: ImageData, batch_size: int = 500) -> torch.Tensor:
+    """The VQ-VAE's code grid for every image: (N, h, w) long, on the CPU."""
+    device = next(vqvae.parameters()).device
+    return torch.cat([vqvae.encode_indices(data.batch(i, device)[0]).cpu() for i in torch.arange(len(data)).split(batch_size)])
+
+
+@torch.inference_mode()
+def nll_bits_per_code(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 500) -> float:
+    device = next(prior.parameters()).device
+    total = 0.0
+    for index in torch.arange(len(codes)).split(batch_size):
+        y = None if labels is None else labels[index].to(device)
+        total += -prior.log_prob(codes[index].to(device), y).double().sum().item()
+    return total / (codes.numel() * math.log(2))
+
+
+def unigram_cross_entropy_bits(train_counts: torch.Tensor, test_codes: torch.Tensor) -> float:
+    """Bits per code of the best position-independent model (the train histogram, add-one smoothed)."""
+    p = (train_counts.double() + 1) / (train_counts.sum() + train_counts.numel())
+    return -p.log2()[test_codes.flatten()].mean().item()
+
+
+def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: torch.device, rank: int, world: int) -> None:
+    vqvae, vq_info = load_model(args.vqvae, device)
+    if vq_info.kind != "vqvae":
+        raise ValueError(f"--vqvae {args.vqvae} holds a {vq_info.kind!r} model, not a VQ-VAE")
+    if tuple(train.image_shape) != tuple(vqvae.image_shape):
+        raise ValueError(f"the data's image shape {train.image_shape} differs from the VQ-VAE's {vqvae.image_shape}")
+    for p in vqvae.parameters():
+        p.requires_grad_(False)
+    conditional = not args.unconditional and train.labels is not None and train.num_classes > 0
+    cls, config_cls = ARCHS[args.arch]
+    overrides = {k: v for k, v in (("hidden_channels", args.hidden_channels), ("n_layers", args.n_layers),
+                                    ("dropout", args.dropout)) if v is not None}
+    config = config_cls(codebook_size=vqvae.config.codebook_size, code_shape=tuple(vqvae.code_shape),
+                        num_classes=train.num_classes if conditional else 0, **overrides)
+    prior = cls(config).to(device)
+
+    if rank == 0:
+        print(f"encoding {len(train)} + {len(test)} images with {args.vqvae} ...", flush=True)
+    train_codes, test_codes = encode_codes(vqvae, train), encode_codes(vqvae, test)  # (N, h, w)
+    train_labels = train.labels if conditional else None
+    test_labels = test.labels if conditional else None
+    train_counts = torch.bincount(train_codes.flatten(), minlength=config.codebook_size)
+    baseline = {
+        "log2_K": math.log2(config.codebook_size),
+        "unigram_entropy_bits": usage_stats(torch.bincount(test_codes.flatten(), minlength=config.codebook_size))["entropy_bits"],
+        "unigram_cross_entropy_bits": unigram_cross_entropy_bits(train_counts, test_codes),
+    }
+    label_gen = torch.Generator().manual_seed(args.seed)
+    fixed_labels = torch.arange(GRID) % config.num_classes if conditional else None
+    fixed_uniforms = torch.rand(GRID, *config.code_shape, generator=label_gen)
+
+    def loss_fn(m: torch.nn.Module, index: torch.Tensor):
+        y = None if train_labels is None else train_labels[index].to(device)
+        loss = m.loss(train_codes[index].to(device), y)
+        return loss, {"nats_per_code": loss.detach()}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"test_bits_per_code": nll_bits_per_code(m, test_codes, test_labels)}
+
+    extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest(), "vqvae_file": Path(args.vqvae).name,
+             "api_name": args.arch}
+
+    def save_best(m: torch.nn.Module, metrics: dict) -> None:
+        save_model(args.out, m, name=args.name, dataset=train.name, command=args.command,
+                   metrics={**baseline, **metrics}, extra=extra, image_shape=vqvae.image_shape)
+
+    def pictures(m: torch.nn.Module, epoch: int) -> None:
+        with torch.inference_mode():
+            y = None if fixed_labels is None else fixed_labels.to(device)
+            codes = m.sample(GRID, labels=y, uniforms=fixed_uniforms.to(device))
+            save_frame(args.run_dir, "samples", epoch, vqvae.decode_indices(codes))
+
+    fit_config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           run_dir=Path(args.run_dir), resume=args.resume, best_key="test_bits_per_code",
+                           progress=not args.quiet)
+    state = fit(prior, fit_config, n_train=len(train_codes), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
+                on_epoch_end=pictures, rank=rank, world=world, desc=f"prior-{args.arch}")
+    if rank != 0:
+        return
+    best, info = load_model(args.out, device)
+    metrics = {**info.metrics, "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
+               "conditional": conditional, "train_codes": int(train_codes.numel())}
+    save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics,
+               extra=extra, image_shape=vqvae.image_shape)
+    print(f"{args.out}: test NLL {metrics['test_bits_per_code']:.3f} bits/code; unigram entropy "
+          f"{baseline['unigram_entropy_bits']:.3f}, log2 K {baseline['log2_K']:.3f}")

@@ -1,0 +1,30 @@
+"""The seed article's pictures: one PNG frame per epoch, gathered into an animated GIF."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """(N, C, H, W) in [0, 1] -> a PIL image of a grid with ceil(sqrt(N)) images per row."""
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding)  # (3, H', W')
+    array = grid.mul(255).round().byte().permute(1, 2, 0).numpy()  # (H', W', 3)
+    return Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)
+
+
+def save_frame(run_dir: str | Path, name: str, epoch: int, images: torch.Tensor, duration_ms: int = 400) -> Path:
+    """Write frames/<name>_<epoch>.png and rebuild <name>.gif from every frame so far (resume-safe)."""
+    run_dir = Path(run_dir)
+    frames_dir = run_dir / "frames"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    grid_image(images).save(frames_dir / f"{name}_{epoch:04d}.png")
+    frames = [Image.open(p).convert("P") for p in sorted(frames_dir.glob(f"{name}_*.png"))]
+    gif = run_dir / f"{name}.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return gif

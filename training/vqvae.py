@@ -1,0 +1,97 @@
+"""`python -m training vqvae`: train a VQ-VAE, keep the best epoch by test MSE, report codebook health."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from models.io import load_model, save_model
+from models.vqvae import VQVAE, VQVAEConfig
+from training.data import ImageData
+from training.evaluate import reconstruction_quality, usage_stats
+from training.loop import FitConfig, fit
+from training.visuals import save_frame
+
+GRID = 64
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden-channels", type=int, default=128)
+    p.add_argument("--res-channels", type=int, default=32)
+    p.add_argument("--n-res-blocks", type=int, default=2)
+    p.add_argument("--codebook-size", type=int, default=512, help="K")
+    p.add_argument("--embedding-dim", type=int, default=64, help="D")
+    p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
+    p.add_argument("--no-ema", action="store_true", help="learn the codebook by its loss instead of EMA updates")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--init", choices=("kmeans", "random_batch", "uniform"), default="kmeans")
+    p.add_argument("--dead-code-steps", type=int, default=100, help="restart codes unused this many steps (0: never)")
+
+
+@torch.inference_mode()
+def code_histogram(model: VQVAE, data: ImageData, batch_size: int = 500) -> torch.Tensor:
+    device = next(model.parameters()).device
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
+    for index in torch.arange(len(data)).split(batch_size):
+        codes = model.encode_indices(data.batch(index, device)[0])
+        counts += torch.bincount(codes.flatten().cpu(), minlength=counts.numel())
+    return counts
+
+
+def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: torch.device, rank: int, world: int) -> None:
+    c, h, _ = train.image_shape
+    config = VQVAEConfig(
+        in_channels=c, image_size=h, hidden_channels=args.hidden_channels, res_channels=args.res_channels,
+        n_res_blocks=args.n_res_blocks, codebook_size=args.codebook_size, embedding_dim=args.embedding_dim,
+        beta=args.beta, ema=not args.no_ema, ema_decay=args.ema_decay, init=args.init,
+        dead_code_steps=args.dead_code_steps,
+    )
+    model = VQVAE(config).to(device)
+    fixed_x, _ = test.batch(torch.arange(min(GRID, len(test))), device)
+    epoch_counts = torch.zeros(config.codebook_size, dtype=torch.long)
+
+    def loss_fn(m: VQVAE, index: torch.Tensor):
+        x, _ = train.batch(index, device)
+        loss, stats = m.loss(x)
+        epoch_counts.add_(stats.pop("counts").cpu())
+        return loss, stats
+
+    def evaluate(m: VQVAE) -> dict[str, float]:
+        quality = reconstruction_quality(m, test)
+        usage = usage_stats(code_histogram(m, test))
+        metrics = {
+            "test_mse": quality["mse"], "test_psnr_db": quality["psnr_db"],
+            "test_perplexity": usage["perplexity"], "test_codes_used": usage["codes_used"],
+            "train_epoch_codes_used_share": int((epoch_counts > 0).sum()) / config.codebook_size,
+            "restarts_total": int(m.quantizer.restarts_total.item()),
+        }
+        epoch_counts.zero_()
+        return metrics
+
+    def save_best(m: VQVAE, metrics: dict) -> None:
+        save_model(args.out, m, name=args.name, dataset=train.name, command=args.command, metrics=metrics)
+
+    def pictures(m: VQVAE, epoch: int) -> None:
+        with torch.inference_mode():
+            save_frame(args.run_dir, "inputs", epoch, fixed_x)
+            save_frame(args.run_dir, "reconstructions", epoch, m.reconstruct(fixed_x))
+
+    fit_config = FitConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
+        resume=args.resume, best_key="test_mse", progress=not args.quiet, show=("perplexity", "codes_used"),
+    )
+    state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
+                on_epoch_end=pictures, rank=rank, world=world, desc="vqvae")
+    if rank != 0:
+        return
+    best, info = load_model(args.out, device)
+    metrics = {**info.metrics, "codebook_size": config.codebook_size, "code_shape": list(best.code_shape),
+               "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
+               "train_images": len(train), "test_images": len(test)}
+    save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics)
+    print(
+        f"{args.out}: test MSE {metrics['test_mse']:.5f}, PSNR {metrics['test_psnr_db']:.2f} dB, perplexity "
+        f"{metrics['test_perplexity']:.1f}, codes used {metrics['test_codes_used']}/{config.codebook_size}"
+    )
