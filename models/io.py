@@ -110,8 +110,8 @@ def config_from_dict(config_cls: type, data: dict[str, Any], *, source: str = "c
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = tensors[key].detach().cpu().contiguous().reshape(-1)  # 0-dim tensors cannot be viewed as bytes
+        h.update(f"{key}|{t.dtype}|{tuple(tensors[key].shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

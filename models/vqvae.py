@@ -77,7 +77,9 @@ class VQVAEConfig:
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1 (use init='random_batch' for no iterations), got {self.kmeans_iters}")
+            raise ValueError(
+                f"kmeans_iters must be >= 1 (use init='random_batch' for no iterations), got {self.kmeans_iters}"
+            )
         if self.dead_code_steps < 0:
             raise ValueError(f"dead_code_steps must be >= 0 (0 disables restarts), got {self.dead_code_steps}")
 
@@ -152,6 +154,7 @@ class VectorQuantizer(nn.Module):
         # Shape (1,), not a scalar: models.io hashes tensors as bytes, which a 0-dim int64 refuses.
         self.register_buffer("restarts", torch.zeros(1, dtype=torch.long))
         self.last_stats: dict[str, float] = {}
+        self.last_counts = torch.zeros(config.codebook_size)
 
     def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> indices (B, H, W) of the nearest codes (paper eq. 1). Never updates anything."""
@@ -237,7 +240,7 @@ class VectorQuantizer(nn.Module):
                 dist.all_reduce(counts)
                 dist.all_reduce(sums)
             g = cfg.ema_decay
-            # Eq. 6-8: N_i <- g N_i + (1-g) n_i;  m_i <- g m_i + (1-g) sum_j z_ij;  e_i = m_i / N_i.
+            # Appendix A.1: N_i <- g N_i + (1-g) n_i;  m_i <- g m_i + (1-g) sum_j z_ij;  e_i = m_i / N_i.
             self.cluster_size.mul_(g).add_(counts, alpha=1 - g)
             self.embed_avg.mul_(g).add_(sums, alpha=1 - g)
             # Laplace smoothing keeps N_i > 0, so codes with no assignments never divide by zero.
@@ -245,10 +248,10 @@ class VectorQuantizer(nn.Module):
             eps = cfg.ema_epsilon
             smoothed = (self.cluster_size + eps) / (n + cfg.codebook_size * eps) * n  # (K,)
             self.embedding.copy_(self.embed_avg / smoothed[:, None])
-        elif _distributed():
-            dist.all_reduce(counts)
         if cfg.dead_code_steps == 0:
             return 0
+        if not cfg.ema and _distributed():
+            dist.all_reduce(counts)
         # `counts` is global here, so every replica sees the same dead codes.
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.steps_unused >= cfg.dead_code_steps).nonzero().flatten()  # (n_dead,)
@@ -276,6 +279,7 @@ class VectorQuantizer(nn.Module):
     def _record_stats(self, counts: torch.Tensor, restarted: int) -> None:
         p = counts / counts.sum().clamp_min(1)  # (K,) code frequencies in this batch
         perplexity = torch.exp(-torch.special.xlogy(p, p).sum())  # exp(-sum p log p), 0 log 0 = 0
+        self.last_counts = counts.detach()  # (K,) for callers that track usage over an epoch
         self.last_stats = {
             "perplexity": float(perplexity),
             "codes_used": float((counts > 0).sum()),

@@ -17,7 +17,7 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
     p.add_argument("--data-root", default=None, help="folder holding the data set's files")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR-10 (needs internet)")
     p.add_argument("--image-size", type=int, default=None, help="image folders: resize to this (default 28)")
-    p.add_argument("--channels", dest="image_channels", type=int, choices=(1, 3), default=None, help="image folders: 1 or 3")
+    p.add_argument("--image-channels", type=int, choices=(1, 3), default=None, help="image folders: 1 (L) or 3 (RGB)")
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=default_batch, help="per process")
     p.add_argument("--lr", type=float, default=default_lr)
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.family}: {train.name} {len(train)} train / {len(test)} test images of shape "
               f"{train.image_shape}, device {device}, {world} process(es)", flush=True)
     start = time.time()
+    torch.manual_seed(args.seed)  # model initialisation is part of the run's reproducibility
     try:
         module.run(args, train, test, device, rank, world)
     except (ValueError, FileNotFoundError) as err:

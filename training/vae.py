@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=("mlp", "conv"), default="conv")
     p.add_argument("--latent-dim", type=int, default=20)
     p.add_argument("--hidden-dims", type=int, nargs="+", default=[256, 128], help="MLP layer widths")
-    p.add_argument("--channels", type=int, nargs=2, default=[32, 64], help="conv stage channels")
+    p.add_argument("--conv-channels", type=int, nargs=2, default=[32, 64], help="conv stage channels")
     p.add_argument("--fc-dim", type=int, default=256, help="conv dense layer width")
     p.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the final IWAE bound")
     p.add_argument("--iwae-images", type=int, default=None, help="test images for the IWAE bound (default: all)")
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
     c, h, w = train.image_shape
     config = VAEConfig(
         arch=args.arch, in_channels=c, image_size=h, latent_dim=args.latent_dim,
-        hidden_dims=tuple(args.hidden_dims), channels=tuple(args.channels), fc_dim=args.fc_dim,
+        hidden_dims=tuple(args.hidden_dims), channels=tuple(args.conv_channels), fc_dim=args.fc_dim,
     )
     model = VAE(config).to(device)
     fixed_x, _ = test.batch(torch.arange(min(GRID, len(test))), device)

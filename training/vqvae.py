@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
     def loss_fn(m: VQVAE, index: torch.Tensor):
         x, _ = train.batch(index, device)
         loss, stats = m.loss(x)
-        epoch_counts.add_(stats.pop("counts").cpu())
+        epoch_counts.add_(m.quantizer.last_counts.long().cpu())
         return loss, stats
 
     def evaluate(m: VQVAE) -> dict[str, float]:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
             "test_mse": quality["mse"], "test_psnr_db": quality["psnr_db"],
             "test_perplexity": usage["perplexity"], "test_codes_used": usage["codes_used"],
             "train_epoch_codes_used_share": int((epoch_counts > 0).sum()) / config.codebook_size,
-            "restarts_total": int(m.quantizer.restarts_total.item()),
+            "restarts_total": int(m.quantizer.restarts.item()),
         }
         epoch_counts.zero_()
         return metrics

@@ -18,7 +18,7 @@ TINY = VQVAEConfig(hidden_channels=16, res_channels=8, n_res_blocks=1, codebook_
 
 def quantizer(**overrides) -> VectorQuantizer:
     """A bare quantiser with a known codebook: no data init, no restarts unless asked."""
-    cfg = dataclasses.replace(TINY, init="uniform", dead_code_steps=0, **overrides)
+    cfg = dataclasses.replace(TINY, **{"init": "uniform", "dead_code_steps": 0, **overrides})
     return VectorQuantizer(cfg)
 
 
@@ -38,6 +38,11 @@ def to_grid(flat: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def flatten(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
+
+
+def rows_in(rows: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether every row of `rows` (M, D) is exactly some row of `table` (N, D)."""
+    return bool((rows.detach()[:, None, :] == table[None, :, :]).all(-1).any(1).all())
 
 
 @pytest.mark.parametrize(
@@ -160,7 +165,7 @@ def test_ema_moves_codes_towards_their_inputs():
     used = counts > 0
     means = sums[used] / counts[used, None]
     assert (q.embedding[used] - means).norm(dim=1).lt((before[used] - means).norm(dim=1)).all()
-    # Appendix A.1, eq. 6-8, with Laplace-smoothed cluster sizes.
+    # Appendix A.1 updates, with Laplace-smoothed cluster sizes.
     n_i = 0.9 * 1.0 + 0.1 * counts
     m_i = 0.9 * before + 0.1 * sums
     smoothed = (n_i + 1e-5) / (n_i.sum() + 16 * 1e-5) * n_i.sum()
@@ -181,7 +186,7 @@ def test_dead_code_is_restarted(ema):
             assert q.embedding[3].norm() > 50 and int(q.steps_unused[3]) == step
             assert int(q.restarts) == 0 and q.last_stats["restarts_last"] == 0
     # After dead_code_steps unused steps, code 3 sits on one of the last batch's encoder outputs.
-    assert torch.cdist(q.embedding[3:].detach(), flat).min() < 1e-6
+    assert rows_in(q.embedding[3:], flat)
     assert int(q.restarts) == 1 and q.last_stats["restarts"] == 1 and q.last_stats["restarts_last"] == 1
     assert int(q.steps_unused[3]) == 0 and q.steps_unused[:3].eq(0).all()
 
@@ -215,7 +220,7 @@ def test_random_batch_init_uses_encoder_outputs_once():
     q = VectorQuantizer(dataclasses.replace(TINY, init="random_batch", ema=False, dead_code_steps=0)).train()
     z = torch.randn(2, 4, 4, 4)
     q(z)
-    assert torch.cdist(q.embedding.detach(), flatten(z)).min(1).values.max() < 1e-6
+    assert rows_in(q.embedding, flatten(z))
     assert len({tuple(row.tolist()) for row in q.embedding}) == 16  # 32 outputs, drawn without replacement
     codebook = q.embedding.detach().clone()
     q(torch.randn(2, 4, 4, 4) + 10)
@@ -289,7 +294,7 @@ def test_save_load_round_trip(tmp_path):
     from models.io import load_model, save_model
 
     torch.manual_seed(0)
-    model = VQVAE(dataclasses.replace(TINY, dead_code_steps=1))
+    model = VQVAE(dataclasses.replace(TINY, codebook_size=64, dead_code_steps=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # changes parameters and every codebook buffer
         opt.zero_grad()

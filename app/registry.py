@@ -1,0 +1,282 @@
+"""Load every weight file of a directory onto the device, pair priors with their VQ-VAEs, warm up.
+
+Served models are VAEs and VQ-VAEs, by their weight-file name. A prior (kinds pixelcnn,
+gated_pixelcnn, pixelcnnpp) is served through its VQ-VAE under an API name taken from
+its kind: `pixelcnn`, `gated`, `pixelcnnpp`.
+
+A file that cannot be used is skipped, not fatal: the error is logged and listed in
+`Registry.problems` (GET /models/problems; a rejected prior also appears under its VQ-VAE
+in GET /models). So one bad file never takes the other models down. Skipped are:
+unreadable or invalid weight files, a second model with a name already loaded, a prior
+whose recorded VQ-VAE is not loaded, whose recorded codebook digest differs from that
+VQ-VAE's `codebook_digest()`, whose codebook_size or code_shape differ from the VQ-VAE's,
+or a second prior of the same kind for the same VQ-VAE.
+
+`ops()` gives each served model's batch functions, one per operation; app/service.py puts a
+batcher in front of each. Every function takes and returns tensors with one row per item.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.io import ModelInfo, load_model
+
+log = logging.getLogger(__name__)
+
+PRIOR_API_NAMES = {"pixelcnn": "pixelcnn", "gated_pixelcnn": "gated", "pixelcnnpp": "pixelcnnpp"}
+SERVED_KINDS = ("vae", "vqvae")
+
+BatchFn = Callable[..., Sequence[torch.Tensor]]
+
+
+@dataclass
+class Problem:
+    file: str
+    reason: str
+    vqvae: str | None = None  # the VQ-VAE a rejected prior asked for
+
+
+@dataclass
+class Prior:
+    api_name: str
+    model: nn.Module
+    info: ModelInfo
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    @property
+    def bits_per_code(self) -> float | None:
+        value = self.info.metrics.get("test_bits_per_code")
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+@dataclass
+class Entry:
+    """A served model (VAE or VQ-VAE) and, for a VQ-VAE, its priors."""
+
+    model: nn.Module
+    info: ModelInfo
+    device: torch.device
+    priors: dict[str, Prior] = field(default_factory=dict)
+    rejected: list[Problem] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.model.image_shape)  # type: ignore[return-value]
+
+    @property
+    def default_prior(self) -> Prior | None:
+        """The prior with the lowest test_bits_per_code (one without the metric comes last)."""
+        if not self.priors:
+            return None
+        order = list(PRIOR_API_NAMES.values())
+        return min(
+            self.priors.values(),
+            key=lambda p: (p.bits_per_code if p.bits_per_code is not None else math.inf, order.index(p.api_name)),
+        )
+
+    def ops(self) -> dict[str, BatchFn]:
+        """operation name -> batch function (see the module docstring)."""
+        m = self.model
+        if self.kind == "vae":
+            return {
+                "reconstruct": lambda x: (m.reconstruct(x),),  # (B, C, H, W) -> (B, C, H, W)
+                "encode": lambda x: m.encode(x),  # -> mu (B, D), logvar (B, D)
+                "decode": lambda z: (torch.sigmoid(m.decode(z)),),  # (B, D) -> images
+                "sample": lambda z: (m.sample(z.shape[0], z=z),),  # z already scaled by temperature
+            }
+        ops: dict[str, BatchFn] = {
+            "reconstruct": lambda x: (m.reconstruct(x),),
+            "encode": _vq_encode(m),  # -> z_e (B, D, h, w), codes (B, h, w)
+            "decode": lambda codes: (m.decode_indices(codes),),  # (B, h, w) -> images
+            "decode_z": lambda z_e: (m.decode_indices(m.quantize(z_e)[1]),),  # nearest codes, then decode
+        }
+        for api_name, prior in self.priors.items():
+            ops[f"sample:{api_name}"] = _prior_sample(prior, m)
+        return ops
+
+    def warmup(self) -> None:
+        """One forward pass per operation, so the first request does not pay for lazy initialisation."""
+        c, h, w = self.image_shape
+        x = torch.zeros(1, c, h, w, device=self.device)
+        ops = self.ops()
+        with torch.inference_mode():
+            ops["reconstruct"](x)
+            if self.kind == "vae":
+                ops["sample"](torch.zeros(1, self.model.config.latent_dim, device=self.device))
+                return
+            z_e, codes = ops["encode"](x)
+            ops["decode"](codes)
+            ops["decode_z"](z_e)
+            for api_name, prior in self.priors.items():
+                inputs = [torch.zeros(1, *prior.model.config.code_shape, device=self.device), torch.ones(1, device=self.device)]
+                if prior.num_classes:
+                    inputs.append(torch.zeros(1, dtype=torch.long, device=self.device))
+                ops[f"sample:{api_name}"](*inputs)
+
+
+def _vq_encode(m: nn.Module) -> BatchFn:
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_e = m.encode(x)  # (B, D, h, w)
+        return z_e, m.quantize(z_e)[1]  # codes (B, h, w), the same as m.encode_indices(x)
+
+    return encode
+
+
+def _prior_sample(prior: Prior, vqvae: nn.Module) -> BatchFn:
+    """(uniforms (B, h, w), temperature (B,)[, labels (B,)]) -> images (B, C, H, W), codes (B, h, w)."""
+
+    def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        n = uniforms.shape[0]
+        codes = prior.model.sample(n, labels=labels, temperature=temperature.float(), uniforms=uniforms.float())
+        return vqvae.decode_indices(codes), codes
+
+    return sample
+
+
+class Registry:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.entries: dict[str, Entry] = {}
+        self.problems: list[Problem] = []
+
+    @classmethod
+    def load(cls, weights_dir: Path, device: torch.device) -> Registry:
+        """Load every *.safetensors file in weights_dir (sorted by name) onto device."""
+        weights_dir = Path(weights_dir)
+        if not weights_dir.is_dir():
+            raise FileNotFoundError(f"weights directory {str(weights_dir)!r} does not exist (set GENSERVE_WEIGHTS_DIR)")
+        registry = cls(device)
+        priors: list[tuple[Path, nn.Module, ModelInfo]] = []
+        for path in sorted(weights_dir.glob("*.safetensors")):
+            try:
+                model, info = load_model(path, device)
+            except Exception as err:  # WeightFileError, or anything a foreign file provokes
+                registry._reject(path, f"cannot load: {err}")
+                continue
+            if info.kind in PRIOR_API_NAMES:
+                priors.append((path, model, info))
+            elif info.kind not in SERVED_KINDS:
+                registry._reject(path, f"kind {info.kind!r} is not served")
+            elif info.name in registry.entries:
+                registry._reject(path, f"a model named {info.name!r} is already loaded from {registry.entries[info.name].info.path}")
+            else:
+                registry.entries[info.name] = Entry(model, info, device)
+        for path, model, info in priors:
+            registry._attach_prior(path, model, info)
+        if not registry.entries:
+            log.warning("no servable model in %s", weights_dir)
+        return registry
+
+    def _reject(self, path: Path, reason: str, vqvae: str | None = None) -> None:
+        log.error("skipping weight file %s: %s", path, reason)
+        problem = Problem(path.name, reason, vqvae)
+        self.problems.append(problem)
+        if vqvae in self.entries:
+            self.entries[vqvae].rejected.append(problem)
+
+    def _attach_prior(self, path: Path, model: nn.Module, info: ModelInfo) -> None:
+        api_name = PRIOR_API_NAMES[info.kind]
+        vq_name = info.extra.get("vqvae")
+        if not isinstance(vq_name, str) or not vq_name:
+            return self._reject(path, "the prior does not record its VQ-VAE (extra.vqvae)")
+        entry = self.entries.get(vq_name)
+        if entry is None or entry.kind != "vqvae":
+            return self._reject(path, f"its VQ-VAE {vq_name!r} is not loaded", vq_name)
+        vq = entry.model
+        digest = vq.codebook_digest()
+        if info.extra.get("codebook_sha256") != digest:
+            return self._reject(
+                path,
+                f"codebook digest {info.extra.get('codebook_sha256')!r} differs from VQ-VAE {vq_name!r}'s {digest!r}: "
+                "the prior was trained on another codebook",
+                vq_name,
+            )
+        cfg = model.config
+        if cfg.codebook_size != vq.config.codebook_size:
+            return self._reject(
+                path, f"codebook_size {cfg.codebook_size} differs from VQ-VAE {vq_name!r}'s {vq.config.codebook_size}", vq_name
+            )
+        if tuple(cfg.code_shape) != tuple(vq.code_shape):
+            return self._reject(
+                path, f"code_shape {tuple(cfg.code_shape)} differs from VQ-VAE {vq_name!r}'s {tuple(vq.code_shape)}", vq_name
+            )
+        if api_name in entry.priors:
+            other = entry.priors[api_name].info.path
+            return self._reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
+        entry.priors[api_name] = Prior(api_name, model, info)
+        log.info("prior %s (%s) attached to %s as %r", info.name, path.name, vq_name, api_name)
+
+    def get(self, name: str) -> Entry | None:
+        return self.entries.get(name)
+
+    def prior_owner(self, name: str) -> str | None:
+        """The VQ-VAE serving a prior whose weight-file name is `name`, for a helpful 404."""
+        for entry in self.entries.values():
+            for prior in entry.priors.values():
+                if prior.info.name == name:
+                    return entry.name
+        return None
+
+    def warmup(self) -> None:
+        for entry in self.entries.values():
+            entry.warmup()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The GET /models payload."""
+        out = []
+        for entry in self.entries.values():
+            item: dict[str, Any] = {
+                "name": entry.name,
+                "kind": entry.kind,
+                "image_shape": list(entry.image_shape),
+                "latent_shape": list(entry.model.latent_shape),
+                "dataset": entry.info.dataset,
+                "metrics": entry.info.metrics,
+                "device": str(entry.device),
+                "file": Path(entry.info.path).name if entry.info.path else None,
+            }
+            if entry.kind == "vqvae":
+                default = entry.default_prior
+                item["code_shape"] = list(entry.model.code_shape)
+                item["codebook_size"] = int(entry.model.config.codebook_size)
+                item["default_prior"] = default.api_name if default else None
+                item["priors"] = [
+                    {
+                        "name": p.api_name,
+                        "kind": p.kind,
+                        "model": p.info.name,
+                        "test_bits_per_code": p.bits_per_code,
+                        "num_classes": p.num_classes,
+                        "default": p is default,
+                        "dataset": p.info.dataset,
+                        "file": Path(p.info.path).name if p.info.path else None,
+                    }
+                    for p in entry.priors.values()
+                ]
+                item["rejected_priors"] = [{"file": p.file, "reason": p.reason} for p in entry.rejected]
+            out.append(item)
+        return out

@@ -1,0 +1,70 @@
+"""Service settings, read from the environment with the prefix GENSERVE_ (e.g. GENSERVE_DEVICE=cuda)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="ignore")
+
+    weights_dir: Path = Path("weights")  # every *.safetensors in it is loaded at startup
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(10 * MB, ge=1)  # per uploaded file
+    max_pixels: int = Field(4096 * 4096, ge=1)  # per uploaded image, checked from its header
+    max_files: int = Field(64, ge=1)  # uploaded files per request
+    max_n: int = Field(256, ge=1)  # images per /sample (and latents per /decode)
+    max_batch_size: int = Field(64, ge=1)  # items per forward pass; 1 disables batching
+    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for company, from its oldest request
+    max_queue: int = Field(1024, ge=1)  # items waiting per batcher before requests get 503
+    request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
+    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads at startup; None leaves torch's default
+    # Pad every forward pass to max_batch_size rows. BLAS and cuDNN pick kernels by shape and
+    # different kernels round differently, so without a fixed shape an image could change in its
+    # last bit with the number of batch-mates. True makes the same seed give the same bytes under
+    # any load; False saves compute on a lightly loaded CPU server.
+    pad_batches: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "auto":
+            return value
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r} ({err})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    def resolve_device(self) -> torch.device:
+        """The torch device to load onto; raises RuntimeError when the requested one is missing."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"GENSERVE_DEVICE={self.device!r} but CUDA is not available on this machine")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"GENSERVE_DEVICE={self.device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+                )
+        return device
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,97 @@
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from models.io import load_model
+from training.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--hidden-dims", "16", "8", "--latent-dim", "3", "--conv-channels", "4", "8", "--fc-dim", "16",
+        "--iwae-k", "20", "--batch-size", "64", "--quiet", "--threads", "1"]
+
+
+def train(fashion_root, tmp_path, *extra, name="vae", arch="conv"):
+    out = tmp_path / f"{name}.safetensors"
+    argv = ["vae", "--data-root", str(fashion_root), "--arch", arch, "--out", str(out), "--name", name,
+            "--run-dir", str(tmp_path / f"run-{name}"), *TINY, *extra]
+    return main(argv), out
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_one_epoch_writes_a_loadable_file_with_sane_metrics_and_gifs(fashion_root, tmp_path, arch):
+    code, out = train(fashion_root, tmp_path, "--epochs", "1", arch=arch)
+    assert code == 0
+    model, info = load_model(out)
+    m = info.metrics
+    assert info.kind == "vae" and info.dataset == "fashion-mnist" and info.command.startswith("python -m training vae")
+    assert model.config.arch == arch and info.image_shape == (1, 28, 28)
+    for key in ("test_neg_elbo", "test_iwae_nll", "test_rec", "test_kl", "test_psnr_db"):
+        assert math.isfinite(m[key]), key
+    # an IWAE bound on the NLL is never above the negative ELBO (up to Monte-Carlo noise)
+    assert 0 < m["test_iwae_nll"] <= m["test_neg_elbo"] + 1.0
+    assert m["iwae_k"] == 20 and m["iwae_images"] == 64 and 0 <= m["active_units"] <= 3
+    for gif in ("inputs", "reconstructions", "samples"):
+        with Image.open(tmp_path / f"run-vae/{gif}.gif") as im:
+            assert im.n_frames == 1
+
+
+def test_resume_continues_and_adds_gif_frames(fashion_root, tmp_path):
+    assert train(fashion_root, tmp_path, "--epochs", "1")[0] == 0
+    code, out = train(fashion_root, tmp_path, "--epochs", "2", "--resume")
+    assert code == 0
+    _, info = load_model(out)
+    assert info.metrics["epochs_trained"] == 2
+    with Image.open(tmp_path / "run-vae/samples.gif") as im:
+        assert im.n_frames == 2
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(fashion_root, tmp_path):
+    straight = tmp_path / "a"
+    resumed = tmp_path / "b"
+    straight.mkdir(), resumed.mkdir()
+    train(fashion_root, straight, "--epochs", "2", "--iwae-k", "1")
+    train(fashion_root, resumed, "--epochs", "1", "--iwae-k", "1")
+    train(fashion_root, resumed, "--epochs", "2", "--iwae-k", "1", "--resume")
+    a, _ = load_model(straight / "vae.safetensors")
+    b, _ = load_model(resumed / "vae.safetensors")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert va.equal(vb), k
+
+
+def test_same_seed_same_weights(fashion_root, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _, a_path = train(fashion_root, tmp_path / "a", "--epochs", "1", "--seed", "7", arch="mlp")
+    _, b_path = train(fashion_root, tmp_path / "b", "--epochs", "1", "--seed", "7", arch="mlp")
+    a, ia = load_model(a_path)
+    b, ib = load_model(b_path)
+    assert all(x.equal(y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ia.metrics["test_neg_elbo"] == ib.metrics["test_neg_elbo"]
+
+
+def test_missing_data_is_one_clear_error_not_a_traceback(tmp_path, capsys):
+    code, _ = train(tmp_path / "nothing-here", tmp_path, "--epochs", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(fashion_root, tmp_path, capsys):
+    code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--resume")
+    assert code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_processes(fashion_root, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "training", "vae", "--data-root", str(fashion_root), "--epochs", "1", "--out", str(out),
+           "--run-dir", str(tmp_path / "run"), "--device", "cpu", *TINY]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    _, info = load_model(out)
+    assert math.isfinite(info.metrics["test_neg_elbo"]) and info.metrics["epochs_trained"] == 1

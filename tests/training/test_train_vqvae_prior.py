@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from models.io import load_model
+from training.__main__ import main
+
+VQ_TINY = ["--hidden-channels", "16", "--res-channels", "8", "--n-res-blocks", "1", "--codebook-size", "16",
+           "--embedding-dim", "4", "--dead-code-steps", "2", "--batch-size", "64", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture
+def vqvae_file(fashion_root, tmp_path):
+    out = tmp_path / "vqvae.safetensors"
+    code = main(["vqvae", "--data-root", str(fashion_root), "--epochs", "1", "--out", str(out),
+                 "--run-dir", str(tmp_path / "run-vq"), *VQ_TINY])
+    assert code == 0
+    return out
+
+
+def test_vqvae_one_epoch(vqvae_file, tmp_path):
+    model, info = load_model(vqvae_file)
+    m = info.metrics
+    assert info.kind == "vqvae" and model.code_shape == (7, 7) and m["code_shape"] == [7, 7]
+    assert 0 < m["test_mse"] < 0.25 and math.isclose(m["test_psnr_db"], 10 * math.log10(1 / m["test_mse"]))
+    assert 1 <= m["test_codes_used"] <= 16 and 1 <= m["test_perplexity"] <= m["test_codes_used"] + 1e-6
+    assert 0 < m["train_epoch_codes_used_share"] <= 1 and m["restarts_total"] >= 0
+    with Image.open(tmp_path / "run-vq/reconstructions.gif") as im:
+        assert im.n_frames == 1
+
+
+@pytest.mark.parametrize("arch", ["pixelcnn", "gated", "pixelcnnpp"])
+def test_prior_one_epoch_records_its_vqvae(vqvae_file, fashion_root, tmp_path, arch):
+    out = tmp_path / f"prior-{arch}.safetensors"
+    code = main(["prior", "--vqvae", str(vqvae_file), "--arch", arch, "--data-root", str(fashion_root),
+                 "--epochs", "1", "--hidden-channels", "8", "--n-layers", "2", "--out", str(out),
+                 "--name", f"vqvae_{arch}", "--run-dir", str(tmp_path / f"run-{arch}"), "--quiet", "--threads", "1"])
+    assert code == 0
+    vqvae, _ = load_model(vqvae_file)
+    prior, info = load_model(out)
+    m = info.metrics
+    assert info.extra["vqvae"] == "vqvae" and info.extra["codebook_sha256"] == vqvae.codebook_digest()
+    assert info.extra["api_name"] == arch and info.image_shape == (1, 28, 28)
+    assert prior.config.codebook_size == 16 and prior.config.num_classes == 10 and m["conditional"] is True
+    assert m["log2_K"] == 4.0 and 0 <= m["unigram_entropy_bits"] <= 4.0
+    assert 0 < m["test_bits_per_code"] < 8
+    with Image.open(tmp_path / f"run-{arch}/samples.gif") as im:
+        assert im.n_frames == 1
+
+
+def test_prior_refuses_a_file_that_is_not_a_vqvae(fashion_root, tmp_path, capsys):
+    from models.io import save_model
+    from models.vae import VAE, VAEConfig
+
+    save_model(tmp_path / "vae.safetensors", VAE(VAEConfig(hidden_dims=(4, 4), latent_dim=2)), name="vae", dataset="d", command="c")
+    code = main(["prior", "--vqvae", str(tmp_path / "vae.safetensors"), "--data-root", str(fashion_root), "--epochs", "1",
+                 "--out", str(tmp_path / "p.safetensors"), "--quiet"])
+    assert code == 2 and "not a VQ-VAE" in capsys.readouterr().err
