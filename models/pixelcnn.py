@@ -69,7 +69,9 @@ def check_labels(labels: torch.Tensor | None, num_classes: int, batch: int) -> t
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
-        raise ValueError(f"label {bad} is out of range: this prior has num_classes={num_classes}, use [0, {num_classes})")
+        raise ValueError(
+            f"label {bad} is out of range: this prior has num_classes={num_classes}, use [0, {num_classes})"
+        )
     return labels.long()
 
 

@@ -1,0 +1,28 @@
+# The service on the shipped weights. The base is Debian bookworm with Python 3.11; where a
+# registry is reachable `debian:bookworm-slim` plus python3-venv works, otherwise build it
+# locally from Debian packages with docker/make-base.sh (see README, "Deployment").
+ARG BASE=genserve-base:bookworm
+FROM ${BASE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    GENSERVE_WEIGHTS_DIR=/srv/weights GENSERVE_HOST=0.0.0.0 GENSERVE_PORT=8000
+WORKDIR /srv
+
+# Dependencies first, so code changes do not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --quiet --upgrade pip \
+ && /opt/venv/bin/python - <<'PY' > /tmp/requirements.txt
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
+PY
+RUN /opt/venv/bin/pip install --quiet -r /tmp/requirements.txt
+
+COPY models models
+COPY app app
+COPY weights weights
+RUN /opt/venv/bin/pip install --quiet --no-deps . && useradd --system --uid 10001 genserve
+USER genserve
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["/opt/venv/bin/python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"]
+CMD ["/opt/venv/bin/python", "-m", "app"]

@@ -1,0 +1,107 @@
+"""What routes share: the service dependency, model lookup, upload reading, image responses."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import torch
+from fastapi import Depends, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from app import imaging
+from app.batching import NotRunningError
+from app.registry import Entry
+from app.service import Service
+
+
+def get_service(request: Request) -> Service:
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        raise NotRunningError("the service is not ready (starting or shutting down)", headers={"Retry-After": "1"})
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def find_model(service: Service, name: str) -> Entry:
+    entry = service.registry.get(name)
+    if entry is not None:
+        return entry
+    owner = service.registry.prior_owner(name)
+    if owner is not None:
+        raise HTTPException(404, f"{name!r} is a prior; use model={owner} and prior=<its API name>")
+    raise HTTPException(404, f"unknown model {name!r}; loaded models: {sorted(service.registry.entries)}")
+
+
+async def read_images(service: Service, entry: Entry, uploads: list[UploadFile]) -> torch.Tensor:
+    """Read and decode every upload (see app/imaging.py for the rule) -> (B, C, H, W) in [0, 1].
+
+    Size limits are checked while reading; decoding runs in a thread, off the event loop.
+    """
+    s = service.settings
+    if len(uploads) > s.max_files:
+        raise HTTPException(422, f"at most {s.max_files} files per request, got {len(uploads)}")
+    blobs = []
+    for upload in uploads:
+        name = upload.filename or ""
+        if upload.size is not None and upload.size > s.max_upload_bytes:
+            raise HTTPException(413, f"file {name!r} has {upload.size} bytes; the limit is {s.max_upload_bytes}")
+        data = await upload.read(s.max_upload_bytes + 1)
+        if len(data) > s.max_upload_bytes:
+            raise HTTPException(413, f"file {name!r} is larger than the limit of {s.max_upload_bytes} bytes")
+        blobs.append((name, data))
+
+    def decode_all() -> list[torch.Tensor]:
+        return [
+            imaging.decode_upload(data, name, image_shape=entry.image_shape, max_pixels=s.max_pixels)
+            for name, data in blobs
+        ]
+
+    return torch.stack(await asyncio.to_thread(decode_all))  # (B, C, H, W)
+
+
+def wants_json(request: Request) -> bool:
+    """True when the Accept header prefers application/json to image/png (q-values, then specificity)."""
+    accept = request.headers.get("accept")
+    if not accept:
+        return False
+    ranges = []
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        ranges.append((media.strip().lower(), q))
+
+    def score(offer: str) -> tuple[float, int]:
+        kind = offer.split("/")[0]
+        best = (0.0, -1)
+        for media, q in ranges:
+            specificity = 2 if media == offer else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
+            if specificity > best[1]:
+                best = (q, specificity)
+        return best
+
+    as_json, as_png = score("application/json"), score("image/png")
+    return as_json[0] > 0 and as_json > as_png
+
+
+async def image_response(
+    request: Request, images: torch.Tensor, *, nrow: int | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    """One PNG grid of images (B, C, H, W), or {"images": [base64 PNG, ...]} for Accept: application/json.
+
+    PNG encoding runs in a thread: a grid of 256 images is too much work for the event loop.
+    """
+    if wants_json(request):
+        encoded = await asyncio.to_thread(imaging.pngs_base64, images)
+        return JSONResponse({"images": encoded}, headers=headers)
+    png = await asyncio.to_thread(imaging.grid_png, images, nrow)
+    return Response(png, media_type="image/png", headers=headers)

@@ -1,0 +1,139 @@
+"""The FastAPI application: `create_app(settings)` and its lifespan.
+
+Nothing is loaded at import: `app = create_app()` below only builds routes, so
+`uvicorn app.main:app` works and settings come from GENSERVE_* variables when the
+lifespan starts. The lifespan loads and warms every model (app/registry.py), starts one
+batcher per (model, operation) (app/batching.py), and on shutdown drains and stops them.
+
+Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
+upload, 413 too large, 422 invalid parameters, 503 (+ Retry-After) queue full or not
+ready, 504 timed out, 500 only for a failure inside the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.batching import ServiceError
+from app.imaging import ImageError
+from app.metrics import Metrics
+from app.routes import generate, health, models, uploads
+from app.service import Service
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD = 1024 * 1024  # bytes allowed beyond max_files * max_upload_bytes in one request
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; `settings=None` reads them (get_settings) when the lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings or get_settings()
+        service = await Service.start(app.state.settings, app.state.metrics)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="genserve",
+        summary="Batched inference for VAEs and VQ-VAEs with PixelCNN priors",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    app.state.metrics = Metrics()
+
+    app.add_middleware(RequestSizeLimit)
+    app.add_middleware(RequestMetrics)  # outermost: it also counts what RequestSizeLimit refuses
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ImageError)
+    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    for module in (health, models, generate, uploads):
+        app.include_router(module.router)
+    return app
+
+
+class RequestSizeLimit:
+    """413 when a request body exceeds max_files * max_upload_bytes (+1 MiB of multipart overhead).
+
+    A declared Content-Length is refused before anything is read; a chunked body is counted
+    as it streams in. Each file is also held to max_upload_bytes as it is read (app/dependencies.py).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = scope["app"].state.settings if scope["type"] == "http" and "app" in scope else None
+        if settings is None:
+            return await self.app(scope, receive, send)
+        limit = settings.max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD
+        detail = f"request body exceeds {limit} bytes (max_files x max_upload_bytes + 1 MiB)"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, detail)  # FastAPI's handler renders it as JSON
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
+class RequestMetrics:
+    """Counts requests by route template (not raw path) and status, and times them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        start = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            scope["app"].state.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
+
+
+app = create_app()

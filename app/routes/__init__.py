@@ -1,0 +1,1 @@
+"""One router per concern: health (liveness, readiness, config, metrics), models, uploads, generate."""

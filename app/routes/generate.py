@@ -1,0 +1,152 @@
+"""Images from noise (/sample) and from latents or codes (/decode)."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import Response
+
+from app.batching import deadline
+from app.dependencies import ServiceDep, find_model, image_response
+from app.registry import Entry, Prior
+from app.schemas import MAX_SEED, MAX_TEMPERATURE, DecodeRequest, Error, ImagesResponse
+
+router = APIRouter(tags=["generate"])
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+IMAGE_RESPONSES = {
+    200: {"content": {"image/png": {}}, "description": "a PNG grid, or ImagesResponse for Accept: application/json"},
+    404: {"model": Error},
+    422: {"model": Error},
+    503: {"model": Error},
+    504: {"model": Error},
+}
+
+
+@router.get("/sample", response_class=Response, responses=IMAGE_RESPONSES)
+async def sample(
+    request: Request,
+    service: ServiceDep,
+    model: Annotated[str, Query(description="a VAE or VQ-VAE name from GET /models")],
+    n: Annotated[int, Query(ge=1, description="number of images, at most max_n")] = 16,
+    seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="same seed, same bytes; random if absent")] = None,
+    temperature: Annotated[float, Query(gt=0, le=MAX_TEMPERATURE)] = 1.0,
+    prior: Annotated[str | None, Query(description="VQ-VAE only: pixelcnn, gated or pixelcnnpp; default the best")] = None,
+    label: Annotated[int | None, Query(ge=0, description="class label, for a class-conditional prior only")] = None,
+) -> Response:
+    """n samples as one grid, ceil(sqrt(n)) per row. The seed is echoed in the X-Seed header.
+
+    The noise is drawn here from a generator seeded by `seed`, before the request joins a batch:
+    VAE z = randn(n, D) * temperature; prior uniforms = rand(n, h, w), then (a conditional prior
+    without `label`) one random label per image = randint(num_classes, (n,)). So the answer never
+    depends on which requests shared the batch.
+    """
+    settings = service.settings
+    if n > settings.max_n:
+        raise HTTPException(422, f"n must be between 1 and {settings.max_n}, got {n}")
+    entry = find_model(service, model)
+    seed = secrets.randbits(63) if seed is None else seed
+    generator = torch.Generator().manual_seed(seed)
+    async with deadline(settings.request_timeout_s):
+        if entry.kind == "vae":
+            if prior is not None or label is not None:
+                raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
+            z = torch.randn(n, entry.model.config.latent_dim, generator=generator) * temperature  # (n, D)
+            (images,) = await service.batcher(entry.name, "sample").submit(z)
+        else:
+            chosen = _choose_prior(entry, prior)
+            inputs = _prior_inputs(chosen, n, temperature, label, generator)
+            images, _codes = await service.batcher(entry.name, f"sample:{chosen.api_name}").submit(*inputs)
+        headers = {"X-Seed": str(seed)}
+        if entry.kind == "vqvae":
+            headers["X-Prior"] = chosen.api_name
+        return await image_response(request, images, headers=headers)
+
+
+def _choose_prior(entry: Entry, name: str | None) -> Prior:
+    if not entry.priors:
+        raise HTTPException(404, f"no prior is loaded for VQ-VAE {entry.name!r}, so it cannot sample")
+    if name is None:
+        return entry.default_prior  # type: ignore[return-value]
+    if name not in entry.priors:
+        raise HTTPException(404, f"prior {name!r} is not available for {entry.name!r}; available: {sorted(entry.priors)}")
+    return entry.priors[name]
+
+
+def _prior_inputs(
+    prior: Prior, n: int, temperature: float, label: int | None, generator: torch.Generator
+) -> list[torch.Tensor]:
+    classes = prior.num_classes
+    if label is not None:
+        if classes == 0:
+            raise HTTPException(422, f"prior {prior.api_name!r} is unconditional: omit 'label'")
+        if label >= classes:
+            raise HTTPException(422, f"label {label} is out of range for prior {prior.api_name!r}: use 0..{classes - 1}")
+    h, w = prior.model.config.code_shape
+    uniforms = torch.rand(n, h, w, generator=generator)  # (n, h, w) in [0, 1)
+    temps = torch.full((n,), float(temperature))  # (n,)
+    if classes == 0:
+        return [uniforms, temps]
+    if label is None:
+        labels = torch.randint(classes, (n,), generator=generator)
+    else:
+        labels = torch.full((n,), label, dtype=torch.long)
+    return [uniforms, temps, labels]
+
+
+@router.post("/decode", response_class=Response, responses={**IMAGE_RESPONSES, 200: {**IMAGE_RESPONSES[200], "model": ImagesResponse}})
+async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> Response:
+    """Latents to images, one grid. VAE: {"model", "z": [[D floats], ...]}; VQ-VAE: {"model",
+    "codes": [[[h x w ints in [0, K)]], ...]}. A wrong shape, a non-finite value or a code out
+    of range is 422, naming its index."""
+    settings = service.settings
+    entry = find_model(service, body.model)
+    if entry.kind == "vae":
+        if body.codes is not None or body.z is None:
+            raise HTTPException(422, f"model {entry.name!r} is a VAE: send 'z', a list of latent vectors (and no 'codes')")
+        x = parse_latents(body.z, entry.model.config.latent_dim, settings.max_n)
+    else:
+        if body.z is not None or body.codes is None:
+            raise HTTPException(422, f"model {entry.name!r} is a VQ-VAE: send 'codes', a list of code grids (and no 'z')")
+        x = parse_codes(body.codes, tuple(entry.model.code_shape), int(entry.model.config.codebook_size), settings.max_n)
+    async with deadline(settings.request_timeout_s):
+        (images,) = await service.batcher(entry.name, "decode").submit(x)
+        return await image_response(request, images)
+
+
+def _check_count(items: list, what: str, max_n: int) -> None:
+    if not 1 <= len(items) <= max_n:
+        raise HTTPException(422, f"{what} must hold between 1 and {max_n} items, got {len(items)}")
+
+
+def parse_latents(z: list[list[float]], dim: int, max_n: int) -> torch.Tensor:
+    """[[D floats], ...] -> (B, D) float32; 422 naming the first bad index."""
+    _check_count(z, "z", max_n)
+    for i, vector in enumerate(z):
+        if len(vector) != dim:
+            raise HTTPException(422, f"z[{i}] has {len(vector)} values; the model's latent_dim is {dim}")
+        for j, value in enumerate(vector):
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise HTTPException(422, f"z[{i}][{j}] = {value} is not a finite float32")
+    return torch.tensor(z, dtype=torch.float32)
+
+
+def parse_codes(codes: list[list[list[int]]], shape: tuple[int, int], k: int, max_n: int) -> torch.Tensor:
+    """[[[h x w ints]], ...] -> (B, h, w) long; 422 naming the first bad index."""
+    _check_count(codes, "codes", max_n)
+    h, w = shape
+    for i, grid in enumerate(codes):
+        if len(grid) != h:
+            raise HTTPException(422, f"codes[{i}] has {len(grid)} rows; the model's code grid is {h}x{w}")
+        for r, row in enumerate(grid):
+            if len(row) != w:
+                raise HTTPException(422, f"codes[{i}][{r}] has {len(row)} columns; the model's code grid is {h}x{w}")
+            for c, code in enumerate(row):
+                if not 0 <= code < k:
+                    raise HTTPException(422, f"codes[{i}][{r}][{c}] = {code} is out of range: codes lie in [0, {k})")
+    return torch.tensor(codes, dtype=torch.long)

@@ -1,0 +1,51 @@
+"""Liveness, readiness, the effective configuration, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.schemas import Error, Ready, Status
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Status)
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. Says nothing about the models."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=Ready, responses={503: {"model": Error}})
+async def ready(request: Request) -> Any:
+    """200 once every model is loaded and warmed up and the batchers run; 503 before and while shutting down."""
+    service = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        return JSONResponse(
+            {"detail": "shutting down" if service is not None else "starting"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    return {"status": "ready", "models": len(service.registry.entries)}
+
+
+@router.get("/config")
+async def config(request: Request) -> dict[str, Any]:
+    """The settings in effect (GENSERVE_* environment variables) and the device they resolved to."""
+    settings = request.app.state.settings
+    if settings is None:
+        return JSONResponse({"detail": "starting"}, status_code=503, headers={"Retry-After": "1"})
+    service = getattr(request.app.state, "service", None)
+    return {
+        **settings.model_dump(mode="json"),
+        "resolved_device": str(service.device) if service is not None else None,
+    }
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: requests by endpoint and status, batch sizes, inference latency."""
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)

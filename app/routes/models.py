@@ -1,0 +1,25 @@
+"""What is loaded, and what was refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.dependencies import ServiceDep
+from app.schemas import ModelEntry, Problem
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=list[ModelEntry], response_model_exclude_unset=True)
+async def list_models(service: ServiceDep) -> list[dict[str, Any]]:
+    """One entry per served model. A VQ-VAE lists its priors (the default has the lowest
+    test_bits_per_code) and the prior files refused for it, with the reason."""
+    return service.registry.describe()
+
+
+@router.get("/problems", response_model=list[Problem])
+async def problems(service: ServiceDep) -> list[dict[str, Any]]:
+    """Every weight file skipped at startup and why: unreadable files, name clashes, mismatched priors."""
+    return [vars(p) for p in service.registry.problems]

@@ -1,0 +1,120 @@
+"""Endpoints that take images: /reconstruct, /encode, /interpolate.
+
+Uploads are multipart files, converted by the rule in app/imaging.py. Each is read and
+decoded before the request joins a batch, so one bad file fails only its own request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from app.batching import deadline
+from app.dependencies import ServiceDep, find_model, image_response, read_images
+from app.routes.generate import IMAGE_RESPONSES
+from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod
+
+router = APIRouter(tags=["uploads"])
+
+UPLOAD_RESPONSES = {**IMAGE_RESPONSES, 400: {"model": Error}, 413: {"model": Error}}
+
+ModelQuery = Annotated[str, Query(description="a VAE or VQ-VAE name from GET /models")]
+Files = Annotated[list[UploadFile], File(description="one or more images (PNG, JPEG, GIF, WebP, BMP, ...)")]
+
+
+@router.post("/reconstruct", response_class=Response, responses=UPLOAD_RESPONSES)
+async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery, file: Files) -> Response:
+    """Reconstructions at the model's resolution: one grid, ceil(sqrt(n)) per row (one file: just its image)."""
+    entry = find_model(service, model)
+    async with deadline(service.settings.request_timeout_s):
+        x = await read_images(service, entry, file)  # (B, C, H, W)
+        (images,) = await service.batcher(entry.name, "reconstruct").submit(x)
+        return await image_response(request, images)
+
+
+@router.post("/encode", response_model=EncodeResponse, responses=UPLOAD_RESPONSES)
+async def encode(
+    service: ServiceDep,
+    model: ModelQuery,
+    file: Files,
+    include_z_e: Annotated[bool, Query(description="VQ-VAE: also return the continuous encoder output z_e")] = False,
+) -> dict[str, Any]:
+    """VAE: mu and logvar of q(z|x) per image. VQ-VAE: the (h, w) code grid per image (and z_e on request)."""
+    entry = find_model(service, model)
+    if include_z_e and entry.kind != "vqvae":
+        raise HTTPException(422, f"include_z_e applies to VQ-VAE models; {entry.name!r} is a {entry.kind}")
+    async with deadline(service.settings.request_timeout_s):
+        x = await read_images(service, entry, file)
+        first, second = await service.batcher(entry.name, "encode").submit(x)
+    names = [f.filename or "" for f in file]
+    if entry.kind == "vae":
+        items = [{"file": name, "mu": mu.tolist(), "logvar": lv.tolist()} for name, mu, lv in zip(names, first, second)]
+    else:
+        items = []
+        for name, z_e, codes in zip(names, first, second):
+            item: dict[str, Any] = {"file": name, "codes": codes.tolist()}
+            if include_z_e:
+                item["z_e"] = z_e.tolist()
+            items.append(item)
+    return {"model": entry.name, "kind": entry.kind, "items": items}
+
+
+@router.post("/interpolate", response_class=Response, responses=UPLOAD_RESPONSES)
+async def interpolate(
+    request: Request,
+    service: ServiceDep,
+    model: ModelQuery,
+    a: Annotated[UploadFile, File(description="the first end")],
+    b: Annotated[UploadFile, File(description="the last end")],
+    steps: Annotated[int, Query(ge=MIN_STEPS, le=MAX_STEPS, description="images in the strip, both ends included")] = 8,
+    method: InterpolationMethod = "slerp",
+) -> Response:
+    """A strip of `steps` images from a to b, both ends included.
+
+    VAE: interpolate the posterior means mu_a, mu_b and decode; the ends are exactly the
+    reconstructions of a and b. VQ-VAE: interpolate the continuous encoder outputs z_e (as
+    one flattened vector), replace every vector of each step by its nearest code, decode; the
+    ends are again the reconstructions.
+    """
+    entry = find_model(service, model)
+    async with deadline(service.settings.request_timeout_s):
+        x = await read_images(service, entry, [a, b])  # (2, C, H, W)
+        if entry.kind == "vae":
+            mu, _logvar = await service.batcher(entry.name, "encode").submit(x)  # (2, D)
+            z = interpolate_latents(mu[0], mu[1], steps, method)  # (steps, D)
+            (images,) = await service.batcher(entry.name, "decode").submit(z)
+        else:
+            z_e, _codes = await service.batcher(entry.name, "encode").submit(x)  # (2, D, h, w)
+            z = interpolate_latents(z_e[0], z_e[1], steps, method)  # (steps, D, h, w)
+            (images,) = await service.batcher(entry.name, "decode_z").submit(z)
+        return await image_response(request, images, nrow=steps)
+
+
+def interpolate_latents(a: torch.Tensor, b: torch.Tensor, steps: int, method: str) -> torch.Tensor:
+    """`steps` points from a to b (any shape, treated as flat vectors) -> (steps, *a.shape).
+
+    lerp: (1 - t) a + t b. slerp (Shoemake 1985; White 2016, "Sampling Generative Networks"):
+    sin((1 - t) omega) / sin(omega) a + sin(t omega) / sin(omega) b, omega the angle between
+    a and b, which falls back to lerp when a or b is zero or they are (anti)parallel. Computed
+    in float64; the ends are a and b exactly.
+    """
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]  # (steps, 1)
+    a64, b64 = a.double().flatten(), b.double().flatten()  # (N,)
+    out = None
+    if method == "slerp":
+        na, nb = a64.norm(), b64.norm()
+        if na > 0 and nb > 0:
+            omega = torch.arccos((a64 @ b64 / (na * nb)).clamp(-1, 1))
+            so = torch.sin(omega)
+            if so > 1e-6:
+                out = torch.sin((1 - t) * omega) / so * a64 + torch.sin(t * omega) / so * b64  # (steps, N)
+    elif method != "lerp":
+        raise ValueError(f"method must be 'slerp' or 'lerp', got {method!r}")
+    if out is None:
+        out = (1 - t) * a64 + t * b64  # (steps, N)
+    out = out.to(a.dtype).reshape(steps, *a.shape)
+    out[0], out[-1] = a, b
+    return out

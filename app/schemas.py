@@ -1,0 +1,95 @@
+"""Request and response models, and the fixed bounds of query parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MAX_TEMPERATURE = 10.0  # /sample temperature must lie in (0, MAX_TEMPERATURE]
+MIN_STEPS, MAX_STEPS = 2, 64  # /interpolate steps, both ends included
+MAX_SEED = 2**63 - 1
+
+InterpolationMethod = Literal["slerp", "lerp"]
+
+
+class Status(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    models: int
+
+
+class Error(BaseModel):
+    detail: Any
+
+
+class PriorInfo(BaseModel):
+    name: str = Field(description="API name: pixelcnn, gated or pixelcnnpp")
+    kind: str
+    model: str = Field(description="the prior's own name in its weight file")
+    test_bits_per_code: float | None
+    num_classes: int = Field(description="0 = unconditional")
+    default: bool = Field(description="the prior /sample uses when none is named: the lowest test_bits_per_code")
+    dataset: str
+    file: str | None
+
+
+class RejectedPrior(BaseModel):
+    file: str
+    reason: str
+
+
+class ModelEntry(BaseModel):
+    name: str
+    kind: Literal["vae", "vqvae"]
+    image_shape: list[int]
+    latent_shape: list[int]
+    dataset: str
+    metrics: dict[str, Any]
+    device: str
+    file: str | None
+    # VQ-VAE only:
+    code_shape: list[int] | None = None
+    codebook_size: int | None = None
+    default_prior: str | None = None
+    priors: list[PriorInfo] | None = None
+    rejected_priors: list[RejectedPrior] | None = None
+
+
+class Problem(BaseModel):
+    file: str
+    reason: str
+    vqvae: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """What image endpoints answer to `Accept: application/json`: one base64 PNG per image."""
+
+    images: list[str]
+
+
+class VAEEncoding(BaseModel):
+    file: str
+    mu: list[float]
+    logvar: list[float]
+
+
+class VQVAEEncoding(BaseModel):
+    file: str
+    codes: list[list[int]] = Field(description="(h, w) code indices")
+    z_e: list[list[list[float]]] | None = Field(None, description="(D, h, w) encoder output, with include_z_e=true")
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    kind: str
+    items: list[VAEEncoding] | list[VQVAEEncoding]
+
+
+class DecodeRequest(BaseModel):
+    model: str
+    z: list[list[float]] | None = Field(None, description="VAE: one latent vector of length D per image")
+    codes: list[list[list[int]]] | None = Field(None, description="VQ-VAE: one (h, w) grid of code indices per image")
