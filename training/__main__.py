@@ -1,4 +1,4 @@
-"""Command line: python -m training {vae,vqvae,prior} [options]. See README.md, "Training your own model"."""
+"""Command line: python -m training {vae,vqvae,prior,card} [options]. See README.md, "Training your own model"."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training import prior, vae, vqvae
+    from training import card, prior, vae, vqvae
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="family", required=True)
@@ -47,12 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prior", help="train an autoregressive prior over a VQ-VAE's codes")
     _common(p, "prior", 20, 1e-3, 64)
     prior.add_arguments(p)
+    p = sub.add_parser("card", help="write weights/README.md from the weight files' metadata")
+    card.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.family == "card":
+        from training import card
+
+        card.run(args)
+        return 0
     args.command = "python -m training " + shlex.join(argv)
     args.out = args.out or f"weights/{args.name}.safetensors"
     args.run_dir = args.run_dir or f"runs/{args.name}"

@@ -58,3 +58,17 @@ def test_prior_refuses_a_file_that_is_not_a_vqvae(fashion_root, tmp_path, capsys
     code = main(["prior", "--vqvae", str(tmp_path / "vae.safetensors"), "--data-root", str(fashion_root), "--epochs", "1",
                  "--out", str(tmp_path / "p.safetensors"), "--quiet"])
     assert code == 2 and "not a VQ-VAE" in capsys.readouterr().err
+
+
+def test_model_card_is_generated_from_the_files(vqvae_file, fashion_root, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    vqvae_file.rename(weights / "vqvae.safetensors")
+    assert main(["prior", "--vqvae", str(weights / "vqvae.safetensors"), "--arch", "gated", "--data-root", str(fashion_root),
+                 "--epochs", "1", "--hidden-channels", "8", "--n-layers", "2", "--out", str(weights / "vqvae_gated.safetensors"),
+                 "--name", "vqvae_gated", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["card", "--weights", str(weights)]) == 0
+    card = (weights / "README.md").read_text()
+    _, info = load_model(weights / "vqvae_gated.safetensors")
+    assert f"{info.metrics['test_bits_per_code']:.4g}" in card and "python -m training prior" in card
+    assert (weights / "samples" / "vqvae_gated.png").is_file() and "samples/vqvae_gated.png" in card

@@ -1,0 +1,86 @@
+"""`python -m training card`: write weights/README.md, the model card, from the weight files themselves.
+
+Every number in the card is read from a weight file's metadata (written by the training command
+that produced it), and every picture is drawn from the shipped weights with a fixed seed, so the
+card cannot drift from what the service loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from models.io import ModelInfo, load_model
+from training.visuals import grid_image
+
+PRIOR_KINDS = ("pixelcnn", "gated_pixelcnn", "pixelcnnpp")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="weights", help="folder of .safetensors files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample grids")
+    p.add_argument("--intro", default=None, help="markdown file placed above the generated tables")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> list[str]:
+    keys: list[str] = []
+    for _, _, info in models:
+        keys += [k for k in info.metrics if k not in keys]
+    lines = ["| metric | " + " | ".join(f"`{p.name}`" for p, _, _ in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_fmt(info.metrics.get(k, "")) for _, _, info in models) + " |")
+    return lines
+
+
+@torch.inference_mode()
+def _samples(model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn.Module], seed: int) -> torch.Tensor | None:
+    g = torch.Generator().manual_seed(seed)
+    if info.kind == "vae":
+        return model.sample(64, generator=g)
+    if info.kind in PRIOR_KINDS and info.extra.get("vqvae") in vqvaes:
+        labels = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
+        return vqvaes[info.extra["vqvae"]].decode_indices(model.sample(64, labels=labels, generator=g))
+    return None
+
+
+def run(args: argparse.Namespace) -> Path:
+    folder = Path(args.weights)
+    models = [(p, *load_model(p)) for p in sorted(folder.glob("*.safetensors"))]
+    vqvaes = {info.name: m for _, m, info in models if info.kind == "vqvae"}
+    (folder / "samples").mkdir(exist_ok=True)
+    lines = [Path(args.intro).read_text().rstrip() + "\n"] if args.intro else []
+    lines += ["## Generated from the weight files", "",
+              "Regenerate with `python -m training card`. Numbers are the metadata of each file; pictures are "
+              f"64 samples drawn with seed {args.seed} (priors: labels 0..9 repeated for class-conditional ones).", ""]
+    for title, kinds in (("VAE", ("vae",)), ("VQ-VAE", ("vqvae",)), ("Priors over the VQ-VAE codes", PRIOR_KINDS)):
+        group = [m for m in models if m[2].kind in kinds]
+        if not group:
+            continue
+        lines += [f"### {title}", "", *_table(group), ""]
+        for path, model, info in group:
+            lines += [f"- `{path.name}` ({info.kind}, name `{info.name}`, {sum(p.numel() for p in model.parameters()):,} "
+                      f"parameters, {path.stat().st_size / 1e6:.1f} MB, trained on {info.dataset}):",
+                      f"  `{info.command}`"]
+            if info.extra:
+                lines.append(f"  extra: `{json.dumps(info.extra)}`")
+        lines.append("")
+        for path, model, info in group:
+            images = _samples(model, info, vqvaes, args.seed)
+            if images is not None:
+                png = folder / "samples" / f"{path.stem}.png"
+                grid_image(images).save(png)
+                lines += [f"`{path.stem}` samples:", "", f"![{path.stem} samples](samples/{png.name})", ""]
+    out = folder / "README.md"
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
+    return out
