@@ -47,10 +47,10 @@ async def read_images(service: Service, entry: Entry, uploads: list[UploadFile])
     for upload in uploads:
         name = upload.filename or ""
         if upload.size is not None and upload.size > s.max_upload_bytes:
-            raise HTTPException(413, f"file {name!r} has {upload.size} bytes; the limit is {s.max_upload_bytes}")
+            raise HTTPException(413, f"file {name!r} has {upload.size} bytes, more than max_upload_bytes ({s.max_upload_bytes})")
         data = await upload.read(s.max_upload_bytes + 1)
         if len(data) > s.max_upload_bytes:
-            raise HTTPException(413, f"file {name!r} is larger than the limit of {s.max_upload_bytes} bytes")
+            raise HTTPException(413, f"file {name!r} has more bytes than max_upload_bytes ({s.max_upload_bytes})")
         blobs.append((name, data))
 
     def decode_all() -> list[torch.Tensor]:

@@ -204,8 +204,10 @@ class Registry:
         if not isinstance(vq_name, str) or not vq_name:
             return self._reject(path, "the prior does not record its VQ-VAE (extra.vqvae)")
         entry = self.entries.get(vq_name)
-        if entry is None or entry.kind != "vqvae":
+        if entry is None:
             return self._reject(path, f"its VQ-VAE {vq_name!r} is not loaded", vq_name)
+        if entry.kind != "vqvae":
+            return self._reject(path, f"it names {vq_name!r} as its VQ-VAE, but that model is a {entry.kind}")
         vq = entry.model
         digest = vq.codebook_digest()
         if info.extra.get("codebook_sha256") != digest:

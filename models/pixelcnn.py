@@ -7,12 +7,15 @@ looked up from the label (the Gated PixelCNN paper's conditional model, eq. 4, w
 
 Every prior (these two and PixelCNN++ in models/pixelcnnpp.py) offers the same interface:
 `forward(codes, labels) -> logits (B, K, h', w)` on the full grid or on its top h' rows,
-`log_prob`, `loss`, `sample` (fast) and `sample_naive` (reference). The checks, the sampling
-loop and the inverse-CDF lookup live here once and pixelcnnpp.py imports them.
+`log_prob`, `loss`, `sample` (fast, cached), `sample_cropped` and `sample_naive` (reference).
+The checks, the sampling loop and the inverse-CDF lookup live here once and pixelcnnpp.py
+imports them; each prior brings its own activation cache for `sample` (`_sampling_cache`).
 
 PixelCNN: van den Oord et al. 2016, "Pixel Recurrent Neural Networks", arXiv 1601.06759.
 Gated PixelCNN: van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
 Decoders", arXiv 1606.05328.
+Cached sampling: Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive
+Models", arXiv 1704.06001.
 """
 
 from __future__ import annotations
@@ -144,6 +147,9 @@ def temperature_column(temperature: float | torch.Tensor, n: int, device: torch.
     return t[:, None]
 
 
+SAMPLING_MODES = ("cached", "cropped", "naive")
+
+
 @torch.no_grad()
 def sample_codes(
     model: nn.Module,
@@ -153,7 +159,7 @@ def sample_codes(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     *,
-    crop_rows: bool = True,
+    mode: str = "cached",
 ) -> torch.Tensor:
     """Ancestral sampling in raster order, shared by every prior: -> codes (n, h, w).
 
@@ -162,12 +168,19 @@ def sample_codes(
     uniforms (n, h, w) are drawn upfront from `generator` unless given, so a server can draw
     each request's noise from its own generator and still batch the requests together.
 
-    crop_rows=True is the cheap exact saving: outputs at rows <= r do not depend on rows > r
-    (causality), so while sampling row r the network runs on rows 0..r only. crop_rows=False
-    runs the whole grid at every position: the reference the tests compare against.
+    The three modes compute the same logits (up to float rounding) at different costs:
+    - "naive" runs the whole network on the whole grid at every position: the reference.
+    - "cropped" runs it on rows 0..r while sampling row r: outputs at rows <= r do not depend
+      on rows > r (causality).
+    - "cached" keeps every layer's activations from earlier positions in the model's
+      `_sampling_cache(n, labels)` and computes each layer only where the new position
+      changes it (Ramachandran et al. 2017): `cache.logits(r, c)` -> (n, K), then
+      `cache.record(r, c, code)` once the code at (r, c) is drawn.
 
     The model runs in eval mode (dropout off) and its training flag is restored afterwards.
     """
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
     config = model.config
     h, w = config.code_shape
     device = next(model.parameters()).device
@@ -185,14 +198,32 @@ def sample_codes(
     was_training = model.training
     model.eval()
     try:
+        cache = model._sampling_cache(n, labels) if mode == "cached" else None
         for r in range(h):
-            rows = r + 1 if crop_rows else h
+            rows = r + 1 if mode == "cropped" else h
             for c in range(w):
-                logits = model._logits(codes[:, :rows], labels)[:, :, r, c]  # (n, K)
+                if cache is not None:
+                    logits = cache.logits(r, c)  # (n, K)
+                else:
+                    logits = model._logits(codes[:, :rows], labels)[:, :, r, c]  # (n, K)
                 codes[:, r, c] = inverse_cdf(torch.softmax(logits.float() / temp, dim=-1), uniforms[:, r, c])
+                if cache is not None:
+                    cache.record(r, c, codes[:, r, c])
     finally:
         model.train(was_training)
     return codes
+
+
+def flat_label_bias(embedding: nn.Embedding | None, labels: torch.Tensor | None) -> torch.Tensor | float:
+    """label_bias for one position: (B, C), or 0.0 when unconditional."""
+    if embedding is None:
+        return 0.0
+    return embedding(labels)  # (B, C)
+
+
+def linear_1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution at one position: x (B, C_in) -> (B, C_out)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +323,9 @@ class PixelCNN(nn.Module):
         """Mean negative log-likelihood in nats per code (cross-entropy)."""
         return F.cross_entropy(self(codes, labels), codes.long())
 
+    def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> PixelCNNSamplingCache:
+        return PixelCNNSamplingCache(self, n, labels)
+
     def sample(
         self,
         n: int,
@@ -300,8 +334,25 @@ class PixelCNN(nn.Module):
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """n code grids (n, h, w); runs on rows 0..r while sampling row r. See `sample_codes`."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, crop_rows=True)
+        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
+
+        Caches the embedded codes and each residual block's masked-conv input; at (r, c) each
+        layer is evaluated at (r, c) alone, from the window above and left of it. Exact: a
+        masked conv's output at (r, c) reads only (r, c) and earlier positions, so it is final
+        once computed (`PixelCNNSamplingCache`). Same codes as `sample_naive` for the same uniforms."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
+
+    def sample_cropped(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
+        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
 
     def sample_naive(
         self,
@@ -311,8 +362,77 @@ class PixelCNN(nn.Module):
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Reference sampler: the whole network on the whole grid once per position."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, crop_rows=False)
+        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
+
+
+def masked_window_weight(conv: MaskedConv2d) -> torch.Tensor:
+    """A masked kernel's rows down to its centre (those below are all masked), flattened for a
+    channels-last window (k//2 + 1, k, C_in): (C_out, (k//2 + 1) * k * C_in)."""
+    rows = conv.kernel_size[0] // 2 + 1
+    return (conv.weight * conv.mask)[:, :, :rows].permute(0, 2, 3, 1).flatten(1)
+
+
+def masked_window(padded: torch.Tensor, r: int, c: int, k: int) -> torch.Tensor:
+    """Rows r - k//2..r, columns c - k//2..c + k//2 of a channels-last grid stored with k//2
+    zeros above, left and right: (B, h + k//2, w + 2 * (k//2), C) -> (B, (k//2 + 1) * k * C).
+    Channels last, so that the window is a few contiguous runs of memory."""
+    return padded[:, r:r + k // 2 + 1, c:c + k].flatten(1)
+
+
+def head_at(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The ReLU-1x1-ReLU-1x1 head at one position: (B, p) -> (B, K)."""
+    for layer in head:
+        x = linear_1x1(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
+    return x
+
+
+class PixelCNNSamplingCache:
+    """PixelCNN activations of n grids being sampled, one position at a time (Ramachandran et
+    al. 2017).
+
+    Caches: the embedding of every code drawn so far (the mask-A layer's input) and, for each
+    residual block, the input of its mask-B convolution (after the 1x1 reduce and ReLU), each
+    in a zero-padded channels-last grid (n, h + k//2, w + 2 * (k//2), C).
+
+    Exact because a masked convolution's output at (r, c) reads its input only at positions
+    before (r, c) in raster order (mask A) or those and (r, c) itself (mask B), and everything
+    else (1x1 convolutions, ReLUs, label biases, residual sums, the head) acts position by
+    position. So every layer's activation at (r, c) depends on codes before (r, c) alone and is
+    final once computed; the logits at (r, c) need each layer at (r, c) only. Each masked conv
+    is applied to the window of its input above and left of (r, c), with the same weights,
+    biases and zero padding as `forward`; only the summation order differs, in the last bits.
+    """
+
+    def __init__(self, model: PixelCNN, n: int, labels: torch.Tensor | None) -> None:
+        config = model.config
+        h, w = config.code_shape
+        weight = model.embed.weight
+        self.model = model
+        self.k_first, self.k = config.first_kernel_size, config.kernel_size
+        pad_first, pad = self.k_first // 2, self.k // 2
+        self.embedded = weight.new_zeros(n, h + pad_first, w + 2 * pad_first, config.hidden_channels)
+        self.mids = [weight.new_zeros(n, h + pad, w + 2 * pad, config.hidden_channels // 2) for _ in model.blocks]
+        self.input_weight = masked_window_weight(model.input_conv)
+        self.block_weights = [masked_window_weight(block.conv) for block in model.blocks]
+        self.input_bias = flat_label_bias(model.input_label_bias, labels)  # (n, p) or 0.0
+        self.block_biases = [flat_label_bias(block.label_bias, labels) for block in model.blocks]
+
+    def logits(self, r: int, c: int) -> torch.Tensor:
+        """The logits at (r, c), every code before it recorded: (n, K)."""
+        m, pad = self.model, self.k // 2
+        window = masked_window(self.embedded, r, c, self.k_first)
+        x = F.linear(window, self.input_weight, m.input_conv.bias) + self.input_bias  # (n, p)
+        for block, mid, weight, bias in zip(m.blocks, self.mids, self.block_weights, self.block_biases):
+            mid[:, r + pad, c + pad] = F.relu(linear_1x1(block.reduce, F.relu(x)))  # (n, p / 2)
+            y = F.linear(masked_window(mid, r, c, self.k), weight, block.conv.bias) + bias  # (n, p / 2)
+            x = x + linear_1x1(block.expand, F.relu(y))  # (n, p)
+        return head_at(m.head, x)  # (n, K)
+
+    def record(self, r: int, c: int, code: torch.Tensor) -> None:
+        """Store the codes drawn at (r, c): (n,)."""
+        pad = self.k_first // 2
+        self.embedded[:, r + pad, c + pad] = self.model.embed.weight[code]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +534,9 @@ class GatedPixelCNN(nn.Module):
         """Mean negative log-likelihood in nats per code (cross-entropy)."""
         return F.cross_entropy(self(codes, labels), codes.long())
 
+    def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> GatedPixelCNNSamplingCache:
+        return GatedPixelCNNSamplingCache(self, n, labels)
+
     def sample(
         self,
         n: int,
@@ -422,8 +545,26 @@ class GatedPixelCNN(nn.Module):
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """n code grids (n, h, w); runs on rows 0..r while sampling row r. See `sample_codes`."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, crop_rows=True)
+        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
+
+        Caches each layer's vertical-stack input (the whole grid so far) and the current row
+        of its horizontal-stack input. The vertical stack of a row reads no row below it, so it
+        runs once per row, after the row is drawn, and feeds the next row; the horizontal stack
+        at (r, c) reads only columns <= c of row r, so it runs at (r, c) alone
+        (`GatedPixelCNNSamplingCache`). Same codes as `sample_naive` for the same uniforms."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
+
+    def sample_cropped(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
+        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
 
     def sample_naive(
         self,
@@ -433,5 +574,72 @@ class GatedPixelCNN(nn.Module):
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Reference sampler: the whole network on the whole grid once per position."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, crop_rows=False)
+        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
+
+
+class GatedPixelCNNSamplingCache:
+    """Gated PixelCNN activations of n grids being sampled: the vertical stack once per row,
+    the horizontal stack once per position (Ramachandran et al. 2017).
+
+    Caches, per layer: the vertical stack's input on the whole grid so far, zero-padded as in
+    `forward` (n, p, h + k//2, w + 2 * (k//2)); the horizontal stack's input on the current row,
+    channels last, with k//2 zero columns on the left (n, k//2 + w, p); and the current row's
+    vertical contribution to the horizontal stack, v_to_h(down_shift(v_feat)) (n, 2p, w).
+
+    Exact because the vertical stack's output at row q reads only rows <= q of its input, and
+    the embedding is its input, so once row q is drawn, row q of every layer's vertical stack
+    is final: it is computed then, on the k//2 + 1 rows ending at q, and its v_to_h, which the
+    horizontal stack reads one row down, is kept for row q + 1 (row 0 gets v_to_h of zeros,
+    its bias, as down_shift gives). The horizontal stack at (r, c) reads columns <= c of row r
+    (< c in the first layer) and that vertical contribution at (r, c), so it is computed at
+    (r, c) alone, layer by layer, on the 1 x k//2 + 1 window ending at c; the head acts position
+    by position. Same weights, biases and padding as `forward`; only summation orders differ.
+    """
+
+    def __init__(self, model: GatedPixelCNN, n: int, labels: torch.Tensor | None) -> None:
+        config = model.config
+        h, w = config.code_shape
+        p = config.hidden_channels
+        weight = model.embed.weight
+        self.model = model
+        self.halves = [layer.half for layer in model.layers]
+        self.v_inputs = [weight.new_zeros(n, p, h + half, w + 2 * half) for half in self.halves]
+        self.h_inputs = [weight.new_zeros(n, half + w, p) for half in self.halves]
+        # The horizontal kernels, flattened for a channels-last window (kw, p): (2p, kw * p).
+        self.h_kernels = [layer.h_conv.weight[:, :, 0].transpose(1, 2).flatten(1) for layer in model.layers]
+        self.v_to_h = [layer.v_to_h.bias[None, :, None].expand(n, -1, w) for layer in model.layers]  # (n, 2p, w)
+        self.row_biases = [label_bias(layer.label_bias, labels) for layer in model.layers]  # (n, 2p, 1, 1) or 0.0
+        self.biases = [flat_label_bias(layer.label_bias, labels) for layer in model.layers]  # (n, 2p) or 0.0
+
+    def logits(self, r: int, c: int) -> torch.Tensor:
+        """The logits at (r, c), every code before it recorded: (n, K)."""
+        if c == 0 and r > 0:
+            self._vertical(r - 1)
+        layers = self.model.layers
+        x = None
+        for i, layer in enumerate(layers):
+            window = self.h_inputs[i][:, c:c + layer.h_conv.kernel_size[1]].flatten(1)  # (n, kw * p)
+            feat = F.linear(window, self.h_kernels[i], layer.h_conv.bias) + self.v_to_h[i][:, :, c]
+            out = linear_1x1(layer.h_out, gate(feat + self.biases[i]))  # (n, p)
+            x = out if layer.first else x + out
+            if i + 1 < len(layers):
+                self.h_inputs[i + 1][:, self.halves[i + 1] + c] = x
+        return head_at(self.model.head, x)  # (n, K)
+
+    def _vertical(self, q: int) -> None:
+        """Every layer's vertical stack at row q, whose codes are all drawn."""
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            feat = layer.v_conv(self.v_inputs[i][:, :, q:q + layer.half + 1])  # rows q - k//2..q -> (n, 2p, 1, w)
+            self.v_to_h[i] = layer.v_to_h(feat)[:, :, 0]  # (n, 2p, w), for row q + 1
+            if i + 1 < len(layers):
+                half = self.halves[i + 1]
+                self.v_inputs[i + 1][:, :, q + half, half:-half] = gate(feat + self.row_biases[i])[:, :, 0]
+
+    def record(self, r: int, c: int, code: torch.Tensor) -> None:
+        """Store the codes drawn at (r, c): (n,)."""
+        embedded = self.model.embed.weight[code]  # (n, p)
+        half = self.halves[0]
+        self.v_inputs[0][:, :, r + half, c + half] = embedded
+        self.h_inputs[0][:, half + c] = embedded

@@ -223,6 +223,9 @@ class PixelCNNpp(nn.Module):
         """Mean negative log-likelihood in nats per code (cross-entropy)."""
         return F.cross_entropy(self(codes, labels), codes.long())
 
+    def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> PixelCNNppSamplingCache:
+        return PixelCNNppSamplingCache(self, n, labels)
+
     def sample(
         self,
         n: int,
@@ -231,9 +234,27 @@ class PixelCNNpp(nn.Module):
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """n code grids (n, h, w); runs on rows 0..r while sampling row r. See `sample_codes`.
-        Runs in eval mode (dropout off) and restores the training flag afterwards."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, crop_rows=True)
+        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
+
+        Caches each shifted convolution's input at every scale. The u stream (and the coarse
+        scales' u) reads only the rows above, so it runs once per row, at the row's start; the
+        ul stream at (r, c) reads only positions before (r, c), so it runs at (r, c) alone, and
+        at scale s only where r and c are multiples of 2^s (`PixelCNNppSamplingCache`).
+        Runs in eval mode (dropout off) and restores the training flag afterwards.
+        Same codes as `sample_naive` for the same uniforms."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
+
+    def sample_cropped(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
+        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
 
     def sample_naive(
         self,
@@ -243,5 +264,200 @@ class PixelCNNpp(nn.Module):
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Reference sampler: the whole network on the whole grid once per position."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, crop_rows=False)
+        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached sampling (Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive
+# Models", arXiv 1704.06001). Every activation is stored in a grid with one zero row above and
+# one zero column on each side, (B, C, H + 1, W + 2), channels last in memory, grid position
+# (i, j) at [i + 1, j + 1]: the zero padding every shifted convolution here applies (none
+# reaches further), and, since concat_elu(0) = 0, also the padding of a concat_elu'd input.
+
+
+def put(padded: torch.Tensor, i: int, j0: int, j1: int, value: torch.Tensor) -> None:
+    """Write value (B, C, 1, j1 - j0) at row i, columns j0..j1 - 1 of a padded grid."""
+    padded[:, :, i + 1:i + 2, j0 + 1:j1 + 1] = value
+
+
+def nin(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution, as a matrix product at a single position: (B, C_in, 1, w) -> (B, C_out, 1, w)."""
+    if x.shape[-1] == 1:
+        return F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias)[:, :, None, None]
+    return conv(x)
+
+
+class PixelCNNppSamplingCache:
+    """PixelCNN++ activations of n grids being sampled: the u stream once per row, the ul
+    stream once per position, scale s only at the rows and columns that are multiples of 2^s.
+
+    Caches, padded, at every scale: the grid of embedded codes (with the ones channel); both
+    shifted convolutions' inputs of every gated resnet; each stream's first-half output that the
+    stride-2 conv downsamples; each stream's second-half output that the transposed conv
+    upsamples; and the current row of the u stream, which the ul stream reads as its skip input.
+
+    Exact because of what each activation reads (module docstring). Every u activation at grid
+    row r reads codes in rows < r only, and at scale s, row i reads grid rows < 2^s * i: so at
+    the start of grid row r the u stream is computed on row r, and on row r / 2^s of each scale
+    s with 2^s dividing r, first half up the scales, then second half down, each layer on its
+    window of rows above. Every ul activation at grid position (r, c) reads codes before (r, c)
+    only, and at scale s, (i, j) reads codes before (2^s * i, 2^s * j) only: so at (r, c) the ul
+    stream is computed at (r / 2^s, c / 2^s) for each s with 2^s dividing both, in the same
+    order, and the upsampling reads the coarse position (i // 2, j // 2), computed at the same
+    or an earlier step. Each conv is applied to the window `forward` reads, with the same
+    weights, biases and zero padding; only summation orders differ. Dropout is skipped: the
+    samplers run in eval mode.
+    """
+
+    def __init__(self, model: PixelCNNpp, n: int, labels: torch.Tensor | None) -> None:
+        config = model.config
+        p, scales = config.hidden_channels, config.n_scales
+        self.model = model
+        self.sizes = [config.code_shape]  # (H_s, W_s) of each scale
+        for _ in range(scales - 1):
+            h, w = self.sizes[-1]
+            self.sizes.append(((h + 1) // 2, (w + 1) // 2))
+        weight = model.embed.weight
+
+        def padded(channels: int, s: int) -> torch.Tensor:
+            # Channels last in memory, so that the window of a position is a few contiguous runs.
+            size = (n, channels, self.sizes[s][0] + 1, self.sizes[s][1] + 2)
+            grid = torch.empty(size, dtype=weight.dtype, device=weight.device, memory_format=torch.channels_last)
+            return grid.zero_()
+
+        self.x = padded(p + 1, 0)  # the network's input: embedded codes and the ones channel
+        self.x[:, p, 1:, 1:-1] = 1
+        self.inputs, self.biases = {}, {}  # per gated resnet: its two conv inputs, its label bias
+        for s in range(scales):
+            second = scales - 1 - s  # the second half runs the scales coarsest first
+            for block in (*model.up_u[s], *model.up_ul[s], *model.down_u[second], *model.down_ul[second]):
+                self.inputs[block] = (padded(2 * p, s), padded(2 * p, s))
+                self.biases[block] = label_bias(block.label_bias, labels)  # (n, 2p, 1, 1) or 0.0
+        self.to_downsample_u = [padded(p, s) for s in range(scales - 1)]
+        self.to_downsample_ul = [padded(p, s) for s in range(scales - 1)]
+        self.to_upsample_u = [None] + [weight.new_zeros(n, p, *self.sizes[s]) for s in range(1, scales)]
+        self.to_upsample_ul = [None] + [weight.new_zeros(n, p, *self.sizes[s]) for s in range(1, scales)]
+        # The current row of scale s of the u stream: after the first layer and each first-half
+        # block (the short-cuts; the ul blocks' skip inputs), and after each second-half block.
+        self.u_first = [[] for _ in range(scales)]
+        self.u_second = [[] for _ in range(scales)]
+        self.zero = weight.new_zeros(n, p, 1, 1)
+        # Every kernel wider than 1x1, flattened in the order of a channels-last window: (C_out, kh * kw * C_in).
+        self.kernels = {
+            conv: conv.weight.permute(0, 2, 3, 1).flatten(1)
+            for conv in model.modules()
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size != (1, 1)
+        }
+
+    def _top_scale(self, r: int, c: int) -> int:
+        """The coarsest scale s whose grid has a position at (r, c): 2^s divides r and c."""
+        s = 0
+        while s + 1 < self.model.config.n_scales and r % 2 ** (s + 1) == 0 and c % 2 ** (s + 1) == 0:
+            s += 1
+        return s
+
+    def _conv(self, module: nn.Module, padded: torch.Tensor, i: int, j0: int, j1: int) -> torch.Tensor:
+        """A DownShiftedConv2d or DownRightShiftedConv2d (any stride) at its output row i,
+        columns j0..j1 - 1, its input read from a padded grid: -> (n, C_out, 1, j1 - j0). The
+        window is the one `module.forward` reads there, so only the summation order differs."""
+        conv = module.conv
+        (kh, kw), stride = conv.kernel_size, conv.stride[0]
+        left, _, top, _ = module.pad
+        row, col = stride * i - top + 1, stride * j0 - left + 1  # the window's corner in the padded grid
+        if j1 - j0 == 1:  # one position: the window, channels last, times the flattened kernel
+            window = padded[:, :, row:row + kh, col:col + kw].permute(0, 2, 3, 1).flatten(1)  # (n, kh * kw * C_in)
+            return F.linear(window, self.kernels[conv], conv.bias)[:, :, None, None]
+        window = padded[:, :, row:row + kh, col:stride * (j1 - 1) - left + 1 + kw]
+        return F.conv2d(window, conv.weight, conv.bias, stride=stride)
+
+    def _block(
+        self, block: GatedResnet, x: torch.Tensor, skip: torch.Tensor | None, i: int, j0: int, j1: int
+    ) -> torch.Tensor:
+        """GatedResnet.forward in eval mode at row i, columns j0..j1 - 1: x, skip (n, C, 1, j1 - j0)
+        there -> (n, C, 1, j1 - j0). Its two convs' inputs at earlier positions are in the cache;
+        it writes its own first."""
+        conv_in_input, conv_out_input = self.inputs[block]
+        put(conv_in_input, i, j0, j1, concat_elu(x))
+        y = self._conv(block.conv_in, conv_in_input, i, j0, j1)  # (n, C, 1, j1 - j0)
+        if block.skip is not None:
+            y = y + nin(block.skip, concat_elu(skip))
+        put(conv_out_input, i, j0, j1, concat_elu(y))
+        y = self._conv(block.conv_out, conv_out_input, i, j0, j1) + self.biases[block]  # dropout: identity in eval
+        a, b = y.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+    def _u_row(self, r: int) -> None:
+        """The u stream on grid row r, and on row r / 2^s of each coarser scale s that has it;
+        it reads rows above only, all drawn."""
+        m, scales = self.model, self.model.config.n_scales
+        top = self._top_scale(r, 0)
+        w = self.sizes[0][1]
+        # down_shift: row 0 gets zeros, row r the first layer at row r - 1.
+        u = self._conv(m.u_init, self.x, r - 1, 0, w) if r > 0 else self.zero.expand(-1, -1, -1, w)
+        for s in range(top + 1):
+            i, width = r >> s, self.sizes[s][1]
+            if s > 0:
+                u = self._conv(m.downsample_u[s - 1], self.to_downsample_u[s - 1], i, 0, width)
+            self.u_first[s] = [u]
+            for block in m.up_u[s]:
+                u = self._block(block, u, None, i, 0, width)
+                self.u_first[s].append(u)
+            if s < scales - 1:
+                put(self.to_downsample_u[s], i, 0, width, u)
+        for s in range(top, -1, -1):
+            i, width = r >> s, self.sizes[s][1]
+            shortcuts = list(self.u_first[s])
+            if s == scales - 1:
+                u = shortcuts.pop()
+            else:  # DownShiftedDeconv2d: row i reads coarse row i // 2, kernel row i % 2
+                deconv = m.upsample_u[scales - 2 - s].deconv
+                coarse = self.to_upsample_u[s + 1][:, :, i // 2:i // 2 + 1]  # (n, p, 1, W_{s + 1})
+                u = F.conv_transpose2d(coarse, deconv.weight, deconv.bias, stride=deconv.stride)
+                u = u[:, :, i % 2:i % 2 + 1, 1:width + 1]  # (n, p, 1, W_s)
+            self.u_second[s] = []
+            for block in m.down_u[scales - 1 - s]:
+                u = self._block(block, u, shortcuts.pop(), i, 0, width)
+                self.u_second[s].append(u)
+            if s > 0:
+                self.to_upsample_u[s][:, :, i:i + 1] = u
+
+    def logits(self, r: int, c: int) -> torch.Tensor:
+        """The logits at (r, c), every code before it recorded: (n, K)."""
+        if c == 0:
+            self._u_row(r)
+        m, scales = self.model, self.model.config.n_scales
+        top = self._top_scale(r, c)
+        # down_shift and right_shift: zeros at row 0 and column 0.
+        above = self._conv(m.ul_init_above, self.x, r - 1, c, c + 1) if r > 0 else self.zero
+        left = self._conv(m.ul_init_left, self.x, r, c - 1, c) if c > 0 else self.zero
+        ul = above + left  # (n, p, 1, 1)
+        shortcuts = []
+        for s in range(top + 1):
+            i, j = r >> s, c >> s
+            if s > 0:
+                ul = self._conv(m.downsample_ul[s - 1], self.to_downsample_ul[s - 1], i, j, j + 1)
+            shortcuts.append([ul])
+            for block, u in zip(m.up_ul[s], self.u_first[s][1:]):
+                ul = self._block(block, ul, u[..., j:j + 1], i, j, j + 1)
+                shortcuts[s].append(ul)
+            if s < scales - 1:
+                put(self.to_downsample_ul[s], i, j, j + 1, ul)
+        for s in range(top, -1, -1):
+            i, j = r >> s, c >> s
+            if s == scales - 1:
+                ul = shortcuts[s].pop()
+            else:  # DownRightShiftedDeconv2d: (i, j) reads coarse (i // 2, j // 2), kernel (i % 2, j % 2)
+                deconv = m.upsample_ul[scales - 2 - s].deconv
+                coarse = self.to_upsample_ul[s + 1][:, :, i // 2, j // 2]  # (n, p)
+                ul = torch.addmm(deconv.bias, coarse, deconv.weight[:, :, i % 2, j % 2])[:, :, None, None]
+            for block, u in zip(m.down_ul[scales - 1 - s], self.u_second[s]):
+                skip = torch.cat([u[..., j:j + 1], shortcuts[s].pop()], dim=1)  # (n, 2p, 1, 1)
+                ul = self._block(block, ul, skip, i, j, j + 1)
+            if s > 0:
+                self.to_upsample_ul[s][:, :, i, j] = ul[:, :, 0, 0]
+        return nin(m.head, F.elu(ul))[:, :, 0, 0]  # (n, K)
+
+    def record(self, r: int, c: int, code: torch.Tensor) -> None:
+        """Store the codes drawn at (r, c): (n,)."""
+        self.x[:, :-1, r + 1, c + 1] = self.model.embed.weight[code]

@@ -29,6 +29,7 @@ class VAEConfig:
     hidden_dims: tuple[int, ...] = (256, 128)  # MLP layer widths; the decoder mirrors them
     channels: tuple[int, ...] = (32, 64)  # conv: channels of the two stride-2 stages
     fc_dim: int = 256  # conv: width of the dense layer between the feature map and the latent
+    refine_layers: int = 0  # conv: extra 3x3 conv layers at full resolution before the output (decoder)
 
     def __post_init__(self) -> None:
         if self.arch not in ("mlp", "conv"):
@@ -76,7 +77,7 @@ class VAE(nn.Module):
                 nn.Linear(config.fc_dim, c2 * r * r), nn.ReLU(),
                 nn.Unflatten(1, (c2, r, r)),  # (B, c2, s/4, s/4)
                 nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, s/2, s/2)
-                nn.ConvTranspose2d(c1, c, 4, 2, 1),  # (B, C, s, s) logits
+                *_refine(c1, c, config.refine_layers),  # (B, C, s, s) logits
             )
         self.fc_mu = nn.Linear(feat, d)
         self.fc_logvar = nn.Linear(feat, d)
@@ -180,6 +181,16 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, I)) per example, closed form (VAE paper, Appendix B):
     -0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2)."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def _refine(c1: int, c_out: int, n: int) -> list[nn.Module]:
+    """Upsample to full resolution; with n > 0, follow with n 3x3 convs there (sharper detail)."""
+    if n == 0:
+        return [nn.ConvTranspose2d(c1, c_out, 4, 2, 1)]
+    layers: list[nn.Module] = [nn.ConvTranspose2d(c1, c1, 4, 2, 1), nn.ReLU()]
+    for _ in range(n - 1):
+        layers += [nn.Conv2d(c1, c1, 3, 1, 1), nn.ReLU()]
+    return layers + [nn.Conv2d(c1, c_out, 3, 1, 1)]
 
 
 def _mlp(dims: tuple[int, ...]) -> list[nn.Module]:

@@ -35,7 +35,7 @@ async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery, 
         return await image_response(request, images)
 
 
-@router.post("/encode", response_model=EncodeResponse, responses=UPLOAD_RESPONSES)
+@router.post("/encode", response_model=EncodeResponse, response_model_exclude_none=True, responses=UPLOAD_RESPONSES)
 async def encode(
     service: ServiceDep,
     model: ModelQuery,

@@ -1,0 +1,104 @@
+"""GET /sample: grids, seeds, priors, labels, and every invalid parameter."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import grid_size, png_array
+
+
+async def sample(client, **params):
+    return await client.get("/sample", params=params)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+async def test_vae_sample_is_one_grid_of_n(client, n):
+    r = await sample(client, model="vae", n=n, seed=3)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.headers["x-seed"] == "3"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.mode == "L" and img.size == grid_size(n, nrow=int(np.ceil(np.sqrt(n))))
+
+
+async def test_rgb_vae_gives_rgb(client):
+    r = await sample(client, model="vae_rgb", n=4, seed=0)
+    img = Image.open(io.BytesIO(r.content))
+    assert img.mode == "RGB" and img.size == (22, 22)
+
+
+async def test_same_seed_same_bytes_other_seed_other_bytes(client):
+    first = (await sample(client, model="vae", n=4, seed=7)).content
+    assert (await sample(client, model="vae", n=4, seed=7)).content == first
+    assert (await sample(client, model="vae", n=4, seed=8)).content != first
+    assert (await sample(client, model="vae", n=4, seed=7, temperature=0.5)).content != first
+    for prior in ("pixelcnn", "gated", "pixelcnnpp"):
+        a = await sample(client, model="vqvae", n=6, seed=1, prior=prior)
+        b = await sample(client, model="vqvae", n=6, seed=1, prior=prior)
+        assert a.status_code == 200 and a.content == b.content and a.headers["x-prior"] == prior
+
+
+async def test_without_a_seed_the_echoed_seed_reproduces_the_answer(client):
+    r = await sample(client, model="vae", n=4)
+    seed = int(r.headers["x-seed"])
+    assert (await sample(client, model="vae", n=4, seed=seed)).content == r.content
+
+
+async def test_vqvae_uses_the_best_prior_by_default(client):
+    r = await sample(client, model="vqvae", n=4, seed=2)
+    assert r.status_code == 200 and r.headers["x-prior"] == "gated"
+    assert r.content == (await sample(client, model="vqvae", n=4, seed=2, prior="gated")).content
+
+
+async def test_labels_condition_the_gated_prior(client):
+    for label in range(3):
+        r = await sample(client, model="vqvae", n=4, seed=2, prior="gated", label=label)
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (22, 22)
+
+
+async def test_accept_json_gives_one_base64_png_per_image(client):
+    r = await client.get("/sample", params={"model": "vae", "n": 3, "seed": 5}, headers={"Accept": "application/json"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    images = r.json()["images"]
+    assert len(images) == 3
+    arrays = [png_array(base64.b64decode(s)) for s in images]
+    assert all(a.shape == (8, 8) for a in arrays)
+    grid = png_array((await sample(client, model="vae", n=3, seed=5)).content)
+    assert np.array_equal(grid[2:10, 12:20], arrays[1])
+    png = await client.get("/sample", params={"model": "vae", "n": 3, "seed": 5},
+                           headers={"Accept": "image/png, application/json;q=0.5"})
+    assert png.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize(
+    "params, detail",
+    [
+        ({"model": "vae", "n": 0}, "greater than or equal to 1"),
+        ({"model": "vae", "n": 257}, "n must be between 1 and 256, got 257"),
+        ({"model": "vae", "temperature": 0}, "greater than 0"),
+        ({"model": "vae", "temperature": -1}, "greater than 0"),
+        ({"model": "vae", "temperature": 11}, "less than or equal to 10"),
+        ({"model": "vae", "temperature": "nan"}, "temperature"),
+        ({"model": "vae", "seed": -1}, "greater than or equal to 0"),
+        ({"model": "vae", "n": "many"}, "valid integer"),
+        ({"model": "vae", "prior": "gated"}, "is a VAE"),
+        ({"model": "vqvae", "prior": "gated", "label": 3}, "label 3 is out of range for prior 'gated': use 0..2"),
+        ({"model": "vqvae", "prior": "gated", "label": -1}, "greater than or equal to 0"),
+        ({"model": "vqvae", "prior": "pixelcnn", "label": 0}, "prior 'pixelcnn' is unconditional: omit 'label'"),
+    ],
+)
+async def test_invalid_parameters_are_422(client, params, detail):
+    r = await sample(client, **params)
+    assert r.status_code == 422
+    assert detail in str(r.json()["detail"])
+
+
+async def test_missing_model_parameter_is_422(client):
+    assert (await client.get("/sample")).status_code == 422
+
+
+async def test_unknown_prior_is_404(client):
+    r = await sample(client, model="vqvae", prior="transformer")
+    assert r.status_code == 404
+    assert r.json()["detail"] == "prior 'transformer' is not available for 'vqvae'; available: ['gated', 'pixelcnn', 'pixelcnnpp']"
