@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1)  # items waiting per batcher before requests get 503
     request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
+    access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
     torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads at startup; None leaves torch's default
     # Pad every forward pass to max_batch_size rows. BLAS and cuDNN pick kernels by shape and
     # different kernels round differently, so without a fixed shape an image could change in its

@@ -593,7 +593,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def server_settings(args: argparse.Namespace) -> dict[str, str]:
-    settings = {"GENSERVE_WEIGHTS_DIR": str(args.weights.resolve())}
+    settings = {"GENSERVE_WEIGHTS_DIR": str(args.weights.resolve()), "GENSERVE_ACCESS_LOG": "false"}
     if args.threads is not None:
         settings["GENSERVE_TORCH_THREADS"] = str(args.threads)
     if args.pad_batches is not None:

@@ -17,12 +17,12 @@ from models.io import ModelInfo, load_model
 from training.visuals import grid_image
 
 PRIOR_KINDS = ("pixelcnn", "gated_pixelcnn", "pixelcnnpp")
+MARKER = "## Generated from the weight files"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="weights", help="folder of .safetensors files")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample grids")
-    p.add_argument("--intro", default=None, help="markdown file placed above the generated tables")
 
 
 def _fmt(value) -> str:
@@ -58,8 +58,11 @@ def run(args: argparse.Namespace) -> Path:
     models = [(p, *load_model(p)) for p in sorted(folder.glob("*.safetensors"))]
     vqvaes = {info.name: m for _, m, info in models if info.kind == "vqvae"}
     (folder / "samples").mkdir(exist_ok=True)
-    lines = [Path(args.intro).read_text().rstrip() + "\n"] if args.intro else []
-    lines += ["## Generated from the weight files", "",
+    out = folder / "README.md"
+    # Hand-written prose above the marker is kept; everything below it is regenerated.
+    kept = out.read_text().split(MARKER)[0].rstrip() if out.is_file() else ""
+    lines = [kept + "\n"] if kept else []
+    lines += [MARKER, "",
               "Regenerate with `python -m training card`. Numbers are the metadata of each file; pictures are "
               f"64 samples drawn with seed {args.seed} (priors: labels 0..9 repeated for class-conditional ones).", ""]
     for title, kinds in (("VAE", ("vae",)), ("VQ-VAE", ("vqvae",)), ("Priors over the VQ-VAE codes", PRIOR_KINDS)):
@@ -80,7 +83,6 @@ def run(args: argparse.Namespace) -> Path:
                 png = folder / "samples" / f"{path.stem}.png"
                 grid_image(images).save(png)
                 lines += [f"`{path.stem}` samples:", "", f"![{path.stem} samples](samples/{png.name})", ""]
-    out = folder / "README.md"
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
     return out

@@ -72,3 +72,13 @@ def test_model_card_is_generated_from_the_files(vqvae_file, fashion_root, tmp_pa
     _, info = load_model(weights / "vqvae_gated.safetensors")
     assert f"{info.metrics['test_bits_per_code']:.4g}" in card and "python -m training prior" in card
     assert (weights / "samples" / "vqvae_gated.png").is_file() and "samples/vqvae_gated.png" in card
+
+
+def test_model_card_keeps_the_prose_above_the_marker(vqvae_file, tmp_path):
+    weights = tmp_path / "w"
+    weights.mkdir()
+    vqvae_file.rename(weights / "vqvae.safetensors")
+    (weights / "README.md").write_text("# Card\n\nHand-written notes.\n\n## Generated from the weight files\nold tables\n")
+    assert main(["card", "--weights", str(weights)]) == 0
+    card = (weights / "README.md").read_text()
+    assert card.startswith("# Card\n\nHand-written notes.") and "old tables" not in card and "test_psnr_db" in card
