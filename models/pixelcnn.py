@@ -8,8 +8,9 @@ looked up from the label (the Gated PixelCNN paper's conditional model, eq. 4, w
 Every prior (these two and PixelCNN++ in models/pixelcnnpp.py) offers the same interface:
 `forward(codes, labels) -> logits (B, K, h', w)` on the full grid or on its top h' rows,
 `log_prob`, `loss`, `sample` (fast, cached), `sample_cropped` and `sample_naive` (reference).
-The checks, the sampling loop and the inverse-CDF lookup live here once and pixelcnnpp.py
-imports them; each prior brings its own activation cache for `sample` (`_sampling_cache`).
+They live here once, in `AutoregressivePrior`, with the checks, the sampling loop and the
+inverse-CDF lookup; each prior subclasses it and brings its network (`_logits`) and its
+activation cache for `sample` (`_sampling_cache`).
 
 PixelCNN: van den Oord et al. 2016, "Pixel Recurrent Neural Networks", arXiv 1601.06759.
 Gated PixelCNN: van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
@@ -226,6 +227,73 @@ def linear_1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
+class AutoregressivePrior(nn.Module):
+    """The interface every prior shares. A subclass sets KIND, config_class and `self.config`,
+    and provides `_logits(codes, labels)` (its network, on checked inputs) and
+    `_sampling_cache(n, labels)` (its activation cache for `sample`, see `sample_codes`)."""
+
+    config: Any
+
+    def _logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """codes (B, h', w) long, labels (B,) long or None, both checked -> logits (B, K, h', w)."""
+        raise NotImplementedError
+
+    def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> Any:
+        """The activations of n grids being sampled: `.logits(r, c)` -> (n, K), `.record(r, c, code)`."""
+        raise NotImplementedError
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, h', w), h' <= h -> logits (B, K, h', w); position i sees only codes before i."""
+        labels = check_inputs(self.config, codes, labels)
+        return self._logits(codes.long(), labels)
+
+    def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(codes | labels) in nats, summed over positions: (B,)."""
+        return code_log_prob(self(codes, labels), codes)
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean negative log-likelihood in nats per code (cross-entropy)."""
+        return F.cross_entropy(self(codes, labels), codes.long())
+
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
+
+        Caches each layer's activations at the positions drawn so far; what each prior caches,
+        and why that is exact, is in its `_sampling_cache`. Runs in eval mode (dropout off) and
+        restores the training flag afterwards. Same codes as `sample_naive` for the same uniforms."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
+
+    def sample_cropped(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
+        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
+
+    def sample_naive(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
+
+
 # ---------------------------------------------------------------------------------------------
 # PixelCNN
 
@@ -282,7 +350,7 @@ class ResidualBlock(nn.Module):
         return x + self.expand(F.relu(y))
 
 
-class PixelCNN(nn.Module):
+class PixelCNN(AutoregressivePrior):
     """PixelCNN over codes: embedding, one mask-A layer, mask-B residual blocks, 1x1 head.
 
     Stacked masked convolutions leave a blind spot (Gated PixelCNN paper, sec. 2.2, fig. 1):
@@ -303,11 +371,6 @@ class PixelCNN(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(p, config.kernel_size, nc) for _ in range(config.n_layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(p, p, 1), nn.ReLU(), nn.Conv2d(p, k, 1))
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, h', w), h' <= h -> logits (B, K, h', w); position i sees only codes before i."""
-        labels = check_inputs(self.config, codes, labels)
-        return self._logits(codes.long(), labels)
-
     def _logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(codes).permute(0, 3, 1, 2)  # (B, p, h', w)
         x = self.input_conv(x) + label_bias(self.input_label_bias, labels)
@@ -315,55 +378,12 @@ class PixelCNN(nn.Module):
             x = block(x, labels)
         return self.head(x)  # (B, K, h', w)
 
-    def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(codes | labels) in nats, summed over positions: (B,)."""
-        return code_log_prob(self(codes, labels), codes)
-
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood in nats per code (cross-entropy)."""
-        return F.cross_entropy(self(codes, labels), codes.long())
-
     def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> PixelCNNSamplingCache:
+        """For `sample`: caches the embedded codes and each residual block's masked-conv input;
+        at (r, c) each layer is evaluated at (r, c) alone, from the window above and left of it.
+        Exact: a masked conv's output at (r, c) reads only (r, c) and earlier positions, so it is
+        final once computed (`PixelCNNSamplingCache`)."""
         return PixelCNNSamplingCache(self, n, labels)
-
-    def sample(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
-
-        Caches the embedded codes and each residual block's masked-conv input; at (r, c) each
-        layer is evaluated at (r, c) alone, from the window above and left of it. Exact: a
-        masked conv's output at (r, c) reads only (r, c) and earlier positions, so it is final
-        once computed (`PixelCNNSamplingCache`). Same codes as `sample_naive` for the same uniforms."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
-
-    def sample_cropped(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
-        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
-
-    def sample_naive(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
 
 
 def masked_window_weight(conv: MaskedConv2d) -> torch.Tensor:
@@ -497,9 +517,10 @@ class GatedLayer(nn.Module):
         return v_out, (h_out if self.first else h + h_out)
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(AutoregressivePrior):
     """Gated PixelCNN over codes: embedding, gated layers with vertical and horizontal stacks,
-    a ReLU-1x1-ReLU-1x1 head on the horizontal stack."""
+    a ReLU-1x1-ReLU-1x1 head on the horizontal stack. No blind spot: position i sees every code
+    before i."""
 
     KIND: ClassVar[str] = "gated_pixelcnn"
     config_class: ClassVar[type] = GatedPixelCNNConfig
@@ -515,67 +536,19 @@ class GatedPixelCNN(nn.Module):
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(p, p, 1), nn.ReLU(), nn.Conv2d(p, k, 1))
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, h', w), h' <= h -> logits (B, K, h', w); position i sees every code before i."""
-        labels = check_inputs(self.config, codes, labels)
-        return self._logits(codes.long(), labels)
-
     def _logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         v = h = self.embed(codes).permute(0, 3, 1, 2)  # (B, p, h', w)
         for layer in self.layers:
             v, h = layer(v, h, labels)
         return self.head(h)  # (B, K, h', w)
 
-    def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(codes | labels) in nats, summed over positions: (B,)."""
-        return code_log_prob(self(codes, labels), codes)
-
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood in nats per code (cross-entropy)."""
-        return F.cross_entropy(self(codes, labels), codes.long())
-
     def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> GatedPixelCNNSamplingCache:
+        """For `sample`: caches each layer's vertical-stack input (the whole grid so far) and the
+        current row of its horizontal-stack input. The vertical stack of a row reads no row below
+        it, so it runs once per row, after the row is drawn, and feeds the next row; the horizontal
+        stack at (r, c) reads only columns <= c of row r, so it runs at (r, c) alone
+        (`GatedPixelCNNSamplingCache`)."""
         return GatedPixelCNNSamplingCache(self, n, labels)
-
-    def sample(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
-
-        Caches each layer's vertical-stack input (the whole grid so far) and the current row
-        of its horizontal-stack input. The vertical stack of a row reads no row below it, so it
-        runs once per row, after the row is drawn, and feeds the next row; the horizontal stack
-        at (r, c) reads only columns <= c of row r, so it runs at (r, c) alone
-        (`GatedPixelCNNSamplingCache`). Same codes as `sample_naive` for the same uniforms."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
-
-    def sample_cropped(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
-        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
-
-    def sample_naive(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
 
 
 class GatedPixelCNNSamplingCache:

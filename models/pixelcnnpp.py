@@ -26,15 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.pixelcnn import (
-    check_inputs,
-    code_log_prob,
-    down_shift,
-    label_bias,
-    right_shift,
-    sample_codes,
-    validate_prior_fields,
-)
+from models.pixelcnn import AutoregressivePrior, down_shift, label_bias, right_shift, validate_prior_fields
 
 
 @dataclass(frozen=True)
@@ -142,8 +134,9 @@ class GatedResnet(nn.Module):
         return x + a * torch.sigmoid(b)
 
 
-class PixelCNNpp(nn.Module):
-    """PixelCNN++ over codes: streams u and ul through a U-Net of gated resnets, categorical head."""
+class PixelCNNpp(AutoregressivePrior):
+    """PixelCNN++ over codes: streams u and ul through a U-Net of gated resnets, categorical head.
+    No blind spot: position i sees every code before i."""
 
     KIND: ClassVar[str] = "pixelcnnpp"
     config_class: ClassVar[type] = PixelCNNppConfig
@@ -182,11 +175,6 @@ class PixelCNNpp(nn.Module):
         self.upsample_ul = nn.ModuleList(DownRightShiftedDeconv2d(p, p) for _ in range(scales - 1))
         self.head = nn.Conv2d(p, k, 1)  # on elu(ul), the paper's `nin_out`
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, h', w), h' <= h -> logits (B, K, h', w); position i sees every code before i."""
-        labels = check_inputs(self.config, codes, labels)
-        return self._logits(codes.long(), labels)
-
     def _logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(codes).permute(0, 3, 1, 2)  # (B, p, h', w)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (B, p + 1, h', w)
@@ -215,57 +203,12 @@ class PixelCNNpp(nn.Module):
                 ul = self.upsample_ul[s](ul, size)
         return self.head(F.elu(ul))  # (B, K, h', w)
 
-    def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(codes | labels) in nats, summed over positions: (B,)."""
-        return code_log_prob(self(codes, labels), codes)
-
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood in nats per code (cross-entropy)."""
-        return F.cross_entropy(self(codes, labels), codes.long())
-
     def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> PixelCNNppSamplingCache:
+        """For `sample`: caches each shifted convolution's input at every scale. The u stream (and
+        the coarse scales' u) reads only the rows above, so it runs once per row, at the row's
+        start; the ul stream at (r, c) reads only positions before (r, c), so it runs at (r, c)
+        alone, and at scale s only where r and c are multiples of 2^s (`PixelCNNppSamplingCache`)."""
         return PixelCNNppSamplingCache(self, n, labels)
-
-    def sample(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
-
-        Caches each shifted convolution's input at every scale. The u stream (and the coarse
-        scales' u) reads only the rows above, so it runs once per row, at the row's start; the
-        ul stream at (r, c) reads only positions before (r, c), so it runs at (r, c) alone, and
-        at scale s only where r and c are multiples of 2^s (`PixelCNNppSamplingCache`).
-        Runs in eval mode (dropout off) and restores the training flag afterwards.
-        Same codes as `sample_naive` for the same uniforms."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
-
-    def sample_cropped(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Caches nothing; runs the network on rows 0..r while sampling row r, exact because no
-        output at rows <= r reads a row below. The fast sampler before `sample`, kept to compare."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cropped")
-
-    def sample_naive(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        temperature: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Reference sampler: caches nothing, runs the whole network on the whole grid once per position."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="naive")
 
 
 # ---------------------------------------------------------------------------------------------
