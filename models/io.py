@@ -156,6 +156,7 @@ def save_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # readable by a service running as another user
     os.replace(tmp, path)  # a reader never sees a half-written file
 
 
