@@ -36,6 +36,7 @@ class FitConfig:
     grad_clip: float | None = None
     progress: bool = True
     show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar
+    running_totals: tuple[str, ...] = ()  # stats that are totals so far: the epoch reports the last value, not a mean
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,7 +121,7 @@ def fit(
         shard = perm[rank * per_rank : (rank + 1) * per_rank]
         batches = list(shard.split(config.batch_size))
         bar = tqdm(batches, desc=f"{desc} {epoch}/{config.epochs}", disable=rank != 0 or not config.progress, leave=False)
-        running, totals, count = None, {}, 0
+        running, totals, last, count = None, {}, {}, 0
         for index in bar:
             loss, stats = step_module(index)
             optimizer.zero_grad(set_to_none=True)
@@ -133,10 +134,14 @@ def fit(
                 raise FloatingPointError(f"training loss became {value} at epoch {epoch}; lower --lr")
             running = value if running is None else 0.98 * running + 0.02 * value
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(index)
+                if k in config.running_totals:
+                    last[k] = float(v)
+                else:
+                    totals[k] = totals.get(k, 0.0) + float(v) * len(index)
             count += len(index)
             bar.set_postfix(loss=f"{running:.4g}", **{k: f"{float(stats[k]):.4g}" for k in config.show if k in stats})
         train_stats = {f"train_{k}": v / max(count, 1) for k, v in totals.items()}
+        train_stats.update({f"train_{k}": v for k, v in last.items()})
         if world > 1:
             dist.barrier()
         if rank == 0:

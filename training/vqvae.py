@@ -80,7 +80,8 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
 
     fit_config = FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
-        resume=args.resume, best_key="test_mse", progress=not args.quiet, show=("perplexity", "codes_used"),
+        resume=args.resume, best_key="test_mse", progress=not args.quiet, show=("perplexity", "codes_used", "restarts"),
+        running_totals=("restarts",),
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
                 on_epoch_end=pictures, rank=rank, world=world, desc="vqvae")

@@ -27,6 +27,7 @@ def test_vqvae_one_epoch(vqvae_file, tmp_path):
     assert 0 < m["test_mse"] < 0.25 and math.isclose(m["test_psnr_db"], 10 * math.log10(1 / m["test_mse"]))
     assert 1 <= m["test_codes_used"] <= 16 and 1 <= m["test_perplexity"] <= m["test_codes_used"] + 1e-6
     assert 0 < m["train_epoch_codes_used_share"] <= 1 and m["restarts_total"] >= 0
+    assert m["train_restarts"] == m["restarts_total"]  # a running total is reported as its last value, not averaged
     with Image.open(tmp_path / "run-vq/reconstructions.gif") as im:
         assert im.n_frames == 1
 
