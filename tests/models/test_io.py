@@ -138,3 +138,10 @@ def test_no_pickle_in_the_file(tmp_path):
     assert b"\x80\x04" not in (tmp_path / "m.safetensors").read_bytes()[:8]
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         assert all(isinstance(v, str) for v in f.metadata().values())
+
+
+def test_weight_file_is_world_readable_and_written_atomically(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_tiny(path)
+    assert path.stat().st_mode & 0o777 == 0o644  # a service running as another user can read it
+    assert not list(tmp_path.glob("*.tmp"))
