@@ -26,7 +26,9 @@ The client runs on the same machine and shares its cores; each worker has its ow
 (see `worker_client`). The progress lines show the CPU used by the client and by the server
 during each cell (1.0 = one core): a client near a full core means the client sets the pace.
 On a small CPU box, --threads 1 keeps torch's threads from fighting the client and event loop.
-The sampler speed-up of the priors (sample vs sample_naive) is measured in benchmarks/sampling.py.
+At the end, in this same process, the cached prior sampler (`sample`, what the server runs) is
+timed against `sample_naive` for --sampler-n grids on every prior in the weights directory, and
+the codes are checked to be identical; benchmarks/sampling.py does the same in more detail.
 
     python benchmarks/load.py                                  # everything, 10 s per cell (~10 min)
     python benchmarks/load.py --quick                          # smoke run: 2 s per cell, C = 1 and 8
@@ -555,6 +557,26 @@ def write_markdown(path: Path, command: str, header: list[str], rows: list[list[
 # -- main --------------------------------------------------------------------------------------------
 
 
+def sampler_lines(weights: Path, n: int, threads: int | None) -> list[str]:
+    """Fast (cached) vs naive prior sampling, in this process, on every prior in `weights`."""
+    import torch
+
+    from models.io import load_model, read_metadata
+    from sampling import time_samplers  # benchmarks/sampling.py, beside this script
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    lines = [f"sampler timing in-process, n = {n}, {torch.get_num_threads()} thread(s), median of 3:"]
+    for path in sorted(weights.glob("*.safetensors")):
+        if read_metadata(path)["kind"] not in ("pixelcnn", "gated_pixelcnn", "pixelcnnpp"):
+            continue
+        model, info = load_model(path)
+        t = time_samplers(model, n, repeats=3, seed=0)
+        lines.append(f"sampler {info.name}: naive {t['sample_naive']:.3f} s  cached {t['sample']:.3f} s  "
+                     f"speed-up {t['sample_naive'] / t['sample']:.1f}x (identical codes)")
+    return lines
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS), metavar="NAME",
@@ -571,6 +593,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=ROOT / "weights",
                         help="GENSERVE_WEIGHTS_DIR (default weights/)")
     parser.add_argument("--threads", type=int, default=None, help="GENSERVE_TORCH_THREADS for both servers")
+    parser.add_argument("--sampler-n", type=int, default=64,
+                        help="after the load test, time the cached prior sampler against sample_naive in this "
+                             "process for n grids (benchmarks/sampling.py does it in detail); 0 skips it")
     parser.add_argument("--pad-batches", choices=["true", "false"], default=None,
                         help="GENSERVE_PAD_BATCHES for both servers (default: the server's default)")
     parser.add_argument("--seed", type=int, default=0, help="first request seed; each request gets the next one")
@@ -644,8 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         "on: the server's default batching (GENSERVE_MAX_BATCH_SIZE=64); off: GENSERVE_MAX_BATCH_SIZE=1",
     ]
     problems = error_examples(results) + log_errors
+    if args.sampler_n and not interrupted:
+        notes += sampler_lines(args.weights, args.sampler_n, args.threads)
     print()
     print(text_table(rows))
+    print("\n".join(notes[3:]))
     if problems:
         print("\nerrors (first of each kind):\n" + "\n".join(f"  {line}" for line in problems))
     if args.markdown:
