@@ -8,14 +8,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     GENSERVE_WEIGHTS_DIR=/srv/weights GENSERVE_HOST=0.0.0.0 GENSERVE_PORT=8000
 WORKDIR /srv
 
+# Extra CA certificates for a TLS-intercepting proxy (docker/ca-certificates/*.crt; none by default).
+COPY docker/ca-certificates/ /usr/local/share/ca-certificates/
+RUN update-ca-certificates > /dev/null
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+
 # Dependencies first, so code changes do not reinstall torch.
 COPY pyproject.toml README.md ./
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --quiet --upgrade pip \
- && /opt/venv/bin/python - <<'PY' > /tmp/requirements.txt
-import tomllib
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-PY
+ && /opt/venv/bin/python -c "import tomllib; print(chr(10).join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt
 RUN /opt/venv/bin/pip install --quiet -r /tmp/requirements.txt
 
 COPY models models
