@@ -5,6 +5,17 @@ Both architectures share one interface, the one pytorch/examples made familiar:
 `forward(x) -> (logits, mu, logvar)`. Pixels in [0, 1] are Bernoulli targets and the
 decoder returns logits, so the reconstruction term is computed with
 `binary_cross_entropy_with_logits` (stable; no sigmoid-then-clamp).
+
+The conv VAE's decoder is either factorized, p(x|z) = prod_i p(x_i|z) as in the VAE paper, or
+autoregressive, p(x|z) = prod_i p(x_i|z, x_<i) in raster order, as in PixelVAE (Gulrajani et
+al. 2016, arXiv 1611.05013) and the variational lossy autoencoder (Chen et al. 2016, arXiv
+1611.02731): a small masked convolution (PixelCNN paper, arXiv 1601.06759) reads the pixels
+before i and is added to the z-path features at i. Its receptive field is kept local so that
+global structure must still go through z. Training and every likelihood teacher-force the true
+image (`decode(z, context=x)`, one pass); generating (`decode(z)`) runs pixel by pixel and feeds
+each pixel's Bernoulli mean back in, so the returned logits are exactly those of the image it
+shows (greedy mean decoding, the same convention as showing sigmoid(logits) for a factorized
+decoder).
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.pixelcnn import MaskedConv2d
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -30,6 +43,10 @@ class VAEConfig:
     channels: tuple[int, ...] = (32, 64)  # conv: channels of the two stride-2 stages
     fc_dim: int = 256  # conv: width of the dense layer between the feature map and the latent
     refine_layers: int = 0  # conv: extra 3x3 conv layers at full resolution before the output (decoder)
+    decoder: str = "factorized"  # conv: "factorized" p(x|z) or "autoregressive" p(x_i|z, x_<i)
+    ar_channels: int = 32  # autoregressive: width of the masked-conv context and of the 1x1 head
+    ar_kernel: int = 7  # autoregressive: the mask-A convolution over the image (odd, >= 3)
+    ar_layers: int = 1  # autoregressive: the mask-A layer plus (ar_layers - 1) 3x3 mask-B layers
 
     def __post_init__(self) -> None:
         if self.arch not in ("mlp", "conv"):
@@ -43,6 +60,26 @@ class VAEConfig:
                 f"conv VAE needs image_size divisible by 4 and two channel stages, "
                 f"got image_size={self.image_size}, channels={self.channels}"
             )
+        if self.decoder not in ("factorized", "autoregressive"):
+            raise ValueError(f"decoder must be 'factorized' or 'autoregressive', got {self.decoder!r}")
+        if self.decoder == "autoregressive":
+            if self.arch != "conv":
+                raise ValueError("decoder='autoregressive' needs arch='conv'; the MLP VAE is factorized only")
+            if self.ar_kernel < 3 or self.ar_kernel % 2 == 0:
+                raise ValueError(f"ar_kernel must be odd and >= 3, got {self.ar_kernel}; use 3, 5 or 7")
+            if self.ar_layers < 1 or self.ar_channels < 1:
+                raise ValueError(
+                    f"ar_layers and ar_channels must be positive, got {self.ar_layers} and {self.ar_channels}"
+                )
+
+    @property
+    def autoregressive(self) -> bool:
+        return self.decoder == "autoregressive"
+
+    @property
+    def ar_reach(self) -> int:
+        """How many rows above (and columns either side of) a pixel its context can read."""
+        return self.ar_kernel // 2 + (self.ar_layers - 1)
 
 
 class VAE(nn.Module):
@@ -72,13 +109,24 @@ class VAE(nn.Module):
                 nn.Linear(c2 * r * r, config.fc_dim), nn.ReLU(),
             )
             feat = config.fc_dim
+            # the z path ends in logits (factorized) or in features the AR head combines with context
+            out = config.ar_channels if config.autoregressive else c
             self.decoder = nn.Sequential(
                 nn.Linear(d, config.fc_dim), nn.ReLU(),
                 nn.Linear(config.fc_dim, c2 * r * r), nn.ReLU(),
                 nn.Unflatten(1, (c2, r, r)),  # (B, c2, s/4, s/4)
                 nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, s/2, s/2)
-                *_refine(c1, c, config.refine_layers),  # (B, C, s, s) logits
+                *_refine(c1, out, config.refine_layers),  # (B, out, s, s)
             )
+            if config.autoregressive:
+                a = config.ar_channels
+                context: list[nn.Module] = [MaskedConv2d("A", c, a, config.ar_kernel)]
+                for _ in range(config.ar_layers - 1):
+                    context += [nn.ReLU(), MaskedConv2d("B", a, a, 3)]
+                self.ar_context = nn.Sequential(*context)  # (B, C, s, s) -> (B, a, s, s), reads x_<i
+                self.ar_head = nn.Sequential(  # per pixel: z features + context -> C logits
+                    nn.ReLU(), nn.Conv2d(a, a, 1), nn.ReLU(), nn.Conv2d(a, c, 1)
+                )
         self.fc_mu = nn.Linear(feat, d)
         self.fc_logvar = nn.Linear(feat, d)
 
@@ -103,28 +151,74 @@ class VAE(nn.Module):
         eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
         return mu + eps * std
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., D) -> Bernoulli logits (..., C, H, W)."""
+    def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (..., D) -> Bernoulli logits (..., C, H, W).
+
+        An autoregressive decoder needs the pixels it conditions on: `context` (B, C, H, W) with z of
+        shape (B, D) or (m, B, D) teacher-forces them (training, likelihoods); without it the image is
+        generated pixel by pixel. A factorized decoder ignores `context`.
+        """
         lead = z.shape[:-1]
-        logits = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, C, H, W)
-        return logits.reshape(*lead, *self.image_shape)
+        h = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, C or ar_channels, H, W)
+        if not self.config.autoregressive:
+            return h.reshape(*lead, *self.image_shape)
+        if context is None:
+            return self._generate(h).reshape(*lead, *self.image_shape)
+        _, hh, ww = self.image_shape
+        ctx = self.ar_context(context)  # (B, a, H, W), computed once for every z of the same image
+        h = h.reshape(*lead, -1, hh, ww) + ctx  # (..., B, a, H, W)
+        return self.ar_head(h.reshape(-1, *h.shape[-3:])).reshape(*lead, *self.image_shape)
+
+    def _generate(self, h: torch.Tensor) -> torch.Tensor:
+        """Pixel-by-pixel generation from z features h (N, a, H, W) -> logits (N, C, H, W).
+
+        Each step runs the context stack on a window of `ar_reach` rows above and columns either
+        side of the pixel (all it can read, so the result is exact) and feeds the pixel's mean back.
+        """
+        n, _, hh, ww = h.shape
+        reach = self.config.ar_reach
+        x = h.new_zeros(n, self.config.in_channels, hh, ww)
+        logits = torch.empty_like(x)
+        for r in range(hh):
+            top = max(0, r - reach)
+            for col in range(ww):
+                left, right = max(0, col - reach), min(ww, col + reach + 1)
+                window = x[:, :, top : r + 1, left:right]  # (N, C, <= reach+1, <= 2 reach+1)
+                ctx = self.ar_context(window)[:, :, -1, col - left]  # (N, a): the context at (r, col)
+                out = self.ar_head((h[:, :, r, col] + ctx)[:, :, None, None])[:, :, 0, 0]  # (N, C)
+                logits[:, :, r, col] = out
+                x[:, :, r, col] = torch.sigmoid(out)
+        return logits
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, generator)
-        return self.decode(z), mu, logvar
+        return self.decode(z, context=x), mu, logvar
 
     def loss(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self, x: torch.Tensor, generator: torch.Generator | None = None, free_bits: float = 0.0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Negative ELBO averaged over the batch, in nats per image (one sample of z per image)."""
+        """Negative ELBO averaged over the batch, in nats per image (one sample of z per image).
+
+        With `free_bits` = lambda > 0 the objective is the free-bits bound of Kingma et al. 2016
+        (arXiv 1606.04934, eq. 15): each latent dimension's batch-mean KL counts as at least lambda
+        nats, so the optimiser gains nothing by pushing a dimension below lambda. That keeps an
+        autoregressive decoder from leaving z unused. The returned stats are always the true
+        negative ELBO and its terms; only the tensor to differentiate changes.
+        """
+        if free_bits < 0:
+            raise ValueError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits}")
         logits, mu, logvar = self(x, generator)
         rec = reconstruction_nll(logits, x)  # (B,)
-        kl = kl_divergence(mu, logvar)  # (B,)
-        loss = (rec + kl).mean()
-        return loss, {"loss": loss.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
+        kl_dims = kl_divergence(mu, logvar, reduce=False)  # (B, D)
+        kl = kl_dims.sum(-1)  # (B,)
+        neg_elbo = (rec + kl).mean()
+        objective = neg_elbo
+        if free_bits > 0:
+            objective = rec.mean() + kl_dims.mean(0).clamp(min=free_bits).sum()
+        return objective, {"loss": neg_elbo.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +255,7 @@ class VAE(nn.Module):
             m = min(chunk, k - start)
             eps = torch.randn((m, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + eps * std  # (m, B, D)
-            logits = self.decode(z)  # (m, B, C, H, W)
+            logits = self.decode(z, context=x)  # (m, B, C, H, W)
             log_px_z = -F.binary_cross_entropy_with_logits(
                 logits, x.expand_as(logits), reduction="none"
             ).flatten(2).double().sum(-1)  # (m, B)
@@ -177,10 +271,11 @@ def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, I)) per example, closed form (VAE paper, Appendix B):
-    -0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2)."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    -0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2). With reduce=False, per latent dimension."""
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # (..., D)
+    return kl.sum(-1) if reduce else kl
 
 
 def _refine(c1: int, c_out: int, n: int) -> list[nn.Module]:

@@ -21,7 +21,7 @@ def vae_neg_elbo(model: VAE, data: ImageData, batch_size: int = 500, seed: int =
         x, _ = data.batch(index, device)
         mu, logvar = model.encode(x)
         z = model.reparameterize(mu, logvar, g)
-        rec_sum += reconstruction_nll(model.decode(z), x).double().sum().item()
+        rec_sum += reconstruction_nll(model.decode(z, context=x), x).double().sum().item()
         kl_sum += kl_divergence(mu, logvar).double().sum().item()
     n = len(data)
     return {"neg_elbo": (rec_sum + kl_sum) / n, "rec": rec_sum / n, "kl": kl_sum / n}

@@ -23,6 +23,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-dims", type=int, nargs="+", default=[256, 128], help="MLP layer widths")
     p.add_argument("--conv-channels", type=int, nargs=2, default=[32, 64], help="conv stage channels")
     p.add_argument("--fc-dim", type=int, default=256, help="conv dense layer width")
+    p.add_argument(
+        "--decoder", choices=("factorized", "autoregressive"), default="factorized",
+        help="conv: factorized p(x|z), or autoregressive p(x_i|z, x_<i) (PixelVAE-style masked conv)",
+    )
+    p.add_argument("--ar-channels", type=int, default=32, help="autoregressive decoder width")
+    p.add_argument("--ar-kernel", type=int, default=7, help="autoregressive decoder mask-A kernel (odd)")
+    p.add_argument("--ar-layers", type=int, default=1, help="mask-A layer plus (n - 1) 3x3 mask-B layers")
+    p.add_argument(
+        "--free-bits", type=float, default=0.0,
+        help="training only: count each latent dimension's KL as at least this many nats (Kingma et al. 2016)",
+    )
     p.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the final IWAE bound")
     p.add_argument("--iwae-images", type=int, default=None, help="test images for the IWAE bound (default: all)")
 
@@ -32,6 +43,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
     config = VAEConfig(
         arch=args.arch, in_channels=c, image_size=h, latent_dim=args.latent_dim,
         hidden_dims=tuple(args.hidden_dims), channels=tuple(args.conv_channels), fc_dim=args.fc_dim,
+        decoder=args.decoder, ar_channels=args.ar_channels, ar_kernel=args.ar_kernel, ar_layers=args.ar_layers,
     )
     model = VAE(config).to(device)
     fixed_x, _ = test.batch(torch.arange(min(GRID, len(test))), device)
@@ -39,7 +51,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
 
     def loss_fn(m: VAE, index: torch.Tensor):
         x, _ = train.batch(index, device)
-        return m.loss(x)
+        return m.loss(x, free_bits=args.free_bits)
 
     def evaluate(m: VAE) -> dict[str, float]:
         return {"test_neg_elbo": vae_neg_elbo(m, test)["neg_elbo"]}
