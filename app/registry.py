@@ -261,6 +261,9 @@ class Registry:
                 "device": str(entry.device),
                 "file": Path(entry.info.path).name if entry.info.path else None,
             }
+            if entry.kind == "vae":
+                item["arch"] = entry.model.config.arch
+                item["decoder"] = entry.model.config.decoder
             if entry.kind == "vqvae":
                 default = entry.default_prior
                 item["code_shape"] = list(entry.model.code_shape)

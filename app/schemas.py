@@ -51,6 +51,9 @@ class ModelEntry(BaseModel):
     metrics: dict[str, Any]
     device: str
     file: str | None
+    # VAE only: "mlp" or "conv"; "factorized" p(x|z) or "autoregressive" p(x_i|z, x_<i) (pixel by pixel)
+    arch: str | None = None
+    decoder: str | None = None
     # VQ-VAE only:
     code_shape: list[int] | None = None
     codebook_size: int | None = None

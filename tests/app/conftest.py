@@ -1,6 +1,7 @@
 """Tiny real models written to a temporary weights directory, and the real app around them.
 
-Served: "vae" (1x8x8, MLP), "vae_rgb" (3x8x8, conv), "vqvae" (1x8x8, 2x2 codes, K=16) with
+Served: "vae" (1x8x8, MLP), "vae_rgb" (3x8x8, conv with an
+autoregressive decoder), "vqvae" (1x8x8, 2x2 codes, K=16) with
 three priors: "pixelcnn" (unconditional, 3.0 bits/code), "gated" (3 classes, 2.0: the
 default) and "pixelcnnpp" (unconditional, 2.5).
 """
@@ -52,7 +53,8 @@ def write_weights(d: Path) -> Path:
     save_model(d / "vae.safetensors", VAE(VAEConfig(image_size=8, latent_dim=LATENT_DIM, hidden_dims=(16,))),
                name="vae", dataset="unit-test", command="pytest", metrics={"test_neg_elbo": 40.0})
     save_model(d / "vae_rgb.safetensors",
-               VAE(VAEConfig(arch="conv", in_channels=3, image_size=8, latent_dim=LATENT_DIM, channels=(4, 8), fc_dim=16)),
+               VAE(VAEConfig(arch="conv", in_channels=3, image_size=8, latent_dim=LATENT_DIM, channels=(4, 8), fc_dim=16,
+                             decoder="autoregressive", ar_channels=4, ar_kernel=3, ar_layers=2)),
                name="vae_rgb", dataset="unit-test", command="pytest")
     vq = tiny_vqvae()
     save_model(d / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest")

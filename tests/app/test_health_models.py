@@ -50,7 +50,10 @@ async def test_models_lists_each_model_and_the_priors_of_the_vqvae(client):
     assert vae["kind"] == "vae" and vae["image_shape"] == [1, 8, 8] and vae["latent_shape"] == [4]
     assert vae["device"] == "cpu" and vae["dataset"] == "unit-test" and vae["metrics"] == {"test_neg_elbo": 40.0}
     assert "priors" not in vae and "code_shape" not in vae
-    assert models["vae_rgb"]["image_shape"] == [3, 8, 8]
+    assert (vae["arch"], vae["decoder"]) == ("mlp", "factorized")
+    rgb = models["vae_rgb"]
+    assert rgb["image_shape"] == [3, 8, 8] and (rgb["arch"], rgb["decoder"]) == ("conv", "autoregressive")
+    assert models["vqvae"].get("decoder") is None
     vq = models["vqvae"]
     assert vq["code_shape"] == list(CODE_SHAPE) and vq["codebook_size"] == CODEBOOK_SIZE and vq["latent_shape"] == [4, 2, 2]
     priors = {p["name"]: p for p in vq["priors"]}

@@ -155,6 +155,8 @@ async def test_decode_json_and_grid(client):
         (b'{"model": "vqvae", "codes": [[[0, 1.5], [2, 3]]]}', "int"),
         (b'{"model": "vae", "z": [[0, 0, 0, 0]',  "JSON"),
         (b'{"z": [[0, 0, 0, 0]]}', "model"),
+        (b'Infinity', "'inf'"),  # a bare non-finite body is echoed back as a string, not a 500
+        (b'{"model": NaN, "z": [[0, 0, 0, 0]]}', "'nan'"),
     ],
 )
 async def test_decode_errors_are_422_naming_the_index(client, body, detail):
