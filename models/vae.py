@@ -222,7 +222,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction: the Bernoulli means decoded from z = mu."""
+        """Deterministic reconstruction: the Bernoulli means decoded from z = mu (for an autoregressive
+        decoder, generated pixel by pixel: the input is never shown to the decoder)."""
         mu, _ = self.encode(x)
         return torch.sigmoid(self.decode(mu))
 

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: torch.device, rank: int, world: int) -> None:
+    if args.free_bits < 0:
+        raise ValueError(f"free_bits must be >= 0 nats per latent dimension, got {args.free_bits}")
     c, h, w = train.image_shape
     config = VAEConfig(
         arch=args.arch, in_channels=c, image_size=h, latent_dim=args.latent_dim,

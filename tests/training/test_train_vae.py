@@ -22,14 +22,18 @@ def train(fashion_root, tmp_path, *extra, name="vae", arch="conv"):
     return main(argv), out
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_one_epoch_writes_a_loadable_file_with_sane_metrics_and_gifs(fashion_root, tmp_path, arch):
-    code, out = train(fashion_root, tmp_path, "--epochs", "1", arch=arch)
+AR = ["--decoder", "autoregressive", "--ar-channels", "4", "--ar-kernel", "3", "--free-bits", "0.5"]
+
+
+@pytest.mark.parametrize("arch,extra", [("mlp", []), ("conv", []), ("conv", AR)], ids=["mlp", "conv", "conv-ar"])
+def test_one_epoch_writes_a_loadable_file_with_sane_metrics_and_gifs(fashion_root, tmp_path, arch, extra):
+    code, out = train(fashion_root, tmp_path, "--epochs", "1", *extra, arch=arch)
     assert code == 0
     model, info = load_model(out)
     m = info.metrics
     assert info.kind == "vae" and info.dataset == "fashion-mnist" and info.command.startswith("python -m training vae")
     assert model.config.arch == arch and info.image_shape == (1, 28, 28)
+    assert model.config.decoder == ("autoregressive" if extra else "factorized")
     for key in ("test_neg_elbo", "test_iwae_nll", "test_rec", "test_kl", "test_psnr_db"):
         assert math.isfinite(m[key]), key
     # an IWAE bound on the NLL is never above the negative ELBO (up to Monte-Carlo noise)
@@ -71,6 +75,13 @@ def test_same_seed_same_weights(fashion_root, tmp_path):
     b, ib = load_model(b_path)
     assert all(x.equal(y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert ia.metrics["test_neg_elbo"] == ib.metrics["test_neg_elbo"]
+
+
+def test_bad_decoder_flags_are_one_clear_error(fashion_root, tmp_path, capsys):
+    code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--decoder", "autoregressive", arch="mlp")
+    assert code != 0 and "arch='conv'" in capsys.readouterr().err
+    code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--free-bits", "-1")
+    assert code != 0 and "free_bits must be >= 0" in capsys.readouterr().err
 
 
 def test_missing_data_is_one_clear_error_not_a_traceback(tmp_path, capsys):
