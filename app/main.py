@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -36,6 +35,17 @@ from app.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 MULTIPART_OVERHEAD = 1024 * 1024  # bytes allowed beyond max_files * max_upload_bytes in one request
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by its repr ('inf', 'nan'), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -148,14 +158,3 @@ class RequestMetrics:
 
 
 app = create_app()
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with every non-finite float replaced by its repr ('inf', 'nan'), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
