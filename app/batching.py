@@ -1,20 +1,31 @@
-"""Dynamic batching: one `Batcher` per (model, operation).
+"""Dynamic batching: one `Batcher` per (model, operation), each with a worker thread of its own.
 
 A route hands `submit` a tuple of tensors whose first dimension counts its items (images,
-latents, noise draws). The request waits in a bounded queue; a worker task collects
-requests until the batch holds `max_batch_size` items or `max_wait_s` has passed since the
-oldest request arrived (LitServe's `while time.monotonic() < end and len(items) < max_batch_size`),
-concatenates them, runs ONE forward pass in the device's single worker thread under
-`torch.inference_mode()`, checks that every output has one row per input row, and hands each
-request its own slice. A request bigger than `max_batch_size` travels as several chunks.
+latents, noise draws). The worker task runs **opportunistically**: a request that finds the
+batcher idle starts at once, and the requests that arrive while a pass runs form the next
+pass, up to `max_batch_size` items. Waiting for company (`max_wait_s`, counted from the oldest
+request, LitServe's `while time.monotonic() < end and len(items) < max_batch_size`) is opt-in
+and off by default: on an idle model a wait only adds latency, and under load the passes
+fill up on their own while the previous one runs.
 
-Results never depend on batch-mates: stochastic operations receive their noise as inputs,
-drawn by the route from the request's own generator, and with `pad` every forward pass is
-padded to exactly `max_batch_size` rows, so the kernels see the same shapes under any load
-(BLAS and cuDNN choose kernels, and so rounding, by shape).
+Each pass runs in the batcher's own executor (one thread unless `max_inflight` > 1), so a cheap
+model is never queued behind a slow one: the operating system (or the GPU) interleaves them.
+Stacking the inputs, padding, the transfer, the forward pass under `torch.inference_mode()`,
+the check that every output has one row per input row, and the slicing into per-request
+answers all happen in that thread; the event loop only resolves futures. A request bigger than
+`max_batch_size` travels as several chunks.
 
-A failed forward pass fails each request of its batch with `BatchFailedError` (HTTP 500)
-and the worker carries on. Errors carry their HTTP status so app/main.py can map them.
+**Same seed, same bytes.** Stochastic operations receive their noise as inputs, drawn by the
+route from the request's own generator, so only the kernels could make a row depend on its
+batch-mates: BLAS and cuDNN choose kernels, and so rounding, by shape. With `buckets` every
+pass is padded (by repeating its last row, which keeps padding a valid input) to the smallest
+bucket that holds it. `check_buckets` finds the buckets at start-up: it runs the operation on
+seeded rows at every candidate size (the powers of two below `max_batch_size`) and keeps the
+sizes whose rows are bit-identical to the same rows in a pass of `max_batch_size`, both at the
+head and at the tail of that pass. With no passing size below it, every pass has the full size.
+
+A failed forward pass fails each request of its batch with `BatchFailedError` and the worker
+carries on.
 """
 
 from __future__ import annotations
@@ -25,52 +36,19 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
 
+from app.errors import BatchFailedError, NotRunningError, QueueFullError
+
 log = logging.getLogger(__name__)
 
-BatchFn = Callable[..., Sequence[torch.Tensor]]
-
-
-class ServiceError(Exception):
-    """An error with an HTTP status: app/main.py turns it into `{"detail": ...}`."""
-
-    status_code = 500
-
-    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.headers = headers or {}
-
-
-class QueueFullError(ServiceError):
-    status_code = 503
-
-
-class NotRunningError(ServiceError):
-    status_code = 503
-
-
-class RequestTimeoutError(ServiceError):
-    status_code = 504
-
-
-class BatchFailedError(ServiceError):
-    status_code = 500
-
-
-@contextlib.asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """Bound a request's whole handling; raises RequestTimeoutError (504) when it runs out."""
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError:
-        raise RequestTimeoutError(f"request timed out after {seconds:g} s") from None
+BatchFn = Callable[..., Sequence[torch.Tensor] | torch.Tensor]
+Inputs = tuple[torch.Tensor, ...]
+ExampleFn = Callable[[int, torch.Generator], Inputs]  # (rows, generator) -> valid inputs of that many rows
 
 
 @dataclass
@@ -84,31 +62,21 @@ class BatcherStats:
     busy_s: float = 0.0  # time spent in forward passes
 
     @property
-    def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
-
-    @property
     def mean_latency_s(self) -> float:
         return self.busy_s / self.batches if self.batches else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "requests": self.requests,
-            "items": self.items,
-            "batches": self.batches,
-            "failed_batches": self.failed_batches,
-            "rejected": self.rejected,
-            "max_batch_items": self.max_batch_items,
-            "mean_batch_size": self.mean_batch_size,
-        }
 
 
 @dataclass(eq=False)
 class _Entry:
-    inputs: tuple[torch.Tensor, ...]
+    inputs: Inputs
     n: int
     future: asyncio.Future
     enqueued_at: float  # loop.time()
+
+
+def bucket_candidates(max_batch_size: int) -> list[int]:
+    """The pass sizes `check_buckets` tries: the powers of two below max_batch_size, then max_batch_size."""
+    return [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size] + [max_batch_size]
 
 
 @dataclass
@@ -124,14 +92,23 @@ class Batcher:
     executor: Executor
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     max_batch_size: int = 64
-    max_wait_s: float = 0.005
+    max_wait_s: float = 0.0  # opt-in: how long a pass waits for company, from its oldest request
     max_queue: int = 1024
-    pad: bool = True
+    # Pass sizes: a pass of n rows is padded to the smallest bucket >= n. None: no padding (the
+    # pass has exactly n rows, and a row may change in its last bits with its batch-mates).
+    buckets: tuple[int, ...] | None = None
+    max_inflight: int = 1  # passes of this batcher running at once (the executor needs as many threads)
     autocast_dtype: torch.dtype | None = None  # CUDA only
     on_batch: Callable[[str, int, float, bool], None] | None = None  # (name, items, seconds, ok) for metrics
     stats: BatcherStats = field(default_factory=BatcherStats)
 
     def __post_init__(self) -> None:
+        if self.buckets is not None:
+            if not self.buckets or max(self.buckets) < self.max_batch_size or min(self.buckets) < 1:
+                raise ValueError(f"buckets must be positive and include max_batch_size {self.max_batch_size}, got {self.buckets}")
+            self.buckets = tuple(sorted(set(self.buckets)))
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {self.max_inflight}")
         self._queue: deque[_Entry] = deque()
         self._queued_items = 0
         self._wakeup = asyncio.Event()
@@ -165,6 +142,12 @@ class Batcher:
     @property
     def queued_items(self) -> int:
         return self._queued_items
+
+    def pass_rows(self, n: int) -> int:
+        """How many rows a pass of n items computes: the smallest bucket >= n, or n without buckets."""
+        if self.buckets is None:
+            return n
+        return next(b for b in self.buckets if b >= n)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -213,18 +196,36 @@ class Batcher:
     # -- worker --------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
-            while not self._queue:
-                if self._stopping:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = await self._collect()
-            if batch:
-                await self._run(batch)
+        slots = asyncio.Semaphore(self.max_inflight)
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                await slots.acquire()
+                while not self._queue:
+                    if self._stopping:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                batch = await self._collect()
+                if not batch:
+                    slots.release()
+                    continue
+                if self.max_inflight == 1:
+                    try:
+                        await self._run(batch)
+                    finally:
+                        slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                running.add(task)
+                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def _collect(self) -> list[_Entry]:
-        """Take requests until max_batch_size items or max_wait_s after the oldest one arrived."""
+        """Take what is queued, up to max_batch_size items; with max_wait_s > 0, wait that long
+        from the oldest request for the batch to fill."""
         loop = asyncio.get_running_loop()
         end = self._queue[0].enqueued_at + self.max_wait_s
         batch: list[_Entry] = []
@@ -237,9 +238,11 @@ class Batcher:
                     continue
                 batch.append(entry)
                 items += entry.n
+            if self.max_wait_s <= 0 or self._stopping:
+                return batch
             full = items >= self.max_batch_size or bool(self._queue)  # the next one does not fit
             remaining = end - loop.time()
-            if full or remaining <= 0 or self._stopping:
+            if full or remaining <= 0:
                 return batch
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -247,10 +250,11 @@ class Batcher:
 
     async def _run(self, batch: list[_Entry]) -> None:
         n = sum(e.n for e in batch)
-        inputs = [torch.cat([e.inputs[i] for e in batch]) for i in range(len(batch[0].inputs))]
         start = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self._forward, inputs, n)
+            answers = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._forward_entries, [e.inputs for e in batch], [e.n for e in batch]
+            )
         except Exception as err:
             seconds = time.perf_counter() - start
             self.stats.failed_batches += 1
@@ -270,20 +274,36 @@ class Batcher:
         self.stats.busy_s += seconds
         if self.on_batch:
             self.on_batch(self.name, n, seconds, True)
-        offset = 0
-        for e in batch:
+        for e, answer in zip(batch, answers):
             if not e.future.done():
-                e.future.set_result(tuple(o[offset : offset + e.n] for o in outputs))
-            offset += e.n
+                e.future.set_result(answer)
 
-    def _forward(self, inputs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, ...]:
-        """Runs in the device's worker thread: pad, transfer, one forward pass, check, back to CPU."""
-        rows = max(n, self.max_batch_size) if self.pad else n
+    # -- in the worker thread ------------------------------------------------------------------
+
+    def _forward_entries(self, inputs: list[Inputs], sizes: list[int]) -> list[Inputs]:
+        """Stack the requests' rows, run one padded pass, split the outputs back per request."""
+        n = sum(sizes)
+        stacked = tuple(parts[0] if len(inputs) == 1 else torch.cat(parts) for parts in zip(*inputs))  # (n, ...)
+        outputs = self._forward(stacked, n)
+        answers, offset = [], 0
+        for size in sizes:
+            answers.append(tuple(o[offset : offset + size] for o in outputs))
+            offset += size
+        return answers
+
+    def _forward(self, inputs: Sequence[torch.Tensor], n: int) -> Inputs:
+        """Pad n rows to pass_rows(n), transfer, one forward pass, check, the first n rows back on the CPU."""
+        rows = self.pass_rows(n)
+        outputs = self._pass(inputs, rows)
+        return tuple(o[:n].cpu() for o in outputs)
+
+    def _pass(self, inputs: Sequence[torch.Tensor], rows: int) -> Inputs:
+        """One forward pass over exactly `rows` rows (inputs of fewer rows are padded with their last row)."""
         cuda = self.device.type == "cuda"
         moved = []
         for t in inputs:
-            if rows > n:  # repeat the last row: padding stays a valid input (a temperature of 0 would not)
-                t = torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])])  # (rows, ...)
+            if t.shape[0] < rows:  # repeat the last row: padding stays a valid input (a temperature of 0 would not)
+                t = torch.cat([t, t[-1:].expand(rows - t.shape[0], *t.shape[1:])])  # (rows, ...)
             if cuda:
                 t = t.pin_memory().to(self.device, non_blocking=True)
             else:
@@ -302,8 +322,33 @@ class Batcher:
         for i, out in enumerate(outputs):
             if out.dim() == 0 or out.shape[0] != rows:
                 raise RuntimeError(f"Batch size mismatch: output {i} has shape {tuple(out.shape)}, expected {rows} rows")
-            out = out[:n]
-            if out.is_floating_point():
-                out = out.float()
-            result.append(out.cpu())
+            result.append(out.float() if out.is_floating_point() else out)
         return tuple(result)
+
+    def check_buckets(self, example: ExampleFn, seed: int = 0) -> tuple[int, ...]:
+        """The pass sizes whose rows are bit-identical to the same rows in a pass of max_batch_size.
+
+        Runs in the caller's thread (the service runs it in this batcher's executor). Seeded rows
+        `example(max_batch_size, generator)` are computed twice at the full size (a pass that
+        does not reproduce itself can promise nothing: only the full size is kept) and then at
+        each candidate size b, once as the first b rows and once as the last b: both must equal
+        the full pass's rows exactly, so neither the pass size nor a row's position changes it.
+        Returns the passing sizes and max_batch_size; use it as `buckets`.
+        """
+        top = self.max_batch_size
+        x = example(top, torch.Generator().manual_seed(seed))
+        reference = [o.cpu() for o in self._pass(x, top)]
+        if not all(torch.equal(a, b.cpu()) for a, b in zip(reference, self._pass(x, top))):
+            log.warning("%s: a pass of %d rows does not reproduce itself; every pass keeps that size", self.name, top)
+            return (top,)
+        passing = []
+        for b in bucket_candidates(top)[:-1]:
+            head = self._pass(tuple(t[:b] for t in x), b)
+            tail = self._pass(tuple(t[top - b :] for t in x), b)
+            same = all(
+                torch.equal(h.cpu(), r[:b]) and torch.equal(t.cpu(), r[top - b :])
+                for h, t, r in zip(head, tail, reference)
+            )
+            if same:
+                passing.append(b)
+        return (*passing, top)

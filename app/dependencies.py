@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import torch
-from fastapi import Depends, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from app import imaging
-from app.batching import NotRunningError
+from app.errors import NotRunningError
 from app.registry import Entry
 from app.service import Service
 
 
+def service_state(app: FastAPI) -> str:
+    """"ready", "starting" or "shutting down": the one readiness check (GET /ready and every model route)."""
+    service: Service | None = getattr(app.state, "service", None)
+    if service is None:
+        return "starting"
+    return "ready" if service.ready else "shutting down"
+
+
 def get_service(request: Request) -> Service:
-    service: Service | None = getattr(request.app.state, "service", None)
-    if service is None or not service.ready:
-        raise NotRunningError("the service is not ready (starting or shutting down)", headers={"Retry-After": "1"})
-    return service
+    state = service_state(request.app)
+    if state != "ready":
+        raise NotRunningError(f"the service is not ready ({state})", headers={"Retry-After": "1"})
+    return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
@@ -38,7 +45,7 @@ def find_model(service: Service, name: str) -> Entry:
 async def read_images(service: Service, entry: Entry, uploads: list[UploadFile]) -> torch.Tensor:
     """Read and decode every upload (see app/imaging.py for the rule) -> (B, C, H, W) in [0, 1].
 
-    Size limits are checked while reading; decoding runs in a thread, off the event loop.
+    Size limits are checked while reading; decoding runs in the service's upload/PNG pool.
     """
     s = service.settings
     if len(uploads) > s.max_files:
@@ -59,7 +66,7 @@ async def read_images(service: Service, entry: Entry, uploads: list[UploadFile])
             for name, data in blobs
         ]
 
-    return torch.stack(await asyncio.to_thread(decode_all))  # (B, C, H, W)
+    return torch.stack(await service.run_io(decode_all))  # (B, C, H, W)
 
 
 def wants_json(request: Request) -> bool:
@@ -98,10 +105,12 @@ async def image_response(
 ) -> Response:
     """One PNG grid of images (B, C, H, W), or {"images": [base64 PNG, ...]} for Accept: application/json.
 
-    PNG encoding runs in a thread: a grid of 256 images is too much work for the event loop.
+    PNG encoding runs in the service's upload/PNG pool: a grid of 256 images is too much work
+    for the event loop, and the model threads have their own work.
     """
+    service: Service = request.app.state.service
     if wants_json(request):
-        encoded = await asyncio.to_thread(imaging.pngs_base64, images)
+        encoded = await service.run_io(imaging.pngs_base64, images)
         return JSONResponse({"images": encoded}, headers=headers)
-    png = await asyncio.to_thread(imaging.grid_png, images, nrow)
+    png = await service.run_io(imaging.grid_png, images, nrow)
     return Response(png, media_type="image/png", headers=headers)

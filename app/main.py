@@ -3,7 +3,7 @@
 Nothing is loaded at import: `app = create_app()` below only builds routes, so
 `uvicorn app.main:app` works and settings come from GENSERVE_* variables when the
 lifespan starts. The lifespan loads and warms every model (app/registry.py), starts one
-batcher per (model, operation) (app/batching.py), and on shutdown drains and stops them.
+batcher per operation (app/operations.py, app/batching.py), and on shutdown drains and stops them.
 
 Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
 upload, 413 too large, 422 invalid parameters, 503 (+ Retry-After) queue full or not
@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.batching import ServiceError
+from app.errors import ServiceError
 from app.imaging import ImageError
 from app.metrics import Metrics
 from app.routes import generate, health, models, uploads

@@ -12,15 +12,13 @@ whose recorded VQ-VAE is not loaded, whose recorded codebook digest differs from
 VQ-VAE's `codebook_digest()`, whose codebook_size or code_shape differ from the VQ-VAE's,
 or a second prior of the same kind for the same VQ-VAE.
 
-`ops()` gives each served model's batch functions, one per operation; app/service.py puts a
-batcher in front of each. Every function takes and returns tensors with one row per item.
+What each served model can compute, and how it is batched, lives in app/operations.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +32,6 @@ log = logging.getLogger(__name__)
 
 PRIOR_API_NAMES = {"pixelcnn": "pixelcnn", "gated_pixelcnn": "gated", "pixelcnnpp": "pixelcnnpp"}
 SERVED_KINDS = ("vae", "vqvae")
-
-BatchFn = Callable[..., Sequence[torch.Tensor]]
-
 
 @dataclass
 class Problem:
@@ -97,64 +92,6 @@ class Entry:
             self.priors.values(),
             key=lambda p: (p.bits_per_code if p.bits_per_code is not None else math.inf, order.index(p.api_name)),
         )
-
-    def ops(self) -> dict[str, BatchFn]:
-        """operation name -> batch function (see the module docstring)."""
-        m = self.model
-        if self.kind == "vae":
-            return {
-                "reconstruct": lambda x: (m.reconstruct(x),),  # (B, C, H, W) -> (B, C, H, W)
-                "encode": lambda x: m.encode(x),  # -> mu (B, D), logvar (B, D)
-                "decode": lambda z: (torch.sigmoid(m.decode(z)),),  # (B, D) -> images
-                "sample": lambda z: (m.sample(z.shape[0], z=z),),  # z already scaled by temperature
-            }
-        ops: dict[str, BatchFn] = {
-            "reconstruct": lambda x: (m.reconstruct(x),),
-            "encode": _vq_encode(m),  # -> z_e (B, D, h, w), codes (B, h, w)
-            "decode": lambda codes: (m.decode_indices(codes),),  # (B, h, w) -> images
-            "decode_z": lambda z_e: (m.decode_indices(m.quantize(z_e)[1]),),  # nearest codes, then decode
-        }
-        for api_name, prior in self.priors.items():
-            ops[f"sample:{api_name}"] = _prior_sample(prior, m)
-        return ops
-
-    def warmup(self) -> None:
-        """One forward pass per operation, so the first request does not pay for lazy initialisation."""
-        c, h, w = self.image_shape
-        x = torch.zeros(1, c, h, w, device=self.device)
-        ops = self.ops()
-        with torch.inference_mode():
-            ops["reconstruct"](x)
-            if self.kind == "vae":
-                ops["sample"](torch.zeros(1, self.model.config.latent_dim, device=self.device))
-                return
-            z_e, codes = ops["encode"](x)
-            ops["decode"](codes)
-            ops["decode_z"](z_e)
-            for api_name, prior in self.priors.items():
-                inputs = [torch.zeros(1, *prior.model.config.code_shape, device=self.device), torch.ones(1, device=self.device)]
-                if prior.num_classes:
-                    inputs.append(torch.zeros(1, dtype=torch.long, device=self.device))
-                ops[f"sample:{api_name}"](*inputs)
-
-
-def _vq_encode(m: nn.Module) -> BatchFn:
-    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_e = m.encode(x)  # (B, D, h, w)
-        return z_e, m.quantize(z_e)[1]  # codes (B, h, w), the same as m.encode_indices(x)
-
-    return encode
-
-
-def _prior_sample(prior: Prior, vqvae: nn.Module) -> BatchFn:
-    """(uniforms (B, h, w), temperature (B,)[, labels (B,)]) -> images (B, C, H, W), codes (B, h, w)."""
-
-    def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        n = uniforms.shape[0]
-        codes = prior.model.sample(n, labels=labels, temperature=temperature.float(), uniforms=uniforms.float())
-        return vqvae.decode_indices(codes), codes
-
-    return sample
 
 
 class Registry:
@@ -242,10 +179,6 @@ class Registry:
                 if prior.info.name == name:
                     return entry.name
         return None
-
-    def warmup(self) -> None:
-        for entry in self.entries.values():
-            entry.warmup()
 
     def describe(self) -> list[dict[str, Any]]:
         """The GET /models payload."""

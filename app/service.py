@@ -1,28 +1,48 @@
-"""The running service: settings, the registry, one batcher per (model, operation), metrics.
+"""The running service: settings, the registry, one batcher per operation, the pools, metrics.
 
 `Service.start` is what the lifespan runs: resolve the device, load and validate the weights,
-warm every model up, start the batchers. `stop` refuses new work, drains the queues and
-ends the workers. One single-thread executor runs every forward pass of the device, so
-batches from different batchers never compete for the same cores or GPU stream.
+then for every operation of every model (app/operations.py) warm it up, find its batch-invariant
+pass sizes (with `pad_batches`) and start its batcher. `stop` refuses new work, drains the
+queues and ends the workers.
+
+Threads: every batcher has an executor of its own (`max_inflight` threads), so a slow model's
+passes never hold up a cheap model's; the operating system, or the GPU, interleaves them.
+Uploads are decoded and PNGs encoded in a separate bounded pool (`io_threads`), beside the models.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
-from app.batching import Batcher, NotRunningError
+from app.batching import Batcher
 from app.metrics import Metrics
+from app.operations import Op, Operation, OpKey, operations, warm_up
 from app.registry import Registry
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_threads(settings: Settings) -> int | None:
+    """The setting, or with several worker processes each one's share of the cores (None: torch's default)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    if settings.workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // settings.workers)
+    return None
 
 
 @dataclass
@@ -30,55 +50,73 @@ class Service:
     settings: Settings
     device: torch.device
     registry: Registry
-    executor: ThreadPoolExecutor
+    io_pool: ThreadPoolExecutor
     metrics: Metrics
-    batchers: dict[tuple[str, str], Batcher] = field(default_factory=dict)
+    batchers: dict[OpKey, Batcher] = field(default_factory=dict)
+    executors: list[ThreadPoolExecutor] = field(default_factory=list)
     ready: bool = False
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Service:
         device = settings.resolve_device()
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        if (threads := torch_threads(settings)) is not None:
+            torch.set_num_threads(threads)
         if settings.precision != "fp32" and device.type != "cuda":
             log.warning("precision=%s applies on CUDA only; %s runs in fp32", settings.precision, device)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"genserve-{device.type}")
-        loop = asyncio.get_running_loop()
+        registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device)
+        io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
+        service = cls(settings, device, registry, io_pool, metrics)
         try:
-            registry = await loop.run_in_executor(executor, Registry.load, settings.weights_dir, device)
-            await loop.run_in_executor(executor, registry.warmup)
+            ops = [op for entry in registry.entries.values() for op in operations(entry)]
+            await asyncio.gather(*(service._start_batcher(op) for op in ops))
         except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
+            await service.stop()
             raise
-        service = cls(settings, device, registry, executor, metrics)
-        for name, entry in registry.entries.items():
-            for op, fn in entry.ops().items():
-                batcher = Batcher(
-                    name=f"{name}:{op}",
-                    fn=fn,
-                    executor=executor,
-                    device=device,
-                    max_batch_size=settings.max_batch_size,
-                    max_wait_s=settings.max_wait_ms / 1000,
-                    max_queue=settings.max_queue,
-                    pad=settings.pad_batches,
-                    autocast_dtype=AUTOCAST_DTYPES[settings.precision],
-                    on_batch=metrics.observe_batch,
-                )
-                batcher.start()
-                service.batchers[(name, op)] = batcher
         service.ready = True
         log.info(
             "ready on %s: %s", device, ", ".join(f"{e.name} ({e.kind}, priors {sorted(e.priors)})" for e in registry.entries.values())
         )
         return service
 
+    async def _start_batcher(self, operation: Operation) -> None:
+        """Warm the operation up and check its pass sizes in its own thread, then start its batcher."""
+        s = self.settings
+        name = str(operation.key)
+        executor = ThreadPoolExecutor(max_workers=s.max_inflight, thread_name_prefix=f"genserve-{name}")
+        self.executors.append(executor)
+        batcher = Batcher(
+            name=name,
+            fn=operation.fn,
+            executor=executor,
+            device=self.device,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+            max_inflight=s.max_inflight,
+            autocast_dtype=AUTOCAST_DTYPES[s.precision],
+            on_batch=self.metrics.observe_batch,
+        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, warm_up, operation, self.device)
+        if s.pad_batches:
+            batcher.buckets = await loop.run_in_executor(executor, batcher.check_buckets, operation.example)
+            log.info("%s: pass sizes %s (batch-invariant against %d rows)", name, list(batcher.buckets), s.max_batch_size)
+        batcher.start()
+        self.batchers[operation.key] = batcher
+
     async def stop(self) -> None:
         self.ready = False
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in self.batchers.values()))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in [*self.executors, self.io_pool]:
+            executor.shutdown(wait=False, cancel_futures=True)
 
-    def batcher(self, model: str, op: str) -> Batcher:
-        if not self.ready:
-            raise NotRunningError("the service is not ready")
-        return self.batchers[(model, op)]
+    def batcher(self, model: str, op: Op, prior: str | None = None) -> Batcher:
+        return self.batchers[OpKey(model, op, prior)]
+
+    def pass_sizes(self) -> dict[str, list[int] | None]:
+        """Batcher name -> the pass sizes it pads to (None: unpadded); shown by GET /config."""
+        return {str(key): list(b.buckets) if b.buckets is not None else None for key, b in self.batchers.items()}
+
+    async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the upload/PNG pool, off the event loop and off the model threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)

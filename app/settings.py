@@ -25,16 +25,21 @@ class Settings(BaseSettings):
     max_files: int = Field(64, ge=1)  # uploaded files per request
     max_n: int = Field(256, ge=1)  # images per /sample (and latents per /decode)
     max_batch_size: int = Field(64, ge=1)  # items per forward pass; 1 disables batching
-    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for company, from its oldest request
+    # Opt-in: how long a pass waits for company, from its oldest request. 0 (the default) starts a
+    # request at once when its model is idle; under load, what arrives during a pass forms the next.
+    max_wait_ms: float = Field(0.0, ge=0)
     max_queue: int = Field(1024, ge=1)  # items waiting per batcher before requests get 503
+    max_inflight: int = Field(1, ge=1, le=8)  # forward passes of one batcher running at once
     request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
-    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads at startup; None leaves torch's default
-    # Pad every forward pass to max_batch_size rows. BLAS and cuDNN pick kernels by shape and
-    # different kernels round differently, so without a fixed shape an image could change in its
-    # last bit with the number of batch-mates. True makes the same seed give the same bytes under
-    # any load; False saves compute on a lightly loaded CPU server.
+    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads at startup; None: torch's default (cores / workers)
+    io_threads: int = Field(2, ge=1, le=64)  # the pool that decodes uploads and encodes PNGs, beside the model threads
+    workers: int = Field(1, ge=1, le=64)  # uvicorn worker processes for `python -m app`, each with every model
+    # Same seed, same bytes under any load. BLAS and cuDNN pick kernels by shape and different
+    # kernels round differently, so a row could change in its last bit with the size of its pass.
+    # True pads each pass to the smallest size that a start-up check found bit-identical to a
+    # pass of max_batch_size (GET /config shows them per batcher); False runs passes unpadded.
     pad_batches: bool = True
 
     @field_validator("device")

@@ -10,8 +10,9 @@ import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from app.batching import deadline
 from app.dependencies import ServiceDep, find_model, image_response
+from app.errors import deadline
+from app.operations import Op
 from app.registry import Entry, Prior
 from app.schemas import MAX_SEED, MAX_TEMPERATURE, DecodeRequest, Error, ImagesResponse
 
@@ -57,11 +58,11 @@ async def sample(
             if prior is not None or label is not None:
                 raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
             z = torch.randn(n, entry.model.config.latent_dim, generator=generator) * temperature  # (n, D)
-            (images,) = await service.batcher(entry.name, "sample").submit(z)
+            (images,) = await service.batcher(entry.name, Op.SAMPLE).submit(z)
         else:
             chosen = _choose_prior(entry, prior)
             inputs = _prior_inputs(chosen, n, temperature, label, generator)
-            images, _codes = await service.batcher(entry.name, f"sample:{chosen.api_name}").submit(*inputs)
+            (images,) = await service.batcher(entry.name, Op.SAMPLE, chosen.api_name).submit(*inputs)
         headers = {"X-Seed": str(seed)}
         if entry.kind == "vqvae":
             headers["X-Prior"] = chosen.api_name
@@ -115,7 +116,7 @@ async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> 
             raise HTTPException(422, f"model {entry.name!r} is a VQ-VAE: send 'codes', a list of code grids (and no 'z')")
         x = parse_codes(body.codes, tuple(entry.model.code_shape), int(entry.model.config.codebook_size), settings.max_n)
     async with deadline(settings.request_timeout_s):
-        (images,) = await service.batcher(entry.name, "decode").submit(x)
+        (images,) = await service.batcher(entry.name, Op.DECODE).submit(x)
         return await image_response(request, images)
 
 

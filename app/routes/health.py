@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.dependencies import service_state
 from app.schemas import Error, Ready, Status
 
 router = APIRouter(tags=["health"])
@@ -21,19 +22,17 @@ async def health() -> dict[str, str]:
 @router.get("/ready", response_model=Ready, responses={503: {"model": Error}})
 async def ready(request: Request) -> Any:
     """200 once every model is loaded and warmed up and the batchers run; 503 before and while shutting down."""
-    service = getattr(request.app.state, "service", None)
-    if service is None or not service.ready:
-        return JSONResponse(
-            {"detail": "shutting down" if service is not None else "starting"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
-    return {"status": "ready", "models": len(service.registry.entries)}
+    state = service_state(request.app)
+    if state != "ready":
+        return JSONResponse({"detail": state}, status_code=503, headers={"Retry-After": "1"})
+    return {"status": "ready", "models": len(request.app.state.service.registry.entries)}
 
 
 @router.get("/config")
 async def config(request: Request) -> dict[str, Any]:
-    """The settings in effect (GENSERVE_* environment variables) and the device they resolved to."""
+    """The settings in effect (GENSERVE_* environment variables), the device they resolved to, and
+    per batcher the pass sizes it pads to (`pass_sizes`: the batch-invariant sizes found at
+    start-up with pad_batches; null where passes are unpadded)."""
     settings = request.app.state.settings
     if settings is None:
         return JSONResponse({"detail": "starting"}, status_code=503, headers={"Retry-After": "1"})
@@ -41,6 +40,7 @@ async def config(request: Request) -> dict[str, Any]:
     return {
         **settings.model_dump(mode="json"),
         "resolved_device": str(service.device) if service is not None else None,
+        "pass_sizes": service.pass_sizes() if service is not None else None,
     }
 
 

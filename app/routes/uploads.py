@@ -12,8 +12,9 @@ import torch
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from app.batching import deadline
 from app.dependencies import ServiceDep, find_model, image_response, read_images
+from app.errors import deadline
+from app.operations import Op
 from app.routes.generate import IMAGE_RESPONSES
 from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod
 
@@ -31,7 +32,7 @@ async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery, 
     entry = find_model(service, model)
     async with deadline(service.settings.request_timeout_s):
         x = await read_images(service, entry, file)  # (B, C, H, W)
-        (images,) = await service.batcher(entry.name, "reconstruct").submit(x)
+        (images,) = await service.batcher(entry.name, Op.RECONSTRUCT).submit(x)
         return await image_response(request, images)
 
 
@@ -48,7 +49,7 @@ async def encode(
         raise HTTPException(422, f"include_z_e applies to VQ-VAE models; {entry.name!r} is a {entry.kind}")
     async with deadline(service.settings.request_timeout_s):
         x = await read_images(service, entry, file)
-        first, second = await service.batcher(entry.name, "encode").submit(x)
+        first, second = await service.batcher(entry.name, Op.ENCODE).submit(x)
     names = [f.filename or "" for f in file]
     if entry.kind == "vae":
         items = [{"file": name, "mu": mu.tolist(), "logvar": lv.tolist()} for name, mu, lv in zip(names, first, second)]
@@ -83,13 +84,13 @@ async def interpolate(
     async with deadline(service.settings.request_timeout_s):
         x = await read_images(service, entry, [a, b])  # (2, C, H, W)
         if entry.kind == "vae":
-            mu, _logvar = await service.batcher(entry.name, "encode").submit(x)  # (2, D)
+            mu, _logvar = await service.batcher(entry.name, Op.ENCODE).submit(x)  # (2, D)
             z = interpolate_latents(mu[0], mu[1], steps, method)  # (steps, D)
-            (images,) = await service.batcher(entry.name, "decode").submit(z)
+            (images,) = await service.batcher(entry.name, Op.DECODE).submit(z)
         else:
-            z_e, _codes = await service.batcher(entry.name, "encode").submit(x)  # (2, D, h, w)
+            z_e, _codes = await service.batcher(entry.name, Op.ENCODE).submit(x)  # (2, D, h, w)
             z = interpolate_latents(z_e[0], z_e[1], steps, method)  # (steps, D, h, w)
-            (images,) = await service.batcher(entry.name, "decode_z").submit(z)
+            (images,) = await service.batcher(entry.name, Op.DECODE_NEAREST).submit(z)
         return await image_response(request, images, nrow=steps)
 
 

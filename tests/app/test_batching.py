@@ -8,7 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from app.batching import Batcher, BatchFailedError, QueueFullError
+from app.batching import Batcher, bucket_candidates
+from app.errors import BatchFailedError, QueueFullError
+from app.operations import Op, OpKey
 from models.vae import VAE, VAEConfig
 
 from .conftest import LATENT_DIM, image_bytes
@@ -38,13 +40,20 @@ async def test_each_request_gets_its_own_rows_even_when_split_into_chunks(execut
     assert batcher.stats.batches < batcher.stats.requests  # requests did share forward passes
 
 
-async def test_padding_gives_every_forward_pass_the_same_shape(executor):
+async def test_a_pass_is_padded_to_the_smallest_bucket_that_holds_it(executor):
     shapes = []
-    batcher = make_batcher(executor, lambda x: (shapes.append(tuple(x.shape)), x + 1)[1], max_wait_s=0)
+    batcher = make_batcher(executor, lambda x: (shapes.append(tuple(x.shape)), x + 1)[1], buckets=(2, 4), max_wait_s=0)
     batcher.start()
-    (out,) = await batcher.submit(torch.zeros(1, 2))
+    outs = [await batcher.submit(torch.zeros(n, 2)) for n in (1, 2, 3, 4)]
     await batcher.stop()
-    assert shapes == [(4, 2)] and torch.equal(out, torch.ones(1, 2))
+    assert shapes == [(2, 2), (2, 2), (4, 2), (4, 2)]
+    assert [tuple(o.shape) for (o,) in outs] == [(n, 2) for n in (1, 2, 3, 4)]
+    assert all(torch.equal(o, torch.ones_like(o)) for (o,) in outs)
+
+
+def test_buckets_must_include_the_full_size(executor):
+    with pytest.raises(ValueError, match="include max_batch_size 4"):
+        make_batcher(executor, lambda x: x, buckets=(1, 2))
 
 
 async def test_a_wrong_output_count_fails_the_batch_and_the_worker_survives(executor):
@@ -54,7 +63,7 @@ async def test_a_wrong_output_count_fails_the_batch_and_the_worker_survives(exec
         calls.append(1)
         return (x[:1],) if len(calls) == 1 else (x,)
 
-    batcher = make_batcher(executor, fn, pad=False)
+    batcher = make_batcher(executor, fn)
     batcher.start()
     with pytest.raises(BatchFailedError, match="Batch size mismatch"):
         await batcher.submit(torch.zeros(2, 1))
@@ -84,13 +93,15 @@ async def test_a_full_queue_refuses_with_retry_after_and_stop_drains(executor):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6), wait=st.sampled_from([0.0, 0.02]))
 def test_batched_output_equals_per_item_output(executor, sizes, wait):
-    """With padding, a VAE decode of a request is bit-identical whatever shares its batch."""
+    """With the pass sizes check_buckets found, a VAE decode of a request is bit-identical whatever shares its batch."""
     torch.manual_seed(0)
     vae = VAE(VAEConfig(image_size=8, latent_dim=LATENT_DIM, hidden_dims=(16,))).eval()
     g = torch.Generator().manual_seed(sum(sizes))
     requests = [torch.randn(n, LATENT_DIM, generator=g) for n in sizes]
 
     batcher = make_batcher(executor, lambda z: (vae.sample(len(z), z=z),), max_batch_size=8, max_wait_s=wait)
+    batcher.buckets = batcher.check_buckets(lambda n, g: (torch.randn(n, LATENT_DIM, generator=g),))
+    assert batcher.buckets[-1] == 8
 
     async def run():
         batcher.start()
@@ -102,6 +113,118 @@ def test_batched_output_equals_per_item_output(executor, sizes, wait):
     alone = [batcher._forward([z[i : i + 1]], 1) for z in requests for i in range(len(z))]  # one item per pass
     flat = torch.cat([out for (out,) in together])
     assert torch.equal(flat, torch.cat([out for (out,) in alone]))
+
+
+async def test_a_lone_request_starts_at_once_even_with_the_clock_stopped(executor, monkeypatch):
+    """With the default max_wait_s = 0 nothing waits on a timer: with the event loop's clock frozen,
+    any wait for company would never end, yet the request is answered."""
+    loop = asyncio.get_running_loop()
+    frozen = loop.time()
+    monkeypatch.setattr(loop, "time", lambda: frozen)
+    watchdog = threading.Timer(20, lambda: loop.call_soon_threadsafe(task.cancel))  # fails the test instead of hanging it
+    batcher = Batcher(name="test", fn=lambda x: (x + 1,), executor=executor)
+    assert batcher.max_wait_s == 0
+    batcher.start()
+    task = asyncio.ensure_future(batcher.submit(torch.zeros(1, 2)))
+    watchdog.start()
+    try:
+        (out,) = await task
+    finally:
+        watchdog.cancel()
+    monkeypatch.undo()
+    await batcher.stop()
+    assert torch.equal(out, torch.ones(1, 2)) and batcher.stats.batches == 1
+
+
+async def test_requests_that_arrive_during_a_pass_form_the_next_pass(executor):
+    entered, gate, passes = threading.Event(), threading.Event(), []
+
+    def fn(x):
+        passes.append(x[:, 0].tolist())
+        entered.set()
+        assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    batcher = Batcher(name="test", fn=fn, executor=executor, max_batch_size=8)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    assert await asyncio.to_thread(entered.wait, 10)  # the lone request is in a pass of its own
+    later = [asyncio.ensure_future(batcher.submit(torch.full((1, 1), float(i)))) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, *later)
+    await batcher.stop()
+    assert passes == [[0.0], [1.0, 2.0, 3.0]]
+
+
+async def test_the_opt_in_wait_collects_company(executor):
+    sizes = []
+    batcher = make_batcher(executor, lambda x: (sizes.append(len(x)), x)[1], max_batch_size=4, max_wait_s=30)
+    batcher.start()
+    await asyncio.gather(*(batcher.submit(torch.zeros(1, 1)) for _ in range(4)))  # a full batch ends the wait
+    await batcher.stop()
+    assert sizes == [4]
+
+
+async def test_two_passes_in_flight_overlap(executor):
+    entered, gate, order = [threading.Event(), threading.Event()], threading.Event(), []
+
+    def fn(x):
+        i = int(x[0, 0])
+        order.append(f"start {i}")
+        entered[i].set()
+        if i == 0:
+            assert gate.wait(20), "test gate never opened"
+        order.append(f"end {i}")
+        return (x,)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=1, max_inflight=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+        assert await asyncio.to_thread(entered[0].wait, 10)
+        await batcher.submit(torch.ones(1, 1))  # served while the first pass is still running
+        gate.set()
+        await first
+        await batcher.stop()
+    assert order == ["start 0", "start 1", "end 1", "end 0"]
+
+
+# -- the batch-invariance check ---------------------------------------------------------------
+
+
+def rows(n, g):
+    return (torch.randn(n, 3, generator=g),)
+
+
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        (lambda x: (x * 2,), (1, 2, 4, 8, 16)),  # row-wise: every size is invariant
+        (lambda x: (x + (1e-3 if len(x) < 4 else 0.0),), (4, 8, 16)),  # passes of 1-3 rows round differently
+        (lambda x: (x + (1e-3 if len(x) == 8 else 0.0),), (1, 2, 4, 16)),  # one odd size is skipped
+        (lambda x: (x * len(x),), (16,)),  # every size differs: full-size passes only
+        (lambda x: (x - x.mean(0),), (16,)),  # rows depend on their batch-mates
+        (lambda x: (x + torch.arange(len(x))[:, None],), (16,)),  # rows depend on their position
+        (lambda x: (x + torch.rand(len(x), 1),), (16,)),  # not even reproducible
+    ],
+)
+def test_check_buckets_keeps_the_sizes_whose_rows_equal_a_full_pass(executor, fn, expected):
+    batcher = make_batcher(executor, fn, max_batch_size=16)
+    assert bucket_candidates(16) == [1, 2, 4, 8, 16] and bucket_candidates(20) == [1, 2, 4, 8, 16, 20]
+    assert batcher.check_buckets(rows) == expected
+
+
+def test_check_buckets_compares_every_output_and_the_tail_of_the_full_pass(executor):
+    # The second output differs for passes of 1-3 rows only in rows that a head-only check would miss.
+    def fn(x):
+        second = x.clone()
+        if len(x) < 4:
+            second[-1] += 1e-3
+        return x, second
+
+    batcher = make_batcher(executor, fn, max_batch_size=8)
+    assert batcher.check_buckets(rows) == (4, 8)
 
 
 # -- inside the app ---------------------------------------------------------------------------
@@ -130,7 +253,7 @@ async def test_concurrent_samples_share_a_batch_and_each_equals_its_solo_answer(
         solo = [(await client.get("/sample", params=p)).content for p in vae_requests + vq_requests]
     async with serve(max_batch_size=20, max_wait_ms=2000) as (app, client):
         responses = await asyncio.gather(*(client.get("/sample", params=p) for p in vae_requests + vq_requests))
-        stats = {k: app.state.service.batchers[k].stats for k in [("vae", "sample"), ("vqvae", "sample:gated")]}
+        stats = {k: app.state.service.batchers[k].stats for k in [OpKey("vae", Op.SAMPLE), OpKey("vqvae", Op.SAMPLE, "gated")]}
     assert [r.status_code for r in responses] == [200] * 20
     assert [r.content for r in responses] == solo
     assert len(set(solo)) == 20
@@ -142,7 +265,7 @@ async def test_a_request_bigger_than_the_batch_is_chunked_and_equals_single_deco
     async with serve(max_batch_size=8) as (app, client):
         r = await client.get("/sample", params={"model": "vae", "n": 19, "seed": 4, "temperature": 0.7},
                              headers={"Accept": "application/json"})
-        stats = app.state.service.batchers[("vae", "sample")].stats
+        stats = app.state.service.batchers[OpKey("vae", Op.SAMPLE)].stats
         assert (stats.batches, stats.items) == (3, 19)
         z = torch.randn(19, LATENT_DIM, generator=torch.Generator().manual_seed(4)) * 0.7  # the documented noise
         singles = [(await client.post("/decode", json={"model": "vae", "z": [row.tolist()]},
@@ -152,7 +275,7 @@ async def test_a_request_bigger_than_the_batch_is_chunked_and_equals_single_deco
 
 async def test_a_full_queue_is_503_with_retry_after(serve):
     async with serve(max_batch_size=1, max_queue=2, max_wait_ms=0) as (app, client):
-        batcher, entered, gate = block(app, ("vae", "sample"))
+        batcher, entered, gate = block(app, OpKey("vae", Op.SAMPLE))
         try:
             tasks = [asyncio.ensure_future(client.get("/sample", params={"model": "vae", "n": 1, "seed": 0}))]
             assert await asyncio.to_thread(entered.wait, 5)  # the first request is in the forward pass
@@ -172,7 +295,7 @@ async def test_a_full_queue_is_503_with_retry_after(serve):
 
 async def test_a_slow_request_times_out_with_504_and_the_service_recovers(serve):
     async with serve(request_timeout_s=0.2) as (app, client):
-        _batcher, _entered, gate = block(app, ("vae", "reconstruct"))
+        _batcher, _entered, gate = block(app, OpKey("vae", Op.RECONSTRUCT))
         try:
             r = await client.post("/reconstruct", params={"model": "vae"}, files=[("file", ("a", image_bytes()))])
             assert r.status_code == 504 and r.json()["detail"] == "request timed out after 0.2 s"
@@ -183,7 +306,7 @@ async def test_a_slow_request_times_out_with_504_and_the_service_recovers(serve)
 
 async def test_a_failing_forward_pass_is_500_for_its_batch_and_the_next_request_succeeds(serve):
     async with serve(max_wait_ms=200, max_batch_size=4) as (app, client):
-        batcher = app.state.service.batchers[("vae", "sample")]
+        batcher = app.state.service.batchers[OpKey("vae", Op.SAMPLE)]
         original = batcher.fn
 
         def boom(*inputs):
@@ -197,3 +320,34 @@ async def test_a_failing_forward_pass_is_500_for_its_batch_and_the_next_request_
         assert (await client.get("/sample", params={"model": "vae", "n": 2, "seed": 0})).status_code == 200
         assert batcher.stats.failed_batches == 1
         assert 'genserve_batch_failures_total{batcher="vae:sample"} 1.0' in (await client.get("/metrics")).text
+
+
+async def test_a_cheap_model_is_served_while_a_slow_one_computes(serve):
+    """Every batcher has its own thread: the VQ-VAE answers between the blocked VAE pass's start and end."""
+    order = []
+    async with serve() as (app, client):
+        _batcher, entered, gate = block(app, OpKey("vae", Op.SAMPLE))
+        try:
+            slow = asyncio.ensure_future(client.get("/sample", params={"model": "vae", "n": 1, "seed": 0}))
+            assert await asyncio.to_thread(entered.wait, 10)
+            order.append("slow pass started")
+            r = await client.post("/reconstruct", params={"model": "vqvae"}, files=[("file", ("a", image_bytes()))])
+            assert r.status_code == 200
+            order.append("fast answered")
+            assert not slow.done()
+        finally:
+            gate.set()
+        assert (await slow).status_code == 200
+        order.append("slow answered")
+    assert order == ["slow pass started", "fast answered", "slow answered"]
+
+
+async def test_config_shows_each_batchers_pass_sizes(serve):
+    async with serve(max_batch_size=8) as (app, client):
+        sizes = (await client.get("/config")).json()["pass_sizes"]
+        assert set(sizes) == {str(k) for k in app.state.service.batchers}
+        assert "vqvae:sample:gated" in sizes and "vqvae:decode_nearest" in sizes
+        for name, buckets in sizes.items():
+            assert buckets[-1] == 8 and buckets == sorted(buckets) and set(buckets) <= {1, 2, 4, 8}, name
+    async with serve(max_batch_size=8, pad_batches=False) as (_app, client):
+        assert set((await client.get("/config")).json()["pass_sizes"].values()) == {None}

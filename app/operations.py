@@ -1,0 +1,124 @@
+"""The batchable operations of every served model, by name, and their example inputs.
+
+Each served model offers a fixed set of `Op`s; a VQ-VAE offers `Op.SAMPLE` once per attached
+prior. `operations(entry)` returns one `Operation` per (model, op[, prior]): the batch function
+the batcher runs, which takes and returns tensors with one row per item, and `example`, which
+makes seeded valid inputs of any number of rows. The service uses the examples to warm each
+operation up and to check which pass sizes are batch-invariant (app/batching.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from app.registry import Entry, Prior
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+class Op(enum.StrEnum):
+    RECONSTRUCT = "reconstruct"  # images (B, C, H, W) -> reconstructions (B, C, H, W)
+    ENCODE = "encode"  # images -> VAE: mu, logvar (B, D); VQ-VAE: z_e (B, D, h, w), codes (B, h, w)
+    DECODE = "decode"  # VAE: z (B, D) -> images; VQ-VAE: codes (B, h, w) -> images
+    DECODE_NEAREST = "decode_nearest"  # VQ-VAE: z_e (B, D, h, w) -> nearest codes -> images
+    SAMPLE = "sample"  # VAE: z (B, D), already scaled by temperature -> images; VQ-VAE: see _prior_sample
+
+
+@dataclass(frozen=True)
+class OpKey:
+    """Names one batcher: a model's operation, and for a VQ-VAE's SAMPLE the prior's API name."""
+
+    model: str
+    op: Op
+    prior: str | None = None
+
+    def __str__(self) -> str:  # the batcher's name and its metrics label, e.g. "vqvae:sample:gated"
+        return ":".join([self.model, str(self.op), *([self.prior] if self.prior else [])])
+
+
+@dataclass(frozen=True)
+class Operation:
+    key: OpKey
+    fn: Callable[..., Sequence[torch.Tensor]]
+    example: Callable[[int, torch.Generator], Inputs]  # (rows, generator) -> valid CPU inputs
+
+
+def operations(entry: Entry) -> list[Operation]:
+    """Every batchable operation of a served model (see the module docstring)."""
+    m = entry.model
+    name = entry.name
+    c, hh, ww = entry.image_shape
+
+    def images(n: int, g: torch.Generator) -> Inputs:
+        return (torch.rand(n, c, hh, ww, generator=g),)  # (n, C, H, W) in [0, 1)
+
+    if entry.kind == "vae":
+        d = int(m.config.latent_dim)
+
+        def latents(n: int, g: torch.Generator) -> Inputs:
+            return (torch.randn(n, d, generator=g),)  # (n, D)
+
+        return [
+            Operation(OpKey(name, Op.RECONSTRUCT), lambda x: (m.reconstruct(x),), images),
+            Operation(OpKey(name, Op.ENCODE), lambda x: m.encode(x), images),
+            Operation(OpKey(name, Op.DECODE), lambda z: (torch.sigmoid(m.decode(z)),), latents),
+            Operation(OpKey(name, Op.SAMPLE), lambda z: (m.sample(z.shape[0], z=z),), latents),
+        ]
+
+    quantizer = m.quantizer
+    dim, (h, w), k = int(m.config.embedding_dim), tuple(m.code_shape), int(m.config.codebook_size)
+
+    def encode(x: torch.Tensor) -> Inputs:
+        z_e = m.encode(x)  # (B, D, h, w)
+        return z_e, quantizer.nearest(z_e)  # codes (B, h, w): the inference path, never the training forward
+
+    def codes(n: int, g: torch.Generator) -> Inputs:
+        return (torch.randint(k, (n, h, w), generator=g),)  # (n, h, w)
+
+    def encoder_outputs(n: int, g: torch.Generator) -> Inputs:
+        return (torch.randn(n, dim, h, w, generator=g),)  # (n, D, h, w)
+
+    ops = [
+        Operation(OpKey(name, Op.RECONSTRUCT), lambda x: (m.reconstruct(x),), images),
+        Operation(OpKey(name, Op.ENCODE), encode, images),
+        Operation(OpKey(name, Op.DECODE), lambda z: (m.decode_indices(z),), codes),
+        Operation(OpKey(name, Op.DECODE_NEAREST), lambda z_e: (m.decode_indices(quantizer.nearest(z_e)),), encoder_outputs),
+    ]
+    for prior in entry.priors.values():
+        ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), _prior_sample(prior, m), _prior_example(prior)))
+    return ops
+
+
+def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> Callable[..., Inputs]:
+    """(uniforms (B, h, w), temperature (B,)[, labels (B,)]) -> images (B, C, H, W)."""
+
+    def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
+        codes = prior.model.sample(uniforms.shape[0], labels=labels, temperature=temperature.float(), uniforms=uniforms.float())
+        return (vqvae.decode_indices(codes),)  # the codes themselves are not returned: /sample shows images
+
+    return sample
+
+
+def _prior_example(prior: Prior) -> Callable[[int, torch.Generator], Inputs]:
+    h, w = prior.model.config.code_shape
+    classes = prior.num_classes
+
+    def example(n: int, g: torch.Generator) -> Inputs:
+        uniforms = torch.rand(n, h, w, generator=g)  # (n, h, w) in [0, 1)
+        temperature = 0.5 + torch.rand(n, generator=g)  # (n,) in [0.5, 1.5)
+        if not classes:
+            return uniforms, temperature
+        return uniforms, temperature, torch.randint(classes, (n,), generator=g)
+
+    return example
+
+
+def warm_up(operation: Operation, device: torch.device) -> None:
+    """One forward pass of one row, so the first request does not pay for lazy initialisation."""
+    inputs = operation.example(1, torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        operation.fn(*(t.to(device) for t in inputs))
