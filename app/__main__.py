@@ -8,19 +8,30 @@ cores as torch threads; their Prometheus metrics are merged through a shared dir
 
 from __future__ import annotations
 
-import logging
+import copy
 import os
 import tempfile
+from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from app.settings import get_settings
 
 
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration plus the service's own loggers (app, models), applied in every worker."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["genserve"] = {"format": "%(asctime)s %(levelname)s %(name)s [pid %(process)d]: %(message)s"}
+    config["handlers"]["genserve"] = {"class": "logging.StreamHandler", "formatter": "genserve", "stream": "ext://sys.stderr"}
+    for name in ("app", "models"):
+        config["loggers"][name] = {"handlers": ["genserve"], "level": "INFO", "propagate": False}
+    return config
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    common = dict(host=settings.host, port=settings.port, access_log=settings.access_log)
+    common = dict(host=settings.host, port=settings.port, access_log=settings.access_log, log_config=log_config())
     if settings.workers == 1:
         from app.main import create_app
 

@@ -117,6 +117,35 @@ def _prior_example(prior: Prior) -> Callable[[int, torch.Generator], Inputs]:
     return example
 
 
+def pad_linear_rows(model: torch.nn.Module, min_rows: int) -> int:
+    """Make every nn.Linear of `model` compute at least `min_rows` rows; returns how many it changed.
+
+    CPU BLAS (MKL) multiplies a matrix of 1-3 rows with other kernels than a taller one, so a
+    row's last bits change with the size of its pass; the convolutions do not. Padding only the
+    Linear inputs (a few hundred numbers) is far cheaper than padding a whole pass, and lets the
+    start-up check keep small pass sizes. A row's result equals its result in a larger pass
+    bit for bit; the check in app/batching.py still decides which sizes are used. Each Linear's
+    forward is replaced by a stateless wrapper, so the passes of several threads may share it.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and "forward" not in vars(module):
+            module.forward = _padded_forward(module.forward, min_rows)  # instance attribute, looked up first
+            changed += 1
+    return changed
+
+
+def _padded_forward(forward: Callable[[torch.Tensor], torch.Tensor], min_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] >= min_rows or x.shape[0] == 0:
+            return forward(x)
+        n = x.shape[0]
+        x = torch.cat([x, x[-1:].expand(min_rows - n, *x.shape[1:])])  # (min_rows, ..., in_features)
+        return forward(x)[:n]
+
+    return padded
+
+
 def warm_up(operation: Operation, device: torch.device) -> None:
     """One forward pass of one row, so the first request does not pay for lazy initialisation."""
     inputs = operation.example(1, torch.Generator().manual_seed(0))

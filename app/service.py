@@ -24,7 +24,7 @@ import torch
 
 from app.batching import Batcher
 from app.metrics import Metrics
-from app.operations import Op, Operation, OpKey, operations, warm_up
+from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
 from app.registry import Registry
 from app.settings import Settings
 
@@ -35,14 +35,12 @@ T = TypeVar("T")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def torch_threads(settings: Settings) -> int | None:
-    """The setting, or with several worker processes each one's share of the cores (None: torch's default)."""
+def torch_threads(settings: Settings) -> int:
+    """Intra-op threads of each model thread: the setting, else the usable cores divided among the workers."""
     if settings.torch_threads:
         return settings.torch_threads
-    if settings.workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // settings.workers)
-    return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // settings.workers)
 
 
 @dataclass
@@ -59,14 +57,17 @@ class Service:
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Service:
         device = settings.resolve_device()
-        if (threads := torch_threads(settings)) is not None:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads(settings))  # the loading thread; every model thread sets its own
         if settings.precision != "fp32" and device.type != "cuda":
             log.warning("precision=%s applies on CUDA only; %s runs in fp32", settings.precision, device)
         registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device)
         io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
         service = cls(settings, device, registry, io_pool, metrics)
         try:
+            if settings.pad_batches and settings.linear_min_rows > 1:
+                for entry in registry.entries.values():
+                    for model in [entry.model, *(p.model for p in entry.priors.values())]:
+                        pad_linear_rows(model, settings.linear_min_rows)
             ops = [op for entry in registry.entries.values() for op in operations(entry)]
             await asyncio.gather(*(service._start_batcher(op) for op in ops))
         except BaseException:
@@ -82,7 +83,14 @@ class Service:
         """Warm the operation up and check its pass sizes in its own thread, then start its batcher."""
         s = self.settings
         name = str(operation.key)
-        executor = ThreadPoolExecutor(max_workers=s.max_inflight, thread_name_prefix=f"genserve-{name}")
+        # torch's intra-op thread count is per thread (OpenMP's nthreads-var, MKL's local setting), and a
+        # new thread starts from the library default: each model thread sets it for itself.
+        executor = ThreadPoolExecutor(
+            max_workers=s.max_inflight,
+            thread_name_prefix=f"genserve-{name}",
+            initializer=torch.set_num_threads,
+            initargs=(torch_threads(s),),
+        )
         self.executors.append(executor)
         batcher = Batcher(
             name=name,

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # True pads each pass to the smallest size that a start-up check found bit-identical to a
     # pass of max_batch_size (GET /config shows them per batcher); False runs passes unpadded.
     pad_batches: bool = True
+    # With pad_batches: every nn.Linear computes at least this many rows (CPU BLAS rounds 1-3 row
+    # products differently), so small passes stay batch-invariant without padding the whole pass.
+    # 1 turns it off. It changes nothing but which pass sizes the start-up check keeps.
+    linear_min_rows: int = Field(4, ge=1, le=64)
 
     @field_validator("device")
     @classmethod

@@ -183,13 +183,16 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """One `python -m app` subprocess; its log goes to a file, shown when something goes wrong."""
+    """One server subprocess, `python -m app` unless `command` says otherwise; its log goes to a file,
+    shown when something goes wrong. It is ready when GET `ready_path` answers 200."""
 
     label: str
     port: int
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen | None = None
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "app"])
+    ready_path: str = "/ready"
 
     @property
     def url(self) -> str:
@@ -199,8 +202,7 @@ class Server:
         with open(self.log_path, "wb") as log:
             # Own session: Ctrl-C reaches only this script, which then shuts the server down in order.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -209,29 +211,44 @@ class Server:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"server {self.label!r} exited during startup:\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=5).status_code == 200:
                     return
             time.sleep(0.25)
         raise RuntimeError(f"server {self.label!r} not ready after {timeout_s:g} s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (uvicorn drains and runs the lifespan's shutdown), then SIGKILL if it hangs or on a 2nd Ctrl-C."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM (uvicorn drains and runs the lifespan's shutdown), then SIGKILL if it hangs or on a 2nd Ctrl-C.
+
+        Then SIGKILL to what is left of its process group (start_new_session made the server the
+        leader): worker processes it started and did not stop, such as LitServe's.
+        """
+        if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process so far (Linux /proc), None where unknown."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (AttributeError, OSError, IndexError):
+        """User + system CPU time so far of the server and the live processes of its group (Linux /proc), None
+        where unknown. The group holds the worker processes a server starts (LitServe's, uvicorn's)."""
+        if self.process is None:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+        ticks, found = 0, False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended meanwhile
+            if int(fields[2]) == self.process.pid:  # pgrp (field 5)
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+                found = True
+        return ticks / os.sysconf("SC_CLK_TCK") if found else None
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app.batching import Batcher, bucket_candidates
 from app.errors import BatchFailedError, QueueFullError
+from app import operations as app_operations
 from app.operations import Op, OpKey
 from models.vae import VAE, VAEConfig
 
@@ -351,3 +352,35 @@ async def test_config_shows_each_batchers_pass_sizes(serve):
             assert buckets[-1] == 8 and buckets == sorted(buckets) and set(buckets) <= {1, 2, 4, 8}, name
     async with serve(max_batch_size=8, pad_batches=False) as (_app, client):
         assert set((await client.get("/config")).json()["pass_sizes"].values()) == {None}
+
+
+def test_pad_linear_rows_computes_small_inputs_as_part_of_a_taller_product(monkeypatch):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(image_size=8, latent_dim=LATENT_DIM, hidden_dims=(16,))).eval()
+    linears = [m for m in vae.modules() if isinstance(m, torch.nn.Linear)]
+    seen, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: (seen.append(x.shape[0]), linear(x, *a))[1])
+    z = torch.randn(3, LATENT_DIM)
+    with torch.inference_mode():
+        expected = [vae.decode(z[i : i + 1].expand(4, -1))[:1] for i in range(3)]  # each row in a 4-row product
+        seen.clear()
+        assert app_operations.pad_linear_rows(vae, 4) == len(linears)
+        assert app_operations.pad_linear_rows(vae, 4) == 0  # never wrapped twice
+        got = [vae.decode(z[i : i + 1]) for i in range(3)]
+        taller = vae.decode(torch.randn(5, LATENT_DIM))
+    assert seen == [4, 4] * 3 + [5, 5]  # the decoder's two Linears: 1-row inputs padded to 4, 5 rows untouched
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert tuple(taller.shape) == (5, 1, 8, 8)
+
+
+async def test_the_service_pads_linear_inputs_only_with_pad_batches(serve):
+    def wrapped(app):
+        model = app.state.service.registry.get("vae").model
+        return {"forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    async with serve() as (app, client):
+        assert wrapped(app) == {True} and (await client.get("/config")).json()["linear_min_rows"] == 4
+    async with serve(pad_batches=False) as (app, _client):
+        assert wrapped(app) == {False}
+    async with serve(linear_min_rows=1) as (app, _client):
+        assert wrapped(app) == {False}
