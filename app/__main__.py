@@ -38,7 +38,9 @@ def main() -> None:
         uvicorn.run(create_app(settings), **common)
         return
     with tempfile.TemporaryDirectory(prefix="genserve-metrics-") as metrics_dir:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)  # before any worker imports prometheus_client
+        # A fresh directory each start (stale files would be merged in forever), set before any
+        # worker imports prometheus_client; a PROMETHEUS_MULTIPROC_DIR of the caller is replaced.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         uvicorn.run("app.main:app", workers=settings.workers, **common)
 
 

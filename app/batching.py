@@ -219,6 +219,10 @@ class Batcher:
                 task = asyncio.get_running_loop().create_task(self._run(batch))
                 running.add(task)
                 task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        except asyncio.CancelledError:  # stop() ran out of time: the passes in flight fail their requests
+            for task in running:
+                task.cancel()
+            raise
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -255,28 +259,40 @@ class Batcher:
             answers = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._forward_entries, [e.inputs for e in batch], [e.n for e in batch]
             )
+        except asyncio.CancelledError:  # stop() ran out of time: nobody waits forever
+            self._fail(batch, NotRunningError("the service is shutting down"))
+            raise
         except Exception as err:
-            seconds = time.perf_counter() - start
             self.stats.failed_batches += 1
             log.exception("%s: forward pass over %d items failed", self.name, n)
-            if self.on_batch:
-                self.on_batch(self.name, n, seconds, False)
-            failure = BatchFailedError(f"inference failed in {self.name}: {type(err).__name__}: {err}")
-            for e in batch:
-                if not e.future.done():
-                    e.future.set_exception(failure)
+            self._fail(batch, BatchFailedError(f"inference failed in {self.name}: {type(err).__name__}: {err}"))
+            self._observe(n, time.perf_counter() - start, False)
             return
         seconds = time.perf_counter() - start
+        for e, answer in zip(batch, answers):
+            if not e.future.done():
+                e.future.set_result(answer)
         self.stats.batches += 1
         self.stats.items += n
         self.stats.requests += len(batch)
         self.stats.max_batch_items = max(self.stats.max_batch_items, n)
         self.stats.busy_s += seconds
-        if self.on_batch:
-            self.on_batch(self.name, n, seconds, True)
-        for e, answer in zip(batch, answers):
+        self._observe(n, seconds, True)
+
+    @staticmethod
+    def _fail(batch: list[_Entry], error: Exception) -> None:
+        for e in batch:
             if not e.future.done():
-                e.future.set_result(answer)
+                e.future.set_exception(error)
+
+    def _observe(self, n: int, seconds: float, ok: bool) -> None:
+        """Report a pass to on_batch (metrics); a failing callback is logged, never fatal to the worker."""
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(self.name, n, seconds, ok)
+        except Exception:
+            log.exception("%s: the on_batch callback failed", self.name)
 
     # -- in the worker thread ------------------------------------------------------------------
 
@@ -297,8 +313,8 @@ class Batcher:
         outputs = self._pass(inputs, rows)
         return tuple(o[:n].cpu() for o in outputs)
 
-    def _pass(self, inputs: Sequence[torch.Tensor], rows: int) -> Inputs:
-        """One forward pass over exactly `rows` rows (inputs of fewer rows are padded with their last row)."""
+    def _pass(self, inputs: Sequence[torch.Tensor], rows: int, fn: BatchFn | None = None) -> Inputs:
+        """One forward pass of fn (default self.fn) over exactly `rows` rows (fewer are padded with the last row)."""
         cuda = self.device.type == "cuda"
         moved = []
         for t in inputs:
@@ -315,7 +331,7 @@ class Batcher:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            outputs = self.fn(*moved)
+            outputs = (fn or self.fn)(*moved)
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         result = []
@@ -325,7 +341,7 @@ class Batcher:
             result.append(out.float() if out.is_floating_point() else out)
         return tuple(result)
 
-    def check_buckets(self, example: ExampleFn, seed: int = 0) -> tuple[int, ...]:
+    def check_buckets(self, example: ExampleFn, probe: BatchFn | None = None, seed: int = 0) -> tuple[int, ...]:
         """The pass sizes whose rows are bit-identical to the same rows in a pass of max_batch_size.
 
         Runs in the caller's thread (the service runs it in this batcher's executor). Seeded rows
@@ -333,18 +349,21 @@ class Batcher:
         does not reproduce itself can promise nothing: only the full size is kept) and then at
         each candidate size b, once as the first b rows and once as the last b: both must equal
         the full pass's rows exactly, so neither the pass size nor a row's position changes it.
+        An operation with a discrete step (an argmin, a draw) rounds small differences away on
+        most rows and flips a result on a few, so for it `probe`, which computes the same as
+        fn but also returns what precedes each discrete step (distances, logits), is compared.
         Returns the passing sizes and max_batch_size; use it as `buckets`.
         """
         top = self.max_batch_size
         x = example(top, torch.Generator().manual_seed(seed))
-        reference = [o.cpu() for o in self._pass(x, top)]
-        if not all(torch.equal(a, b.cpu()) for a, b in zip(reference, self._pass(x, top))):
+        reference = [o.cpu() for o in self._pass(x, top, probe)]
+        if not all(torch.equal(a, b.cpu()) for a, b in zip(reference, self._pass(x, top, probe))):
             log.warning("%s: a pass of %d rows does not reproduce itself; every pass keeps that size", self.name, top)
             return (top,)
         passing = []
         for b in bucket_candidates(top)[:-1]:
-            head = self._pass(tuple(t[:b] for t in x), b)
-            tail = self._pass(tuple(t[top - b :] for t in x), b)
+            head = self._pass(tuple(t[:b] for t in x), b, probe)
+            tail = self._pass(tuple(t[top - b :] for t in x), b, probe)
             same = all(
                 torch.equal(h.cpu(), r[:b]) and torch.equal(t.cpu(), r[top - b :])
                 for h, t, r in zip(head, tail, reference)

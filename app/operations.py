@@ -10,12 +10,14 @@ operation up and to check which pass sizes are batch-invariant (app/batching.py)
 from __future__ import annotations
 
 import enum
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from app.registry import Entry, Prior
+from models.vqvae import squared_distances
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -45,6 +47,10 @@ class Operation:
     key: OpKey
     fn: Callable[..., Sequence[torch.Tensor]]
     example: Callable[[int, torch.Generator], Inputs]  # (rows, generator) -> valid CPU inputs
+    # For an operation with a discrete step: computes what fn computes and also returns what
+    # precedes each discrete step (VQ distances, a prior's logits), one row per item, for the
+    # batch-invariance check (Batcher.check_buckets). None: fn's outputs are checked.
+    probe: Callable[..., Sequence[torch.Tensor]] | None = None
 
 
 def operations(entry: Entry) -> list[Operation]:
@@ -76,31 +82,52 @@ def operations(entry: Entry) -> list[Operation]:
         z_e = m.encode(x)  # (B, D, h, w)
         return z_e, quantizer.nearest(z_e)  # codes (B, h, w): the inference path, never the training forward
 
+    def distances(z_e: torch.Tensor) -> torch.Tensor:
+        """What quantizer.nearest takes the argmin of: (B, D, h, w) -> (B, h*w*K)."""
+        flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
+        return squared_distances(flat, quantizer.embedding.float()).reshape(z_e.shape[0], -1)
+
+    def reconstruct_probe(x: torch.Tensor) -> Inputs:
+        z_e = m.encode(x)
+        return m.decode_indices(quantizer.nearest(z_e)), z_e, distances(z_e)
+
     def codes(n: int, g: torch.Generator) -> Inputs:
         return (torch.randint(k, (n, h, w), generator=g),)  # (n, h, w)
 
     def encoder_outputs(n: int, g: torch.Generator) -> Inputs:
         return (torch.randn(n, dim, h, w, generator=g),)  # (n, D, h, w)
 
+    def decode_nearest(z_e: torch.Tensor) -> Inputs:
+        return (m.decode_indices(quantizer.nearest(z_e)),)
+
     ops = [
-        Operation(OpKey(name, Op.RECONSTRUCT), lambda x: (m.reconstruct(x),), images),
-        Operation(OpKey(name, Op.ENCODE), encode, images),
+        Operation(OpKey(name, Op.RECONSTRUCT), lambda x: (m.reconstruct(x),), images, reconstruct_probe),
+        Operation(OpKey(name, Op.ENCODE), encode, images, lambda x: (*encode(x), distances(m.encode(x)))),
         Operation(OpKey(name, Op.DECODE), lambda z: (m.decode_indices(z),), codes),
-        Operation(OpKey(name, Op.DECODE_NEAREST), lambda z_e: (m.decode_indices(quantizer.nearest(z_e)),), encoder_outputs),
+        Operation(OpKey(name, Op.DECODE_NEAREST), decode_nearest, encoder_outputs, lambda z_e: (*decode_nearest(z_e), distances(z_e))),
     ]
     for prior in entry.priors.values():
-        ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), _prior_sample(prior, m), _prior_example(prior)))
+        sample, probe = _prior_sample(prior, m)
+        ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), sample, _prior_example(prior), probe))
     return ops
 
 
-def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> Callable[..., Inputs]:
-    """(uniforms (B, h, w), temperature (B,)[, labels (B,)]) -> images (B, C, H, W)."""
+def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> tuple[Callable[..., Inputs], Callable[..., Inputs]]:
+    """The batch function (uniforms (B, h, w), temperature (B,)[, labels (B,)]) -> images (B, C, H, W),
+    and its probe, which also returns the logits of every draw (B, h*w, K)."""
 
-    def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
-        codes = prior.model.sample(uniforms.shape[0], labels=labels, temperature=temperature.float(), uniforms=uniforms.float())
+    def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None, on_logits=None) -> Inputs:
+        codes = prior.model.sample(
+            uniforms.shape[0], labels=labels, temperature=temperature.float(), uniforms=uniforms.float(), on_logits=on_logits
+        )
         return (vqvae.decode_indices(codes),)  # the codes themselves are not returned: /sample shows images
 
-    return sample
+    def probe(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
+        steps: list[torch.Tensor] = []
+        (images,) = sample(uniforms, temperature, labels, on_logits=lambda r, c, logits: steps.append(logits.float()))
+        return images, torch.stack(steps, 1)  # (B, h*w, K)
+
+    return sample, probe
 
 
 def _prior_example(prior: Prior) -> Callable[[int, torch.Generator], Inputs]:
@@ -123,27 +150,27 @@ def pad_linear_rows(model: torch.nn.Module, min_rows: int) -> int:
     CPU BLAS (MKL) multiplies a matrix of 1-3 rows with other kernels than a taller one, so a
     row's last bits change with the size of its pass; the convolutions do not. Padding only the
     Linear inputs (a few hundred numbers) is far cheaper than padding a whole pass, and lets the
-    start-up check keep small pass sizes. A row's result equals its result in a larger pass
-    bit for bit; the check in app/batching.py still decides which sizes are used. Each Linear's
-    forward is replaced by a stateless wrapper, so the passes of several threads may share it.
+    start-up check keep small pass sizes: a row's result is then its result in a product of at
+    least `min_rows` rows, whatever the pass size. The check in app/batching.py still decides
+    which sizes are used. Each Linear's forward becomes `_padded_linear_forward` bound to the
+    module (stateless, so the passes of several threads may share it; deepcopy and pickle work).
     """
     changed = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and "forward" not in vars(module):
-            module.forward = _padded_forward(module.forward, min_rows)  # instance attribute, looked up first
+            module.min_rows = min_rows
+            module.forward = types.MethodType(_padded_linear_forward, module)  # instance attribute, looked up first
             changed += 1
     return changed
 
 
-def _padded_forward(forward: Callable[[torch.Tensor], torch.Tensor], min_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def padded(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[0] >= min_rows or x.shape[0] == 0:
-            return forward(x)
-        n = x.shape[0]
-        x = torch.cat([x, x[-1:].expand(min_rows - n, *x.shape[1:])])  # (min_rows, ..., in_features)
-        return forward(x)[:n]
-
-    return padded
+def _padded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])  # (rows, in_features): every leading dimension counts as rows
+    rows = flat.shape[0]
+    if rows == 0 or rows >= self.min_rows:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    flat = torch.cat([flat, flat[-1:].expand(self.min_rows - rows, -1)])  # (min_rows, in_features)
+    return torch.nn.functional.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], -1)
 
 
 def warm_up(operation: Operation, device: torch.device) -> None:

@@ -69,7 +69,9 @@ class Service:
                     for model in [entry.model, *(p.model for p in entry.priors.values())]:
                         pad_linear_rows(model, settings.linear_min_rows)
             ops = [op for entry in registry.entries.values() for op in operations(entry)]
-            await asyncio.gather(*(service._start_batcher(op) for op in ops))
+            async with asyncio.TaskGroup() as group:  # one failure cancels the others
+                for op in ops:
+                    group.create_task(service._start_batcher(op))
         except BaseException:
             await service.stop()
             raise
@@ -83,8 +85,8 @@ class Service:
         """Warm the operation up and check its pass sizes in its own thread, then start its batcher."""
         s = self.settings
         name = str(operation.key)
-        # torch's intra-op thread count is per thread (OpenMP's nthreads-var, MKL's local setting), and a
-        # new thread starts from the library default: each model thread sets it for itself.
+        # Each model thread sets its own intra-op thread count (OpenMP's nthreads-var and MKL's are per
+        # thread), so the count holds whatever other threads of the process set.
         executor = ThreadPoolExecutor(
             max_workers=s.max_inflight,
             thread_name_prefix=f"genserve-{name}",
@@ -107,7 +109,7 @@ class Service:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(executor, warm_up, operation, self.device)
         if s.pad_batches:
-            batcher.buckets = await loop.run_in_executor(executor, batcher.check_buckets, operation.example)
+            batcher.buckets = await loop.run_in_executor(executor, batcher.check_buckets, operation.example, operation.probe)
             log.info("%s: pass sizes %s (batch-invariant against %d rows)", name, list(batcher.buckets), s.max_batch_size)
         batcher.start()
         self.batchers[operation.key] = batcher

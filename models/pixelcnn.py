@@ -21,6 +21,7 @@ Models", arXiv 1704.06001.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -161,6 +162,7 @@ def sample_codes(
     uniforms: torch.Tensor | None = None,
     *,
     mode: str = "cached",
+    on_logits: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling in raster order, shared by every prior: -> codes (n, h, w).
 
@@ -177,6 +179,9 @@ def sample_codes(
       `_sampling_cache(n, labels)` and computes each layer only where the new position
       changes it (Ramachandran et al. 2017): `cache.logits(r, c)` -> (n, K), then
       `cache.record(r, c, code)` once the code at (r, c) is drawn.
+
+    `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw
+    (the server uses it to check that a pass's size does not change them).
 
     The model runs in eval mode (dropout off) and its training flag is restored afterwards.
     """
@@ -207,6 +212,8 @@ def sample_codes(
                     logits = cache.logits(r, c)  # (n, K)
                 else:
                     logits = model._logits(codes[:, :rows], labels)[:, :, r, c]  # (n, K)
+                if on_logits is not None:
+                    on_logits(r, c, logits)
                 codes[:, r, c] = inverse_cdf(torch.softmax(logits.float() / temp, dim=-1), uniforms[:, r, c])
                 if cache is not None:
                     cache.record(r, c, codes[:, r, c])
@@ -262,13 +269,14 @@ class AutoregressivePrior(nn.Module):
         temperature: float | torch.Tensor = 1.0,
         generator: torch.Generator | None = None,
         uniforms: torch.Tensor | None = None,
+        on_logits: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """n code grids (n, h, w), every layer computed once per position (see `sample_codes`).
 
         Caches each layer's activations at the positions drawn so far; what each prior caches,
         and why that is exact, is in its `_sampling_cache`. Runs in eval mode (dropout off) and
         restores the training flag afterwards. Same codes as `sample_naive` for the same uniforms."""
-        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached")
+        return sample_codes(self, n, labels, temperature, generator, uniforms, mode="cached", on_logits=on_logits)
 
     def sample_cropped(
         self,

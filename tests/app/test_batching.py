@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app.batching import Batcher, bucket_candidates
-from app.errors import BatchFailedError, QueueFullError
+from app.errors import BatchFailedError, NotRunningError, QueueFullError
 from app import operations as app_operations
 from app.operations import Op, OpKey
 from models.vae import VAE, VAEConfig
@@ -158,13 +158,47 @@ async def test_requests_that_arrive_during_a_pass_form_the_next_pass(executor):
     assert passes == [[0.0], [1.0, 2.0, 3.0]]
 
 
-async def test_the_opt_in_wait_collects_company(executor):
-    sizes = []
-    batcher = make_batcher(executor, lambda x: (sizes.append(len(x)), x)[1], max_batch_size=4, max_wait_s=30)
+@pytest.mark.parametrize(("wait", "expected"), [(30.0, [4]), (0.0, [1, 3])])
+async def test_the_opt_in_wait_collects_company(executor, wait, expected):
+    sizes, gate = [], threading.Event()
+    batcher = make_batcher(executor, lambda x: (sizes.append(len(x)), gate.wait(20), x)[2], max_batch_size=4, max_wait_s=wait)
     batcher.start()
-    await asyncio.gather(*(batcher.submit(torch.zeros(1, 1)) for _ in range(4)))  # a full batch ends the wait
+    first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    for _ in range(20):  # event-loop turns, not time: the worker takes the lone request (or waits)
+        await asyncio.sleep(0)
+    later = [asyncio.ensure_future(batcher.submit(torch.zeros(1, 1))) for _ in range(3)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, *later)  # with the wait, a full batch ends it
     await batcher.stop()
-    assert sizes == [4]
+    assert sizes == expected
+
+
+async def test_stop_fails_a_running_pass_that_outlasts_the_drain(executor):
+    gate = threading.Event()
+    batcher = make_batcher(executor, lambda x: (gate.wait(20), x)[1], max_wait_s=0)
+    batcher.start()
+    request = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    try:
+        await batcher.stop(drain_timeout_s=0.05)
+        with pytest.raises(NotRunningError, match="shutting down"):
+            await request
+    finally:
+        gate.set()
+
+
+async def test_a_failing_metrics_callback_does_not_kill_the_worker(executor):
+    def on_batch(*_):
+        raise FileNotFoundError("metrics directory is gone")
+
+    batcher = make_batcher(executor, lambda x: (x + 1,), max_wait_s=0, on_batch=on_batch)
+    batcher.start()
+    outs = [await batcher.submit(torch.zeros(1, 1)) for _ in range(2)]
+    await batcher.stop()
+    assert [float(o[0]) for (o,) in outs] == [1.0, 1.0] and batcher.stats.batches == 2
 
 
 async def test_two_passes_in_flight_overlap(executor):
@@ -217,15 +251,35 @@ def test_check_buckets_keeps_the_sizes_whose_rows_equal_a_full_pass(executor, fn
 
 
 def test_check_buckets_compares_every_output_and_the_tail_of_the_full_pass(executor):
-    # The second output differs for passes of 1-3 rows only in rows that a head-only check would miss.
-    def fn(x):
-        second = x.clone()
-        if len(x) < 4:
-            second[-1] += 1e-3
+    def numbered(n, g):  # row i holds i: a pass knows which rows it holds
+        return (torch.arange(n, dtype=torch.float32)[:, None],)
+
+    def fn(x):  # the second output differs in small passes of the full pass's last rows only
+        second = x + (1e-3 if len(x) < 4 and float(x[0, 0]) >= 4 else 0.0)
         return x, second
 
     batcher = make_batcher(executor, fn, max_batch_size=8)
-    assert batcher.check_buckets(rows) == (4, 8)
+    assert batcher.check_buckets(numbered) == (4, 8)
+
+
+def test_check_buckets_compares_the_probe_of_an_operation_with_a_discrete_step(executor):
+    """An argmin hides a last-bit difference on most rows; the probe's distances show it."""
+
+    def distances(x):
+        return x + (1e-6 if len(x) < 4 else 0.0)  # (B, K): small passes round differently
+
+    def fn(x):
+        return (distances(x).argmin(1),)
+
+    def probe(x):
+        return fn(x)[0], distances(x)
+
+    def example(n, g):
+        return (torch.rand(n, 5, generator=g),)
+
+    batcher = make_batcher(executor, fn, max_batch_size=8)
+    assert batcher.check_buckets(example) == (1, 2, 4, 8)  # the codes alone look invariant
+    assert batcher.check_buckets(example, probe) == (4, 8)
 
 
 # -- inside the app ---------------------------------------------------------------------------
@@ -350,6 +404,7 @@ async def test_config_shows_each_batchers_pass_sizes(serve):
         assert "vqvae:sample:gated" in sizes and "vqvae:decode_nearest" in sizes
         for name, buckets in sizes.items():
             assert buckets[-1] == 8 and buckets == sorted(buckets) and set(buckets) <= {1, 2, 4, 8}, name
+        assert sizes["vae:sample"] == [1, 2, 4, 8]  # the MLP, its Linear inputs padded: every size is invariant
     async with serve(max_batch_size=8, pad_batches=False) as (_app, client):
         assert set((await client.get("/config")).json()["pass_sizes"].values()) == {None}
 
@@ -360,9 +415,9 @@ def test_pad_linear_rows_computes_small_inputs_as_part_of_a_taller_product(monke
     linears = [m for m in vae.modules() if isinstance(m, torch.nn.Linear)]
     seen, linear = [], torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: (seen.append(x.shape[0]), linear(x, *a))[1])
-    z = torch.randn(3, LATENT_DIM)
+    z, mates = torch.randn(3, LATENT_DIM), torch.randn(7, LATENT_DIM)
     with torch.inference_mode():
-        expected = [vae.decode(z[i : i + 1].expand(4, -1))[:1] for i in range(3)]  # each row in a 4-row product
+        expected = [vae.decode(torch.cat([z[i : i + 1], mates[:k]]))[:1] for i, k in enumerate((3, 5, 7))]  # in taller passes
         seen.clear()
         assert app_operations.pad_linear_rows(vae, 4) == len(linears)
         assert app_operations.pad_linear_rows(vae, 4) == 0  # never wrapped twice
@@ -384,3 +439,15 @@ async def test_the_service_pads_linear_inputs_only_with_pad_batches(serve):
         assert wrapped(app) == {False}
     async with serve(linear_min_rows=1) as (app, _client):
         assert wrapped(app) == {False}
+
+
+async def test_prior_samples_are_float_identical_alone_and_in_a_shared_pass(serve):
+    """Below the PNG's 8 bits: the batcher's float images for each request equal its images alone."""
+    async with serve(max_batch_size=8, max_wait_ms=2000) as (app, _client):
+        op = next(o for o in app_operations.operations(app.state.service.registry.get("vqvae")) if o.key.prior == "gated")
+        batcher = app.state.service.batchers[op.key]
+        requests = [op.example(n, torch.Generator().manual_seed(n)) for n in (1, 2, 5)]
+        together = await asyncio.gather(*(batcher.submit(*inputs) for inputs in requests))
+        assert batcher.stats.batches == 1  # the three shared one pass of 8
+        alone = [batcher._forward(inputs, len(inputs[0])) for inputs in requests]  # a lone request's pass
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(together, alone))
