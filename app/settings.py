@@ -33,9 +33,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
-    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads at startup; None: torch's default (cores / workers)
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / (2 x workers), at least 1
     io_threads: int = Field(2, ge=1, le=64)  # the pool that decodes uploads and encodes PNGs, beside the model threads
-    workers: int = Field(1, ge=1, le=64)  # uvicorn worker processes for `python -m app`, each with every model
+    # uvicorn worker processes for `python -m app`, each with every model. 1 keeps a lone request as
+    # fast as an unbatched endpoint; 2 gave more requests/s on the cheap models on a 2-core CPU but
+    # slower lone uploads (benchmarks/RESULTS.md).
+    workers: int = Field(1, ge=1, le=64)
     # Same seed, same bytes under any load. BLAS and cuDNN pick kernels by shape and different
     # kernels round differently, so a row could change in its last bit with the size of its pass.
     # True pads each pass to the smallest size that a start-up check found bit-identical to a

@@ -76,7 +76,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50, help="cheap requests per phase (default 50)")
     parser.add_argument("--pause", type=float, default=0.01, help="seconds between cheap requests (default 0.01)")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of heavy load before measuring")
-    parser.add_argument("--threads", type=int, default=2, help="GENSERVE_TORCH_THREADS (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="GENSERVE_TORCH_THREADS (default: the service's own)")
     parser.add_argument("--weights", type=Path, default=ROOT / "weights")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="more GENSERVE_* settings")
     args = parser.parse_args()
@@ -88,7 +88,7 @@ def main() -> int:
         "GENSERVE_PORT": str(port),
         "GENSERVE_HOST": "127.0.0.1",
         "GENSERVE_ACCESS_LOG": "false",
-        "GENSERVE_TORCH_THREADS": str(args.threads),
+        **({"GENSERVE_TORCH_THREADS": str(args.threads)} if args.threads else {}),
         **dict(item.split("=", 1) for item in args.env),
     }
     with tempfile.TemporaryDirectory(prefix="genserve-fairness-") as log_dir:

@@ -11,7 +11,8 @@ One run starts these servers on free ports, each in its own process group, all s
 weight files of --weights through models.io.load_model, with --threads torch threads:
 
     ours            python -m app (GENSERVE_WEIGHTS_DIR, _PORT, _HOST=127.0.0.1, _ACCESS_LOG=false,
-                    _TORCH_THREADS, _DEVICE, plus every --service-env KEY=VALUE; other GENSERVE_*
+                    _DEVICE, plus every --service-env KEY=VALUE; its torch threads are its own
+                    default, the cores divided among its workers, unless --service-env sets them; other GENSERVE_*
                     variables of this shell are not passed on); ready at GET /ready
     plain           benchmarks/peer_plain.py: FastAPI, no batching, one pass at a time (--plain-parallel)
     litserve        benchmarks/peer_litserve.py: max_batch_size=32, batch_timeout=5 ms, one worker
@@ -167,7 +168,8 @@ def make_servers(args: argparse.Namespace, log_dir: Path) -> dict[str, Server]:
                 "GENSERVE_PORT": str(port),
                 "GENSERVE_HOST": "127.0.0.1",
                 "GENSERVE_ACCESS_LOG": "false",
-                "GENSERVE_TORCH_THREADS": str(args.threads),
+                # No GENSERVE_TORCH_THREADS: ours divides the cores among its workers itself
+                # (torch threads = cores / GENSERVE_WORKERS); --service-env can set it.
                 "GENSERVE_DEVICE": args.device,
                 **args.service_env,
             }
