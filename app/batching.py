@@ -24,8 +24,16 @@ seeded rows at every candidate size (the powers of two below `max_batch_size`) a
 sizes whose rows are bit-identical to the same rows in a pass of `max_batch_size`, both at the
 head and at the tail of that pass. With no passing size below it, every pass has the full size.
 
-A failed forward pass fails each request of its batch with `BatchFailedError` and the worker
-carries on.
+**Isolation.** A forward pass that raises is split in two and each half is run again, down to
+single requests, so only the request that makes the model fail gets `BatchFailedError` and its
+batch-mates get their answers. Whatever else goes wrong in the worker (collecting, stacking,
+slicing, the metrics callback) fails only the batch in hand; a worker that dies anyway is
+restarted (`alive` is False until then, and the service's readiness says "recovering").
+
+**Cancellation.** A request that times out or is cancelled (its client disconnected) withdraws
+its queued chunks. A pass that is already running is stopped between steps when no request of
+it is still wanted: a multi-step operation calls `check_wanted()` between steps (app/operations.py
+does, for the priors' draws and the autoregressive VAE's pixels), which raises `PassAbandoned`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -43,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.errors import BatchFailedError, NotRunningError, QueueFullError
+from app.logs import request_id
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +61,30 @@ Inputs = tuple[torch.Tensor, ...]
 ExampleFn = Callable[[int, torch.Generator], Inputs]  # (rows, generator) -> valid inputs of that many rows
 
 
+_current = threading.local()  # .wanted: the pass running in this thread is still wanted by someone
+
+
+class PassAbandoned(Exception):
+    """Raised by `check_wanted` inside a pass when none of its requests is still waiting."""
+
+
+def check_wanted() -> None:
+    """Between the steps of a long pass: raise PassAbandoned when no request of the pass running in
+    this thread still waits for it (all timed out or cancelled). Outside a batcher's pass, a no-op."""
+    wanted = getattr(_current, "wanted", None)
+    if wanted is not None and not wanted():
+        raise PassAbandoned
+
+
 @dataclass
 class BatcherStats:
     requests: int = 0  # chunks served (a request bigger than max_batch_size counts once per chunk)
     items: int = 0  # real rows computed, padding excluded
     batches: int = 0  # forward passes run
-    failed_batches: int = 0
+    failed_batches: int = 0  # passes that raised (each is then split and run again)
+    failed_requests: int = 0  # chunks that failed alone, so got BatchFailedError
+    abandoned: int = 0  # passes stopped between steps because nobody waited for them any more
+    restarts: int = 0  # workers restarted after dying
     rejected: int = 0  # requests refused with 503 because the queue was full
     max_batch_items: int = 0
     busy_s: float = 0.0  # time spent in forward passes
@@ -72,6 +100,7 @@ class _Entry:
     n: int
     future: asyncio.Future
     enqueued_at: float  # loop.time()
+    request_id: str = "-"
 
 
 def bucket_candidates(max_batch_size: int) -> list[int]:
@@ -100,6 +129,7 @@ class Batcher:
     max_inflight: int = 1  # passes of this batcher running at once (the executor needs as many threads)
     autocast_dtype: torch.dtype | None = None  # CUDA only
     on_batch: Callable[[str, int, float, bool], None] | None = None  # (name, items, seconds, ok) for metrics
+    restart_delay_s: float = 0.1  # before a dead worker is restarted; doubles per death in a row, up to 5 s
     stats: BatcherStats = field(default_factory=BatcherStats)
 
     def __post_init__(self) -> None:
@@ -114,18 +144,42 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._deaths_in_a_row = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
+            self._task.add_done_callback(self._supervise)
+
+    @property
+    def alive(self) -> bool:
+        """The worker task runs (False while a dead worker waits to be restarted, and after stop)."""
+        return self._task is not None and not self._task.done()
+
+    def _supervise(self, task: asyncio.Task) -> None:
+        """Done callback of the worker task: a worker that ended while not stopping is restarted."""
+        if self._stopping or task is not self._task or task.cancelled():  # cancelled: stop() or the loop closing
+            return
+        error = task.exception()
+        self.stats.restarts += 1
+        self._deaths_in_a_row += 1
+        delay = min(5.0, self.restart_delay_s * 2 ** (self._deaths_in_a_row - 1))
+        log.error("%s: the worker died (%r); restarting it in %.2f s", self.name, error, delay, exc_info=error)
+
+        def restart() -> None:
+            if not self._stopping and self._task is task:
+                self._task = None
+                self.start()
+
+        asyncio.get_running_loop().call_later(delay, restart)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new requests, finish the queued ones (up to drain_timeout_s), then end the worker."""
         self._stopping = True
         self._wakeup.set()
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
             except TimeoutError:
@@ -172,9 +226,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         entries = []
+        rid = request_id.get()
         for start in range(0, n, self.max_batch_size):
             chunk = tuple(t[start : start + self.max_batch_size] for t in inputs)
-            entries.append(_Entry(chunk, int(chunk[0].shape[0]), loop.create_future(), now))
+            entries.append(_Entry(chunk, int(chunk[0].shape[0]), loop.create_future(), now, rid))
         self._queue.extend(entries)
         self._queued_items += n
         self._wakeup.set()
@@ -206,10 +261,17 @@ class Batcher:
                         return
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                batch = await self._collect()
+                batch: list[_Entry] = []
+                try:
+                    await self._collect(batch)
+                except Exception as err:  # fails the batch in hand, never the worker
+                    slots.release()
+                    self._fail_unexpected(batch, err, "collecting a batch")
+                    continue
                 if not batch:
                     slots.release()
                     continue
+                self._deaths_in_a_row = 0
                 if self.max_inflight == 1:
                     try:
                         await self._run(batch)
@@ -227,12 +289,11 @@ class Batcher:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def _collect(self) -> list[_Entry]:
-        """Take what is queued, up to max_batch_size items; with max_wait_s > 0, wait that long
-        from the oldest request for the batch to fill."""
+    async def _collect(self, batch: list[_Entry]) -> None:
+        """Move what is queued into `batch`, up to max_batch_size items; with max_wait_s > 0, wait
+        that long from the oldest request for the batch to fill."""
         loop = asyncio.get_running_loop()
         end = self._queue[0].enqueued_at + self.max_wait_s
-        batch: list[_Entry] = []
         items = 0
         while True:
             while self._queue and items + self._queue[0].n <= self.max_batch_size:
@@ -243,33 +304,55 @@ class Batcher:
                 batch.append(entry)
                 items += entry.n
             if self.max_wait_s <= 0 or self._stopping:
-                return batch
+                return
             full = items >= self.max_batch_size or bool(self._queue)  # the next one does not fit
             remaining = end - loop.time()
             if full or remaining <= 0:
-                return batch
+                return
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     async def _run(self, batch: list[_Entry]) -> None:
+        """One pass over batch; if it raises, each half again, so only a failing request fails."""
+        try:
+            await self._run_pass(batch)
+        except asyncio.CancelledError:  # stop() ran out of time: nobody waits forever
+            self._fail(batch, NotRunningError("the service is shutting down"))
+            raise
+        except Exception as err:  # a bug outside the forward pass: this batch only
+            self._fail_unexpected(batch, err, "running a pass")
+
+    async def _run_pass(self, batch: list[_Entry]) -> None:
+        batch = [e for e in batch if not e.future.done()]  # a retried half may have lost requests meanwhile
+        if not batch:
+            return
         n = sum(e.n for e in batch)
         start = time.perf_counter()
         try:
             answers = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._forward_entries, [e.inputs for e in batch], [e.n for e in batch]
+                self.executor, self._forward_entries, [e.inputs for e in batch], [e.n for e in batch], [e.future for e in batch]
             )
-        except asyncio.CancelledError:  # stop() ran out of time: nobody waits forever
-            self._fail(batch, NotRunningError("the service is shutting down"))
-            raise
+        except PassAbandoned:
+            self.stats.abandoned += 1
+            log.info("%s: pass over %d items stopped: none of its requests waits any more", self.name, n)
+            return
         except Exception as err:
             self.stats.failed_batches += 1
-            log.exception("%s: forward pass over %d items failed", self.name, n)
-            self._fail(batch, BatchFailedError(f"inference failed in {self.name}: {type(err).__name__}: {err}"))
             self._observe(n, time.perf_counter() - start, False)
+            if len(batch) > 1:  # find the culprit: each half on its own
+                log.warning("%s: a pass over %d requests failed (%s); running each half again", self.name, len(batch), type(err).__name__)
+                half = len(batch) // 2
+                await self._run_pass(batch[:half])
+                await self._run_pass(batch[half:])
+                return
+            entry = batch[0]
+            self.stats.failed_requests += 1
+            log.error("%s: the pass of request %s (%d items) failed", self.name, entry.request_id, n, exc_info=err)
+            self._fail(batch, BatchFailedError(f"inference failed in {self.name}: the model raised {type(err).__name__}"))
             return
         seconds = time.perf_counter() - start
-        for e, answer in zip(batch, answers):
+        for e, answer in zip(batch, answers, strict=True):
             if not e.future.done():
                 e.future.set_result(answer)
         self.stats.batches += 1
@@ -278,6 +361,12 @@ class Batcher:
         self.stats.max_batch_items = max(self.stats.max_batch_items, n)
         self.stats.busy_s += seconds
         self._observe(n, seconds, True)
+
+    def _fail_unexpected(self, batch: list[_Entry], err: Exception, doing: str) -> None:
+        log.error(
+            "%s: failed %s (requests %s)", self.name, doing, ", ".join(e.request_id for e in batch) or "none", exc_info=err
+        )
+        self._fail(batch, BatchFailedError(f"{self.name} failed {doing}: {type(err).__name__}"))
 
     @staticmethod
     def _fail(batch: list[_Entry], error: Exception) -> None:
@@ -296,11 +385,19 @@ class Batcher:
 
     # -- in the worker thread ------------------------------------------------------------------
 
-    def _forward_entries(self, inputs: list[Inputs], sizes: list[int]) -> list[Inputs]:
-        """Stack the requests' rows, run one padded pass, split the outputs back per request."""
+    def _forward_entries(self, inputs: list[Inputs], sizes: list[int], futures: list[asyncio.Future]) -> list[Inputs]:
+        """Stack the requests' rows, run one padded pass, split the outputs back per request.
+
+        While the pass runs, `check_wanted()` in this thread asks whether any of `futures` is
+        still pending (reading a future's state from another thread is a plain attribute read).
+        """
         n = sum(sizes)
         stacked = tuple(parts[0] if len(inputs) == 1 else torch.cat(parts) for parts in zip(*inputs))  # (n, ...)
-        outputs = self._forward(stacked, n)
+        _current.wanted = lambda: not all(f.done() for f in futures)
+        try:
+            outputs = self._forward(stacked, n)
+        finally:
+            _current.wanted = None
         answers, offset = [], 0
         for size in sizes:
             answers.append(tuple(o[offset : offset + size] for o in outputs))

@@ -15,16 +15,21 @@ from app.service import Service
 
 
 def service_state(app: FastAPI) -> str:
-    """"ready", "starting" or "shutting down": the one readiness check (GET /ready and every model route)."""
+    """The one readiness check. "ready": GET /ready is 200. "draining" (shutdown has begun, requests
+    are still served) and "recovering" (a batcher is being restarted) make /ready 503 but still
+    serve model routes; "starting" and "shutting down" refuse them too."""
     service: Service | None = getattr(app.state, "service", None)
     if service is None:
         return "starting"
-    return "ready" if service.ready else "shutting down"
+    return service.state
+
+
+SERVING_STATES = ("ready", "draining", "recovering")
 
 
 def get_service(request: Request) -> Service:
     state = service_state(request.app)
-    if state != "ready":
+    if state not in SERVING_STATES:
         raise NotRunningError(f"the service is not ready ({state})", headers={"Retry-After": "1"})
     return request.app.state.service
 

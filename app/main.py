@@ -7,14 +7,24 @@ batcher per operation (app/operations.py, app/batching.py), and on shutdown drai
 
 Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
 upload, 413 too large, 422 invalid parameters, 503 (+ Retry-After) queue full or not
-ready, 504 timed out, 500 only for a failure inside the service.
+ready, 504 timed out, 500 only for a failure inside the service. A 5xx body says in words what
+failed and adds `request_id`; tracebacks and tensors go to the log only.
+
+Every request has an id: the client's `X-Request-ID` (up to 128 characters of A-Z a-z 0-9 . _ : -)
+or a new one. It is echoed in the response's X-Request-ID header and carried by every log line
+the request causes (app/logs.py). A request whose client disconnects is cancelled: its queued
+work is withdrawn, a running multi-step pass stops when nobody waits for it, and the metrics
+count it with status 499 (client closed request), not 200.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ServiceError
 from app.imaging import ImageError
+from app.logs import request_id
 from app.metrics import Metrics
 from app.routes import generate, health, models, uploads
 from app.service import Service
@@ -72,11 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
 
     app.add_middleware(RequestSizeLimit)
-    app.add_middleware(RequestMetrics)  # outermost: it also counts what RequestSizeLimit refuses
+    app.add_middleware(RequestContext)  # outermost: ids, metrics and cancellation cover what RequestSizeLimit refuses
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        body: dict[str, Any] = {"detail": exc.detail}
+        if exc.status_code >= 500:
+            body["request_id"] = request_id.get()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
@@ -91,7 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); the log has the details", "request_id": request_id.get()},
+            status_code=500,
+        )
 
     for module in (health, models, generate, uploads):
         app.include_router(module.router)
@@ -99,10 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class RequestSizeLimit:
-    """413 when a request body exceeds max_files * max_upload_bytes (+1 MiB of multipart overhead).
+    """413 when a request body is too large, before it is parsed.
 
-    A declared Content-Length is refused before anything is read; a chunked body is counted
-    as it streams in. Each file is also held to max_upload_bytes as it is read (app/dependencies.py).
+    A multipart upload may hold max_files * max_upload_bytes (+1 MiB of multipart overhead); any
+    other body (the JSON of /decode) max_json_bytes. A declared Content-Length is refused before
+    anything is read; a chunked body is counted as it streams in. Each file is also held to
+    max_upload_bytes as it is read (app/dependencies.py).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -112,9 +131,14 @@ class RequestSizeLimit:
         settings = scope["app"].state.settings if scope["type"] == "http" and "app" in scope else None
         if settings is None:
             return await self.app(scope, receive, send)
-        limit = settings.max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD
-        detail = f"request body exceeds {limit} bytes (max_files x max_upload_bytes + 1 MiB)"
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+            limit = settings.max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD
+            detail = f"request body exceeds {limit} bytes (max_files x max_upload_bytes + 1 MiB)"
+        else:
+            limit = settings.max_json_bytes
+            detail = f"request body exceeds {limit} bytes (max_json_bytes)"
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
         received = 0
@@ -131,8 +155,21 @@ class RequestSizeLimit:
         await self.app(scope, receive_limited, send)
 
 
-class RequestMetrics:
-    """Counts requests by route template (not raw path) and status, and times them."""
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContext:
+    """Per request: its id, its metrics, and its cancellation when the client goes away.
+
+    - The id is the client's X-Request-ID when it is well-formed (REQUEST_ID), else a new uuid4
+      hex; it is set in app.logs.request_id for the request's task and echoed as X-Request-ID.
+    - Requests are counted by route template (not raw path), a known method or "other", and
+      status, so a client cannot create label values without bound.
+    - The handler runs as a task of its own, and one reader pumps the request's messages to it,
+      at most one message ahead (a body is never buffered beyond what the handler reads). When
+      that reader sees `http.disconnect` before the response is complete, the handler is
+      cancelled: what it queued is withdrawn (app/batching.py), and the request counts as 499.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -140,21 +177,52 @@ class RequestMetrics:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
         status = 500
+        response_done = client_gone = False
         start = time.perf_counter()
+        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_done
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_done = True
             await send(message)
 
+        handler = asyncio.ensure_future(self.app(scope, inbox.get, send_with_id))
+
+        async def pump() -> None:
+            nonlocal client_gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not response_done and not handler.done():
+                        client_gone = True
+                        handler.cancel()
+                    if not inbox.full():
+                        inbox.put_nowait(message)
+                    return
+                await inbox.put(message)
+
+        reader = asyncio.ensure_future(pump())
         try:
-            await self.app(scope, receive, send_status)
+            await handler
+        except asyncio.CancelledError:
+            if not client_gone:  # the server is cancelling this request (shutdown): pass it on
+                handler.cancel()
+                raise
+            status = 499  # nginx's "client closed request": nobody is left to answer
         finally:
+            reader.cancel()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             scope["app"].state.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
+            request_id.reset(token)
 
 
 app = create_app()

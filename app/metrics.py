@@ -11,6 +11,7 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other method counts as "other"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -49,7 +50,9 @@ class Metrics:
             self.batch_failures.labels(batcher).inc()
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, method, str(status)).inc()
+        """endpoint: a route template or "unmatched"; an unknown method counts as "other"; status 499:
+        the client disconnected before the answer."""
+        self.requests.labels(endpoint, method if method in METHODS else "other", str(status)).inc()
         self.request_seconds.labels(endpoint).observe(seconds)
 
     def render(self) -> bytes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.batching import check_wanted
 from app.registry import Entry, Prior
 from models.vqvae import squared_distances
 
@@ -68,11 +69,14 @@ def operations(entry: Entry) -> list[Operation]:
         def latents(n: int, g: torch.Generator) -> Inputs:
             return (torch.randn(n, d, generator=g),)  # (n, D)
 
+        def decode(z: torch.Tensor) -> Inputs:  # m.sample(z=z) and m.reconstruct(x) = decode(mu), stoppable between rows
+            return (torch.sigmoid(m.decode(z, on_step=check_wanted)),)
+
         return [
-            Operation(OpKey(name, Op.RECONSTRUCT), lambda x: (m.reconstruct(x),), images),
+            Operation(OpKey(name, Op.RECONSTRUCT), lambda x: decode(m.encode(x)[0]), images),
             Operation(OpKey(name, Op.ENCODE), lambda x: m.encode(x), images),
-            Operation(OpKey(name, Op.DECODE), lambda z: (torch.sigmoid(m.decode(z)),), latents),
-            Operation(OpKey(name, Op.SAMPLE), lambda z: (m.sample(z.shape[0], z=z),), latents),
+            Operation(OpKey(name, Op.DECODE), decode, latents),
+            Operation(OpKey(name, Op.SAMPLE), decode, latents),
         ]
 
     quantizer = m.quantizer
@@ -117,6 +121,8 @@ def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> tuple[Callable[..., I
     and its probe, which also returns the logits of every draw (B, h*w, K)."""
 
     def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None, on_logits=None) -> Inputs:
+        if on_logits is None:  # between draws: stop when nobody waits for this pass any more
+            on_logits = lambda r, c, logits: check_wanted()  # noqa: E731
         codes = prior.model.sample(
             uniforms.shape[0], labels=labels, temperature=temperature.float(), uniforms=uniforms.float(), on_logits=on_logits
         )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt
 
-MAX_TEMPERATURE = 10.0  # /sample temperature must lie in (0, MAX_TEMPERATURE]
+# /sample temperature lies in [MIN_TEMPERATURE, MAX_TEMPERATURE]. A prior divides its float32
+# logits by it: far below 1e-3 they overflow (inf - inf = NaN), and at 1e-3 a logit gap of 0.02
+# already makes the runner-up e^-20 times less likely than the best code, which a float32
+# uniform draw (resolution 2^-24) cannot pick: 1e-3 is greedy decoding for all purposes.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 10.0
 MIN_STEPS, MAX_STEPS = 2, 64  # /interpolate steps, both ends included
 MAX_SEED = 2**63 - 1
 
@@ -92,7 +97,14 @@ class EncodeResponse(BaseModel):
     items: list[VAEEncoding] | list[VQVAEEncoding]
 
 
+StrictFloat = Annotated[float, Strict()]  # a JSON number (an integer too), never true/false or "1.5"
+
+
 class DecodeRequest(BaseModel):
-    model: str
-    z: list[list[float]] | None = Field(None, description="VAE: one latent vector of length D per image")
-    codes: list[list[list[int]]] | None = Field(None, description="VQ-VAE: one (h, w) grid of code indices per image")
+    """Strict: `true` is not the code 1 nor "0.5" a latent value, and unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Strict()]
+    z: list[list[StrictFloat]] | None = Field(None, description="VAE: one latent vector of length D per image")
+    codes: list[list[list[StrictInt]]] | None = Field(None, description="VQ-VAE: one (h, w) grid of code indices per image")

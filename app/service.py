@@ -54,7 +54,8 @@ class Service:
     metrics: Metrics
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
     executors: list[ThreadPoolExecutor] = field(default_factory=list)
-    ready: bool = False
+    ready: bool = False  # True from the end of start() until stop()
+    draining: bool = False  # begin_drain(): shutdown has begun; /ready is 503, requests are still served
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Service:
@@ -115,6 +116,23 @@ class Service:
             log.info("%s: pass sizes %s (batch-invariant against %d rows)", name, list(batcher.buckets), s.max_batch_size)
         batcher.start()
         self.batchers[operation.key] = batcher
+
+    @property
+    def state(self) -> str:
+        """"ready", "draining", "recovering" (a batcher's worker is being restarted) or "shutting down"."""
+        if not self.ready:
+            return "shutting down"
+        if self.draining:
+            return "draining"
+        if any(not b.alive for b in self.batchers.values()):
+            return "recovering"
+        return "ready"
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: GET /ready answers 503 from now on, while requests are still served."""
+        if not self.draining:
+            log.info("draining: /ready answers 503 from now on; requests are still served")
+        self.draining = True
 
     async def stop(self) -> None:
         self.ready = False

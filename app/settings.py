@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_upload_bytes: int = Field(10 * MB, ge=1)  # per uploaded file
     max_pixels: int = Field(4096 * 4096, ge=1)  # per uploaded image, checked from its header
+    # Every request body that is not a multipart upload (the JSON of /decode), checked before parsing.
+    # 1 MiB holds max_n = 256 latents of 32 dimensions written out in full precision several times over.
+    max_json_bytes: int = Field(1 * MB, ge=1)
+    decode_slots: int = Field(2, ge=1, le=64)  # uploads decoded at once (each may hold its pixels in memory)
     max_files: int = Field(64, ge=1)  # uploaded files per request
     max_n: int = Field(256, ge=1)  # images per /sample (and latents per /decode)
     max_batch_size: int = Field(64, ge=1)  # items per forward pass; 1 disables batching
@@ -32,6 +36,13 @@ class Settings(BaseSettings):
     max_inflight: int = Field(1, ge=1, le=8)  # forward passes of one batcher running at once
     request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
+    # Shutdown (SIGTERM, SIGINT): GET /ready turns 503 at once, the server keeps serving for
+    # drain_delay_s so a load balancer can take it out of rotation, then stops accepting and gives
+    # the requests in hand up to graceful_timeout_s. A container's stop grace period (compose
+    # stop_grace_period, Kubernetes terminationGracePeriodSeconds) must exceed their sum.
+    drain_delay_s: float = Field(5.0, ge=0)
+    graceful_timeout_s: float = Field(30.0, gt=0)
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with the request id
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / (2 x workers), at least 1
     io_threads: int = Field(2, ge=1, le=64)  # the pool that decodes uploads and encodes PNGs, beside the model threads

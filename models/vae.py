@@ -21,6 +21,7 @@ decoder).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -151,25 +152,28 @@ class VAE(nn.Module):
         eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
         return mu + eps * std
 
-    def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, context: torch.Tensor | None = None, on_step: Callable[[], None] | None = None
+    ) -> torch.Tensor:
         """z: (..., D) -> Bernoulli logits (..., C, H, W).
 
         An autoregressive decoder needs the pixels it conditions on: `context` (B, C, H, W) with z of
         shape (B, D) or (m, B, D) teacher-forces them (training, likelihoods); without it the image is
-        generated pixel by pixel. A factorized decoder ignores `context`.
+        generated pixel by pixel, and `on_step()` is called before each row (a server uses it to stop
+        work nobody waits for any more, by raising). A factorized decoder ignores `context`.
         """
         lead = z.shape[:-1]
         h = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, C or ar_channels, H, W)
         if not self.config.autoregressive:
             return h.reshape(*lead, *self.image_shape)
         if context is None:
-            return self._generate(h).reshape(*lead, *self.image_shape)
+            return self._generate(h, on_step).reshape(*lead, *self.image_shape)
         _, hh, ww = self.image_shape
         ctx = self.ar_context(context)  # (B, a, H, W), computed once for every z of the same image
         h = h.reshape(*lead, -1, hh, ww) + ctx  # (..., B, a, H, W)
         return self.ar_head(h.reshape(-1, *h.shape[-3:])).reshape(*lead, *self.image_shape)
 
-    def _generate(self, h: torch.Tensor) -> torch.Tensor:
+    def _generate(self, h: torch.Tensor, on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Pixel-by-pixel generation from z features h (N, a, H, W) -> logits (N, C, H, W).
 
         Each step runs the context stack on a window of `ar_reach` rows above and columns either
@@ -180,6 +184,8 @@ class VAE(nn.Module):
         x = h.new_zeros(n, self.config.in_channels, hh, ww)
         logits = torch.empty_like(x)
         for r in range(hh):
+            if on_step is not None:
+                on_step()
             top = max(0, r - reach)
             for col in range(ww):
                 left, right = max(0, col - reach), min(ww, col + reach + 1)

@@ -14,7 +14,7 @@ from app.dependencies import ServiceDep, find_model, image_response
 from app.errors import deadline
 from app.operations import Op
 from app.registry import Entry, Prior
-from app.schemas import MAX_SEED, MAX_TEMPERATURE, DecodeRequest, Error, ImagesResponse
+from app.schemas import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, DecodeRequest, Error, ImagesResponse
 
 router = APIRouter(tags=["generate"])
 
@@ -36,7 +36,9 @@ async def sample(
     model: Annotated[str, Query(description="a VAE or VQ-VAE name from GET /models")],
     n: Annotated[int, Query(ge=1, description="number of images, at most max_n")] = 16,
     seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="same seed, same bytes; random if absent")] = None,
-    temperature: Annotated[float, Query(gt=0, le=MAX_TEMPERATURE)] = 1.0,
+    temperature: Annotated[
+        float, Query(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="1e-3 is greedy for all purposes; 1 the model's own distribution")
+    ] = 1.0,
     prior: Annotated[str | None, Query(description="VQ-VAE only: pixelcnn, gated or pixelcnnpp; default the best")] = None,
     label: Annotated[int | None, Query(ge=0, description="class label, for a class-conditional prior only")] = None,
 ) -> Response:

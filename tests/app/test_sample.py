@@ -76,8 +76,10 @@ async def test_accept_json_gives_one_base64_png_per_image(client):
     [
         ({"model": "vae", "n": 0}, "greater than or equal to 1"),
         ({"model": "vae", "n": 257}, "n must be between 1 and 256, got 257"),
-        ({"model": "vae", "temperature": 0}, "greater than 0"),
-        ({"model": "vae", "temperature": -1}, "greater than 0"),
+        ({"model": "vae", "temperature": 0}, "greater than or equal to 0.001"),
+        ({"model": "vae", "temperature": -1}, "greater than or equal to 0.001"),
+        ({"model": "vqvae", "temperature": 1e-50}, "greater than or equal to 0.001"),  # 0 in float32
+        ({"model": "vqvae", "temperature": 9e-4}, "greater than or equal to 0.001"),
         ({"model": "vae", "temperature": 11}, "less than or equal to 10"),
         ({"model": "vae", "temperature": "nan"}, "temperature"),
         ({"model": "vae", "seed": -1}, "greater than or equal to 0"),
