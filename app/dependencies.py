@@ -1,11 +1,11 @@
-"""What routes share: the service dependency, model lookup, upload reading, image responses."""
+"""What routes share: the service dependency, model lookup, image responses (uploads: app/uploads.py)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import imaging
@@ -45,33 +45,6 @@ def find_model(service: Service, name: str) -> Entry:
     if owner is not None:
         raise HTTPException(404, f"{name!r} is a prior; use model={owner} and prior=<its API name>")
     raise HTTPException(404, f"unknown model {name!r}; loaded models: {sorted(service.registry.entries)}")
-
-
-async def read_images(service: Service, entry: Entry, uploads: list[UploadFile]) -> torch.Tensor:
-    """Read and decode every upload (see app/imaging.py for the rule) -> (B, C, H, W) in [0, 1].
-
-    Size limits are checked while reading; decoding runs in the service's upload/PNG pool.
-    """
-    s = service.settings
-    if len(uploads) > s.max_files:
-        raise HTTPException(422, f"at most {s.max_files} files per request, got {len(uploads)}")
-    blobs = []
-    for upload in uploads:
-        name = upload.filename or ""
-        if upload.size is not None and upload.size > s.max_upload_bytes:
-            raise HTTPException(413, f"file {name!r} has {upload.size} bytes, more than max_upload_bytes ({s.max_upload_bytes})")
-        data = await upload.read(s.max_upload_bytes + 1)
-        if len(data) > s.max_upload_bytes:
-            raise HTTPException(413, f"file {name!r} has more bytes than max_upload_bytes ({s.max_upload_bytes})")
-        blobs.append((name, data))
-
-    def decode_all() -> list[torch.Tensor]:
-        return [
-            imaging.decode_upload(data, name, image_shape=entry.image_shape, max_pixels=s.max_pixels)
-            for name, data in blobs
-        ]
-
-    return torch.stack(await service.run_io(decode_all))  # (B, C, H, W)
 
 
 def wants_json(request: Request) -> bool:

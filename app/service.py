@@ -7,12 +7,14 @@ queues and ends the workers.
 
 Threads: every batcher has an executor of its own (`max_inflight` threads), so a slow model's
 passes never hold up a cheap model's; the operating system, or the GPU, interleaves them.
-Uploads are decoded and PNGs encoded in a separate bounded pool (`io_threads`), beside the models.
+PNGs are encoded in a separate bounded pool (`io_threads`), beside the models, and uploads
+decoded in one of their own (`decode_slots` threads, behind a semaphore of as many slots).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +54,8 @@ class Service:
     registry: Registry
     io_pool: ThreadPoolExecutor
     metrics: Metrics
+    decode_pool: ThreadPoolExecutor | None = None  # decodes uploads, decode_slots threads
+    decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
     executors: list[ThreadPoolExecutor] = field(default_factory=list)
     ready: bool = False  # True from the end of start() until stop()
@@ -66,6 +70,8 @@ class Service:
         registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device)
         io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
         service = cls(settings, device, registry, io_pool, metrics)
+        service.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
+        service.decode_slots = asyncio.Semaphore(settings.decode_slots)
         try:
             if settings.pad_batches and settings.linear_min_rows > 1:
                 for entry in registry.entries.values():
@@ -137,7 +143,7 @@ class Service:
     async def stop(self) -> None:
         self.ready = False
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in self.batchers.values()))
-        for executor in [*self.executors, self.io_pool]:
+        for executor in [*self.executors, self.io_pool, *([self.decode_pool] if self.decode_pool else [])]:
             executor.shutdown(wait=False, cancel_futures=True)
 
     def batcher(self, model: str, op: Op, prior: str | None = None) -> Batcher:
@@ -148,5 +154,9 @@ class Service:
         return {str(key): list(b.buckets) if b.buckets is not None else None for key, b in self.batchers.items()}
 
     async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(*args) in the upload/PNG pool, off the event loop and off the model threads."""
+        """Run fn(*args) in the PNG pool, off the event loop and off the model threads."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    async def run_decode(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run fn(*args, **kwargs) in the upload decoding pool (callers hold `decode_slots`)."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, functools.partial(fn, *args, **kwargs))

@@ -1,7 +1,8 @@
 """Endpoints that take images: /reconstruct, /encode, /interpolate.
 
-Uploads are multipart files, converted by the rule in app/imaging.py. Each is read and
-decoded before the request joins a batch, so one bad file fails only its own request.
+Uploads are multipart files, converted by the rule in app/imaging.py. They are read as they
+stream in and decoded one by one (app/uploads.py), before the request joins a batch, so one bad
+file fails only its own request, and at its first bad file.
 """
 
 from __future__ import annotations
@@ -9,38 +10,48 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from app.dependencies import ServiceDep, find_model, image_response, read_images
+from app.dependencies import ServiceDep, find_model, image_response
 from app.errors import deadline
 from app.operations import Op
 from app.routes.generate import IMAGE_RESPONSES
 from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod
+from app.uploads import read_upload_images, upload_body
 
 router = APIRouter(tags=["uploads"])
 
 UPLOAD_RESPONSES = {**IMAGE_RESPONSES, 400: {"model": Error}, 413: {"model": Error}}
+FILES = upload_body({"file": "one or more images (PNG, JPEG, GIF, WebP, BMP, ...)"}, multiple="file")
+ENDS = upload_body({"a": "the first end", "b": "the last end"})
 
 ModelQuery = Annotated[str, Query(description="a VAE or VQ-VAE name from GET /models")]
-Files = Annotated[list[UploadFile], File(description="one or more images (PNG, JPEG, GIF, WebP, BMP, ...)")]
 
 
-@router.post("/reconstruct", response_class=Response, responses=UPLOAD_RESPONSES)
-async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery, file: Files) -> Response:
+async def read_files(request: Request, service: ServiceDep, entry) -> tuple[list[str], torch.Tensor]:
+    """The `file` uploads: their names and images (B, C, H, W)."""
+    files = (await read_upload_images(request, service, entry, ["file"]))["file"]
+    return [name for name, _ in files], torch.stack([image for _, image in files])
+
+
+@router.post("/reconstruct", response_class=Response, responses=UPLOAD_RESPONSES, openapi_extra=FILES)
+async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery) -> Response:
     """Reconstructions at the model's resolution: one grid, ceil(sqrt(n)) per row (one file: just its image)."""
     entry = find_model(service, model)
     async with deadline(service.settings.request_timeout_s):
-        x = await read_images(service, entry, file)  # (B, C, H, W)
+        _, x = await read_files(request, service, entry)  # (B, C, H, W)
         (images,) = await service.batcher(entry.name, Op.RECONSTRUCT).submit(x)
         return await image_response(request, images)
 
 
-@router.post("/encode", response_model=EncodeResponse, response_model_exclude_none=True, responses=UPLOAD_RESPONSES)
+@router.post(
+    "/encode", response_model=EncodeResponse, response_model_exclude_none=True, responses=UPLOAD_RESPONSES, openapi_extra=FILES
+)
 async def encode(
+    request: Request,
     service: ServiceDep,
     model: ModelQuery,
-    file: Files,
     include_z_e: Annotated[bool, Query(description="VQ-VAE: also return the continuous encoder output z_e")] = False,
 ) -> dict[str, Any]:
     """VAE: mu and logvar of q(z|x) per image. VQ-VAE: the (h, w) code grid per image (and z_e on request)."""
@@ -48,9 +59,8 @@ async def encode(
     if include_z_e and entry.kind != "vqvae":
         raise HTTPException(422, f"include_z_e applies to VQ-VAE models; {entry.name!r} is a {entry.kind}")
     async with deadline(service.settings.request_timeout_s):
-        x = await read_images(service, entry, file)
+        names, x = await read_files(request, service, entry)
         first, second = await service.batcher(entry.name, Op.ENCODE).submit(x)
-    names = [f.filename or "" for f in file]
     if entry.kind == "vae":
         items = [{"file": name, "mu": mu.tolist(), "logvar": lv.tolist()} for name, mu, lv in zip(names, first, second)]
     else:
@@ -63,13 +73,11 @@ async def encode(
     return {"model": entry.name, "kind": entry.kind, "items": items}
 
 
-@router.post("/interpolate", response_class=Response, responses=UPLOAD_RESPONSES)
+@router.post("/interpolate", response_class=Response, responses=UPLOAD_RESPONSES, openapi_extra=ENDS)
 async def interpolate(
     request: Request,
     service: ServiceDep,
     model: ModelQuery,
-    a: Annotated[UploadFile, File(description="the first end")],
-    b: Annotated[UploadFile, File(description="the last end")],
     steps: Annotated[int, Query(ge=MIN_STEPS, le=MAX_STEPS, description="images in the strip, both ends included")] = 8,
     method: InterpolationMethod = "slerp",
 ) -> Response:
@@ -82,7 +90,8 @@ async def interpolate(
     """
     entry = find_model(service, model)
     async with deadline(service.settings.request_timeout_s):
-        x = await read_images(service, entry, [a, b])  # (2, C, H, W)
+        ends = await read_upload_images(request, service, entry, ["a", "b"], max_per_field={"a": 1, "b": 1})
+        x = torch.stack([ends["a"][0][1], ends["b"][0][1]])  # (2, C, H, W)
         if entry.kind == "vae":
             mu, _logvar = await service.batcher(entry.name, Op.ENCODE).submit(x)  # (2, D)
             z = interpolate_latents(mu[0], mu[1], steps, method)  # (steps, D)

@@ -82,14 +82,26 @@ async def test_limits_give_413_and_422(serve):
                               headers={"content-type": "multipart/form-data; boundary=zz"})
         assert r.status_code == 413 and "request body exceeds" in r.json()["detail"]
 
-        async def chunks():  # a well-formed multipart body without Content-Length, too long
+        sent = []
+
+        async def chunks():  # a well-formed multipart body without Content-Length, its file too long
             yield b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
             for _ in range(5):
+                sent.append(1)
                 yield b"x" * 300_000
 
         r = await client.post("/reconstruct", params={"model": "vae"}, content=chunks(),
                               headers={"content-type": "multipart/form-data; boundary=zz"})
-        assert r.status_code == 413 and "request body exceeds" in r.json()["detail"]
+        assert r.status_code == 413 and r.json()["detail"] == "file 'a' has more bytes than max_upload_bytes (2000)"
+        assert len(sent) < 5  # refused at the first chunk over the limit (read one message ahead at most): the rest never read
+
+        async def json_chunks():  # a JSON body without Content-Length, over max_json_bytes
+            yield b'{"model": "vae", "z": ['
+            for _ in range(3):
+                yield b"[0.1, 0.2, 0.3, 0.4]," * 20_000
+
+        r = await client.post("/decode", content=json_chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "request body exceeds 1048576 bytes (max_json_bytes)" in r.json()["detail"]
 
 
 async def test_a_bad_file_fails_only_its_own_request(serve):

@@ -1,0 +1,174 @@
+"""Multipart image uploads, read as they stream in and checked one file at a time.
+
+FastAPI's `UploadFile` parameters would read the whole request body (up to max_files x
+max_upload_bytes) before a route could look at the first file. `read_upload_images` instead
+feeds the body to python-multipart chunk by chunk:
+
+- a file's bytes are held to `max_upload_bytes` while they arrive (413 at the first byte over);
+- each finished file is decoded at once (app/imaging.py's rule) in the decode pool, behind the
+  service's decode semaphore (`decode_slots` decodes at a time across all requests), while the
+  next file streams in; at most `decode_slots` files of a request wait for decoding, so a
+  request holds the raw bytes of only a few files;
+- the first file that is too large, undecodable or one too many ends the request with its
+  4xx; the rest of the body is never read.
+
+A request is refused with 422 when it is not multipart/form-data, names a field the route does
+not take, or lacks one it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import HTTPException, Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app import imaging
+from app.registry import Entry
+from app.service import Service
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str = ""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+    slot: int = -1  # its index among the files of its field
+
+
+def upload_body(fields: dict[str, str], multiple: str | None = None) -> dict:
+    """The OpenAPI requestBody of a route that reads its files with read_upload_images.
+
+    fields: name -> description; `multiple`, if given, is the one field that takes several files.
+    """
+    properties = {
+        name: (
+            {"type": "array", "items": {"type": "string", "format": "binary"}, "description": text}
+            if name == multiple
+            else {"type": "string", "format": "binary", "description": text}
+        )
+        for name, text in fields.items()
+    }
+    schema = {"type": "object", "properties": properties, "required": list(fields)}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+async def read_upload_images(
+    request: Request, service: Service, entry: Entry, fields: Sequence[str], max_per_field: dict[str, int] | None = None
+) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Stream the multipart body: field -> [(filename, image (C, H, W) in [0, 1]), ...] in upload order.
+
+    Every name in `fields` must come at least once; `max_per_field` caps a field's files
+    (default: settings.max_files for each field, and in all).
+    """
+    s = service.settings
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise HTTPException(
+            422, f"send the images as multipart/form-data with the field(s) {list(fields)} (curl -F {fields[0]}=@image.png)"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise HTTPException(422, "the multipart/form-data Content-Type has no boundary")
+    caps = {name: (max_per_field or {}).get(name, s.max_files) for name in fields}
+    results: dict[str, list[tuple[str, torch.Tensor] | None]] = {name: [] for name in fields}
+    pending: list[asyncio.Future] = []
+    finished: list[_Part] = []
+    part = _Part()
+    header_name = bytearray()
+    header_value = bytearray()
+    count = 0
+
+    def on_part_begin() -> None:
+        nonlocal part
+        part = _Part()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_name.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        part.headers[bytes(header_name).lower()] = bytes(header_value)
+        header_name.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        nonlocal count
+        _, options = parse_options_header(part.headers.get(b"content-disposition", b""))
+        if b"name" not in options:
+            raise HTTPException(422, "a multipart part has no name in its Content-Disposition header")
+        part.name = options[b"name"].decode("utf-8", "replace")
+        part.filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        if part.name not in results:
+            raise HTTPException(422, f"unexpected form field {part.name!r}; this endpoint takes {list(fields)}")
+        count += 1
+        if count > s.max_files:
+            raise HTTPException(422, f"at most {s.max_files} files per request (max_files); this one has more")
+        if len(results[part.name]) >= caps[part.name]:
+            raise HTTPException(422, f"at most {caps[part.name]} file(s) in the field {part.name!r}; this request has more")
+        part.slot = len(results[part.name])
+        results[part.name].append(None)  # its place, filled once decoded
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if len(part.data) + (end - start) > s.max_upload_bytes:
+            label = f"file {part.filename!r}" if part.filename else f"the file in {part.name!r}"
+            raise HTTPException(413, f"{label} has more bytes than max_upload_bytes ({s.max_upload_bytes})")
+        part.data.extend(data[start:end])
+
+    def on_part_end() -> None:
+        finished.append(part)
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+
+    async def decode(p: _Part) -> None:
+        async with service.decode_slots:
+            image = await service.run_decode(
+                imaging.decode_upload, bytes(p.data), p.filename, image_shape=entry.image_shape, max_pixels=s.max_pixels
+            )
+        results[p.name][p.slot] = (p.filename, image)
+
+    try:
+        async for chunk in request.stream():
+            try:
+                parser.write(chunk)
+            except MultipartParseError as err:
+                raise HTTPException(422, f"malformed multipart body: {err}") from None
+            for p in finished:
+                pending.append(asyncio.ensure_future(decode(p)))
+            finished.clear()
+            # The first bad file ends the request; and no more than decode_slots files wait.
+            while pending and (pending[0].done() or len(pending) > s.decode_slots):
+                await pending.pop(0)
+        try:
+            parser.finalize()
+        except MultipartParseError as err:
+            raise HTTPException(422, f"malformed multipart body: {err}") from None
+        for p in finished:  # a last part completed by finalize
+            pending.append(asyncio.ensure_future(decode(p)))
+        while pending:
+            await pending.pop(0)
+    finally:
+        for task in pending:
+            task.cancel()
+    missing = [name for name in fields if not results[name]]
+    if missing:
+        raise HTTPException(422, f"missing file field(s) {missing}: send them as multipart/form-data")
+    return {name: [item for item in items if item is not None] for name, items in results.items()}
