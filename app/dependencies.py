@@ -83,7 +83,7 @@ async def image_response(
 ) -> Response:
     """One PNG grid of images (B, C, H, W), or {"images": [base64 PNG, ...]} for Accept: application/json.
 
-    PNG encoding runs in the service's upload/PNG pool: a grid of 256 images is too much work
+    PNG encoding runs in the service's PNG pool: a grid of 256 images is too much work
     for the event loop, and the model threads have their own work.
     """
     service: Service = request.app.state.service

@@ -39,7 +39,7 @@ AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def torch_threads(settings: Settings) -> int:
     """Intra-op threads of each model thread: the setting, else half the usable cores of each worker
-    (the other half serve HTTP and the upload/PNG pool; tiny autoregressive steps lose more to
+    (the other half serve HTTP and the upload and PNG pools; tiny autoregressive steps lose more to
     thread synchronisation than they gain: on 2 cores, PixelCNN n=1 took 50 ms with 2 threads, 36 with 1)."""
     if settings.torch_threads:
         return settings.torch_threads

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with the request id
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / (2 x workers), at least 1
-    io_threads: int = Field(2, ge=1, le=64)  # the pool that decodes uploads and encodes PNGs, beside the model threads
+    io_threads: int = Field(2, ge=1, le=64)  # the pool that encodes PNGs, beside the model threads (uploads: decode_slots)
     # uvicorn worker processes for `python -m app`, each with every model. 1 keeps a lone request as
     # fast as an unbatched endpoint; 2 gave more requests/s on the cheap models on a 2-core CPU but
     # slower lone uploads (benchmarks/RESULTS.md).
