@@ -25,6 +25,11 @@ COPY app app
 COPY weights weights
 RUN /opt/venv/bin/pip install --quiet --no-deps . && useradd --system --uid 10001 genserve
 USER genserve
-EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["/opt/venv/bin/python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"]
+EXPOSE ${GENSERVE_PORT}
+# Healthy while /ready answers 200 on GENSERVE_PORT, read when the probe runs (so `-e GENSERVE_PORT=...`
+# moves it too); /ready is 503 while starting and while draining.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["/opt/venv/bin/python", "-c", "import os, sys, urllib.request; url = 'http://127.0.0.1:' + os.environ.get('GENSERVE_PORT', '8000') + '/ready'; sys.exit(urllib.request.urlopen(url, timeout=2).status != 200)"]
+# SIGTERM starts the drain (README, "Deployment"): /ready 503 for GENSERVE_DRAIN_DELAY_S, then up to
+# GENSERVE_GRACEFUL_TIMEOUT_S for the requests in hand; give `docker stop -t` / stop_grace_period more.
+STOPSIGNAL SIGTERM
 CMD ["/opt/venv/bin/python", "-m", "app"]
