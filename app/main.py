@@ -169,6 +169,8 @@ class RequestContext:
       at most one message ahead (a body is never buffered beyond what the handler reads). When
       that reader sees `http.disconnect` before the response is complete, the handler is
       cancelled: what it queued is withdrawn (app/batching.py), and the request counts as 499.
+    - An answer that starts before the whole body has arrived closes the connection, so a refused
+      upload or JSON body is not read to its end.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -177,11 +179,15 @@ class RequestContext:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id.set(rid)
         status = 500
         response_done = client_gone = False
+        # Whether the whole body has arrived. One that has not when the answer starts (an early 413, a
+        # bad first file) gets `Connection: close`, so the server does not go on reading the rest.
+        body_done = headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers
         start = time.perf_counter()
         inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
 
@@ -189,7 +195,8 @@ class RequestContext:
             nonlocal status, response_done
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                extra = [(b"x-request-id", rid.encode())] + ([] if body_done else [(b"connection", b"close")])
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 response_done = True
             await send(message)
@@ -197,9 +204,11 @@ class RequestContext:
         handler = asyncio.ensure_future(self.app(scope, inbox.get, send_with_id))
 
         async def pump() -> None:
-            nonlocal client_gone
+            nonlocal client_gone, body_done
             while True:
                 message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body", False):
+                    body_done = True
                 if message["type"] == "http.disconnect":
                     if not response_done and not handler.done():
                         client_gone = True

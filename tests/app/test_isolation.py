@@ -207,3 +207,12 @@ async def test_the_lowest_temperature_samples_every_prior(client):
     for prior in ("pixelcnn", "gated", "pixelcnnpp"):
         r = await client.get("/sample", params={"model": "vqvae", "prior": prior, "n": 2, "seed": 0, "temperature": 1e-3})
         assert r.status_code == 200, r.text
+
+
+async def test_an_answer_before_the_whole_body_closes_the_connection(serve):
+    async with serve(max_json_bytes=1000) as (_app, client):
+        r = await client.post("/decode", content=b"[" * 2000, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.headers["connection"] == "close"  # the server will not read on
+        ok = await client.post("/decode", json={"model": "vae", "z": [[0.5] * LATENT_DIM]})
+        assert ok.status_code == 200 and "connection" not in ok.headers  # read in full: keep-alive
+        assert "connection" not in (await client.get("/health")).headers
