@@ -54,7 +54,7 @@ def upload_body(fields: dict[str, str], multiple: str | None = None) -> dict:
         )
         for name, text in fields.items()
     }
-    schema = {"type": "object", "properties": properties, "required": list(fields)}
+    schema = {"type": "object", "properties": properties, "required": list(fields), "additionalProperties": False}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 

@@ -21,13 +21,16 @@ router = APIRouter(tags=["generate"])
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 IMAGE_RESPONSES = {
-    200: {"content": {"image/png": {}}, "description": "a PNG grid, or ImagesResponse for Accept: application/json"},
+    200: {
+        "model": ImagesResponse,  # for Accept: application/json
+        "content": {"image/png": {}},
+        "description": "a PNG grid, or ImagesResponse (one base64 PNG per image) for Accept: application/json",
+    },
     404: {"model": Error},
     422: {"model": Error},
     503: {"model": Error},
     504: {"model": Error},
 }
-
 
 @router.get("/sample", response_class=Response, responses=IMAGE_RESPONSES)
 async def sample(
@@ -102,7 +105,12 @@ def _prior_inputs(
     return [uniforms, temps, labels]
 
 
-@router.post("/decode", response_class=Response, responses={**IMAGE_RESPONSES, 200: {**IMAGE_RESPONSES[200], "model": ImagesResponse}})
+@router.post(
+    "/decode",
+    response_class=Response,
+    # 400: a body that is not UTF-8 JSON (FastAPI's own answer); 413: a body over max_json_bytes
+    responses={**IMAGE_RESPONSES, 400: {"model": Error}, 413: {"model": Error}},
+)
 async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> Response:
     """Latents to images, one grid. VAE: {"model", "z": [[D floats], ...]}; VQ-VAE: {"model",
     "codes": [[[h x w ints in [0, K)]], ...]}. A wrong shape, a non-finite value or a code out

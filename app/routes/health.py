@@ -28,7 +28,7 @@ async def ready(request: Request) -> Any:
     return {"status": "ready", "models": len(request.app.state.service.registry.entries)}
 
 
-@router.get("/config")
+@router.get("/config", responses={503: {"model": Error}})
 async def config(request: Request) -> dict[str, Any]:
     """The settings in effect (GENSERVE_* environment variables), the device they resolved to, and
     per batcher the pass sizes it pads to (`pass_sizes`: the batch-invariant sizes found at
@@ -44,7 +44,7 @@ async def config(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format: requests by endpoint and status, batch sizes, inference latency."""
     m = request.app.state.metrics

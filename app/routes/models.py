@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.dependencies import ServiceDep
-from app.schemas import ModelEntry, Problem
+from app.schemas import Error, ModelEntry, Problem
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses={503: {"model": Error}})  # 503: not ready
 
 
 @router.get("", response_model=list[ModelEntry], response_model_exclude_unset=True)

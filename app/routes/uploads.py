@@ -23,6 +23,7 @@ from app.uploads import read_upload_images, upload_body
 router = APIRouter(tags=["uploads"])
 
 UPLOAD_RESPONSES = {**IMAGE_RESPONSES, 400: {"model": Error}, 413: {"model": Error}}
+ENCODE_RESPONSES = {code: v for code, v in UPLOAD_RESPONSES.items() if code != 200}  # 200: EncodeResponse (JSON)
 FILES = upload_body({"file": "one or more images (PNG, JPEG, GIF, WebP, BMP, ...)"}, multiple="file")
 ENDS = upload_body({"a": "the first end", "b": "the last end"})
 
@@ -46,7 +47,7 @@ async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery) 
 
 
 @router.post(
-    "/encode", response_model=EncodeResponse, response_model_exclude_none=True, responses=UPLOAD_RESPONSES, openapi_extra=FILES
+    "/encode", response_model=EncodeResponse, response_model_exclude_none=True, responses=ENCODE_RESPONSES, openapi_extra=FILES
 )
 async def encode(
     request: Request,
