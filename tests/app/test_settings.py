@@ -17,7 +17,8 @@ def test_environment_variables_with_the_prefix(monkeypatch):
     monkeypatch.setenv("GENSERVE_DEVICE", "CPU")
     s = Settings()
     assert (s.max_n, s.precision, s.device) == (7, "bf16", "cpu")
-    assert s.max_upload_bytes == 10 * 1024 * 1024 and s.max_pixels == 4096 * 4096 and s.port == 8000
+    assert s.max_upload_bytes == 10 * 1024 * 1024 and s.max_pixels == 2048 * 2048 and s.port == 8000
+    assert s.max_json_bytes == 1024 * 1024 and s.drain_delay_s == 5.0 and s.graceful_timeout_s == 30.0
 
 
 @pytest.mark.parametrize("field, value", [("device", "gpu"), ("device", "cuda:x"), ("precision", "fp8"), ("max_batch_size", 0)])
