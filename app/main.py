@@ -156,6 +156,10 @@ class RequestSizeLimit:
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A body refused before it has all arrived is read to its end and dropped (by uvicorn, cheaply:
+# about 1 ms per MiB) when it declares at most this many bytes, so the client sees its 4xx; a
+# larger or chunked one gets `Connection: close` instead, and its client may see a reset.
+LINGER_BYTES = 64 * 1024 * 1024
 
 
 class RequestContext:
@@ -169,8 +173,8 @@ class RequestContext:
       at most one message ahead (a body is never buffered beyond what the handler reads). When
       that reader sees `http.disconnect` before the response is complete, the handler is
       cancelled: what it queued is withdrawn (app/batching.py), and the request counts as 499.
-    - An answer that starts before the whole body has arrived closes the connection, so a refused
-      upload or JSON body is not read to its end.
+    - An answer that starts before a large body (chunked, or over LINGER_BYTES) has arrived closes
+      the connection, so a refused upload or JSON body is not read to its end.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -185,9 +189,14 @@ class RequestContext:
         token = request_id.set(rid)
         status = 500
         response_done = client_gone = False
-        # Whether the whole body has arrived. One that has not when the answer starts (an early 413, a
-        # bad first file) gets `Connection: close`, so the server does not go on reading the rest.
-        body_done = headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers
+        # Whether the whole body has arrived. An answer that starts before it has (an early 413, a bad
+        # first file, a bad query) gets `Connection: close` when the rest may be large (chunked, or
+        # over LINGER_BYTES), so the server does not go on reading it. A smaller rest is read and
+        # dropped by uvicorn instead: closing a socket with unread data in it sends a reset, and the
+        # client may then never see its 4xx.
+        length = headers.get(b"content-length", b"")
+        body_done = length in (b"", b"0") and b"transfer-encoding" not in headers
+        close_early = not (length.isdigit() and int(length) <= LINGER_BYTES)  # read at call time: tests lower it
         start = time.perf_counter()
         inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
 
@@ -195,7 +204,7 @@ class RequestContext:
             nonlocal status, response_done
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [(b"x-request-id", rid.encode())] + ([] if body_done else [(b"connection", b"close")])
+                extra = [(b"x-request-id", rid.encode())] + ([(b"connection", b"close")] if close_early and not body_done else [])
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 response_done = True

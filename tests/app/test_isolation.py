@@ -209,10 +209,20 @@ async def test_the_lowest_temperature_samples_every_prior(client):
         assert r.status_code == 200, r.text
 
 
-async def test_an_answer_before_the_whole_body_closes_the_connection(serve):
+async def test_an_answer_before_a_large_body_has_arrived_closes_the_connection(serve, monkeypatch):
+    monkeypatch.setattr("app.main.LINGER_BYTES", 5000)
     async with serve(max_json_bytes=1000) as (_app, client):
-        r = await client.post("/decode", content=b"[" * 2000, headers={"content-type": "application/json"})
+        r = await client.post("/decode", content=b"[" * 6000, headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.headers["connection"] == "close"  # the server will not read on
+
+        async def chunked():  # no Content-Length: its size is unknown
+            for _ in range(5):
+                yield b"[" * 2000
+
+        r = await client.post("/decode", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.headers["connection"] == "close"
+        small = await client.post("/decode", content=b"[" * 2000, headers={"content-type": "application/json"})
+        assert small.status_code == 413 and "connection" not in small.headers  # the rest is read and dropped
         ok = await client.post("/decode", json={"model": "vae", "z": [[0.5] * LATENT_DIM]})
         assert ok.status_code == 200 and "connection" not in ok.headers  # read in full: keep-alive
         assert "connection" not in (await client.get("/health")).headers
