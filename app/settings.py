@@ -49,9 +49,9 @@ class Settings(BaseSettings):
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / (2 x workers), at least 1
     io_threads: int = Field(2, ge=1, le=64)  # the pool that encodes PNGs, beside the model threads (uploads: decode_slots)
-    # uvicorn worker processes for `python -m app`, each with every model. 1 keeps a lone request as
-    # fast as an unbatched endpoint; 2 gave more requests/s on the cheap models on a 2-core CPU but
-    # slower lone uploads (benchmarks/RESULTS.md).
+    # uvicorn worker processes for `python -m app`, each with every model. On a 2-core CPU 2 gave
+    # 1.3-1.4x the requests/s on the cheap models under load and no gain on the priors, for twice
+    # the memory and start-up time (benchmarks/RESULTS.md).
     workers: int = Field(1, ge=1, le=64)
     # Same seed, same bytes under any load. BLAS and cuDNN pick kernels by shape and different
     # kernels round differently, so a row could change in its last bit with the size of its pass.
