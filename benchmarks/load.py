@@ -27,8 +27,9 @@ The client runs on the same machine and shares its cores; each worker has its ow
 during each cell (1.0 = one core): a client near a full core means the client sets the pace.
 On a small CPU box, --threads 1 keeps torch's threads from fighting the client and event loop.
 At the end, in this same process, the cached prior sampler (`sample`, what the server runs) is
-timed against `sample_naive` for --sampler-n grids on every prior in the weights directory, and
-the codes are checked to be identical; benchmarks/sampling.py does the same in more detail.
+timed against `sample(mode="naive")` for --sampler-n grids on every prior in the weights
+directory, and the codes are checked to be identical; benchmarks/sampling.py does the same in
+more detail.
 
     python benchmarks/load.py                                  # everything, 10 s per cell (~10 min)
     python benchmarks/load.py --quick                          # smoke run: 2 s per cell, C = 1 and 8
@@ -589,8 +590,8 @@ def sampler_lines(weights: Path, n: int, threads: int | None) -> list[str]:
             continue
         model, info = load_model(path)
         t = time_samplers(model, n, repeats=3, seed=0)
-        lines.append(f"sampler {info.name}: naive {t['sample_naive']:.3f} s  cached {t['sample']:.3f} s  "
-                     f"speed-up {t['sample_naive'] / t['sample']:.1f}x (identical codes)")
+        lines.append(f"sampler {info.name}: naive {t['naive']:.3f} s  cached {t['cached']:.3f} s  "
+                     f"speed-up {t['naive'] / t['cached']:.1f}x (identical codes)")
     return lines
 
 
@@ -611,7 +612,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="GENSERVE_WEIGHTS_DIR (default weights/)")
     parser.add_argument("--threads", type=int, default=None, help="GENSERVE_TORCH_THREADS for both servers")
     parser.add_argument("--sampler-n", type=int, default=64,
-                        help="after the load test, time the cached prior sampler against sample_naive in this "
+                        help="after the load test, time the cached prior sampler against mode='naive' in this "
                              "process for n grids (benchmarks/sampling.py does it in detail); 0 skips it")
     parser.add_argument("--pad-batches", choices=["true", "false"], default=None,
                         help="GENSERVE_PAD_BATCHES for both servers (default: the server's default)")

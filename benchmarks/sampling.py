@@ -1,10 +1,10 @@
-"""Sampling speed of the priors: sample_naive vs sample_cropped vs sample (cached), side by side.
+"""Sampling speed of the priors: sample(mode=) "naive" vs "cropped" vs "cached", side by side.
 
 Each prior is built at the default serving config (codebook_size=256, hidden_channels=64, 7x7
 codes, the default layer counts, unconditional) with seeded random weights, or loaded from
 trained weight files with --weights. For each n, every sampler draws from the same seeded
 uniforms; the table shows the median wall time of --repeats runs under torch.inference_mode()
-and the speed-up over sample_naive, and the script fails if any sampler's codes differ.
+and the speed-up over the "naive" mode, and the script fails if any mode's codes differ.
 
     python benchmarks/sampling.py --threads 1
     python benchmarks/sampling.py --weights weights/pixelcnn.safetensors --n 1 64
@@ -27,7 +27,7 @@ from models.io import load_model  # noqa: E402
 from models.pixelcnn import GatedPixelCNN, PixelCNN  # noqa: E402
 from models.pixelcnnpp import PixelCNNpp  # noqa: E402
 
-SAMPLERS = ("sample_naive", "sample_cropped", "sample")
+SAMPLERS = ("naive", "cropped", "cached")  # the modes of sample(..., mode=)
 
 
 def default_priors(seed: int) -> dict[str, nn.Module]:
@@ -40,7 +40,7 @@ def default_priors(seed: int) -> dict[str, nn.Module]:
 
 
 def time_samplers(model: nn.Module, n: int, repeats: int, seed: int) -> dict[str, float]:
-    """Median seconds per call of each sampler for n grids; asserts they all draw the same codes."""
+    """Median seconds per call of each sampling mode for n grids; asserts they all draw the same codes."""
     num_classes = model.config.num_classes
     labels = torch.arange(n) % num_classes if num_classes else None
     times: dict[str, list[float]] = {name: [] for name in SAMPLERS}
@@ -50,11 +50,11 @@ def time_samplers(model: nn.Module, n: int, repeats: int, seed: int) -> dict[str
             for name in SAMPLERS:
                 generator = torch.Generator().manual_seed(seed)
                 start = time.perf_counter()
-                codes[name] = getattr(model, name)(n, labels, generator=generator)
+                codes[name] = model.sample(n, labels, generator=generator, mode=name)
                 times[name].append(time.perf_counter() - start)
             for name in SAMPLERS[1:]:
-                mismatches = int((codes[name] != codes["sample_naive"]).sum())
-                assert mismatches == 0, f"{model.KIND} n={n}: {name} differs from sample_naive at {mismatches} codes"
+                mismatches = int((codes[name] != codes["naive"]).sum())
+                assert mismatches == 0, f"{model.KIND} n={n}: mode {name} differs from naive at {mismatches} codes"
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, model in priors.items():
         for n in args.n:
             t = time_samplers(model, n, args.repeats, args.seed)
-            naive, cropped, cached = t["sample_naive"], t["sample_cropped"], t["sample"]
+            naive, cropped, cached = t["naive"], t["cropped"], t["cached"]
             print(
                 f"{name:<16} {n:>4} {naive:>9.3f} {cropped:>10.3f} {cached:>9.3f} "
                 f"{naive / cropped:>9.1f}x {naive / cached:>8.1f}x",
                 flush=True,
             )
-    print("codes: identical across the three samplers for every prior and n")
+    print("codes: identical across the three sampling modes for every prior and n")
 
 
 if __name__ == "__main__":

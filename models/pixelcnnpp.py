@@ -15,6 +15,10 @@ Causality at odd sizes: a stride-2 shifted conv maps output row i to input rows 
 to rows 2i..2i + 1 (and column j to 2j..2j + 1 for ul), and both crop to the high-res size:
 ceil(h / 2) rows and back, 7 -> 4 -> 7. Everything reads only rows at or above the one it
 writes, so the top rows compute the same whether the grid below them exists or not.
+
+The prior interface (`forward`, `log_prob`, `loss`, `sample(..., mode=)`) comes from
+`AutoregressivePrior` (models/prior.py); this file brings the network and the activation cache
+of the "cached" sampling mode (`PixelCNNppSamplingCache`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.pixelcnn import AutoregressivePrior, down_shift, label_bias, right_shift, validate_prior_fields
+from models.layers import down_shift, label_bias, right_shift
+from models.prior import AutoregressivePrior, validate_prior_fields
 
 
 @dataclass(frozen=True)
@@ -204,10 +209,11 @@ class PixelCNNpp(AutoregressivePrior):
         return self.head(F.elu(ul))  # (B, K, h', w)
 
     def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> PixelCNNppSamplingCache:
-        """For `sample`: caches each shifted convolution's input at every scale. The u stream (and
-        the coarse scales' u) reads only the rows above, so it runs once per row, at the row's
-        start; the ul stream at (r, c) reads only positions before (r, c), so it runs at (r, c)
-        alone, and at scale s only where r and c are multiples of 2^s (`PixelCNNppSamplingCache`)."""
+        """For `sample(mode="cached")`: caches each shifted convolution's input at every scale.
+        The u stream (and the coarse scales' u) reads only the rows above, so it runs once per
+        row, at the row's start; the ul stream at (r, c) reads only positions before (r, c), so it
+        runs at (r, c) alone, and at scale s only where r and c are multiples of 2^s
+        (`PixelCNNppSamplingCache`)."""
         return PixelCNNppSamplingCache(self, n, labels)
 
 

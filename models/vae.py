@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.pixelcnn import MaskedConv2d
+from models.layers import MaskedConv2d
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -1,5 +1,5 @@
-"""The cached samplers (`sample`, Ramachandran et al. 2017) against the reference `sample_naive`:
-the same codes for the same uniforms, and the same logits at every position."""
+"""The cached samplers (`sample(mode="cached")`, Ramachandran et al. 2017) against the reference
+`sample(mode="naive")`: the same codes for the same uniforms, and the same logits at every position."""
 
 import pytest
 import torch
@@ -43,7 +43,7 @@ def test_cached_sampler_draws_the_same_codes_as_the_naive_sampler(variant, grid)
     labels = torch.tensor([2, 0, 1, 2]) if num_classes else None
     uniforms = torch.rand(n, *shape, generator=torch.Generator().manual_seed(4))
     cached = model.sample(n, labels, temperature, uniforms=uniforms)
-    naive = model.sample_naive(n, labels, temperature, uniforms=uniforms)
+    naive = model.sample(n, labels, temperature, uniforms=uniforms, mode="naive")
     assert cached.shape == (n, *shape) and cached.dtype == torch.long
     assert torch.equal(cached, naive)
     assert len(cached.unique()) > 1  # not a degenerate constant grid
@@ -54,8 +54,8 @@ def test_all_three_samplers_agree_from_the_same_generator_seed(variant):
     model = make(variant, (4, 6), num_classes=2)
     labels, temperature = torch.tensor([1, 0, 1]), torch.tensor([0.7, 1.0, 1.5])
     codes = [
-        sample(3, labels, temperature, generator=torch.Generator().manual_seed(9))
-        for sample in (model.sample, model.sample_cropped, model.sample_naive)
+        model.sample(3, labels, temperature, generator=torch.Generator().manual_seed(9), mode=mode)
+        for mode in ("cached", "cropped", "naive")
     ]
     assert torch.equal(codes[0], codes[2]) and torch.equal(codes[1], codes[2])
 
@@ -90,7 +90,7 @@ def test_cached_sampler_is_exact_at_a_larger_float32_config():
         model = cls(config).eval()
         labels, temperature = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([0.5, 0.9, 1.0, 1.3, 3.0])
         cached = model.sample(n, labels, temperature, generator=torch.Generator().manual_seed(6))
-        naive = model.sample_naive(n, labels, temperature, generator=torch.Generator().manual_seed(6))
+        naive = model.sample(n, labels, temperature, generator=torch.Generator().manual_seed(6), mode="naive")
         assert torch.equal(cached, naive), cls.__name__
 
 
@@ -105,3 +105,16 @@ def test_cached_sampler_leaves_the_training_flag_as_it_was(variant, training):
     assert all(module.training is training for module in model.modules())
     # Dropout (p = 0.5 in the PixelCNN++ variants) is off while sampling, even in training mode.
     assert torch.equal(cached, model.eval().sample(2, uniforms=uniforms))
+
+
+def test_sample_runs_the_cached_mode_by_default_and_refuses_an_unknown_mode(monkeypatch):
+    model = make("pixelcnn", (4, 6))
+    built = []
+    cache = model._sampling_cache
+    monkeypatch.setattr(model, "_sampling_cache", lambda n, labels: built.append(n) or cache(n, labels))
+    model.sample(2, generator=torch.Generator().manual_seed(3))
+    assert built == [2]
+    model.sample(2, generator=torch.Generator().manual_seed(3), mode="naive")
+    assert built == [2]  # the reference mode builds no cache
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.sample(2, mode="fast")
