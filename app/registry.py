@@ -56,8 +56,19 @@ class Prior:
 
     @property
     def bits_per_code(self) -> float | None:
+        """Test NLL in bits per code, as reported (never used to choose anything)."""
         value = self.info.metrics.get("test_bits_per_code")
         return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def selection_bits_per_code(self) -> float | None:
+        """What the default prior is chosen by: the validation NLL; files trained before there was a
+        validation split have only the test NLL, which is then used."""
+        for key in ("val_bits_per_code", "test_bits_per_code"):
+            value = self.info.metrics.get(key)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return None
 
 
 @dataclass
@@ -84,13 +95,13 @@ class Entry:
 
     @property
     def default_prior(self) -> Prior | None:
-        """The prior with the lowest test_bits_per_code (one without the metric comes last)."""
+        """The prior with the lowest validation NLL (selection_bits_per_code; one without it comes last)."""
         if not self.priors:
             return None
         order = list(PRIOR_API_NAMES.values())
         return min(
             self.priors.values(),
-            key=lambda p: (p.bits_per_code if p.bits_per_code is not None else math.inf, order.index(p.api_name)),
+            key=lambda p: (s if (s := p.selection_bits_per_code) is not None else math.inf, order.index(p.api_name)),
         )
 
 

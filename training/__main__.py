@@ -29,6 +29,11 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument(
+        "--val-size", type=int, default=None,
+        help="validation images carved from the end of the training set, for choosing the best epoch "
+        "(default: min(5000, a tenth of the training images)); the test split is only used at the end",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -79,16 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = dict(root=args.data_root, download=args.download, image_size=args.image_size, channels=args.image_channels)
         train = load_dataset(args.data, "train", **kwargs).subset(args.limit_train)
         test = load_dataset(args.data, "test", **kwargs).subset(args.limit_test)
-    except DataError as err:
+        val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
+        train, val = train.split_last(val_size)
+    except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if rank == 0:
-        print(f"{args.family}: {train.name} {len(train)} train / {len(test)} test images of shape "
-              f"{train.image_shape}, device {device}, {world} process(es)", flush=True)
+        print(f"{args.family}: {train.name} {len(train)} train / {len(val)} validation / {len(test)} test images "
+              f"of shape {train.image_shape}, device {device}, {world} process(es)", flush=True)
     start = time.time()
     torch.manual_seed(args.seed)  # model initialisation is part of the run's reproducibility
     try:
-        module.run(args, train, test, device, rank, world)
+        module.run(args, train, val, test, device, rank, world)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

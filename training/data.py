@@ -52,6 +52,16 @@ class ImageData:
         labels = None if self.labels is None else self.labels[:n]
         return ImageData(self.name, self.images[:n], labels, self.num_classes, self.class_names)
 
+    def split_last(self, n: int) -> tuple["ImageData", "ImageData"]:
+        """(all but the last n images, the last n): a validation split carved from a training set."""
+        if not 0 < n < len(self):
+            raise ValueError(f"a validation split needs 0 < n < {len(self)} images, got {n}")
+        labels = (None, None) if self.labels is None else (self.labels[:-n], self.labels[-n:])
+        return (
+            ImageData(self.name, self.images[:-n], labels[0], self.num_classes, self.class_names),
+            ImageData(self.name, self.images[-n:], labels[1], self.num_classes, self.class_names),
+        )
+
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images as float in [0, 1] on `device`, and their labels."""
         x = self.images[index].to(device).float().div_(255.0)

@@ -1,7 +1,8 @@
 """One training loop for every model family: epochs, progress bar, evaluation, best checkpoint, resume, DDP.
 
 A family plugs in with a `loss_fn(model, index) -> (loss, stats)` that builds its own batch
-from the sample indices, an `evaluate(model) -> metrics` on the test split, and
+from the sample indices, an `evaluate(model) -> metrics` on a validation split (carved from the
+training set: the best epoch is never chosen by looking at the test split), and
 `save_best(model, metrics)`. Under `torchrun` the loop runs as DistributedDataParallel:
 every rank takes a disjoint shard of each epoch's permutation; rank 0 evaluates and writes.
 """
@@ -32,7 +33,7 @@ class FitConfig:
     seed: int
     run_dir: Path
     resume: bool = False
-    best_key: str = "loss"  # the test metric to minimise when choosing the best epoch
+    best_key: str = "loss"  # the validation metric to minimise when choosing the best epoch
     grad_clip: float | None = None
     progress: bool = True
     show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar

@@ -58,7 +58,9 @@ def unigram_cross_entropy_bits(train_counts: torch.Tensor, test_codes: torch.Ten
     return -p.log2()[test_codes.flatten()].mean().item()
 
 
-def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: torch.device, rank: int, world: int) -> None:
+def run(
+    args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, device: torch.device, rank: int, world: int
+) -> None:
     vqvae, vq_info = load_model(args.vqvae, device)
     if vq_info.kind != "vqvae":
         raise ValueError(f"--vqvae {args.vqvae} holds a {vq_info.kind!r} model, not a VQ-VAE")
@@ -75,9 +77,10 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
     prior = cls(config).to(device)
 
     if rank == 0:
-        print(f"encoding {len(train)} + {len(test)} images with {args.vqvae} ...", flush=True)
-    train_codes, test_codes = encode_codes(vqvae, train), encode_codes(vqvae, test)  # (N, h, w)
+        print(f"encoding {len(train)} + {len(val)} + {len(test)} images with {args.vqvae} ...", flush=True)
+    train_codes, val_codes, test_codes = (encode_codes(vqvae, d) for d in (train, val, test))  # (N, h, w)
     train_labels = train.labels if conditional else None
+    val_labels = val.labels if conditional else None
     test_labels = test.labels if conditional else None
     train_counts = torch.bincount(train_codes.flatten(), minlength=config.codebook_size)
     baseline = {
@@ -94,8 +97,8 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
         loss = m.loss(train_codes[index].to(device), y)
         return loss, {"nats_per_code": loss.detach()}
 
-    def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return {"test_bits_per_code": nll_bits_per_code(m, test_codes, test_labels)}
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:  # selection never looks at test
+        return {"val_bits_per_code": nll_bits_per_code(m, val_codes, val_labels)}
 
     extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest(), "vqvae_file": Path(args.vqvae).name,
              "api_name": args.arch}
@@ -111,14 +114,15 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
             save_frame(args.run_dir, "samples", epoch, vqvae.decode_indices(codes))
 
     fit_config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           run_dir=Path(args.run_dir), resume=args.resume, best_key="test_bits_per_code",
+                           run_dir=Path(args.run_dir), resume=args.resume, best_key="val_bits_per_code",
                            progress=not args.quiet)
     state = fit(prior, fit_config, n_train=len(train_codes), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
                 on_epoch_end=pictures, rank=rank, world=world, desc=f"prior-{args.arch}")
     if rank != 0:
         return
     best, info = load_model(args.out, device)
-    metrics = {**info.metrics, "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
+    metrics = {**info.metrics, "test_bits_per_code": nll_bits_per_code(best, test_codes, test_labels),
+               "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
                "conditional": conditional, "train_codes": int(train_codes.numel())}
     save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics,
                extra=extra, image_shape=vqvae.image_shape)

@@ -1,4 +1,4 @@
-"""`python -m training vae`: train a VAE, keep the best epoch by test negative ELBO, evaluate it."""
+"""`python -m training vae`: train a VAE, keep the best epoch by validation negative ELBO, then evaluate it on test."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iwae-images", type=int, default=None, help="test images for the IWAE bound (default: all)")
 
 
-def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: torch.device, rank: int, world: int) -> None:
+def run(
+    args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, device: torch.device, rank: int, world: int
+) -> None:
     if args.free_bits < 0:
         raise ValueError(f"free_bits must be >= 0 nats per latent dimension, got {args.free_bits}")
     c, h, w = train.image_shape
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
         decoder=args.decoder, ar_channels=args.ar_channels, ar_kernel=args.ar_kernel, ar_layers=args.ar_layers,
     )
     model = VAE(config).to(device)
-    fixed_x, _ = test.batch(torch.arange(min(GRID, len(test))), device)
+    fixed_x, _ = val.batch(torch.arange(min(GRID, len(val))), device)
     fixed_z = torch.randn(GRID, config.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def loss_fn(m: VAE, index: torch.Tensor):
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
         return m.loss(x, free_bits=args.free_bits)
 
     def evaluate(m: VAE) -> dict[str, float]:
-        return {"test_neg_elbo": vae_neg_elbo(m, test)["neg_elbo"]}
+        return {"val_neg_elbo": vae_neg_elbo(m, val)["neg_elbo"]}  # selection never looks at test
 
     def save_best(m: VAE, metrics: dict) -> None:
         save_model(args.out, m, name=args.name, dataset=train.name, command=args.command, metrics=metrics)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
 
     fit_config = FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        run_dir=Path(args.run_dir), resume=args.resume, best_key="test_neg_elbo", progress=not args.quiet,
+        run_dir=Path(args.run_dir), resume=args.resume, best_key="val_neg_elbo", progress=not args.quiet,
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
                 save_best=save_best, on_epoch_end=pictures, rank=rank, world=world, desc=f"vae-{args.arch}")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
         "iwae_k": args.iwae_k, "iwae_images": len(iwae_data),
         "active_units": active_units(best, test), "latent_dim": config.latent_dim,
         "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
-        "train_images": len(train), "test_images": len(test),
+        "train_images": len(train), "val_images": len(val), "test_images": len(test),
         **{f"test_{k}": v for k, v in reconstruction_quality(best, test).items()},
     }
     save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics)

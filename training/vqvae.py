@@ -40,7 +40,9 @@ def code_histogram(model: VQVAE, data: ImageData, batch_size: int = 500) -> torc
     return counts
 
 
-def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: torch.device, rank: int, world: int) -> None:
+def run(
+    args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, device: torch.device, rank: int, world: int
+) -> None:
     c, h, _ = train.image_shape
     config = VQVAEConfig(
         in_channels=c, image_size=h, hidden_channels=args.hidden_channels, res_channels=args.res_channels,
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
         dead_code_steps=args.dead_code_steps,
     )
     model = VQVAE(config).to(device)
-    fixed_x, _ = test.batch(torch.arange(min(GRID, len(test))), device)
+    fixed_x, _ = val.batch(torch.arange(min(GRID, len(val))), device)
     epoch_counts = torch.zeros(config.codebook_size, dtype=torch.long)
 
     def loss_fn(m: VQVAE, index: torch.Tensor):
@@ -58,12 +60,14 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
         epoch_counts.add_(m.quantizer.last_counts.long().cpu())
         return loss, stats
 
-    def evaluate(m: VQVAE) -> dict[str, float]:
-        quality = reconstruction_quality(m, test)
-        usage = usage_stats(code_histogram(m, test))
+    def quality(m: VQVAE, data: ImageData, split: str) -> dict[str, float]:
+        q, usage = reconstruction_quality(m, data), usage_stats(code_histogram(m, data))
+        return {f"{split}_mse": q["mse"], f"{split}_psnr_db": q["psnr_db"],
+                f"{split}_perplexity": usage["perplexity"], f"{split}_codes_used": usage["codes_used"]}
+
+    def evaluate(m: VQVAE) -> dict[str, float]:  # on validation images: selection never looks at test
         metrics = {
-            "test_mse": quality["mse"], "test_psnr_db": quality["psnr_db"],
-            "test_perplexity": usage["perplexity"], "test_codes_used": usage["codes_used"],
+            **quality(m, val, "val"),
             "train_epoch_codes_used_share": int((epoch_counts > 0).sum()) / config.codebook_size,
             "restarts_total": int(m.quantizer.restarts.item()),
         }
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
 
     fit_config = FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
-        resume=args.resume, best_key="test_mse", progress=not args.quiet, show=("perplexity", "codes_used", "restarts"),
+        resume=args.resume, best_key="val_mse", progress=not args.quiet, show=("perplexity", "codes_used", "restarts"),
         running_totals=("restarts",),
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
@@ -88,9 +92,9 @@ def run(args: argparse.Namespace, train: ImageData, test: ImageData, device: tor
     if rank != 0:
         return
     best, info = load_model(args.out, device)
-    metrics = {**info.metrics, "codebook_size": config.codebook_size, "code_shape": list(best.code_shape),
-               "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
-               "train_images": len(train), "test_images": len(test)}
+    metrics = {**info.metrics, **quality(best, test, "test"), "codebook_size": config.codebook_size,
+               "code_shape": list(best.code_shape), "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
+               "train_images": len(train), "val_images": len(val), "test_images": len(test)}
     save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics)
     print(
         f"{args.out}: test MSE {metrics['test_mse']:.5f}, PSNR {metrics['test_psnr_db']:.2f} dB, perplexity "

@@ -92,3 +92,14 @@ def test_unknown_data_and_empty_folder(tmp_path):
         load_dataset("svhn", "train")
     with pytest.raises(DataError, match="no images"):
         load_dataset(str(tmp_path), "train")
+
+
+def test_split_last_carves_the_last_images_off(fashion_root):
+    train = load_dataset("fashion-mnist", "train", root=fashion_root)
+    rest, val = train.split_last(56)
+    assert (len(rest), len(val)) == (200, 56)
+    assert torch.equal(torch.cat([rest.images, val.images]), train.images)
+    assert torch.equal(torch.cat([rest.labels, val.labels]), train.labels)
+    for bad in (0, 256, -1):
+        with pytest.raises(ValueError, match="validation split"):
+            train.split_last(bad)

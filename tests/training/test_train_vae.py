@@ -106,3 +106,28 @@ def test_torchrun_two_cpu_processes(fashion_root, tmp_path):
     assert "2 process(es)" in result.stdout
     _, info = load_model(out)
     assert math.isfinite(info.metrics["test_neg_elbo"]) and info.metrics["epochs_trained"] == 1
+
+
+def test_the_best_epoch_is_chosen_on_validation_images_and_test_is_used_only_at_the_end(fashion_root, tmp_path, monkeypatch):
+    """256 training images -> 232 train + 24 validation; 64 test images are seen only after training."""
+    import training.vae
+
+    seen = []
+    original = training.vae.vae_neg_elbo
+
+    def recording(model, data, *args, **kwargs):
+        seen.append(len(data))
+        return original(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(training.vae, "vae_neg_elbo", recording)
+    code, out = train(fashion_root, tmp_path, "--epochs", "2", "--val-size", "24", arch="mlp")
+    assert code == 0
+    assert seen == [24, 24, 64]  # one validation pass per epoch, then the test split once, for the report
+    m = load_model(out)[1].metrics
+    assert (m["train_images"], m["val_images"], m["test_images"]) == (232, 24, 64)
+    assert math.isfinite(m["val_neg_elbo"]) and m["best_epoch"] in (1, 2)
+
+
+def test_a_validation_split_that_leaves_no_training_images_is_one_error_line(fashion_root, tmp_path, capsys):
+    code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--val-size", "256", arch="mlp")
+    assert code == 2 and "validation split needs 0 < n < 256" in capsys.readouterr().err
