@@ -51,7 +51,7 @@ class ImageError(Exception):
 
 
 def decode_upload(
-    data: bytes, filename: str, *, image_shape: tuple[int, int, int], max_pixels: int
+    data: bytes | bytearray, filename: str, *, image_shape: tuple[int, int, int], max_pixels: int
 ) -> torch.Tensor:
     """Bytes of any common image file -> (C, H, W) float32 in [0, 1] for a model of `image_shape`."""
     label = f"file {filename!r}" if filename else "the file"

@@ -20,6 +20,7 @@ count it with status 499 (client closed request), not 200.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -46,6 +47,14 @@ from app.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 MULTIPART_OVERHEAD = 1024 * 1024  # bytes allowed beyond max_files * max_upload_bytes in one request
+UPLOAD_PATHS = frozenset({"/reconstruct", "/encode", "/interpolate"})  # the routes that take multipart uploads
+ECHO_CHARS = 200  # a 422 shows at most this much of the offending input
+
+
+def _short(value: Any) -> Any:
+    """An offending input as a 422 shows it: whole when short, else the start of its JSON and its size."""
+    text = json.dumps(value, default=str)
+    return value if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
 
 
 def _json_safe(value: Any) -> Any:
@@ -100,7 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the offending input, and a JSON body of `Infinity` or `NaN`
         # cannot be written back as strict JSON (a 500); such floats are echoed as strings.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        # A long input (a whole body sent with the wrong content type) is cut to its first characters.
+        errors = [{**e, "input": _short(e["input"])} if "input" in e else e for e in _json_safe(jsonable_encoder(exc.errors()))]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -118,8 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 class RequestSizeLimit:
     """413 when a request body is too large, before it is parsed.
 
-    A multipart upload may hold max_files * max_upload_bytes (+1 MiB of multipart overhead); any
-    other body (the JSON of /decode) max_json_bytes. A declared Content-Length is refused before
+    The upload routes (UPLOAD_PATHS) take max_files * max_upload_bytes (+1 MiB of multipart
+    overhead); every other route max_json_bytes, whatever Content-Type the client claims. A declared
+    Content-Length is refused before
     anything is read; a chunked body is counted as it streams in. Each file is also held to
     max_upload_bytes as it is read (app/dependencies.py).
     """
@@ -132,7 +144,7 @@ class RequestSizeLimit:
         if settings is None:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+        if scope["path"] in UPLOAD_PATHS:
             limit = settings.max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD
             detail = f"request body exceeds {limit} bytes (max_files x max_upload_bytes + 1 MiB)"
         else:
@@ -163,7 +175,8 @@ LINGER_BYTES = 64 * 1024 * 1024
 
 
 class RequestContext:
-    """Per request: its id, its metrics, and its cancellation when the client goes away.
+    """Per request: its id, its metrics, its deadline for the body, its cancellation when the client
+    goes away, and a JSON 500 for anything the app failed to handle.
 
     - The id is the client's X-Request-ID when it is well-formed (REQUEST_ID), else a new uuid4
       hex; it is set in app.logs.request_id for the request's task and echoed as X-Request-ID.
@@ -173,8 +186,13 @@ class RequestContext:
       at most one message ahead (a body is never buffered beyond what the handler reads). When
       that reader sees `http.disconnect` before the response is complete, the handler is
       cancelled: what it queued is withdrawn (app/batching.py), and the request counts as 499.
-    - An answer that starts before a large body (chunked, or over LINGER_BYTES) has arrived closes
-      the connection, so a refused upload or JSON body is not read to its end.
+    - A body that has not fully arrived within request_timeout_s of the request's start is 408
+      (the client's slowness, not the server's), and the handler is cancelled.
+    - An answer gets `Connection: close` when the rest of an unread body may be large (chunked,
+      or over LINGER_BYTES), when the client sent `Expect: 100-continue` and no body yet, and
+      while the service drains (so pooled clients move to another instance).
+    - An exception the app did not handle is logged with the request id and answered with a JSON
+      500 that carries it, in words, without the exception's text.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -187,8 +205,9 @@ class RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id.set(rid)
+        state = scope["app"].state
         status = 500
-        response_done = client_gone = False
+        response_started = response_done = client_gone = body_late = False
         # Whether the whole body has arrived. An answer that starts before it has (an early 413, a bad
         # first file, a bad query) gets `Connection: close` when the rest may be large (chunked, or
         # over LINGER_BYTES), so the server does not go on reading it. A smaller rest is read and
@@ -196,15 +215,18 @@ class RequestContext:
         # client may then never see its 4xx.
         length = headers.get(b"content-length", b"")
         body_done = length in (b"", b"0") and b"transfer-encoding" not in headers
-        close_early = not (length.isdigit() and int(length) <= LINGER_BYTES)  # read at call time: tests lower it
+        close_early = not (length.isdigit() and int(length) <= LINGER_BYTES) or b"expect" in headers  # read at call time
         start = time.perf_counter()
         inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_done
+            nonlocal status, response_started, response_done
             if message["type"] == "http.response.start":
-                status = message["status"]
-                extra = [(b"x-request-id", rid.encode())] + ([(b"connection", b"close")] if close_early and not body_done else [])
+                status, response_started = message["status"], True
+                service = getattr(state, "service", None)
+                close = (close_early and not body_done) or bool(service is not None and service.draining)
+                close = close and (b"connection", b"close") not in message.get("headers", [])
+                extra = [(b"x-request-id", rid.encode())] + ([(b"connection", b"close")] if close else [])
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 response_done = True
@@ -227,20 +249,53 @@ class RequestContext:
                     return
                 await inbox.put(message)
 
+        def body_deadline() -> None:
+            nonlocal body_late
+            if not body_done and not response_started and not handler.done():
+                body_late = True
+                handler.cancel()
+
         reader = asyncio.ensure_future(pump())
+        settings = getattr(state, "settings", None)
+        timer = (
+            asyncio.get_running_loop().call_later(settings.request_timeout_s, body_deadline)
+            if settings is not None and not body_done
+            else None
+        )
         try:
             await handler
         except asyncio.CancelledError:
-            if not client_gone:  # the server is cancelling this request (shutdown): pass it on
+            if client_gone:
+                status = 499  # nginx's "client closed request": nobody is left to answer
+            elif body_late:
+                limit = settings.request_timeout_s  # type: ignore[union-attr]
+                body = {"detail": f"the request body did not arrive within {limit:g} s"}
+                await self._answer(send_with_id, 408, body, close=True)
+            else:  # the server is cancelling this request (shutdown): pass it on
                 handler.cancel()
                 raise
-            status = 499  # nginx's "client closed request": nobody is left to answer
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if response_started:
+                raise
+            detail = {"detail": "internal error: the log has the details", "request_id": rid}
+            await self._answer(send_with_id, 500, detail, close=False)
         finally:
+            if timer is not None:
+                timer.cancel()
             reader.cancel()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            scope["app"].state.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
+            state.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
             request_id.reset(token)
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: dict[str, Any], close: bool) -> None:
+        """A JSON answer written here, through `send` (which adds the request id, and Connection: close
+        where an unread body calls for it; `close` asks for it in any case)."""
+        headers = [(b"content-type", b"application/json")] + ([(b"connection", b"close")] if close else [])
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 app = create_app()

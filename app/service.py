@@ -56,6 +56,7 @@ class Service:
     metrics: Metrics
     decode_pool: ThreadPoolExecutor | None = None  # decodes uploads, decode_slots threads
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    upload_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # requests reading uploads
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
     executors: list[ThreadPoolExecutor] = field(default_factory=list)
     ready: bool = False  # True from the end of start() until stop()
@@ -72,6 +73,7 @@ class Service:
         service = cls(settings, device, registry, io_pool, metrics)
         service.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
         service.decode_slots = asyncio.Semaphore(settings.decode_slots)
+        service.upload_slots = asyncio.Semaphore(settings.upload_slots)
         try:
             if settings.pad_batches and settings.linear_min_rows > 1:
                 for entry in registry.entries.values():

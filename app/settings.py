@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # 1 MiB holds max_n = 256 latents of 32 dimensions written out in full precision several times over.
     max_json_bytes: int = Field(1 * MB, ge=1)
     decode_slots: int = Field(2, ge=1, le=64)  # uploads decoded at once (each may hold its pixels in memory)
+    # Requests reading uploads at once; the others wait (their bodies stay in the network buffers).
+    # Each holds at most about (decode_slots + 2) x max_upload_bytes of raw file bytes.
+    upload_slots: int = Field(4, ge=1, le=256)
     max_files: int = Field(64, ge=1)  # uploaded files per request
     max_n: int = Field(256, ge=1)  # images per /sample (and latents per /decode)
     max_batch_size: int = Field(64, ge=1)  # items per forward pass; 1 disables batching

@@ -10,7 +10,13 @@ feeds the body to python-multipart chunk by chunk:
   next file streams in; at most `decode_slots` files of a request wait for decoding, so a
   request holds the raw bytes of only a few files;
 - the first file that is too large, undecodable or one too many ends the request with its
-  4xx; the rest of the body is never read.
+  4xx; the rest of the body is never read;
+- at most `upload_slots` requests read uploads at once across the service (the others wait, and
+  their bodies wait in the network buffers), so the raw bytes held for uploads stay bounded
+  by about upload_slots x (decode_slots + 2) x max_upload_bytes.
+
+A body that ends before the multipart closing boundary (a truncated upload) is 400: no file of
+it is used.
 
 A request is refused with 422 when it is not multipart/form-data, names a field the route does
 not take, or lacks one it needs.
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from fastapi import HTTPException, Request
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app import imaging
@@ -83,6 +89,11 @@ async def read_upload_images(
     header_name = bytearray()
     header_value = bytearray()
     count = 0
+    ended = False
+
+    def on_end() -> None:
+        nonlocal ended
+        ended = True
 
     def on_part_begin() -> None:
         nonlocal part
@@ -125,50 +136,49 @@ async def read_upload_images(
     def on_part_end() -> None:
         finished.append(part)
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
-
     async def decode(p: _Part) -> None:
         async with service.decode_slots:
             image = await service.run_decode(
-                imaging.decode_upload, bytes(p.data), p.filename, image_shape=entry.image_shape, max_pixels=s.max_pixels
+                imaging.decode_upload, p.data, p.filename, image_shape=entry.image_shape, max_pixels=s.max_pixels
             )
         results[p.name][p.slot] = (p.filename, image)
 
-    try:
-        async for chunk in request.stream():
-            try:
-                parser.write(chunk)
-            except MultipartParseError as err:
-                raise HTTPException(422, f"malformed multipart body: {err}") from None
-            for p in finished:
-                pending.append(asyncio.ensure_future(decode(p)))
-            finished.clear()
-            # The first bad file ends the request; and no more than decode_slots files wait.
-            while pending and (pending[0].done() or len(pending) > s.decode_slots):
-                await pending.pop(0)
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+        "on_end": on_end,
+    }
+    async with service.upload_slots:
         try:
-            parser.finalize()
-        except MultipartParseError as err:
-            raise HTTPException(422, f"malformed multipart body: {err}") from None
-        for p in finished:  # a last part completed by finalize
-            pending.append(asyncio.ensure_future(decode(p)))
-        while pending:
-            await pending.pop(0)
-    finally:
-        for task in pending:
-            task.cancel()
-    missing = [name for name in fields if not results[name]]
+            try:
+                parser = MultipartParser(boundary, callbacks)
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                    for p in finished:
+                        pending.append(asyncio.ensure_future(decode(p)))
+                    finished.clear()
+                    # The first bad file ends the request; and no more than decode_slots files wait.
+                    while pending and (pending[0].done() or len(pending) > s.decode_slots):
+                        await pending.pop(0)
+                parser.finalize()
+            except FormParserError as err:
+                raise HTTPException(422, f"malformed multipart body: {err}") from None
+            if not ended:
+                raise HTTPException(400, "the multipart body ends before its closing boundary: the upload is incomplete")
+            while pending:
+                await pending.pop(0)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)  # retrieve what they raised
+    files = {name: [item for item in items if item is not None] for name, items in results.items()}
+    missing = [name for name in fields if not files[name]]
     if missing:
         raise HTTPException(422, f"missing file field(s) {missing}: send them as multipart/form-data")
-    return {name: [item for item in items if item is not None] for name, items in results.items()}
+    assert all(len(files[n]) == len(results[n]) for n in fields), "every part that began was decoded"
+    return files

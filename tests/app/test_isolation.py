@@ -226,3 +226,77 @@ async def test_an_answer_before_a_large_body_has_arrived_closes_the_connection(s
         ok = await client.post("/decode", json={"model": "vae", "z": [[0.5] * LATENT_DIM]})
         assert ok.status_code == 200 and "connection" not in ok.headers  # read in full: keep-alive
         assert "connection" not in (await client.get("/health")).headers
+
+
+# -- what a hostile review found ------------------------------------------------------------------
+
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "zz", close: bool = True) -> bytes:
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n\r\n'.encode() + data + b"\r\n"
+        for name, data in parts
+    )
+    return body + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+@pytest.mark.parametrize("route, fields", [("/reconstruct", ["file"]), ("/encode", ["file", "file"]), ("/interpolate", ["a", "b"])])
+async def test_a_truncated_upload_is_400_and_no_file_of_it_is_used(client, route, fields):
+    full = multipart([(name, image_bytes(seed=i)) for i, name in enumerate(fields)])
+    headers = {"content-type": "multipart/form-data; boundary=zz"}
+    for body in (full[: len(full) - 40], multipart([(n, image_bytes(seed=i)) for i, n in enumerate(fields)], close=False)):
+        r = await client.post(route, params={"model": "vae"}, content=body, headers=headers)
+        assert r.status_code == 400 and "ends before its closing boundary" in r.json()["detail"], r.text
+    assert (await client.post(route, params={"model": "vae"}, content=full, headers=headers)).status_code == 200
+
+
+async def test_a_boundary_the_parser_refuses_is_422(client):
+    boundary = "B" * 5000
+    r = await client.post("/reconstruct", params={"model": "vae"}, content=multipart([("file", image_bytes())], boundary),
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 422 and "malformed multipart body" in r.json()["detail"]
+
+
+async def test_the_json_limit_holds_whatever_content_type_is_claimed_and_a_422_echoes_little(serve):
+    async with serve(max_json_bytes=1000) as (_app, client):
+        r = await client.post("/decode", content=b"x" * 5000, headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413 and "max_json_bytes" in r.json()["detail"]
+        r = await client.post("/decode", json={"model": "vae", "z": "y" * 900})
+        assert r.status_code == 422 and len(r.text) < 1000 and "(902 characters)" in r.text
+
+
+async def test_an_unhandled_error_is_a_json_500_with_the_request_id(serve, monkeypatch):
+    async with serve() as (app, client):
+        def broken(*args, **kwargs):
+            raise RuntimeError("secret internals")
+
+        monkeypatch.setattr(app.state.service, "batcher", broken)
+        r = await client.get("/sample", params={"model": "vae", "n": 1}, headers={"X-Request-ID": "boom-1"})
+        assert r.status_code == 500 and r.headers["X-Request-ID"] == "boom-1"
+        assert r.json() == {"detail": "internal error: the log has the details", "request_id": "boom-1"}
+        assert (await client.get("/health")).status_code == 200  # and the server carries on
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(serve):
+    async with serve(request_timeout_s=0.3) as (_app, client):
+        never = asyncio.Event()
+
+        async def trickle():
+            yield b'{"model": "vae", '
+            await never.wait()  # the rest never comes
+            yield b"}"
+
+        r = await client.post("/decode", content=trickle(), headers={"content-type": "application/json"})
+        never.set()
+        assert r.status_code == 408 and r.headers["connection"] == "close"
+        assert r.json() == {"detail": "the request body did not arrive within 0.3 s"}
+
+
+async def test_expect_continue_and_draining_close_the_connection(serve):
+    async with serve(max_json_bytes=1000) as (app, client):
+        r = await client.post("/decode", content=b"x" * 2000, headers={"content-type": "application/json", "expect": "100-continue"})
+        assert r.status_code == 413 and r.headers["connection"] == "close"
+        assert "connection" not in (await client.get("/health")).headers
+        app.state.service.begin_drain()
+        r = await client.get("/sample", params={"model": "vae", "n": 1, "seed": 0})
+        assert r.status_code == 200 and r.headers["connection"] == "close"  # pooled clients move on
+        assert (await client.get("/ready")).status_code == 503
