@@ -252,15 +252,16 @@ class VAE(nn.Module):
         """Importance-weighted bound on log p(x) (Burda et al. 2015, eq. 8), per image, float64.
 
         log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i | x),  z_i ~ q(z | x).
-        The k samples are drawn `chunk` at a time so memory stays at chunk * B decodes;
+        All k x B noise vectors are drawn at once (k * B * D numbers), so the bound does not depend
+        on `chunk`; the samples are decoded `chunk` at a time so memory stays at chunk * B decodes;
         log-weights are accumulated in float64 and combined with logsumexp.
         """
         mu, logvar = self.encode(x)  # (B, D)
         std = torch.exp(0.5 * logvar)
+        noise = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)  # (k, B, D)
         log_w = []
         for start in range(0, k, chunk):
-            m = min(chunk, k - start)
-            eps = torch.randn((m, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = noise[start : start + chunk]  # (m, B, D)
             z = mu + eps * std  # (m, B, D)
             logits = self.decode(z, context=x)  # (m, B, C, H, W)
             log_px_z = -F.binary_cross_entropy_with_logits(

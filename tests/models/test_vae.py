@@ -90,8 +90,39 @@ def test_iwae_is_float64_and_chunking_does_not_change_it():
         a = model.iwae_bound(x, 60, chunk=60, generator=torch.Generator().manual_seed(0))
         b = model.iwae_bound(x, 60, chunk=7, generator=torch.Generator().manual_seed(0))
     assert a.dtype == torch.float64
-    # different chunking draws different samples: equal up to Monte-Carlo noise (values are ~550 nats)
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # the same noise, decoded in other chunks
+
+
+def iwae_reference(model: VAE, x: torch.Tensor, k: int, seed: int, broken_q: bool = False) -> torch.Tensor:
+    """The IWAE bound from torch.distributions, with the noise iwae_bound draws: (B,) float64."""
+    from torch.distributions import Bernoulli
+
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn((k, *mu.shape), generator=torch.Generator().manual_seed(seed))  # (k, B, D)
+    z = mu + eps * std
+    log_px_z = Bernoulli(logits=model.decode(z).double()).log_prob(x.double().expand(k, *x.shape)).flatten(2).sum(-1)
+    log_pz = Normal(0.0, 1.0).log_prob(z.double()).sum(-1)
+    q = Normal(mu.double(), 1.0 if broken_q else std.double())  # broken: the -0.5 log sigma^2 term is gone
+    log_qz = q.log_prob(mu.double() + eps.double() * std.double()).sum(-1)
+    if broken_q:
+        log_qz = log_qz - 0.5 * (eps.double() ** 2 * (std.double() ** 2 - 1)).sum(-1)  # same exponent, no log-det
+    return torch.logsumexp(log_px_z + log_pz - log_qz, 0) - math.log(k)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_iwae_equals_torch_distributions_with_the_same_noise_and_a_broken_log_q_is_caught(arch):
+    model = tiny(arch).eval()
+    with torch.no_grad():
+        model.fc_logvar.bias.fill_(-1.5)  # a posterior far from N(0, I), so the log-det term matters
+        x = (torch.rand(4, 1, 28, 28) > 0.5).float()
+        ours = model.iwae_bound(x, 50, chunk=13, generator=torch.Generator().manual_seed(3))
+        reference = iwae_reference(model, x, 50, seed=3)
+        broken = iwae_reference(model, x, 50, seed=3, broken_q=True)
+        _, logvar = model.encode(x)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+    assert logvar.sum(-1).abs().min() > 2.0  # the log-det term is far from zero here ...
+    assert (ours - broken).abs().min() > 0.1  # ... so dropping it cannot pass for the bound
 
 
 def test_reconstruct_is_deterministic_and_batched_equals_unbatched():
