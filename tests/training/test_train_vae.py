@@ -26,8 +26,8 @@ AR = ["--decoder", "autoregressive", "--ar-channels", "4", "--ar-kernel", "3", "
 
 
 @pytest.mark.parametrize("arch,extra", [("mlp", []), ("conv", []), ("conv", AR)], ids=["mlp", "conv", "conv-ar"])
-def test_one_epoch_writes_a_loadable_file_with_sane_metrics_and_gifs(fashion_root, tmp_path, arch, extra):
-    code, out = train(fashion_root, tmp_path, "--epochs", "1", *extra, arch=arch)
+def test_two_epochs_write_a_loadable_file_with_sane_metrics_and_gifs(fashion_root, tmp_path, arch, extra):
+    code, out = train(fashion_root, tmp_path, "--epochs", "2", "--batch-size", "16", "--lr", "0.01", *extra, arch=arch)
     assert code == 0
     model, info = load_model(out)
     m = info.metrics
@@ -36,12 +36,13 @@ def test_one_epoch_writes_a_loadable_file_with_sane_metrics_and_gifs(fashion_roo
     assert model.config.decoder == ("autoregressive" if extra else "factorized")
     for key in ("test_neg_elbo", "test_iwae_nll", "test_rec", "test_kl", "test_psnr_db"):
         assert math.isfinite(m[key]), key
-    # an IWAE bound on the NLL is never above the negative ELBO (up to Monte-Carlo noise)
-    assert 0 < m["test_iwae_nll"] <= m["test_neg_elbo"] + 1.0
+    # an IWAE bound on the NLL is never above the negative ELBO (up to Monte-Carlo noise), and a
+    # model no better than p = 1/2 for every pixel (784 ln 2 = 543.4 nats) fails
+    assert 0 < m["test_iwae_nll"] <= m["test_neg_elbo"] + 1.0 < 784 * math.log(2)
     assert m["iwae_k"] == 20 and m["iwae_images"] == 64 and 0 <= m["active_units"] <= 3
-    for gif in ("inputs", "reconstructions", "samples"):
+    for gif in ("inputs", "reconstructions", "samples"):  # identical frames (the fixed inputs) are merged
         with Image.open(tmp_path / f"run-vae/{gif}.gif") as im:
-            assert im.n_frames == 1
+            assert im.n_frames == (1 if gif == "inputs" else 2)
 
 
 def test_resume_continues_and_adds_gif_frames(fashion_root, tmp_path):
