@@ -52,6 +52,25 @@ def nll_bits_per_code(prior: torch.nn.Module, codes: torch.Tensor, labels: torch
     return total / (codes.numel() * math.log(2))
 
 
+@torch.inference_mode()
+def marginal_bits_per_code(
+    prior: torch.nn.Module, codes: torch.Tensor, label_freqs: torch.Tensor, batch_size: int = 500
+) -> float:
+    """-log2 p(z) per code, where p(z) = sum_y p(y) p(z | y): a class-conditional prior marginalised
+    over the label with the class frequencies `label_freqs` (Y,), so it can stand beside the
+    unconditional unigram entropy. Computed with logsumexp in float64."""
+    device = next(prior.parameters()).device
+    log_py = (label_freqs.double() / label_freqs.sum()).log().to(device)  # (Y,)
+    total = 0.0
+    for index in torch.arange(len(codes)).split(batch_size):
+        z = codes[index].to(device)  # (b, h, w)
+        per_label = torch.stack(
+            [prior.log_prob(z, torch.full((len(index),), y, device=device)).double() for y in range(len(log_py))], 1
+        )  # (b, Y)
+        total += -torch.logsumexp(per_label + log_py, 1).sum().item()
+    return total / (codes.numel() * math.log(2))
+
+
 def unigram_cross_entropy_bits(train_counts: torch.Tensor, test_codes: torch.Tensor) -> float:
     """Bits per code of the best position-independent model (the train histogram, add-one smoothed)."""
     p = (train_counts.double() + 1) / (train_counts.sum() + train_counts.numel())
@@ -121,10 +140,15 @@ def run(
     if rank != 0:
         return
     best, info = load_model(args.out, device)
-    metrics = {**info.metrics, "test_bits_per_code": nll_bits_per_code(best, test_codes, test_labels),
+    marginal = {}
+    if conditional:  # the label marginalised out, with the training set's class frequencies
+        freqs = torch.bincount(train.labels, minlength=config.num_classes)
+        marginal = {"test_marginal_bits_per_code": marginal_bits_per_code(best, test_codes, freqs)}
+    metrics = {**info.metrics, "test_bits_per_code": nll_bits_per_code(best, test_codes, test_labels), **marginal,
                "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
                "conditional": conditional, "train_codes": int(train_codes.numel())}
     save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics,
                extra=extra, image_shape=vqvae.image_shape)
-    print(f"{args.out}: test NLL {metrics['test_bits_per_code']:.3f} bits/code; unigram entropy "
+    shown = f" ({metrics['test_marginal_bits_per_code']:.3f} with the label marginalised out)" if marginal else ""
+    print(f"{args.out}: test NLL {metrics['test_bits_per_code']:.3f} bits/code{shown}; unigram entropy "
           f"{baseline['unigram_entropy_bits']:.3f}, log2 K {baseline['log2_K']:.3f}")

@@ -84,3 +84,28 @@ def test_model_card_keeps_the_prose_above_the_marker(vqvae_file, tmp_path):
     assert main(["card", "--weights", str(weights)]) == 0
     card = (weights / "README.md").read_text()
     assert card.startswith("# Card\n\nHand-written notes.") and "old tables" not in card and "test_psnr_db" in card
+
+
+def test_the_marginal_over_labels_is_a_normalised_distribution_of_code_grids():
+    """With K = 2 codes on a 2x2 grid there are 16 grids: p(z) = sum_y p(y) p(z|y) sums to 1 over them,
+    and it lies between the best and the worst label's p(z|y)."""
+    import itertools
+
+    import torch
+
+    from models.pixelcnn import PixelCNN
+    from training.prior import marginal_bits_per_code
+
+    torch.manual_seed(0)
+    prior = PixelCNN(PixelCNN.config_class(codebook_size=2, code_shape=(2, 2), num_classes=3, hidden_channels=8, n_layers=2)).eval()
+    grids = torch.tensor(list(itertools.product([0, 1], repeat=4))).reshape(16, 2, 2)
+    freqs = torch.tensor([5, 3, 2])
+    bits = [marginal_bits_per_code(prior, grid[None], freqs) for grid in grids]  # per code: 4 codes a grid
+    total = sum(2 ** (-4 * b) for b in bits)
+    assert abs(total - 1) < 1e-6  # the prior's log-probabilities are float32
+    with torch.no_grad():
+        per_label = torch.stack([prior.log_prob(grids, torch.full((16,), y)) for y in range(3)], 1).double()  # (16, 3)
+    marginal = torch.tensor([-4 * b * math.log(2) for b in bits], dtype=torch.float64)
+    assert (marginal <= per_label.max(1).values + 1e-9).all() and (marginal >= per_label.min(1).values - 1e-9).all()
+    direct = (per_label.exp() * (freqs.double() / 10)).sum(1).log()  # weighted by the class frequencies
+    torch.testing.assert_close(marginal, direct, rtol=0, atol=1e-6)  # float32 log_prob, batches of 1 vs 16
