@@ -48,6 +48,7 @@ def test_prior_two_epochs_beat_uniform_and_record_its_vqvae(vqvae_file, fashion_
     assert m["log2_K"] == 4.0 and 0 <= m["unigram_entropy_bits"] <= 4.0
     # better than the uniform code distribution (log2 K bits), which any trained prior must beat
     assert 0 < m["test_bits_per_code"] < m["log2_K"] and 0 < m["val_bits_per_code"] < m["log2_K"]
+    assert 0 < m["test_marginal_bits_per_code"] < m["log2_K"]  # the label marginalised out
     with Image.open(tmp_path / f"run-{arch}/samples.gif") as im:
         assert im.n_frames == 2
 
