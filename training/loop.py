@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,11 +34,9 @@ class FitConfig:
     run_dir: Path
     resume: bool = False
     best_key: str = "loss"  # the validation metric to minimise when choosing the best epoch
-    grad_clip: float | None = None
     progress: bool = True
     show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar
     running_totals: tuple[str, ...] = ()  # stats that are totals so far: the epoch reports the last value, not a mean
-    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -106,7 +104,7 @@ def fit(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
     ckpt = config.run_dir / "checkpoint.safetensors"
-    state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": None, "history": [], **config.extra_state}
+    state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": None, "history": [], }
     if config.resume:
         if not ckpt.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; start without --resume")
@@ -127,8 +125,6 @@ def fit(
             loss, stats = step_module(index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             value = loss.item()
             if not math.isfinite(value):

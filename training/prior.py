@@ -119,8 +119,7 @@ def run(
     def evaluate(m: torch.nn.Module) -> dict[str, float]:  # selection never looks at test
         return {"val_bits_per_code": nll_bits_per_code(m, val_codes, val_labels)}
 
-    extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest(), "vqvae_file": Path(args.vqvae).name,
-             "api_name": args.arch}
+    extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest()}  # what the service pairs priors by
 
     def save_best(m: torch.nn.Module, metrics: dict) -> None:
         save_model(args.out, m, name=args.name, dataset=train.name, command=args.command,
