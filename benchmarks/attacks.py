@@ -49,7 +49,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -71,7 +70,6 @@ from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
     cpu_model,
     describe_models,
     fmt_ms,
-    stop_on_sigterm,
 )
 from soak import (  # noqa: E402  (benchmarks/soak.py, beside this script)
     CONFIG_KEYS,
@@ -83,7 +81,7 @@ from soak import (  # noqa: E402  (benchmarks/soak.py, beside this script)
     markdown_table,
     parse_env,
     percentiles,
-    serving,
+    serve_and_run,
     text_table,
     verdict,
 )
@@ -713,17 +711,7 @@ async def run(args: argparse.Namespace, url: str, server: Server | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    stop_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="genserve-attacks-") as tmp:
-        log_dir = args.log_dir or Path(tmp)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with serving(args, log_dir) as (url, server):
-                return asyncio.run(run(args, url, server))
-        except KeyboardInterrupt:
-            print("\ninterrupted: the server is stopped", flush=True)
-            return 130
+    return serve_and_run(parse_args(argv), run, "genserve-attacks-")
 
 
 if __name__ == "__main__":

@@ -980,18 +980,23 @@ async def run(args: argparse.Namespace, url: str, server: Server | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def serve_and_run(args: argparse.Namespace, run_fn, prefix: str) -> int:
+    """Start (or reach) the server, run `run_fn(args, url, server)` against it, stop it; 130 on Ctrl-C.
+    Shared with benchmarks/attacks.py."""
     stop_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="genserve-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         log_dir = args.log_dir or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
             with serving(args, log_dir) as (url, server):
-                return asyncio.run(run(args, url, server))
+                return asyncio.run(run_fn(args, url, server))
         except KeyboardInterrupt:
             print("\ninterrupted: the server is stopped", flush=True)
             return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve_and_run(parse_args(argv), run, "genserve-soak-")
 
 
 if __name__ == "__main__":

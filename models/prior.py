@@ -244,7 +244,9 @@ class AutoregressivePrior(nn.Module):
         """n code grids (n, h, w), drawn in raster order (see `sample_codes`).
 
         `mode` picks how the logits at each position are computed; the three compute the same
-        logits up to float rounding, so they draw the same codes from the same uniforms:
+        logits up to float rounding, so from the same uniforms they draw the same codes in float64,
+        and in float32 the same codes except where a uniform sits within rounding of a
+        cumulative-probability edge (the same distribution):
         - "cached" (default, what the service runs): every layer computed once per position, from
           the activations of the positions drawn so far; what each prior caches, and why that is
           exact, is in its `_sampling_cache`.
