@@ -235,7 +235,7 @@ class DiscretizedLogisticMixture:
         self,
         params: torch.Tensor,
         generator: torch.Generator | None = None,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draw an image (B, C, H, W) with values in {0, 1/255, ..., 1}, one draw per pixel.
@@ -252,11 +252,10 @@ class DiscretizedLogisticMixture:
         on the params' device.
 
         `temperature` T > 0 divides the mixture logits and multiplies the logistic scales;
-        T = 1 samples the model's distribution exactly.
+        T = 1 samples the model's distribution exactly. A tensor of shape (B,) gives each image its own.
         """
         logits, means, log_scales, coeffs = self.split(params)
-        if not (temperature > 0.0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        temperature = temperature_map(temperature, params.shape[0], params)  # float or (B, 1, 1, 1)
         shape = self.uniform_shape(params)
         if uniforms is None:
             uniforms = torch.rand(shape, generator=generator, device=params.device, dtype=params.dtype)
@@ -320,3 +319,17 @@ class DiscretizedLogisticMixture:
         weights = torch.softmax(logits, dim=1).unsqueeze(1)  # (B, 1, K, H, W)
         expected = (weights * means).sum(dim=2)  # (B, C, H, W) on [-1, 1]
         return ((expected + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def temperature_map(temperature: float | torch.Tensor, batch: int, like: torch.Tensor) -> float | torch.Tensor:
+    """A sampling temperature T > 0 as a float, or a per-image tensor (B,) -> (B, 1, 1, 1) that
+    broadcasts over (B, ., H, W). Raises ValueError naming the bad value otherwise."""
+    if not torch.is_tensor(temperature):
+        if not (temperature > 0.0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        return float(temperature)
+    if tuple(temperature.shape) != (batch,):
+        raise ValueError(f"a temperature tensor must have shape (B,) = ({batch},), got {tuple(temperature.shape)}")
+    if temperature.numel() and not bool(((temperature > 0) & temperature.isfinite()).all()):
+        raise ValueError("every temperature must be finite and > 0")
+    return temperature.to(device=like.device, dtype=like.dtype).view(batch, 1, 1, 1)

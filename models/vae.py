@@ -1,10 +1,17 @@
 """Variational autoencoder (Kingma & Welling 2013, arXiv 1312.6114), MLP and convolutional.
 
 Both architectures share one interface, the one pytorch/examples made familiar:
-`encode(x) -> (mu, logvar)`, `reparameterize(mu, logvar)`, `decode(z) -> logits`,
-`forward(x) -> (logits, mu, logvar)`. Pixels in [0, 1] are Bernoulli targets and the
-decoder returns logits, so the reconstruction term is computed with
-`binary_cross_entropy_with_logits` (stable; no sigmoid-then-clamp).
+`encode(x) -> (mu, logvar)`, `reparameterize(mu, logvar)`, `decode(z) -> params`,
+`forward(x) -> (params, mu, logvar)`.
+
+The pixel likelihood p(x|z) is a config choice (`likelihood`):
+
+- "bernoulli": each pixel in [0, 1] is a Bernoulli target and `params` are logits, scored with
+  `binary_cross_entropy_with_logits`. This is the tutorial's loss. On grey images it is **not**
+  a likelihood of the 8-bit data (grey-pixel BCE); it is one for binarized data.
+- "logistic": the discretized logistic mixture of PixelCNN++ (models/likelihood.py, Salimans et
+  al. 2017, eq. 2-3), a normalised distribution over the 256 levels of every subpixel, so
+  -log p(x) in bits/dim is comparable across every model of the project.
 
 The conv VAE's decoder is either factorized, p(x|z) = prod_i p(x_i|z) as in the VAE paper, or
 autoregressive, p(x|z) = prod_i p(x_i|z, x_<i) in raster order, as in PixelVAE (Gulrajani et
@@ -12,10 +19,10 @@ al. 2016, arXiv 1611.05013) and the variational lossy autoencoder (Chen et al. 2
 1611.02731): a small masked convolution (PixelCNN paper, arXiv 1601.06759) reads the pixels
 before i and is added to the z-path features at i. Its receptive field is kept local so that
 global structure must still go through z. Training and every likelihood teacher-force the true
-image (`decode(z, context=x)`, one pass); generating (`decode(z)`) runs pixel by pixel and feeds
-each pixel's Bernoulli mean back in, so the returned logits are exactly those of the image it
-shows (greedy mean decoding, the same convention as showing sigmoid(logits) for a factorized
-decoder).
+(discrete) image, `decode(z, context=x)`, in one pass. `generate(z)` draws an image: a factorized
+decoder returns its mean image; an autoregressive one draws every pixel from its distribution and
+feeds the drawn value back, so what it returns is a sample of the model.
+`use_latent=False` gives the context-only baseline: the same decoder fed z = 0.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import MaskedConv2d
+from models.likelihood import DiscretizedLogisticMixture, temperature_map
 
 LOG_2PI = math.log(2 * math.pi)
+LIKELIHOODS = ("bernoulli", "logistic")
+ORDERS = ("wavefront", "raster")
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,10 @@ class VAEConfig:
     ar_channels: int = 32  # autoregressive: width of the masked-conv context and of the 1x1 head
     ar_kernel: int = 7  # autoregressive: the mask-A convolution over the image (odd, >= 3)
     ar_layers: int = 1  # autoregressive: the mask-A layer plus (ar_layers - 1) 3x3 mask-B layers
+    likelihood: str = "bernoulli"  # "bernoulli" (the tutorial's BCE) or "logistic" (discretized logistic mixture)
+    num_mixtures: int = 5  # logistic: mixture components per pixel
+    use_latent: bool = True  # False: the decoder is fed z = 0 (the context-only baseline of an AR decoder)
+    reconstruct_seed: int = 0  # autoregressive: the seed of the pixel draws of `reconstruct`
 
     def __post_init__(self) -> None:
         if self.arch not in ("mlp", "conv"):
@@ -63,6 +77,10 @@ class VAEConfig:
             )
         if self.decoder not in ("factorized", "autoregressive"):
             raise ValueError(f"decoder must be 'factorized' or 'autoregressive', got {self.decoder!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.num_mixtures < 1:
+            raise ValueError(f"num_mixtures must be >= 1, got {self.num_mixtures}")
         if self.decoder == "autoregressive":
             if self.arch != "conv":
                 raise ValueError("decoder='autoregressive' needs arch='conv'; the MLP VAE is factorized only")
@@ -78,6 +96,20 @@ class VAEConfig:
         return self.decoder == "autoregressive"
 
     @property
+    def params_per_pixel(self) -> int:
+        """Decoder outputs per pixel: C logits (Bernoulli) or the mixture's 3K / 10K parameters."""
+        if self.likelihood == "bernoulli":
+            return self.in_channels
+        return DiscretizedLogisticMixture(self.in_channels, self.num_mixtures).num_params
+
+    @property
+    def uniforms_per_pixel(self) -> int:
+        """Uniform numbers one pixel draw takes: C (Bernoulli), 1 + C (mixture); 0 when factorized."""
+        if not self.autoregressive:
+            return 0
+        return self.in_channels + (self.likelihood == "logistic")
+
+    @property
     def ar_reach(self) -> int:
         """How many rows above (and columns either side of) a pixel its context can read."""
         return self.ar_kernel // 2 + (self.ar_layers - 1)
@@ -91,14 +123,18 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         c, s, d = config.in_channels, config.image_size, config.latent_dim
+        p = config.params_per_pixel
+        self.pixel_likelihood = (
+            DiscretizedLogisticMixture(c, config.num_mixtures) if config.likelihood == "logistic" else None
+        )
         if config.arch == "mlp":
             dims = (c * s * s, *config.hidden_dims)
             self.encoder = nn.Sequential(nn.Flatten(), *_mlp(dims))
             feat = dims[-1]
             self.decoder = nn.Sequential(
                 *_mlp((d, *reversed(dims[1:]))),
-                nn.Linear(dims[1], dims[0]),
-                nn.Unflatten(1, (c, s, s)),
+                nn.Linear(dims[1], p * s * s),
+                nn.Unflatten(1, (p, s, s)),  # (B, P, H, W)
             )
         else:
             c1, c2 = config.channels
@@ -110,8 +146,9 @@ class VAE(nn.Module):
                 nn.Linear(c2 * r * r, config.fc_dim), nn.ReLU(),
             )
             feat = config.fc_dim
-            # the z path ends in logits (factorized) or in features the AR head combines with context
-            out = config.ar_channels if config.autoregressive else c
+            # the z path ends in the likelihood's parameters (factorized) or in features the AR head
+            # combines with the context
+            out = config.ar_channels if config.autoregressive else p
             self.decoder = nn.Sequential(
                 nn.Linear(d, config.fc_dim), nn.ReLU(),
                 nn.Linear(config.fc_dim, c2 * r * r), nn.ReLU(),
@@ -125,8 +162,8 @@ class VAE(nn.Module):
                 for _ in range(config.ar_layers - 1):
                     context += [nn.ReLU(), MaskedConv2d("B", a, a, 3)]
                 self.ar_context = nn.Sequential(*context)  # (B, C, s, s) -> (B, a, s, s), reads x_<i
-                self.ar_head = nn.Sequential(  # per pixel: z features + context -> C logits
-                    nn.ReLU(), nn.Conv2d(a, a, 1), nn.ReLU(), nn.Conv2d(a, c, 1)
+                self.ar_head = nn.Sequential(  # per pixel: z features + context -> P parameters
+                    nn.ReLU(), nn.Conv2d(a, a, 1), nn.ReLU(), nn.Conv2d(a, p, 1)
                 )
         self.fc_mu = nn.Linear(feat, d)
         self.fc_logvar = nn.Linear(feat, d)
@@ -152,49 +189,156 @@ class VAE(nn.Module):
         eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
         return mu + eps * std
 
-    def decode(
-        self, z: torch.Tensor, context: torch.Tensor | None = None, on_step: Callable[[], None] | None = None
-    ) -> torch.Tensor:
-        """z: (..., D) -> Bernoulli logits (..., C, H, W).
+    def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (..., D) -> the likelihood's parameters (..., P, H, W): Bernoulli logits (P = C) or
+        the mixture's parameters (P = 3K grey, 10K RGB).
 
-        An autoregressive decoder needs the pixels it conditions on: `context` (B, C, H, W) with z of
-        shape (B, D) or (m, B, D) teacher-forces them (training, likelihoods); without it the image is
-        generated pixel by pixel, and `on_step()` is called before each row (a server uses it to stop
-        work nobody waits for any more, by raising). A factorized decoder ignores `context`.
+        An autoregressive decoder needs the pixels it conditions on: `context` (B, C, H, W), on the
+        256-level grid, with z of shape (B, D) or (m, B, D), teacher-forces them (training,
+        likelihoods). To draw an image without one, use `generate`. A factorized decoder ignores
+        `context`.
         """
         lead = z.shape[:-1]
-        h = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, C or ar_channels, H, W)
+        h = self._z_features(z)  # (N, P or ar_channels, H, W)
         if not self.config.autoregressive:
-            return h.reshape(*lead, *self.image_shape)
+            return h.reshape(*lead, *h.shape[1:])
         if context is None:
-            return self._generate(h, on_step).reshape(*lead, *self.image_shape)
+            raise ValueError("an autoregressive decoder needs `context` (the image it conditions on); use generate(z) to draw one")
         _, hh, ww = self.image_shape
         ctx = self.ar_context(context)  # (B, a, H, W), computed once for every z of the same image
         h = h.reshape(*lead, -1, hh, ww) + ctx  # (..., B, a, H, W)
-        return self.ar_head(h.reshape(-1, *h.shape[-3:])).reshape(*lead, *self.image_shape)
+        params = self.ar_head(h.reshape(-1, *h.shape[-3:]))  # (N, P, H, W)
+        return params.reshape(*lead, *params.shape[1:])
 
-    def _generate(self, h: torch.Tensor, on_step: Callable[[], None] | None = None) -> torch.Tensor:
-        """Pixel-by-pixel generation from z features h (N, a, H, W) -> logits (N, C, H, W).
+    def _z_features(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (N, P or ar_channels, H, W); with use_latent=False the decoder sees z = 0."""
+        flat = z.reshape(-1, z.shape[-1])  # (N, D)
+        if not self.config.use_latent:
+            flat = torch.zeros_like(flat)
+        return self.decoder(flat)
 
-        Each step runs the context stack on a window of `ar_reach` rows above and columns either
-        side of the pixel (all it can read, so the result is exact) and feeds the pixel's mean back.
+    # -- the likelihood --------------------------------------------------------------------
+
+    def log_likelihood(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) per image in nats: params (..., P, H, W), x (B, C, H, W) -> (...).
+
+        Bernoulli: -BCE summed over pixels (the tutorial's loss; on grey pixels not a likelihood of
+        8-bit data). Logistic: the discretized logistic mixture, a normalised probability of the
+        8-bit image (x must lie on the grid k / 255).
         """
-        n, _, hh, ww = h.shape
-        reach = self.config.ar_reach
-        x = h.new_zeros(n, self.config.in_channels, hh, ww)
-        logits = torch.empty_like(x)
-        for r in range(hh):
+        lead = params.shape[:-3]
+        x = x.expand(*lead[:-1], *x.shape) if len(lead) > 1 else x  # (..., B, C, H, W)
+        if self.pixel_likelihood is None:
+            nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")  # (..., C, H, W)
+            return -nll.flatten(-3).sum(-1)
+        flat = params.reshape(-1, *params.shape[-3:])  # (N, P, H, W)
+        return self.pixel_likelihood.log_prob(flat, x.reshape(-1, *x.shape[-3:])).reshape(lead)
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """A factorized decoder's image (B, C, H, W) in [0, 1]: sigmoid of the Bernoulli logits, or the
+        mixture's mean (models/likelihood.py, `mean`)."""
+        if self.pixel_likelihood is None:
+            return torch.sigmoid(params)
+        return self.pixel_likelihood.mean(params)
+
+    def _draw(self, params: torch.Tensor, uniforms: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+        """One draw per pixel by inversion: params (N, P, 1, m), uniforms (N, U, 1, m) -> (N, C, 1, m).
+
+        Bernoulli: 1 where u < sigmoid(logit / T). Logistic: the mixture's inverse-CDF sampler.
+        """
+        if self.pixel_likelihood is None:
+            t = temperature_map(temperature, params.shape[0], params)
+            return (uniforms < torch.sigmoid(params / t)).to(params.dtype)
+        return self.pixel_likelihood.sample(params, temperature=temperature, uniforms=uniforms)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def uniform_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of the uniforms `generate` takes for n images: (n, U, H, W), U = uniforms_per_pixel
+        (0 for a factorized decoder, which draws nothing)."""
+        _, hh, ww = self.image_shape
+        return (n, self.config.uniforms_per_pixel, hh, ww)
+
+    def generation_steps(self, order: str = "wavefront") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pixel groups an autoregressive decoder draws one after another: (rows, cols) per step.
+
+        raster: one pixel per step (H * W steps). wavefront: with a context of reach r (it reads
+        rows above up to column col + r, and the current row up to col - 1), pixel (row, col)
+        depends only on pixels with a smaller t = col + (r + 1) row, so every pixel with the same t
+        is drawn in one step: (W - 1) + (r + 1)(H - 1) + 1 steps, 136 instead of 784 at 28x28, r = 3.
+        """
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        _, hh, ww = self.image_shape
+        rows, cols = torch.meshgrid(torch.arange(hh), torch.arange(ww), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()  # (H*W,) in raster order
+        if order == "raster":
+            return [(rows[i : i + 1], cols[i : i + 1]) for i in range(hh * ww)]
+        t = cols + (self.config.ar_reach + 1) * rows  # (H*W,)
+        return [(rows[t == step], cols[t == step]) for step in range(int(t.max()) + 1)]
+
+    def generate(
+        self,
+        z: torch.Tensor,
+        uniforms: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float | torch.Tensor = 1.0,
+        order: str = "wavefront",
+        on_step: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """z (N, D) -> images (N, C, H, W) in [0, 1].
+
+        Factorized: the mean image of p(x|z) (`mean_image`); uniforms and temperature are unused.
+        Autoregressive: a sample of p(x|z), every pixel drawn from its distribution at
+        `temperature` (a float or one per image, (N,)) and fed back as context, from `uniforms`
+        (`uniform_shape(N)`; drawn with `generator` when absent). Each image depends only on its
+        own z and uniforms, so results do not depend on the batch. `order` "wavefront" (default)
+        and "raster" draw the same pixels from the same uniforms; wavefront takes 136 steps at
+        28x28 instead of 784. `on_step()` is called before each step (a server uses it to stop
+        work nobody waits for any more, by raising).
+        """
+        h = self._z_features(z)  # (N, P or a, H, W)
+        if not self.config.autoregressive:
+            return self.mean_image(h)
+        shape = self.uniform_shape(h.shape[0])
+        if uniforms is None:
+            uniforms = torch.rand(shape, generator=generator, device=h.device, dtype=h.dtype)
+        elif tuple(uniforms.shape) != shape:
+            raise ValueError(f"uniforms must have shape {shape} for {h.shape[0]} images, got {tuple(uniforms.shape)}")
+        uniforms = uniforms.to(device=h.device, dtype=h.dtype)
+        n = h.shape[0]
+        x = h.new_zeros(n, *self.image_shape)  # undrawn pixels are 0; the masks never read them
+        fast = order == "wavefront" and self.config.ar_layers == 1
+        for rows, cols in self.generation_steps(order):
             if on_step is not None:
                 on_step()
-            top = max(0, r - reach)
-            for col in range(ww):
-                left, right = max(0, col - reach), min(ww, col + reach + 1)
-                window = x[:, :, top : r + 1, left:right]  # (N, C, <= reach+1, <= 2 reach+1)
-                ctx = self.ar_context(window)[:, :, -1, col - left]  # (N, a): the context at (r, col)
-                out = self.ar_head((h[:, :, r, col] + ctx)[:, :, None, None])[:, :, 0, 0]  # (N, C)
-                logits[:, :, r, col] = out
-                x[:, :, r, col] = torch.sigmoid(out)
-        return logits
+            rows, cols = rows.to(h.device), cols.to(h.device)
+            if fast:
+                ctx = self._context_at(x, rows, cols)  # (N, a, m)
+            else:
+                ctx = self.ar_context(x)[:, :, rows, cols]  # (N, a, m): the whole stack, then the pixels
+            feats = (h[:, :, rows, cols] + ctx)[:, :, None, :]  # (N, a, 1, m)
+            params = self.ar_head(feats)  # (N, P, 1, m)
+            drawn = self._draw(params, uniforms[:, :, rows, cols][:, :, None, :], temperature)  # (N, C, 1, m)
+            x[:, :, rows, cols] = drawn[:, :, 0]
+        return x
+
+    def _context_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The mask-A context (ar_layers = 1) at the m pixels (rows, cols) only: (N, C, H, W) -> (N, a, m).
+
+        Gathers each pixel's k x k window and multiplies it by the masked kernel: the same sum the
+        convolution computes there, at m pixels instead of H * W.
+        """
+        conv = self.ar_context[0]
+        k = self.config.ar_kernel
+        pad = k // 2
+        padded = F.pad(x, (pad, pad, pad, pad))  # (N, C, H + 2p, W + 2p)
+        offsets = torch.arange(k, device=x.device)
+        rr = (rows[:, None, None] + offsets[None, :, None]).expand(-1, k, k)  # (m, k, k)
+        cc = (cols[:, None, None] + offsets[None, None, :]).expand(-1, k, k)  # (m, k, k)
+        windows = padded[:, :, rr, cc]  # (N, C, m, k, k)
+        kernel = conv.weight * conv.mask  # (a, C, k, k)
+        return torch.einsum("ncmij,acij->nam", windows, kernel) + conv.bias[None, :, None]  # (N, a, m)
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -216,8 +360,8 @@ class VAE(nn.Module):
         """
         if free_bits < 0:
             raise ValueError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits}")
-        logits, mu, logvar = self(x, generator)
-        rec = reconstruction_nll(logits, x)  # (B,)
+        params, mu, logvar = self(x, generator)
+        rec = -self.log_likelihood(params, x)  # (B,)
         kl_dims = kl_divergence(mu, logvar, reduce=False)  # (B, D)
         kl = kl_dims.sum(-1)  # (B,)
         neg_elbo = (rec + kl).mean()
@@ -226,12 +370,18 @@ class VAE(nn.Module):
             objective = rec.mean() + kl_dims.mean(0).clamp(min=free_bits).sum()
         return objective, {"loss": neg_elbo.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
 
+    def reconstruct_uniforms(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The fixed uniforms of `reconstruct`: one draw from `reconstruct_seed`, the same for every
+        image, so a reconstruction depends on nothing but its input: (n, U, H, W)."""
+        one = torch.rand(self.uniform_shape(1), generator=torch.Generator().manual_seed(self.config.reconstruct_seed))
+        return one.expand(n, *one.shape[1:]).to(device)
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction: the Bernoulli means decoded from z = mu (for an autoregressive
-        decoder, generated pixel by pixel: the input is never shown to the decoder)."""
+        """Decoded from z = mu: a factorized decoder's mean image; an autoregressive decoder's sample
+        drawn with the fixed `reconstruct_seed` (the input is never shown to the decoder)."""
         mu, _ = self.encode(x)
-        return torch.sigmoid(self.decode(mu))
+        return self.generate(mu, uniforms=self.reconstruct_uniforms(mu.shape[0], mu.device))
 
     @torch.no_grad()
     def sample(
@@ -241,11 +391,12 @@ class VAE(nn.Module):
         temperature: float = 1.0,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """n images (Bernoulli means) decoded from z ~ N(0, temperature^2 I), or from the given z."""
+        """n images from z ~ N(0, temperature^2 I) (or the given z) through `generate` (the pixel
+        draws of an autoregressive decoder at the same temperature)."""
         if z is None:
             device = next(self.parameters()).device
             z = torch.randn(n, self.config.latent_dim, generator=generator, device=device) * temperature
-        return torch.sigmoid(self.decode(z))
+        return self.generate(z, generator=generator, temperature=temperature)
 
     @torch.no_grad()
     def iwae_bound(self, x: torch.Tensor, k: int, chunk: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -263,20 +414,12 @@ class VAE(nn.Module):
         for start in range(0, k, chunk):
             eps = noise[start : start + chunk]  # (m, B, D)
             z = mu + eps * std  # (m, B, D)
-            logits = self.decode(z, context=x)  # (m, B, C, H, W)
-            log_px_z = -F.binary_cross_entropy_with_logits(
-                logits, x.expand_as(logits), reduction="none"
-            ).flatten(2).double().sum(-1)  # (m, B)
+            log_px_z = self.log_likelihood(self.decode(z, context=x), x).double()  # (m, B)
             log_pz = (-0.5 * (z.double() ** 2 + LOG_2PI)).sum(-1)
             log_qz = (-0.5 * (eps.double() ** 2 + LOG_2PI) - 0.5 * logvar.double()).sum(-1)
             log_w.append(log_px_z + log_pz - log_qz)
         log_w_all = torch.cat(log_w, 0)  # (k, B)
         return torch.logsumexp(log_w_all, 0) - math.log(k)
-
-
-def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) under independent Bernoullis, summed over pixels: (B, C, H, W) -> (B,)."""
-    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduce: bool = True) -> torch.Tensor:

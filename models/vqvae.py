@@ -13,6 +13,12 @@ first training batch (k-means by default), and a code that no batch has used for
 `dead_code_steps` training steps is re-seeded from a recent encoder output (the
 random restarts of Dhariwal et al. 2020, "Jukebox", sec. 2.2).
 
+The reconstruction term is a config choice (`likelihood`): "mse", the paper's Gaussian with a
+fixed variance (not a likelihood of 8-bit images), or "logistic", the discretized logistic
+mixture of PixelCNN++ (models/likelihood.py), a normalised probability of the 8-bit image
+given the codes, so that -log p(x | z_q(x)) - log p_prior(z(x)) bounds -log p(x)
+(training/evaluate.py, `nll_bound`). Images shown (`decode_indices`) are the decoder's mean.
+
 The architecture is the paper's image model (sec. 4.1): two 4x4 stride-2
 convolutions, residual 3x3 blocks (ReLU, 3x3 conv, ReLU, 1x1 conv), and the mirror
 image with transposed convolutions in the decoder, so the code grid is H/4 x W/4.
@@ -29,7 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.likelihood import DiscretizedLogisticMixture
+
 INITS = ("kmeans", "random_batch", "uniform")
+LIKELIHOODS = ("mse", "logistic")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class VQVAEConfig:
     init: str = "kmeans"  # "kmeans" | "random_batch" (from the first training batch) | "uniform" (no data)
     kmeans_iters: int = 10
     dead_code_steps: int = 100  # a code unused this many training steps in a row is re-seeded; 0 disables
+    likelihood: str = "mse"  # "mse" (the paper's fixed-variance Gaussian) or "logistic" (discretized logistic mixture)
+    num_mixtures: int = 5  # logistic: mixture components per pixel
 
     def __post_init__(self) -> None:
         if self.in_channels not in (1, 3):
@@ -80,6 +91,10 @@ class VQVAEConfig:
             raise ValueError(
                 f"kmeans_iters must be >= 1 (use init='random_batch' for no iterations), got {self.kmeans_iters}"
             )
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.num_mixtures < 1:
+            raise ValueError(f"num_mixtures must be >= 1, got {self.num_mixtures}")
         if self.dead_code_steps < 0:
             raise ValueError(f"dead_code_steps must be >= 0 (0 disables restarts), got {self.dead_code_steps}")
 
@@ -312,6 +327,10 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config
         c, hid, d = config.in_channels, config.hidden_channels, config.embedding_dim
+        self.pixel_likelihood = (
+            DiscretizedLogisticMixture(c, config.num_mixtures) if config.likelihood == "logistic" else None
+        )
+        out = c if self.pixel_likelihood is None else self.pixel_likelihood.num_params
         res = [ResidualBlock(hid, config.res_channels) for _ in range(config.n_res_blocks)]
         self.encoder = nn.Sequential(
             nn.Conv2d(c, hid // 2, 4, 2, 1), nn.ReLU(),  # (B, hid/2, H/2, W/2)
@@ -326,7 +345,7 @@ class VQVAE(nn.Module):
             nn.Conv2d(d, hid, 3, 1, 1),  # (B, hid, H/4, W/4)
             *res, nn.ReLU(),
             nn.ConvTranspose2d(hid, hid // 2, 4, 2, 1), nn.ReLU(),  # (B, hid/2, H/2, W/2)
-            nn.ConvTranspose2d(hid // 2, c, 4, 2, 1),  # (B, C, H, W), unbounded
+            nn.ConvTranspose2d(hid // 2, out, 4, 2, 1),  # (B, C or P, H, W): the image or the mixture's parameters
         )
 
     @property
@@ -351,17 +370,37 @@ class VQVAE(nn.Module):
         return self.quantizer(z_e)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
-        """z_q (B, D, h, w) -> x_hat (B, C, H, W), unbounded; the target is x in [0, 1]."""
+        """z_q (B, D, h, w) -> "mse": x_hat (B, C, H, W), unbounded, the target is x in [0, 1];
+        "logistic": the mixture's parameters (B, P, H, W)."""
         return self.decoder(z_q)
+
+    def log_likelihood(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z_q) per image in nats (B,), for likelihood="logistic" (x on the grid k / 255)."""
+        if self.pixel_likelihood is None:
+            raise ValueError(
+                "this VQ-VAE was trained with likelihood='mse', which is not a probability of 8-bit images; "
+                "train with --likelihood logistic for a likelihood"
+            )
+        return self.pixel_likelihood.log_prob(params, x)
+
+    def image(self, out: torch.Tensor) -> torch.Tensor:
+        """The decoder's output -> the image it shows (B, C, H, W) in [0, 1]: x_hat clamped, or the mixture's mean."""
+        if self.pixel_likelihood is None:
+            return out.clamp(0, 1)
+        return self.pixel_likelihood.mean(out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z_q, indices, vq_loss = self.quantize(self.encode(x))
         return self.decode(z_q), indices, vq_loss
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Paper eq. 3 with a Gaussian decoder: MSE reconstruction + the quantiser's loss."""
-        x_hat, _, vq_loss = self(x)
-        rec = F.mse_loss(x_hat, x)
+        """Paper eq. 3: reconstruction + the quantiser's loss. The reconstruction term is the MSE
+        (a Gaussian decoder), or -log p(x | z_q) in nats per subpixel (the mixture)."""
+        out, _, vq_loss = self(x)
+        if self.pixel_likelihood is None:
+            rec = F.mse_loss(out, x)
+        else:
+            rec = -self.log_likelihood(out, x).mean() / x[0].numel()
         loss = rec + vq_loss
         stats = self.quantizer.last_stats
         return loss, {
@@ -380,8 +419,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, C, H, W) clamped to [0, 1]."""
-        return self.decode(self.quantizer.lookup(indices)).clamp(0, 1)
+        """codes (B, h, w) -> images (B, C, H, W) in [0, 1] (see `image`)."""
+        return self.image(self.decode(self.quantizer.lookup(indices)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

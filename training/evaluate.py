@@ -7,7 +7,9 @@ import math
 
 import torch
 
-from models.vae import VAE, kl_divergence, reconstruction_nll
+from models.likelihood import bits_per_dim
+from models.vae import VAE, kl_divergence
+from models.vqvae import VQVAE
 from training.data import ImageData
 
 
@@ -21,7 +23,7 @@ def vae_neg_elbo(model: VAE, data: ImageData, batch_size: int = 500, seed: int =
         x, _ = data.batch(index, device)
         mu, logvar = model.encode(x)
         z = model.reparameterize(mu, logvar, g)
-        rec_sum += reconstruction_nll(model.decode(z, context=x), x).double().sum().item()
+        rec_sum += -model.log_likelihood(model.decode(z, context=x), x).double().sum().item()
         kl_sum += kl_divergence(mu, logvar).double().sum().item()
     n = len(data)
     return {"neg_elbo": (rec_sum + kl_sum) / n, "rec": rec_sum / n, "kl": kl_sum / n}
@@ -42,6 +44,61 @@ def vae_iwae(
 
 
 @torch.inference_mode()
+def nll_bound(
+    model: VAE | VQVAE,
+    data: ImageData,
+    *,
+    k: int = 100,
+    prior: torch.nn.Module | None = None,
+    label_freqs: torch.Tensor | None = None,
+    batch_size: int = 50,
+    chunk: int = 25,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The one likelihood metric of the project: an upper bound on -log p(x) over `data`, in nats
+    per image and in bits/dim (nats / (C H W ln 2)), float64. The model's pixel likelihood must
+    be a normalised probability of 8-bit images (likelihood="logistic").
+
+    - VAE: the IWAE-k bound (Burda et al. 2015, eq. 8), `VAE.iwae_bound`.
+    - VQ-VAE: -log p(x | z_q(x)) - log P(z(x)). For any code grid z*, p(x) = sum_z P(z) p(x|z)
+      >= P(z*) p(x|z*), so this bounds -log p(x) with z* the encoder's codes. P is `prior`: given
+      each image's label when the prior is class-conditional, or with the label marginalised out,
+      P(z) = sum_y p(y) P(z|y), when `label_freqs` (Y,) gives the class frequencies. Without a
+      prior, P is uniform over the K^(h w) grids (log K nats per code).
+    """
+    if getattr(model.config, "likelihood", None) != "logistic":
+        raise ValueError(
+            f"nll_bound needs a model whose likelihood is a probability of 8-bit images (likelihood='logistic'); "
+            f"this one has likelihood={getattr(model.config, 'likelihood', None)!r}"
+        )
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for index in torch.arange(len(data)).split(batch_size):
+        x, y = data.batch(index, device)
+        if isinstance(model, VAE):
+            total += -model.iwae_bound(x, k, chunk=chunk, generator=g).sum().item()
+            continue
+        codes = model.encode_indices(x)  # (B, h, w)
+        nll = -model.log_likelihood(model.decode(model.quantizer.lookup(codes)), x).double()  # (B,)
+        if prior is None:
+            nll = nll + codes[0].numel() * math.log(model.config.codebook_size)
+        elif label_freqs is not None:
+            log_py = (label_freqs.double() / label_freqs.sum()).log().to(device)  # (Y,)
+            per_label = torch.stack(
+                [prior.log_prob(codes, torch.full((len(index),), c, device=device)).double() for c in range(len(log_py))], 1
+            )  # (B, Y)
+            nll = nll - torch.logsumexp(per_label + log_py, 1)
+        else:
+            labels = y if getattr(prior.config, "num_classes", 0) else None
+            nll = nll - prior.log_prob(codes, labels).double()
+        total += nll.sum().item()
+    nats = total / len(data)
+    dims = data.images[0].numel()
+    return {"nll_nats": nats, "bits_per_dim": float(bits_per_dim(torch.tensor(nats), dims))}
+
+
+@torch.inference_mode()
 def active_units(model: VAE, data: ImageData, threshold: float = 0.01, batch_size: int = 1000) -> int:
     """Latent dimensions whose posterior mean varies across inputs: Var_x(E_q[z_d]) > threshold
     (Burda et al. 2015, sec. 5.2)."""
@@ -59,8 +116,9 @@ def psnr(mse: float, peak: float = 1.0) -> float:
 def reconstruction_quality(model: torch.nn.Module, data: ImageData, batch_size: int = 500) -> dict[str, float]:
     """Mean squared error per pixel of `model.reconstruct` on [0, 1] images, and the PSNR of that MSE.
 
-    The same function scores the VAE (Bernoulli means decoded from z = mu) and the VQ-VAE
-    (decoded through the codebook), so the two numbers are comparable.
+    The same function scores the VAE (decoded from z = mu: a factorized decoder's mean image, an
+    autoregressive decoder's sample with its fixed seed) and the VQ-VAE (decoded through the
+    codebook), so the numbers are comparable.
     """
     device = next(model.parameters()).device
     se = 0.0

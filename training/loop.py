@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from models.io import load_model, save_model
 from training.checkpoint import load_checkpoint, save_checkpoint
 
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
@@ -160,3 +161,28 @@ def fit(
         if world > 1:
             dist.barrier()
     return state
+
+
+def best_saver(args: Any, dataset: str, **save_kwargs: Any) -> Callable[[nn.Module, dict[str, Any]], None]:
+    """The `save_best` every family passes to `fit`: writes args.out with the run's name, data set and command."""
+
+    def save_best(model: nn.Module, metrics: dict[str, Any]) -> None:
+        save_model(args.out, model, name=args.name, dataset=dataset, command=args.command, metrics=metrics, **save_kwargs)
+
+    return save_best
+
+
+def finish(
+    args: Any,
+    state: dict[str, Any],
+    device: torch.device,
+    dataset: str,
+    test_metrics: Callable[[nn.Module], dict[str, Any]],
+    **save_kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The end of every run: reload the best epoch's file, evaluate it on the test split (the only
+    time test data is seen), and save it again with those metrics. Returns (model, metrics)."""
+    best, info = load_model(args.out, device)
+    metrics = {**info.metrics, **test_metrics(best), "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"]}
+    save_model(args.out, best, name=args.name, dataset=dataset, command=args.command, metrics=metrics, **save_kwargs)
+    return best, metrics

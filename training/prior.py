@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from models.io import load_model, save_model
+from models.io import load_model
 from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
 from models.vqvae import VQVAE
 from training.data import ImageData
-from training.evaluate import usage_stats
-from training.loop import FitConfig, fit
+from training.evaluate import nll_bound, usage_stats
+from training.loop import FitConfig, best_saver, finish, fit
 from training.visuals import save_frame
 
 ARCHS = {
@@ -121,9 +121,10 @@ def run(
 
     extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest()}  # what the service pairs priors by
 
+    save_to_file = best_saver(args, train.name, extra=extra, image_shape=vqvae.image_shape)
+
     def save_best(m: torch.nn.Module, metrics: dict) -> None:
-        save_model(args.out, m, name=args.name, dataset=train.name, command=args.command,
-                   metrics={**baseline, **metrics}, extra=extra, image_shape=vqvae.image_shape)
+        save_to_file(m, {**baseline, **metrics})
 
     def pictures(m: torch.nn.Module, epoch: int) -> None:
         with torch.inference_mode():
@@ -138,16 +139,24 @@ def run(
                 on_epoch_end=pictures, rank=rank, world=world, desc=f"prior-{args.arch}")
     if rank != 0:
         return
-    best, info = load_model(args.out, device)
-    marginal = {}
-    if conditional:  # the label marginalised out, with the training set's class frequencies
-        freqs = torch.bincount(train.labels, minlength=config.num_classes)
-        marginal = {"test_marginal_bits_per_code": marginal_bits_per_code(best, test_codes, freqs)}
-    metrics = {**info.metrics, "test_bits_per_code": nll_bits_per_code(best, test_codes, test_labels), **marginal,
-               "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
-               "conditional": conditional, "train_codes": int(train_codes.numel())}
-    save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics,
-               extra=extra, image_shape=vqvae.image_shape)
-    shown = f" ({metrics['test_marginal_bits_per_code']:.3f} with the label marginalised out)" if marginal else ""
+    freqs = torch.bincount(train.labels, minlength=config.num_classes) if conditional else None
+
+    def test_metrics(best: torch.nn.Module) -> dict:
+        metrics = {"test_bits_per_code": nll_bits_per_code(best, test_codes, test_labels),
+                   "conditional": conditional, "train_codes": int(train_codes.numel())}
+        if conditional:  # the label marginalised out, with the training set's class frequencies
+            metrics["test_marginal_bits_per_code"] = marginal_bits_per_code(best, test_codes, freqs)
+        if vqvae.config.likelihood == "logistic":  # -log p(x|z_q(x)) - log P(z(x)): a bound on -log p(x)
+            bound = nll_bound(vqvae, test, prior=best)
+            metrics.update(test_nll_nats=bound["nll_nats"], test_bits_per_dim=bound["bits_per_dim"])
+            if conditional:
+                marginal = nll_bound(vqvae, test, prior=best, label_freqs=freqs)
+                metrics.update(test_marginal_nll_nats=marginal["nll_nats"], test_marginal_bits_per_dim=marginal["bits_per_dim"])
+        return metrics
+
+    _, metrics = finish(args, state, device, train.name, test_metrics, extra=extra, image_shape=vqvae.image_shape)
+    shown = f" ({metrics['test_marginal_bits_per_code']:.3f} with the label marginalised out)" if conditional else ""
+    if "test_bits_per_dim" in metrics:
+        shown += f"; image NLL bound {metrics['test_bits_per_dim']:.4f} bits/dim"
     print(f"{args.out}: test NLL {metrics['test_bits_per_code']:.3f} bits/code{shown}; unigram entropy "
           f"{baseline['unigram_entropy_bits']:.3f}, log2 K {baseline['log2_K']:.3f}")

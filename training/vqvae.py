@@ -1,17 +1,19 @@
-"""`python -m training vqvae`: train a VQ-VAE, keep the best epoch by test MSE, report codebook health."""
+"""`python -m training vqvae`: train a VQ-VAE, keep the best epoch by validation reconstruction loss,
+report codebook health and, with `--likelihood logistic`, the test NLL bound in bits/dim under a
+uniform prior over the codes (the priors' files report it with each prior)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from models.io import load_model, save_model
-from models.vqvae import VQVAE, VQVAEConfig
+from models.vqvae import LIKELIHOODS, VQVAE, VQVAEConfig
 from training.data import ImageData
-from training.evaluate import reconstruction_quality, usage_stats
-from training.loop import FitConfig, fit
+from training.evaluate import nll_bound, reconstruction_quality, usage_stats
+from training.loop import FitConfig, best_saver, finish, fit
 from training.visuals import save_frame
 
 GRID = 64
@@ -28,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--init", choices=("kmeans", "random_batch", "uniform"), default="kmeans")
     p.add_argument("--dead-code-steps", type=int, default=100, help="restart codes unused this many steps (0: never)")
+    p.add_argument(
+        "--likelihood", choices=LIKELIHOODS, default="logistic",
+        help="logistic: discretized logistic mixture (a likelihood of 8-bit images); mse: the paper's Gaussian",
+    )
+    p.add_argument("--num-mixtures", type=int, default=5, help="logistic: mixture components per pixel")
 
 
 @torch.inference_mode()
@@ -48,7 +55,7 @@ def run(
         in_channels=c, image_size=h, hidden_channels=args.hidden_channels, res_channels=args.res_channels,
         n_res_blocks=args.n_res_blocks, codebook_size=args.codebook_size, embedding_dim=args.embedding_dim,
         beta=args.beta, ema=not args.no_ema, ema_decay=args.ema_decay, init=args.init,
-        dead_code_steps=args.dead_code_steps,
+        dead_code_steps=args.dead_code_steps, likelihood=args.likelihood, num_mixtures=args.num_mixtures,
     )
     model = VQVAE(config).to(device)
     fixed_x, _ = val.batch(torch.arange(min(GRID, len(val))), device)
@@ -68,14 +75,16 @@ def run(
     def evaluate(m: VQVAE) -> dict[str, float]:  # on validation images: selection never looks at test
         metrics = {
             **quality(m, val, "val"),
+            **({"val_rec_bits_per_dim": nll_bound(m, val)["bits_per_dim"] - uniform_code_bits}
+               if config.likelihood == "logistic" else {}),
             "train_epoch_codes_used_share": int((epoch_counts > 0).sum()) / config.codebook_size,
             "restarts_total": int(m.quantizer.restarts.item()),
         }
         epoch_counts.zero_()
         return metrics
 
-    def save_best(m: VQVAE, metrics: dict) -> None:
-        save_model(args.out, m, name=args.name, dataset=train.name, command=args.command, metrics=metrics)
+    codes_per_image = model.code_shape[0] * model.code_shape[1]
+    uniform_code_bits = codes_per_image * math.log2(config.codebook_size) / train.images[0].numel()
 
     def pictures(m: VQVAE, epoch: int) -> None:
         with torch.inference_mode():
@@ -84,19 +93,29 @@ def run(
 
     fit_config = FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
-        resume=args.resume, best_key="val_mse", progress=not args.quiet, show=("perplexity", "codes_used", "restarts"),
+        resume=args.resume, best_key="val_rec_bits_per_dim" if config.likelihood == "logistic" else "val_mse", progress=not args.quiet, show=("perplexity", "codes_used", "restarts"),
         running_totals=("restarts",),
     )
-    state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
-                on_epoch_end=pictures, rank=rank, world=world, desc="vqvae")
+    state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
+                save_best=best_saver(args, train.name), on_epoch_end=pictures, rank=rank, world=world, desc="vqvae")
     if rank != 0:
         return
-    best, info = load_model(args.out, device)
-    metrics = {**info.metrics, **quality(best, test, "test"), "codebook_size": config.codebook_size,
-               "code_shape": list(best.code_shape), "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
-               "train_images": len(train), "val_images": len(val), "test_images": len(test)}
-    save_model(args.out, best, name=args.name, dataset=train.name, command=args.command, metrics=metrics)
+
+    def test_metrics(best: VQVAE) -> dict:
+        metrics = {**quality(best, test, "test"), "codebook_size": config.codebook_size,
+                   "code_shape": list(best.code_shape), "train_images": len(train), "val_images": len(val),
+                   "test_images": len(test)}
+        if config.likelihood == "logistic":  # -log p(x|z_q) - log P(z) with a uniform P: log K nats per code
+            bound = nll_bound(best, test)
+            metrics.update(test_uniform_prior_nll_nats=bound["nll_nats"],
+                           test_uniform_prior_bits_per_dim=bound["bits_per_dim"],
+                           test_rec_bits_per_dim=bound["bits_per_dim"] - uniform_code_bits)
+        return metrics
+
+    _, metrics = finish(args, state, device, train.name, test_metrics)
+    shown = (f", NLL bound with a uniform prior {metrics['test_uniform_prior_bits_per_dim']:.4f} bits/dim"
+             if config.likelihood == "logistic" else "")
     print(
         f"{args.out}: test MSE {metrics['test_mse']:.5f}, PSNR {metrics['test_psnr_db']:.2f} dB, perplexity "
-        f"{metrics['test_perplexity']:.1f}, codes used {metrics['test_codes_used']}/{config.codebook_size}"
+        f"{metrics['test_perplexity']:.1f}, codes used {metrics['test_codes_used']}/{config.codebook_size}{shown}"
     )
