@@ -28,7 +28,7 @@ class Op(enum.StrEnum):
     ENCODE = "encode"  # images -> VAE: mu, logvar (B, D); VQ-VAE: z_e (B, D, h, w), codes (B, h, w)
     DECODE = "decode"  # VAE: z (B, D) -> images; VQ-VAE: codes (B, h, w) -> images
     DECODE_NEAREST = "decode_nearest"  # VQ-VAE: z_e (B, D, h, w) -> nearest codes -> images
-    SAMPLE = "sample"  # VAE: z (B, D), already scaled by temperature -> images; VQ-VAE: see _prior_sample
+    SAMPLE = "sample"  # VAE: z (B, D) scaled by temperature, uniforms (B, U, H, W), temperature (B,) -> images; VQ-VAE: see _prior_sample
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,31 @@ def operations(entry: Entry) -> list[Operation]:
         def latents(n: int, g: torch.Generator) -> Inputs:
             return (torch.randn(n, d, generator=g),)  # (n, D)
 
-        def decode(z: torch.Tensor) -> Inputs:  # m.sample(z=z) and m.reconstruct(x) = decode(mu), stoppable between rows
-            return (torch.sigmoid(m.decode(z, on_step=check_wanted)),)
+        def draws(n: int, g: torch.Generator) -> Inputs:  # what /sample submits: z, pixel uniforms, temperatures
+            return torch.randn(n, d, generator=g), torch.rand(m.uniform_shape(n), generator=g), 0.5 + torch.rand(n, generator=g)
+
+        def generate(z: torch.Tensor, uniforms: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                     on_params=None) -> Inputs:
+            """Stoppable between steps. Without uniforms: the fixed draws of `reconstruct` (decode, interpolate)."""
+            if uniforms is None:
+                uniforms = m.reconstruct_uniforms(z.shape[0], z.device)
+            t = 1.0 if temperature is None else temperature.float()
+            return (m.generate(z, uniforms=uniforms, temperature=t, on_step=check_wanted, on_params=on_params),)
+
+        probe = None
+        if m.config.autoregressive:  # pixel draws are discrete steps: compare what precedes each one
+
+            def probe(z: torch.Tensor, uniforms: torch.Tensor | None = None, temperature: torch.Tensor | None = None) -> Inputs:
+                steps: list[torch.Tensor] = []
+                (images,) = generate(z, uniforms, temperature, on_params=lambda params: steps.append(params.flatten(1)))
+                return images, torch.cat(steps, 1)  # (B, all parameters of every step)
 
         return [
-            Operation(OpKey(name, Op.RECONSTRUCT), lambda x: decode(m.encode(x)[0]), images),
+            Operation(OpKey(name, Op.RECONSTRUCT), lambda x: generate(m.encode(x)[0]), images,
+                      None if probe is None else lambda x: probe(m.encode(x)[0])),
             Operation(OpKey(name, Op.ENCODE), lambda x: m.encode(x), images),
-            Operation(OpKey(name, Op.DECODE), decode, latents),
-            Operation(OpKey(name, Op.SAMPLE), decode, latents),
+            Operation(OpKey(name, Op.DECODE), generate, latents, probe),
+            Operation(OpKey(name, Op.SAMPLE), generate, draws, probe),
         ]
 
     quantizer = m.quantizer

@@ -285,6 +285,7 @@ class VAE(nn.Module):
         temperature: float | torch.Tensor = 1.0,
         order: str = "wavefront",
         on_step: Callable[[], None] | None = None,
+        on_params: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """z (N, D) -> images (N, C, H, W) in [0, 1].
 
@@ -295,7 +296,8 @@ class VAE(nn.Module):
         own z and uniforms, so results do not depend on the batch. `order` "wavefront" (default)
         and "raster" draw the same pixels from the same uniforms; wavefront takes 136 steps at
         28x28 instead of 784. `on_step()` is called before each step (a server uses it to stop
-        work nobody waits for any more, by raising).
+        work nobody waits for any more, by raising); `on_params(params)` receives each step's
+        likelihood parameters (N, P, 1, m) before the draw.
         """
         h = self._z_features(z)  # (N, P or a, H, W)
         if not self.config.autoregressive:
@@ -319,6 +321,8 @@ class VAE(nn.Module):
                 ctx = self.ar_context(x)[:, :, rows, cols]  # (N, a, m): the whole stack, then the pixels
             feats = (h[:, :, rows, cols] + ctx)[:, :, None, :]  # (N, a, 1, m)
             params = self.ar_head(feats)  # (N, P, 1, m)
+            if on_params is not None:
+                on_params(params)
             drawn = self._draw(params, uniforms[:, :, rows, cols][:, :, None, :], temperature)  # (N, C, 1, m)
             x[:, :, rows, cols] = drawn[:, :, 0]
         return x

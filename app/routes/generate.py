@@ -48,9 +48,10 @@ async def sample(
     """n samples as one grid, ceil(sqrt(n)) per row. The seed is echoed in the X-Seed header.
 
     The noise is drawn here from a generator seeded by `seed`, before the request joins a batch:
-    VAE z = randn(n, D) * temperature; prior uniforms = rand(n, h, w), then (a conditional prior
-    without `label`) one random label per image = randint(num_classes, (n,)). So the answer never
-    depends on which requests shared the batch.
+    VAE z = randn(n, D) * temperature, then for an autoregressive decoder the uniforms of its pixel
+    draws = rand(n, U, H, W) (each pixel drawn at the same temperature); prior uniforms =
+    rand(n, h, w), then (a conditional prior without `label`) one random label per image =
+    randint(num_classes, (n,)). So the answer never depends on which requests shared the batch.
     """
     settings = service.settings
     if n > settings.max_n:
@@ -63,7 +64,9 @@ async def sample(
             if prior is not None or label is not None:
                 raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
             z = torch.randn(n, entry.model.config.latent_dim, generator=generator) * temperature  # (n, D)
-            (images,) = await service.batcher(entry.name, Op.SAMPLE).submit(z)
+            uniforms = torch.rand(entry.model.uniform_shape(n), generator=generator)  # (n, U, H, W); U = 0 if factorized
+            temps = torch.full((n,), float(temperature))  # (n,)
+            (images,) = await service.batcher(entry.name, Op.SAMPLE).submit(z, uniforms, temps)
         else:
             chosen = _choose_prior(entry, prior)
             inputs = _prior_inputs(chosen, n, temperature, label, generator)
@@ -112,7 +115,9 @@ def _prior_inputs(
     responses={**IMAGE_RESPONSES, 400: {"model": Error}, 413: {"model": Error}},
 )
 async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> Response:
-    """Latents to images, one grid. VAE: {"model", "z": [[D floats], ...]}; VQ-VAE: {"model",
+    """Latents to images, one grid. VAE: {"model", "z": [[D floats], ...]} (an autoregressive
+    decoder's pixels are drawn with the model's fixed reconstruct seed, as /reconstruct does, so the
+    same z gives the same image); VQ-VAE: {"model",
     "codes": [[[h x w ints in [0, K)]], ...]}. A wrong shape, a non-finite value or a code out
     of range is 422, naming its index."""
     settings = service.settings
