@@ -369,3 +369,28 @@ def test_distributed_replicas_stay_identical(tmp_path):
     rank0 = load_file(tmp_path / "ema0.safetensors")
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(rank0[key], value, msg=key)
+
+
+def test_logistic_decoder_scores_8_bit_images_and_shows_its_mean():
+    from models.likelihood import DiscretizedLogisticMixture
+
+    torch.manual_seed(0)
+    config = VQVAEConfig(in_channels=3, image_size=8, hidden_channels=8, res_channels=4, n_res_blocks=1,
+                         codebook_size=8, embedding_dim=4, likelihood="logistic", num_mixtures=3)
+    model = VQVAE(config)
+    x = torch.randint(256, (4, 3, 8, 8)).float() / 255
+    params, _, vq_loss = model(x)
+    assert params.shape == (4, DiscretizedLogisticMixture(3, 3).num_params, 8, 8)
+    loss, stats = model.loss(x)
+    nll = -DiscretizedLogisticMixture(3, 3).log_prob(params, x)  # (B,)
+    torch.testing.assert_close(stats["rec"], nll.mean() / (3 * 8 * 8))  # nats per subpixel
+    torch.testing.assert_close(loss, stats["rec"] + vq_loss)
+    model.eval()
+    codes = model.encode_indices(x)
+    shown = model.decode_indices(codes)
+    torch.testing.assert_close(shown, DiscretizedLogisticMixture(3, 3).mean(model.decode(model.quantizer.lookup(codes))))
+    torch.testing.assert_close(model.reconstruct(x), shown)
+    with pytest.raises(ValueError, match="likelihood='mse'"):
+        VQVAE(VQVAEConfig(hidden_channels=8, codebook_size=4, embedding_dim=2)).log_likelihood(params, x)
+    with pytest.raises(ValueError, match="gaussian"):
+        VQVAEConfig(likelihood="gaussian")

@@ -25,7 +25,14 @@ def train(fashion_root, tmp_path, *extra, name="vae", arch="conv"):
 AR = ["--decoder", "autoregressive", "--ar-channels", "4", "--ar-kernel", "3", "--free-bits", "0.5"]
 
 
-@pytest.mark.parametrize("arch,extra", [("mlp", []), ("conv", []), ("conv", AR)], ids=["mlp", "conv", "conv-ar"])
+BERNOULLI = ["--likelihood", "bernoulli"]
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [("mlp", BERNOULLI), ("mlp", []), ("conv", []), ("conv", AR), ("conv", [*AR, *BERNOULLI]), ("conv", [*AR, "--no-latent"])],
+    ids=["mlp-bernoulli", "mlp", "conv", "conv-ar", "conv-ar-bernoulli", "conv-context-only"],
+)
 def test_two_epochs_write_a_loadable_file_with_sane_metrics_and_gifs(fashion_root, tmp_path, arch, extra):
     code, out = train(fashion_root, tmp_path, "--epochs", "2", "--batch-size", "16", "--lr", "0.01", *extra, arch=arch)
     assert code == 0
@@ -33,12 +40,21 @@ def test_two_epochs_write_a_loadable_file_with_sane_metrics_and_gifs(fashion_roo
     m = info.metrics
     assert info.kind == "vae" and info.dataset == "fashion-mnist" and info.command.startswith("python -m training vae")
     assert model.config.arch == arch and info.image_shape == (1, 28, 28)
-    assert model.config.decoder == ("autoregressive" if extra else "factorized")
-    for key in ("test_neg_elbo", "test_iwae_nll", "test_rec", "test_kl", "test_psnr_db"):
+    assert model.config.decoder == ("autoregressive" if "--decoder" in extra else "factorized")
+    assert model.config.use_latent == ("--no-latent" not in extra)
+    for key in ("test_neg_elbo", "test_rec", "test_kl", "test_psnr_db"):
         assert math.isfinite(m[key]), key
-    # an IWAE bound on the NLL is never above the negative ELBO (up to Monte-Carlo noise), and a
-    # model no better than p = 1/2 for every pixel (784 ln 2 = 543.4 nats) fails
-    assert 0 < m["test_iwae_nll"] <= m["test_neg_elbo"] + 1.0 < 784 * math.log(2)
+    if "bernoulli" in extra:
+        # grey-pixel BCE: an IWAE bound is never above the negative ELBO (up to Monte-Carlo noise),
+        # and a model no better than p = 1/2 for every pixel (784 ln 2 = 543.4 nats) fails
+        assert model.config.likelihood == "bernoulli" and "test_bits_per_dim" not in m
+        assert 0 < m["test_iwae_grey_bce"] <= m["test_neg_elbo"] + 1.0 < 784 * math.log(2)
+    else:
+        # a likelihood of the 8-bit images: a model no better than uniform over 256 levels (8 bits/dim) fails
+        assert model.config.likelihood == "logistic" and "test_iwae_grey_bce" not in m
+        assert 0 < m["test_nll_nats"] <= m["test_neg_elbo"] + 1.0
+        assert m["test_bits_per_dim"] == pytest.approx(m["test_nll_nats"] / (784 * math.log(2)), rel=1e-6)
+        assert m["test_bits_per_dim"] < 8.0
     assert m["iwae_k"] == 20 and m["iwae_images"] == 64 and 0 <= m["active_units"] <= 3
     for gif in ("inputs", "reconstructions", "samples"):  # identical frames (the fixed inputs) are merged
         with Image.open(tmp_path / f"run-vae/{gif}.gif") as im:

@@ -28,6 +28,12 @@ def test_vqvae_one_epoch(vqvae_file, tmp_path):
     assert 1 <= m["test_codes_used"] <= 16 and 1 <= m["test_perplexity"] <= m["test_codes_used"] + 1e-6
     assert 0 < m["train_epoch_codes_used_share"] <= 1 and m["restarts_total"] >= 0
     assert m["train_restarts"] == m["restarts_total"]  # a running total is reported as its last value, not averaged
+    # a likelihood of the 8-bit images: the decoder must beat uniform over 256 levels (8 bits/dim), and a
+    # uniform prior over the 16 codes adds exactly 49 log2(16) bits per image
+    assert model.config.likelihood == "logistic" and 0 < m["test_rec_bits_per_dim"] < 8.0
+    assert m["test_uniform_prior_bits_per_dim"] == pytest.approx(m["test_rec_bits_per_dim"] + 49 * 4 / 784, abs=1e-9)
+    assert m["test_uniform_prior_nll_nats"] == pytest.approx(m["test_uniform_prior_bits_per_dim"] * 784 * math.log(2))
+    assert 0 < m["val_rec_bits_per_dim"] < 8.0
     with Image.open(tmp_path / "run-vq/reconstructions.gif") as im:
         assert im.n_frames == 1
 
@@ -49,6 +55,10 @@ def test_prior_two_epochs_beat_uniform_and_record_its_vqvae(vqvae_file, fashion_
     # better than the uniform code distribution (log2 K bits), which any trained prior must beat
     assert 0 < m["test_bits_per_code"] < m["log2_K"] and 0 < m["val_bits_per_code"] < m["log2_K"]
     assert 0 < m["test_marginal_bits_per_code"] < m["log2_K"]  # the label marginalised out
+    # the image bound -log p(x|z_q) - log P(z) is the decoder's bits plus the prior's, per subpixel
+    rec = load_model(vqvae_file)[1].metrics["test_rec_bits_per_dim"]
+    assert m["test_bits_per_dim"] == pytest.approx(rec + m["test_bits_per_code"] * 49 / 784, rel=1e-5)
+    assert m["test_marginal_bits_per_dim"] == pytest.approx(rec + m["test_marginal_bits_per_code"] * 49 / 784, rel=1e-5)
     with Image.open(tmp_path / f"run-{arch}/samples.gif") as im:
         assert im.n_frames == 2
 
