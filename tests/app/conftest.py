@@ -1,7 +1,7 @@
 """Tiny real models written to a temporary weights directory, and the real app around them.
 
-Served: "vae" (1x8x8, MLP), "vae_rgb" (3x8x8, conv with an
-autoregressive decoder), "vqvae" (1x8x8, 2x2 codes, K=16) with
+Served: "vae" (1x8x8, MLP, Bernoulli), "vae_rgb" (3x8x8, conv with an autoregressive
+discretized-logistic decoder), "vqvae" (1x8x8, 2x2 codes, K=16, discretized logistic) with
 three priors: "pixelcnn" (unconditional, 3.0 bits/code), "gated" (3 classes, 2.0: the
 default) and "pixelcnnpp" (unconditional, 2.5).
 """
@@ -35,7 +35,8 @@ NUM_CLASSES = 3
 
 def tiny_vqvae() -> VQVAE:
     vq = VQVAE(VQVAEConfig(image_size=8, hidden_channels=8, res_channels=4, n_res_blocks=1,
-                           codebook_size=CODEBOOK_SIZE, embedding_dim=4, init="uniform")).eval()
+                           codebook_size=CODEBOOK_SIZE, embedding_dim=4, init="uniform", likelihood="logistic",
+                           num_mixtures=2)).eval()
     with torch.no_grad():  # spread the codebook so different images get different codes
         vq.quantizer.embedding.copy_(torch.randn(CODEBOOK_SIZE, 4) * 0.3)
     return vq
@@ -54,7 +55,8 @@ def write_weights(d: Path) -> Path:
                name="vae", dataset="unit-test", command="pytest", metrics={"test_neg_elbo": 40.0})
     save_model(d / "vae_rgb.safetensors",
                VAE(VAEConfig(arch="conv", in_channels=3, image_size=8, latent_dim=LATENT_DIM, channels=(4, 8), fc_dim=16,
-                             decoder="autoregressive", ar_channels=4, ar_kernel=3, ar_layers=2)),
+                             decoder="autoregressive", ar_channels=4, ar_kernel=3, ar_layers=2, likelihood="logistic",
+                             num_mixtures=2)),
                name="vae_rgb", dataset="unit-test", command="pytest")
     vq = tiny_vqvae()
     save_model(d / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import grid_size, png_array
+from .conftest import cell, grid_size, image_bytes, png_array
 
 
 async def sample(client, **params):
@@ -104,3 +104,45 @@ async def test_unknown_prior_is_404(client):
     r = await sample(client, model="vqvae", prior="transformer")
     assert r.status_code == 404
     assert r.json()["detail"] == "prior 'transformer' is not available for 'vqvae'; available: ['gated', 'pixelcnn', 'pixelcnnpp']"
+
+
+async def test_an_autoregressive_vae_serves_samples_of_its_model_by_the_documented_recipe(client, weights_dir):
+    """/sample of an AR VAE: z = randn(n, D) * T, then uniforms = rand(n, U, H, W) from the same
+    generator, every pixel drawn at temperature T. The answer equals the model's own generate(),
+    its pixels are 8-bit levels, and batch-mates (other requests at once) do not change it."""
+    import asyncio
+
+    import torch
+
+    from models.io import load_model
+
+    model, _ = load_model(weights_dir / "vae_rgb.safetensors")
+    for seed, temperature in ((4, 1.0), (5, 0.6)):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(3, model.config.latent_dim, generator=g) * temperature
+        uniforms = torch.rand(model.uniform_shape(3), generator=g)
+        with torch.no_grad():
+            expected = model.generate(z, uniforms=uniforms, temperature=torch.full((3,), temperature))
+        expected = (expected * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (n, H, W, C)
+        answers = await asyncio.gather(*[sample(client, model="vae_rgb", n=3, seed=seed, temperature=temperature)
+                                         for _ in range(3)], sample(client, model="vae_rgb", n=5, seed=99))
+        assert len({r.content for r in answers[:3]}) == 1
+        grid = png_array(answers[0].content)
+        for i in range(3):
+            np.testing.assert_array_equal(cell(grid, i, nrow=2), expected[i])
+
+
+async def test_an_autoregressive_vae_reconstructs_with_its_fixed_seed(client, weights_dir):
+    import torch
+
+    from models.io import load_model
+
+    model, _ = load_model(weights_dir / "vae_rgb.safetensors")
+    data = image_bytes(mode="RGB", seed=3)
+    first = await client.post("/reconstruct", params={"model": "vae_rgb"}, files=[("file", ("a.png", data))])
+    again = await client.post("/reconstruct", params={"model": "vae_rgb"}, files=[("file", ("a.png", data))])
+    assert first.status_code == 200 and first.content == again.content
+    x = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        expected = (model.reconstruct(x) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(png_array(first.content), expected)
