@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import types
@@ -33,6 +32,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from models.pixelcnn import GatedPixelCNN, PixelCNN
+from models.pixelcnnpp import PixelCNNpp
+from models.vae import VAE
+from models.vqvae import VQVAE
 
 FORMAT_VERSION = "1"
 REQUIRED_KEYS = ("format_version", "kind", "name", "config", "image_shape", "dataset", "command", "metrics", "sha256")
@@ -56,21 +60,15 @@ class ModelInfo:
     path: str | None = None
 
 
-# kind -> (module, class). Imported on demand, so io.py has no import cycle.
-KINDS = {
-    "vae": ("models.vae", "VAE"),
-    "vqvae": ("models.vqvae", "VQVAE"),
-    "pixelcnn": ("models.pixelcnn", "PixelCNN"),
-    "gated_pixelcnn": ("models.pixelcnn", "GatedPixelCNN"),
-    "pixelcnnpp": ("models.pixelcnnpp", "PixelCNNpp"),
-}
+# kind -> class, built from the classes themselves (each carries its KIND and config_class).
+MODEL_CLASSES: tuple[type[torch.nn.Module], ...] = (VAE, VQVAE, PixelCNN, GatedPixelCNN, PixelCNNpp)
+KINDS: dict[str, type[torch.nn.Module]] = {cls.KIND: cls for cls in MODEL_CLASSES}
 
 
 def model_class(kind: str) -> type[torch.nn.Module]:
     if kind not in KINDS:
         raise KeyError(kind)
-    module, name = KINDS[kind]
-    return getattr(importlib.import_module(module), name)
+    return KINDS[kind]
 
 
 def config_to_json(config: Any) -> str:
