@@ -53,6 +53,45 @@ def _samples(model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn
     return None
 
 
+def _describe(model: torch.nn.Module, info: ModelInfo) -> str:
+    c = model.config
+    if info.kind == "vae":
+        use = "" if c.use_latent else ", context only (z unused)"
+        return f"VAE, {c.arch}, {c.decoder} decoder, {c.likelihood}{use}"
+    if info.kind == "vqvae":
+        return f"VQ-VAE, {c.likelihood} decoder"
+    return f"{info.kind} prior over `{info.extra.get('vqvae')}`"
+
+
+def likelihood_table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> list[str]:
+    """One row per likelihood a file reports: test NLL (an upper bound) in bits/dim and nats per image.
+    Files whose numbers are grey-pixel BCE get a row that says so, with no bits/dim."""
+    lines = ["| file | model | bound on -log p(x), test split | bits/dim | nats/image | test images |",
+             "|---|---|---|---|---|---|"]
+    for path, model, info in models:
+        m = info.metrics
+        name, what = f"`{path.name}`", _describe(model, info)
+        images = m.get("iwae_images", m.get("test_images", ""))
+        rows = []
+        if info.kind == "vae" and "test_bits_per_dim" in m:
+            rows.append((f"IWAE-{m.get('iwae_k')}", m["test_bits_per_dim"], m["test_nll_nats"]))
+        elif info.kind == "vae" and "test_iwae_grey_bce" in m:
+            lines.append(f"| {name} | {what} | IWAE-{m.get('iwae_k')} grey-pixel BCE {m['test_iwae_grey_bce']:.2f} nats: "
+                         f"the tutorial's loss, not a likelihood of 8-bit images | - | - | {images} |")
+        elif info.kind == "vqvae" and "test_uniform_prior_bits_per_dim" in m:
+            rows.append(("-log p(x given z_q) + uniform prior (log K per code)",
+                         m["test_uniform_prior_bits_per_dim"], m["test_uniform_prior_nll_nats"]))
+        elif "test_bits_per_dim" in m:
+            label = "given the class label" if m.get("conditional") else "unconditional"
+            rows.append((f"-log p(x given z_q) - log P(z), {label}", m["test_bits_per_dim"], m["test_nll_nats"]))
+            if "test_marginal_bits_per_dim" in m:
+                rows.append(("-log p(x given z_q) - log P(z), label marginalised out",
+                             m["test_marginal_bits_per_dim"], m["test_marginal_nll_nats"]))
+        for bound, bits, nats in rows:
+            lines.append(f"| {name} | {what} | {bound} | {bits:.4f} | {nats:.2f} | {images} |")
+    return lines if len(lines) > 2 else []
+
+
 def run(args: argparse.Namespace) -> Path:
     folder = Path(args.weights)
     models = [(p, *load_model(p)) for p in sorted(folder.glob("*.safetensors"))]
@@ -65,6 +104,12 @@ def run(args: argparse.Namespace) -> Path:
     lines += [MARKER, "",
               "Regenerate with `python -m training card`. Numbers are the metadata of each file; pictures are "
               f"64 samples drawn with seed {args.seed} (priors: labels 0..9 repeated for class-conditional ones).", ""]
+    table = likelihood_table(models)
+    if table:
+        lines += ["### Test NLL in bits/dim, every model in one table", "",
+                  "Computed by one function, `training.evaluate.nll_bound`, on the test split of each file's data "
+                  "set; lower is better, and each is an upper bound on -log p(x) of the 8-bit images.", "",
+                  *table, ""]
     for title, kinds in (("VAE", ("vae",)), ("VQ-VAE", ("vqvae",)), ("Priors over the VQ-VAE codes", PRIOR_KINDS)):
         group = [m for m in models if m[2].kind in kinds]
         if not group:

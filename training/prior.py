@@ -143,7 +143,7 @@ def run(
 
     def test_metrics(best: torch.nn.Module) -> dict:
         metrics = {"test_bits_per_code": nll_bits_per_code(best, test_codes, test_labels),
-                   "conditional": conditional, "train_codes": int(train_codes.numel())}
+                   "conditional": conditional, "train_codes": int(train_codes.numel()), "test_images": len(test)}
         if conditional:  # the label marginalised out, with the training set's class frequencies
             metrics["test_marginal_bits_per_code"] = marginal_bits_per_code(best, test_codes, freqs)
         if vqvae.config.likelihood == "logistic":  # -log p(x|z_q(x)) - log P(z(x)): a bound on -log p(x)

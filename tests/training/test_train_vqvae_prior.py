@@ -84,6 +84,9 @@ def test_model_card_is_generated_from_the_files(vqvae_file, fashion_root, tmp_pa
     card = (weights / "README.md").read_text()
     _, info = load_model(weights / "vqvae_gated.safetensors")
     assert f"{info.metrics['test_bits_per_code']:.4g}" in card and "python -m training prior" in card
+    table = card.split("every model in one table")[1].split("###")[0]  # the one bits/dim table
+    assert f"| {info.metrics['test_bits_per_dim']:.4f} | {info.metrics['test_nll_nats']:.2f} | 64 |" in table
+    assert f"| {info.metrics['test_marginal_bits_per_dim']:.4f} |" in table and "label marginalised out" in table
     assert (weights / "samples" / "vqvae_gated.png").is_file() and "samples/vqvae_gated.png" in card
 
 
