@@ -308,41 +308,49 @@ class VAE(nn.Module):
         elif tuple(uniforms.shape) != shape:
             raise ValueError(f"uniforms must have shape {shape} for {h.shape[0]} images, got {tuple(uniforms.shape)}")
         uniforms = uniforms.to(device=h.device, dtype=h.dtype)
-        n = h.shape[0]
-        x = h.new_zeros(n, *self.image_shape)  # undrawn pixels are 0; the masks never read them
+        n, (c, hh, ww) = h.shape[0], self.image_shape
         fast = order == "wavefront" and self.config.ar_layers == 1
-        for rows, cols in self.generation_steps(order):
+        pad = self.config.ar_kernel // 2 if fast else 0
+        # undrawn pixels are 0; the masks never read them. The fast path reads windows of the padded buffer.
+        padded = h.new_zeros(n, c, hh + 2 * pad, ww + 2 * pad)  # (N, C, H + 2p, W + 2p)
+        x = padded[:, :, pad : pad + hh, pad : pad + ww]  # (N, C, H, W), a view
+        conv = self.ar_context[0]
+        kernel = (conv.weight * conv.mask).flatten(1)  # (a, C*k*k)
+        # the 1x1 head as matrices: ReLU, W1, ReLU, W2 (the same arithmetic as the convolutions)
+        w1, b1 = self.ar_head[1].weight.flatten(1), self.ar_head[1].bias  # (a, a), (a,)
+        w2, b2 = self.ar_head[3].weight.flatten(1), self.ar_head[3].bias  # (P, a), (P,)
+        for rows, cols, windows in self._generation_plan(order, h.device):
             if on_step is not None:
                 on_step()
-            rows, cols = rows.to(h.device), cols.to(h.device)
             if fast:
-                ctx = self._context_at(x, rows, cols)  # (N, a, m)
+                patches = padded[:, :, windows[0], windows[1]].permute(0, 2, 1, 3, 4).flatten(2)  # (N, m, C*k*k)
+                ctx = F.linear(patches, kernel, conv.bias)  # (N, m, a): the masked conv at these m pixels only
             else:
-                ctx = self.ar_context(x)[:, :, rows, cols]  # (N, a, m): the whole stack, then the pixels
-            feats = (h[:, :, rows, cols] + ctx)[:, :, None, :]  # (N, a, 1, m)
-            params = self.ar_head(feats)  # (N, P, 1, m)
+                ctx = self.ar_context(x)[:, :, rows, cols].transpose(1, 2)  # (N, m, a): the whole stack, then the pixels
+            feats = h[:, :, rows, cols].transpose(1, 2) + ctx  # (N, m, a)
+            out = F.linear(F.relu(F.linear(F.relu(feats), w1, b1)), w2, b2)  # (N, m, P)
+            params = out.transpose(1, 2)[:, :, None, :]  # (N, P, 1, m)
             if on_params is not None:
                 on_params(params)
             drawn = self._draw(params, uniforms[:, :, rows, cols][:, :, None, :], temperature)  # (N, C, 1, m)
             x[:, :, rows, cols] = drawn[:, :, 0]
-        return x
+        return x.clone()
 
-    def _context_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """The mask-A context (ar_layers = 1) at the m pixels (rows, cols) only: (N, C, H, W) -> (N, a, m).
-
-        Gathers each pixel's k x k window and multiplies it by the masked kernel: the same sum the
-        convolution computes there, at m pixels instead of H * W.
-        """
-        conv = self.ar_context[0]
-        k = self.config.ar_kernel
-        pad = k // 2
-        padded = F.pad(x, (pad, pad, pad, pad))  # (N, C, H + 2p, W + 2p)
-        offsets = torch.arange(k, device=x.device)
-        rr = (rows[:, None, None] + offsets[None, :, None]).expand(-1, k, k)  # (m, k, k)
-        cc = (cols[:, None, None] + offsets[None, None, :]).expand(-1, k, k)  # (m, k, k)
-        windows = padded[:, :, rr, cc]  # (N, C, m, k, k)
-        kernel = conv.weight * conv.mask  # (a, C, k, k)
-        return torch.einsum("ncmij,acij->nam", windows, kernel) + conv.bias[None, :, None]  # (N, a, m)
+    def _generation_plan(self, order: str, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, tuple]]:
+        """`generation_steps(order)` on `device`, each with the index grids (rows, cols) (m, k, k) of
+        its pixels' k x k windows in the padded image; computed once per (order, device)."""
+        cache = self.__dict__.setdefault("_plans", {})
+        key = (order, str(device))
+        if key not in cache:
+            k = self.config.ar_kernel
+            offsets = torch.arange(k)
+            plan = []
+            for rows, cols in self.generation_steps(order):
+                rr = (rows[:, None, None] + offsets[None, :, None]).expand(-1, k, k)  # (m, k, k)
+                cc = (cols[:, None, None] + offsets[None, None, :]).expand(-1, k, k)  # (m, k, k)
+                plan.append((rows.to(device), cols.to(device), (rr.to(device), cc.to(device))))
+            cache[key] = plan
+        return cache[key]
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
