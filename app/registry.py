@@ -205,6 +205,8 @@ class Registry:
                 "device": str(entry.device),
                 "file": Path(entry.info.path).name if entry.info.path else None,
             }
+            # "logistic": a discretized logistic mixture (a likelihood of 8-bit images); "bernoulli" or "mse" not
+            item["likelihood"] = entry.model.config.likelihood
             if entry.kind == "vae":
                 item["arch"] = entry.model.config.arch
                 item["decoder"] = entry.model.config.decoder
@@ -219,6 +221,7 @@ class Registry:
                         "kind": p.kind,
                         "model": p.info.name,
                         "test_bits_per_code": p.bits_per_code,
+                        "test_bits_per_dim": p.info.metrics.get("test_bits_per_dim"),
                         "num_classes": p.num_classes,
                         "default": p is default,
                         "dataset": p.info.dataset,

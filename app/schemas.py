@@ -36,8 +36,11 @@ class PriorInfo(BaseModel):
     kind: str
     model: str = Field(description="the prior's own name in its weight file")
     test_bits_per_code: float | None
+    test_bits_per_dim: float | None = Field(
+        None, description="test NLL bound of the images, -log p(x|z_q) - log P(z), with the VQ-VAE's likelihood"
+    )
     num_classes: int = Field(description="0 = unconditional")
-    default: bool = Field(description="the prior /sample uses when none is named: the lowest test_bits_per_code")
+    default: bool = Field(description="the prior /sample uses when none is named: the lowest validation NLL (test where a file has none)")
     dataset: str
     file: str | None
 
@@ -56,6 +59,8 @@ class ModelEntry(BaseModel):
     metrics: dict[str, Any]
     device: str
     file: str | None
+    # "logistic" (discretized logistic mixture: a likelihood of 8-bit images), "bernoulli" (VAE) or "mse" (VQ-VAE)
+    likelihood: str
     # VAE only: "mlp" or "conv"; "factorized" p(x|z) or "autoregressive" p(x_i|z, x_<i) (pixel by pixel)
     arch: str | None = None
     decoder: str | None = None

@@ -54,6 +54,7 @@ async def test_models_lists_each_model_and_the_priors_of_the_vqvae(client):
     rgb = models["vae_rgb"]
     assert rgb["image_shape"] == [3, 8, 8] and (rgb["arch"], rgb["decoder"]) == ("conv", "autoregressive")
     assert models["vqvae"].get("decoder") is None
+    assert {name: m["likelihood"] for name, m in models.items()} == {"vae": "bernoulli", "vae_rgb": "logistic", "vqvae": "logistic"}
     vq = models["vqvae"]
     assert vq["code_shape"] == list(CODE_SHAPE) and vq["codebook_size"] == CODEBOOK_SIZE and vq["latent_shape"] == [4, 2, 2]
     priors = {p["name"]: p for p in vq["priors"]}
