@@ -301,6 +301,28 @@ def test_every_conditional_of_the_discretized_autoregressive_decoder_sums_to_one
         assert abs(torch.logsumexp(per_pixel, 0).item()) < 1e-6
 
 
+def test_two_dependent_pixels_of_the_discretized_autoregressive_decoder_carry_joint_mass_one():
+    """A 4x4 grey image: pixel (2, 1) reads pixel (1, 1). Over all 256^2 values of the two, the
+    other 14 fixed, sum p(x_11 | x_<11) p(x_21 | x_<21) = 1: the chain rule of a normalised model."""
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(arch="conv", image_size=4, latent_dim=2, channels=(2, 2), fc_dim=4, decoder="autoregressive",
+                          ar_channels=3, ar_kernel=3, likelihood="logistic", num_mixtures=2)).double().eval()
+    for p in model.parameters():
+        p.data.mul_(3)
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    images = grid_images(1, 1, 4, 4, seed=1).double().expand(256 * 256, -1, -1, -1).clone()
+    images[:, 0, 1, 1] = levels.repeat_interleave(256)
+    images[:, 0, 2, 1] = levels.repeat(256)
+    z = torch.randn(1, 2, dtype=torch.float64).expand(len(images), 2)
+    with torch.no_grad():
+        params = model.decode(z, context=images)
+        per_pixel = model.pixel_likelihood.log_prob_per_pixel(params, images)  # (N, 4, 4)
+        forced = model.decode(z[:2], context=images[[0, 256]])  # x_11 differs: pixel (2, 1) must see it
+    assert not torch.allclose(forced[0, :, 2, 1], forced[1, :, 2, 1])
+    joint = per_pixel[:, 1, 1] + per_pixel[:, 2, 1]
+    assert abs(torch.logsumexp(joint, 0).item()) < 1e-6
+
+
 def test_context_only_baseline_ignores_z():
     model = tiny_ar(likelihood="logistic", use_latent=False).eval()
     x = grid_images(2, 1, 28, 28)
