@@ -245,7 +245,11 @@ class VAE(nn.Module):
         """One draw per pixel by inversion: params (N, P, 1, m), uniforms (N, U, 1, m) -> (N, C, 1, m).
 
         Bernoulli: 1 where u < sigmoid(logit / T). Logistic: the mixture's inverse-CDF sampler.
+        Always in float32 or wider (under autocast the params may be half precision, whose rounding
+        would move draws off the 256-level grid).
         """
+        if params.dtype in (torch.float16, torch.bfloat16):
+            params = params.float()
         if self.pixel_likelihood is None:
             t = temperature_map(temperature, params.shape[0], params)
             return (uniforms < torch.sigmoid(params / t)).to(params.dtype)
@@ -303,16 +307,19 @@ class VAE(nn.Module):
         if not self.config.autoregressive:
             return self.mean_image(h)
         shape = self.uniform_shape(h.shape[0])
+        dtype = torch.promote_types(h.dtype, torch.float32)  # draws in float32 (or float64), even under autocast
         if uniforms is None:
-            uniforms = torch.rand(shape, generator=generator, device=h.device, dtype=h.dtype)
+            uniforms = torch.rand(shape, generator=generator, device=h.device, dtype=dtype)
         elif tuple(uniforms.shape) != shape:
             raise ValueError(f"uniforms must have shape {shape} for {h.shape[0]} images, got {tuple(uniforms.shape)}")
-        uniforms = uniforms.to(device=h.device, dtype=h.dtype)
+        elif uniforms.numel() and not (0.0 <= uniforms.min().item() and uniforms.max().item() <= 1.0):
+            raise ValueError("uniforms must lie in [0, 1] (and not be NaN)")
+        uniforms = uniforms.to(device=h.device, dtype=dtype)
         n, (c, hh, ww) = h.shape[0], self.image_shape
         fast = order == "wavefront" and self.config.ar_layers == 1
         pad = self.config.ar_kernel // 2 if fast else 0
         # undrawn pixels are 0; the masks never read them. The fast path reads windows of the padded buffer.
-        padded = h.new_zeros(n, c, hh + 2 * pad, ww + 2 * pad)  # (N, C, H + 2p, W + 2p)
+        padded = h.new_zeros(n, c, hh + 2 * pad, ww + 2 * pad, dtype=dtype)  # (N, C, H + 2p, W + 2p)
         x = padded[:, :, pad : pad + hh, pad : pad + ww]  # (N, C, H, W), a view
         conv = self.ar_context[0]
         kernel = (conv.weight * conv.mask).flatten(1)  # (a, C*k*k)
@@ -404,7 +411,10 @@ class VAE(nn.Module):
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n images from z ~ N(0, temperature^2 I) (or the given z) through `generate` (the pixel
-        draws of an autoregressive decoder at the same temperature)."""
+        draws of an autoregressive decoder at the same temperature, which must then be > 0; a
+        factorized decoder accepts 0, the decoded prior mean)."""
+        if not isinstance(temperature, (int, float)) or not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
         if z is None:
             device = next(self.parameters()).device
             z = torch.randn(n, self.config.latent_dim, generator=generator, device=device) * temperature

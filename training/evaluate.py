@@ -61,9 +61,10 @@ def nll_bound(
 
     - VAE: the IWAE-k bound (Burda et al. 2015, eq. 8), `VAE.iwae_bound`.
     - VQ-VAE: -log p(x | z_q(x)) - log P(z(x)). For any code grid z*, p(x) = sum_z P(z) p(x|z)
-      >= P(z*) p(x|z*), so this bounds -log p(x) with z* the encoder's codes. P is `prior`: given
-      each image's label when the prior is class-conditional, or with the label marginalised out,
-      P(z) = sum_y p(y) P(z|y), when `label_freqs` (Y,) gives the class frequencies. Without a
+      >= P(z*) p(x|z*), so this bounds -log p(x) with z* the encoder's codes. P is `prior`: with
+      `label_freqs` (Y,) the label is marginalised out, P(z) = sum_y p(y) P(z|y), and the result
+      bounds -log p(x); a class-conditional prior without them is given each image's label, and
+      the result bounds -log p(x | y) instead (lower on average: it is told the class). Without a
       prior, P is uniform over the K^(h w) grids (log K nats per code).
     """
     if getattr(model.config, "likelihood", None) != "logistic":
@@ -95,7 +96,7 @@ def nll_bound(
         total += nll.sum().item()
     nats = total / len(data)
     dims = data.images[0].numel()
-    return {"nll_nats": nats, "bits_per_dim": float(bits_per_dim(torch.tensor(nats), dims))}
+    return {"nll_nats": nats, "bits_per_dim": float(bits_per_dim(torch.tensor(nats, dtype=torch.float64), dims))}
 
 
 @torch.inference_mode()

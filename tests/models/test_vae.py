@@ -220,6 +220,7 @@ def test_autoregressive_decoder_is_causal_at_every_pixel(layers, kernel):
 
 AR_CASES = [(1, 28, 1, "logistic"), (1, 28, 3, "logistic"), (3, 32, 2, "logistic"), (3, 32, 1, "logistic"),
             (1, 28, 1, "bernoulli"), (3, 32, 2, "bernoulli")]
+KERNEL_CASES = [(1, 28, 1, "logistic", 3), (1, 28, 1, "logistic", 7), (3, 16, 2, "logistic", 3), (1, 12, 2, "bernoulli", 7)]
 
 
 @pytest.mark.parametrize("channels,size,layers,likelihood", AR_CASES)
@@ -243,12 +244,12 @@ def test_generation_draws_from_the_teacher_forced_distribution_of_what_it_drew(c
     assert len(x.unique()) > 2 or likelihood == "bernoulli"
 
 
-@pytest.mark.parametrize("channels,size,layers,likelihood", AR_CASES)
-def test_wavefront_order_draws_the_same_pixels_as_raster_order(channels, size, layers, likelihood):
+@pytest.mark.parametrize("channels,size,layers,likelihood,kernel", [(*case, 5) for case in AR_CASES] + KERNEL_CASES)
+def test_wavefront_order_draws_the_same_pixels_as_raster_order(channels, size, layers, likelihood, kernel):
     """From the same uniforms, in float64: the wavefront order (all pixels with the same
     col + (r + 1) row at once, the context gathered at those pixels only) and the raster order
     (one pixel a step, the whole masked stack each time) give the same image."""
-    model = tiny_ar(channels, size, layers, likelihood=likelihood).double().eval()
+    model = tiny_ar(channels, size, layers, kernel=kernel, likelihood=likelihood).double().eval()
     for p in model.parameters():  # larger weights than the init, so the context matters
         p.data.mul_(3)
     z = torch.randn(4, 4, dtype=torch.float64)
@@ -261,9 +262,11 @@ def test_wavefront_order_draws_the_same_pixels_as_raster_order(channels, size, l
     assert len(model.generation_steps()) == (size - 1) + (reach + 1) * (size - 1) + 1 < size * size
 
 
-def test_the_autoregressive_vae_samples_its_own_distribution():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_the_autoregressive_vae_samples_its_own_distribution(temperature):
     """A 4x4 binary AR decoder: the frequency of each of the 16 patterns of the top row among
-    20,000 draws matches its exact probability (summed over the other 12 pixels by the chain rule)."""
+    20,000 draws matches its exact probability (summed over the other 12 pixels by the chain rule);
+    at temperature T every pixel's logit is divided by T."""
     torch.manual_seed(0)
     model = VAE(VAEConfig(arch="conv", image_size=4, latent_dim=2, channels=(2, 2), fc_dim=4,
                           decoder="autoregressive", ar_channels=3, ar_kernel=3)).eval()
@@ -272,13 +275,13 @@ def test_the_autoregressive_vae_samples_its_own_distribution():
     n = 20_000
     z = torch.randn(1, 2).expand(n, 2)
     with torch.no_grad():
-        x = model.generate(z, generator=torch.Generator().manual_seed(0))
+        x = model.generate(z, generator=torch.Generator().manual_seed(0), temperature=temperature)
         top = (x[:, 0, 0] * torch.tensor([1.0, 2, 4, 8])).sum(-1).long()  # (n,) the top row as a number
         counts = torch.bincount(top, minlength=16).double()
         bits = torch.arange(16)[:, None].bitwise_right_shift(torch.arange(4)).bitwise_and(1).float()  # (16, 4)
         images = torch.zeros(16, 1, 4, 4)
         images[:, 0, 0] = bits
-        logits = model.decode(z[:16], context=images)[:, 0, 0]  # (16, 4): the top row reads only itself
+        logits = model.decode(z[:16], context=images)[:, 0, 0] / temperature  # (16, 4): the top row reads only itself
         exact = (-F.binary_cross_entropy_with_logits(logits, bits, reduction="none").sum(-1)).double().exp()
     assert abs(exact.sum().item() - 1) < 1e-6
     chi2 = ((counts - n * exact) ** 2 / (n * exact)).sum().item()
@@ -321,6 +324,25 @@ def test_two_dependent_pixels_of_the_discretized_autoregressive_decoder_carry_jo
     assert not torch.allclose(forced[0, :, 2, 1], forced[1, :, 2, 1])
     joint = per_pixel[:, 1, 1] + per_pixel[:, 2, 1]
     assert abs(torch.logsumexp(joint, 0).item()) < 1e-6
+
+
+@pytest.mark.parametrize("likelihood", ["logistic", "bernoulli"])
+def test_a_temperature_per_image_equals_each_image_drawn_at_its_own(likelihood):
+    model = tiny_ar(3, 16, 1, likelihood=likelihood).eval()
+    z = torch.randn(3, 4)
+    u = torch.rand(model.uniform_shape(3), generator=torch.Generator().manual_seed(4))
+    temps = [0.3, 1.0, 2.5]
+    with torch.no_grad():
+        together = model.generate(z, uniforms=u, temperature=torch.tensor(temps))
+        alone = torch.cat([model.generate(z[i : i + 1], uniforms=u[i : i + 1], temperature=t) for i, t in enumerate(temps)])
+        same = model.generate(z, uniforms=u, temperature=1.0)
+    assert torch.equal(together, alone) and not torch.equal(together, same)
+    with pytest.raises(ValueError, match="shape"):
+        model.generate(z, uniforms=u, temperature=torch.ones(4))
+    with pytest.raises(ValueError, match="uniforms must lie in"):
+        model.generate(z, uniforms=u * 3)
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(4, temperature=torch.tensor([0.5, 1, 1, 1]))
 
 
 def test_context_only_baseline_ignores_z():

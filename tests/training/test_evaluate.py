@@ -46,3 +46,31 @@ def test_a_likelihood_that_is_not_of_8_bit_images_is_refused():
         nll_bound(VAE(VAEConfig(latent_dim=2, hidden_dims=(8, 4))), data())
     with pytest.raises(ValueError, match="likelihood='logistic'"):
         nll_bound(VQVAE(VQVAEConfig(hidden_channels=8, codebook_size=4, embedding_dim=2)), data())
+
+
+def test_vqvae_bound_with_a_prior_given_the_label_and_marginalised_by_direct_sums():
+    """Against sums written out with exp (no logsumexp): the conditional bound adds -log P(z | y_i),
+    the marginal one -log sum_y p(y) P(z | y), and the marginal lies between the best and worst label."""
+    from models.pixelcnn import PixelCNN, PixelCNNConfig
+
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(image_size=8, hidden_channels=8, res_channels=4, n_res_blocks=1, codebook_size=4,
+                              embedding_dim=2, likelihood="logistic", num_mixtures=2, init="uniform")).eval()
+    with torch.no_grad():
+        model.quantizer.embedding.copy_(torch.randn(4, 2))
+    prior = PixelCNN(PixelCNNConfig(codebook_size=4, code_shape=(2, 2), num_classes=3, hidden_channels=8, n_layers=2,
+                                    first_kernel_size=3)).eval()
+    d = data(7, size=8)
+    freqs = torch.tensor([4, 2, 1])
+    x = d.images.float() / 255
+    with torch.no_grad():
+        codes = model.encode_indices(x)
+        rec = -model.log_likelihood(model.decode(model.quantizer.lookup(codes)), x).double()  # (7,)
+        per_label = torch.stack([prior.log_prob(codes, torch.full((7,), y)) for y in range(3)], 1).double()  # (7, 3)
+    conditional = rec - per_label[torch.arange(7), d.labels]
+    marginal = rec - (per_label.exp() * freqs.double() / 7).sum(1).log()
+    out = nll_bound(model, d, prior=prior, batch_size=3)
+    out_marginal = nll_bound(model, d, prior=prior, label_freqs=freqs, batch_size=3)
+    assert out["nll_nats"] == pytest.approx(conditional.mean().item(), rel=1e-6)
+    assert out_marginal["nll_nats"] == pytest.approx(marginal.mean().item(), rel=1e-6)
+    assert ((rec - per_label.max(1).values) - 1e-9 <= marginal).all() and (marginal <= rec - per_label.min(1).values + 1e-9).all()
