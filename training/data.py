@@ -3,12 +3,21 @@
 Every loader returns an `ImageData` with images (N, C, H, W) uint8 and labels (N,) long
 (or None for an unlabelled folder). Batches become float in [0, 1] at the last moment.
 A missing data set raises `DataError` with one message that says how to get it.
+
+A folder with `train/` and `test/` subfolders (CIFAR-10's layout, ROOT/{train,test}/{class}/NNNN.jpg)
+is decoded once per split into a safetensors file in the user's cache folder (see `cache_dir`), so a
+second run reads one file instead of decoding every image again.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +34,12 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
+CACHE_ENV = "GENSERVE_DATA_CACHE"  # overrides the folder that holds decoded image folders
+CACHE_FORMAT = "1"  # bump when the decoding changes, so old cache files are re-decoded
+DECODE_THREADS = 4  # PIL releases the GIL while it decodes, so a few threads overlap reading and decoding
+DECODE_CHUNK = 512  # images per thread-pool task
+SPLIT_ORDER_SEED = 0  # the fixed shuffle of a train/test folder's images
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes that load as 1 channel when channels is not given
 
 
 class DataError(RuntimeError):
@@ -82,7 +97,9 @@ def load_dataset(
     """Load `split` ("train" or "test") of a named data set or of a folder of images.
 
     `data` is one of "fashion-mnist", "mnist", "cifar10", or a path to a folder of images.
-    `image_size`/`channels` apply to folders (default 28 and 1); named sets keep their shape.
+    Named sets keep their shape. A folder with `train/` and `test/` subfolders is read by
+    `_split_folder` (each split from its own subfolder, cached; size and channels default to
+    the images' own); any other folder by `_folder` (a 1-in-N split; default 28 pixels, 1 channel).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -91,6 +108,8 @@ def load_dataset(
     if data in ("mnist", "cifar10"):
         return _torchvision(data, split, root, download)
     if Path(data).is_dir():
+        if (Path(data) / "train").is_dir() and (Path(data) / "test").is_dir():
+            return _split_folder(Path(data), split, image_size, channels)
         return _folder(Path(data), split, image_size or 28, channels or 1, test_fraction)
     raise DataError(
         f"unknown data set {data!r}: use one of {', '.join(DATASETS)} or a path to a folder of images"
@@ -192,3 +211,236 @@ def _folder(path: Path, split: str, image_size: int, channels: int, test_fractio
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
     label_tensor = torch.tensor(labels, dtype=torch.long) if labelled else None
     return ImageData(str(path), images, label_tensor, len(subdirs) if labelled else 0, tuple(subdirs) if labelled else ())
+
+
+def cache_dir() -> Path:
+    """Where decoded train/test folders are cached: $GENSERVE_DATA_CACHE, else
+    $XDG_CACHE_HOME/genserve/data, else ~/.cache/genserve/data. Never the data folder itself,
+    which may be read-only or shared; delete the folder to reclaim the space."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genserve" / "data"
+
+
+def _split_folder(path: Path, split: str, image_size: int | None, channels: int | None) -> ImageData:
+    """One split of a folder laid out as ROOT/{train,test}/{class}/image (CIFAR-10's layout).
+
+    - Labels: the class folders' names, sorted, one list for both splits. A class folder with
+      images in one split but not the other is an error naming it (it is usually a typo, and
+      a class the model never trains on, or is never tested on, skews every metric). Images put
+      directly in train/ and test/, with no class folders at all, load unlabelled.
+    - Channels: `channels` (1 = L, 3 = RGB) converts; when None, the first training image's
+      mode decides (grey modes load as 1 channel, anything else as 3).
+    - Size: an image already image_size x image_size keeps its pixels; any other is
+      center-cropped to a square and resized with Lanczos. When image_size is None, every image
+      must be square and as large as the first training image, and keeps its own size; otherwise
+      the error says to pass --image-size.
+    - Order: a fixed shuffle (seed SPLIT_ORDER_SEED) of each split, so that the first N images
+      (--limit-train) and the last N (ImageData.split_last's validation set) hold every class.
+    - Name: the folder's name (".../cifar10" gives "cifar10"); a name that is also a named data
+      set gets " (image folder)" added, so weight files never mistake a copy for the original.
+    - Cache: the decoded split is saved in `cache_dir()` under a name keyed by the folder's
+      absolute path, the split and (image_size, channels); it is used only while a fingerprint
+      of every file's path, size and mtime, and the cache format, still match.
+    """
+    path = path.resolve()
+    listing = {s: _class_listing(path / s) for s in ("train", "test")}
+    classes = _check_classes(path, listing)
+    label_of = {c: i for i, c in enumerate(classes)}
+    files = [(f, label_of.get(c, -1)) for c, fs in listing[split].items() for f, _, _ in fs]  # -1: unlabelled
+    order = np.random.default_rng(SPLIT_ORDER_SEED).permutation(len(files))
+    files = [files[i] for i in order]
+    name = path.name + (" (image folder)" if path.name in DATASETS else "")
+    settings = json.dumps([str(path), split, image_size, channels])
+    cache = cache_dir() / f"{path.name}-{split}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}.safetensors"
+    fingerprint = _fingerprint(listing, settings)
+    cached = _read_cache(cache, fingerprint, len(files))
+    if cached is not None:
+        images, labels = cached
+    else:
+        first = next(f for fs in listing["train"].values() for f, _, _ in fs)
+        size, mode = _resolve_shape(first, image_size, channels)
+        images = _decode([f for f, _ in files], size, mode, strict=None if image_size else first)  # (N, C, H, W)
+        labels = torch.tensor([label for _, label in files], dtype=torch.long) if classes else None
+        _write_cache(cache, fingerprint, images, labels)
+    return ImageData(name, images, labels, len(classes), tuple(classes))
+
+
+FileStat = tuple[str, int, int]  # (path, size in bytes, mtime in ns)
+
+
+def _class_listing(split_dir: Path) -> dict[str, list[FileStat]]:
+    """{class folder name: its image files, sorted}, with "" for images directly in split_dir.
+
+    os.scandir rather than pathlib: listing and stat-ing CIFAR-10's 60,000 files is then ~0.2 s, not ~2 s.
+    """
+    listing: dict[str, list[FileStat]] = {}
+    with os.scandir(split_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                found = sorted(_image_files(entry.path))
+                if found:
+                    listing[entry.name] = found
+            elif _is_image(entry):
+                listing.setdefault("", []).append(_file_stat(entry))
+    return listing
+
+
+def _image_files(folder: str) -> list[FileStat]:
+    """Every image file under `folder`, in any depth of subfolders (hidden ones skipped)."""
+    found, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif _is_image(entry):
+                    found.append(_file_stat(entry))
+    return found
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file()
+
+
+def _file_stat(entry: os.DirEntry) -> FileStat:
+    st = entry.stat()
+    return entry.path, st.st_size, st.st_mtime_ns
+
+
+def _check_classes(path: Path, listing: dict[str, dict[str, list[FileStat]]]) -> list[str]:
+    """The sorted class names shared by both splits ([] when unlabelled), or a DataError that says what to fix."""
+    for split, by_class in listing.items():
+        if not by_class:
+            raise DataError(
+                f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path / split}: a folder with "
+                f"train/ and test/ needs images in both, e.g. {path / split}/CLASS/0000.jpg"
+            )
+        if "" in by_class and len(by_class) > 1:
+            raise DataError(
+                f"{path / split} has images both directly inside it ({Path(by_class[''][0][0]).name}, ...) and in "
+                "class folders: move every image into a class folder, or none for unlabelled images"
+            )
+    train, test = (set(listing[s]) for s in ("train", "test"))
+    if ("" in train) != ("" in test):
+        raise DataError(
+            f"{path}: only one of train/ and test/ has class folders; give both the same class folders"
+        )
+    for present, missing in (("train", "test"), ("test", "train")):
+        only = sorted(set(listing[present]) - set(listing[missing]))
+        if only:
+            others = f" (nor have {', '.join(only[1:])})" if len(only) > 1 else ""
+            raise DataError(
+                f"class {only[0]!r} has images in {path / present / only[0]} but none in "
+                f"{path / missing / only[0]}{others}: add images of it to {missing}/, or remove or rename the "
+                "folder so that both splits have the same classes"
+            )
+    return [] if "" in train else sorted(train)
+
+
+def _fingerprint(listing: dict[str, dict[str, list[FileStat]]], settings: str) -> str:
+    """A hash of the cache format, the settings and every file's path, size and mtime."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}\n{settings}\n".encode())
+    for by_class in listing.values():
+        for files in by_class.values():
+            h.update("".join(f"{f}\t{size}\t{mtime}\n" for f, size, mtime in files).encode())
+    return h.hexdigest()
+
+
+def _resolve_shape(first: str, image_size: int | None, channels: int | None) -> tuple[int, str]:
+    """(side, PIL mode) for a train/test folder: the arguments, or else the first training image's own."""
+    from PIL import Image
+
+    try:
+        with Image.open(first) as im:
+            width, height, own_mode = im.width, im.height, im.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {first}: {err}; delete or replace the file") from err
+    if image_size is None and width != height:
+        raise DataError(
+            f"{first} is {width}x{height}, not square, so the images cannot keep their own size: "
+            "pass --image-size N to crop and resize them all to N x N"
+        )
+    channels = channels or (1 if own_mode in GREY_MODES else 3)
+    return image_size or width, "L" if channels == 1 else "RGB"
+
+
+def _decode(files: list[str], size: int, mode: str, strict: str | None) -> torch.Tensor:
+    """Decode `files` into one (N, C, size, size) uint8 tensor with a small thread pool.
+
+    With `strict` (the image that set the size), an image of another size is an error instead of being resized.
+    """
+    from PIL import Image, ImageOps
+
+    c = 1 if mode == "L" else 3
+    out = np.empty((len(files), size, size, c), dtype=np.uint8)  # (N, H, W, C)
+
+    def decode_chunk(start: int) -> None:
+        for i in range(start, min(start + DECODE_CHUNK, len(files))):
+            try:
+                with Image.open(files[i]) as im:
+                    if strict is not None and im.size != (size, size):
+                        raise DataError(
+                            f"{files[i]} is {im.width}x{im.height} but {strict} is {size}x{size}: images keep "
+                            "their own size only when all are square and equal; pass --image-size N to crop "
+                            "and resize them all"
+                        )
+                    im = ImageOps.exif_transpose(im)
+                    im = im if im.mode == mode else im.convert(mode)
+                    if im.size != (size, size):
+                        im = ImageOps.fit(im, (size, size), Image.Resampling.LANCZOS)
+                    out[i] = np.asarray(im, dtype=np.uint8).reshape(size, size, c)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                raise DataError(f"cannot read image {files[i]}: {err}; delete or replace the file") from err
+
+    pool = ThreadPoolExecutor(min(DECODE_THREADS, os.cpu_count() or 1))
+    try:
+        for future in [pool.submit(decode_chunk, s) for s in range(0, len(files), DECODE_CHUNK)]:
+            future.result()  # the first failing chunk raises here
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def _read_cache(cache: Path, fingerprint: str, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The cached (images, labels) when `cache` exists and matches `fingerprint`, else None."""
+    from safetensors import safe_open
+
+    if not cache.is_file():
+        return None
+    try:
+        with safe_open(str(cache), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            images = f.get_tensor("images")
+            labels = f.get_tensor("labels") if "labels" in f.keys() else None
+    except Exception:  # a truncated or foreign file is only a cache miss; it is rewritten below
+        return None
+    return (images, labels) if images.shape[0] == n else None
+
+
+def _write_cache(cache: Path, fingerprint: str, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """Save atomically (a temporary file, then a rename). A cache that cannot be written is a warning."""
+    from safetensors.torch import save_file
+
+    tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"fingerprint": fingerprint, "format": CACHE_FORMAT})
+            os.replace(tmp, cache)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:
+        warnings.warn(
+            f"could not cache the decoded images in {cache} ({err}); the next run decodes them again. "
+            f"Set {CACHE_ENV} to a writable folder to cache them.",
+            stacklevel=3,
+        )
