@@ -10,6 +10,8 @@ in GET /models). So one bad file never takes the other models down. Skipped are:
 unreadable or invalid weight files, a second model with a name already loaded, a prior
 whose recorded VQ-VAE is not loaded, whose recorded codebook digest differs from that
 VQ-VAE's `codebook_digest()`, whose codebook_size or code_shape differ from the VQ-VAE's,
+a class-conditional prior that records class names but not one per class (its label-to-name
+mapping cannot be trusted; one that records none, as older files, is served without names),
 or a second prior of the same kind for the same VQ-VAE.
 
 What each served model can compute, and how it is batched, lives in app/operations.py.
@@ -94,6 +96,14 @@ class Entry:
         return tuple(self.model.image_shape)  # type: ignore[return-value]
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        """The model's own file's class names; a VQ-VAE whose file has none takes its priors' when they agree."""
+        if self.info.class_names:
+            return self.info.class_names
+        recorded = {p.info.class_names for p in self.priors.values() if p.info.class_names}
+        return recorded.pop() if len(recorded) == 1 else ()
+
+    @property
     def default_prior(self) -> Prior | None:
         """The prior with the lowest validation NLL (selection_bits_per_code; one without it comes last)."""
         if not self.priors:
@@ -174,6 +184,9 @@ class Registry:
             return self._reject(
                 path, f"code_shape {tuple(cfg.code_shape)} differs from VQ-VAE {vq_name!r}'s {tuple(vq.code_shape)}", vq_name
             )
+        names = info.class_names
+        if cfg.num_classes and names and len(names) != cfg.num_classes:
+            return self._reject(path, f"it records {len(names)} class names for its {cfg.num_classes} classes", vq_name)
         if api_name in entry.priors:
             other = entry.priors[api_name].info.path
             return self._reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
@@ -201,6 +214,7 @@ class Registry:
                 "image_shape": list(entry.image_shape),
                 "latent_shape": list(entry.model.latent_shape),
                 "dataset": entry.info.dataset,
+                "class_names": list(entry.class_names),
                 "metrics": entry.info.metrics,
                 "device": str(entry.device),
                 "file": Path(entry.info.path).name if entry.info.path else None,
@@ -225,6 +239,7 @@ class Registry:
                         "num_classes": p.num_classes,
                         "default": p is default,
                         "dataset": p.info.dataset,
+                        "class_names": list(p.info.class_names),
                         "file": Path(p.info.path).name if p.info.path else None,
                     }
                     for p in entry.priors.values()

@@ -42,6 +42,9 @@ class PriorInfo(BaseModel):
     num_classes: int = Field(description="0 = unconditional")
     default: bool = Field(description="the prior /sample uses when none is named: the lowest validation NLL (test where a file has none)")
     dataset: str
+    class_names: list[str] = Field(
+        description="the training data's classes: label i is class_names[i]; empty when the file records none"
+    )
     file: str | None
 
 
@@ -56,6 +59,10 @@ class ModelEntry(BaseModel):
     image_shape: list[int]
     latent_shape: list[int]
     dataset: str
+    class_names: list[str] = Field(
+        description="the training data's classes, by label (a VQ-VAE whose file has none shows its priors'); "
+        "empty when unknown or unlabelled"
+    )
     metrics: dict[str, Any]
     device: str
     file: str | None

@@ -11,6 +11,8 @@ A weight file is a `.safetensors` file. Its metadata (a ``dict[str, str]``) hold
     command         the training command that produced the file
     metrics         JSON object of evaluation results
     extra           JSON object of kind-specific facts (a prior's VQ-VAE name and codebook hash)
+    class_names     JSON list of the data set's class names, label i is class_names[i]; optional
+                    (files written before it lack the key and load with none)
     sha256          a digest of every tensor's name, dtype, shape and bytes
 
 `load_model` rebuilds the module from the metadata alone, checks every tensor's
@@ -26,6 +28,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ class ModelInfo:
     metrics: dict[str, Any]
     extra: dict[str, Any]
     path: str | None = None
+    class_names: tuple[str, ...] = ()  # the data set's classes, by label; () when the file records none
 
 
 # kind -> class, built from the classes themselves (each carries its KIND and config_class).
@@ -129,14 +133,18 @@ def save_model(
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     image_shape: tuple[int, int, int] | None = None,
+    class_names: Sequence[str] = (),
 ) -> None:
     """Write `model` and everything needed to rebuild it into one safetensors file.
 
     `image_shape` defaults to `model.image_shape`; a prior passes its VQ-VAE's.
+    `class_names` are the training data's classes in label order (empty for unlabelled data).
     """
     kind = getattr(model, "KIND", None)
     if kind not in KINDS:
         raise ValueError(f"cannot save a {type(model).__name__}: it has no known KIND")
+    if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
+        raise TypeError(f"class_names must be a sequence of strings, got {class_names!r}")
     tensors = state_tensors(model)
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -148,6 +156,7 @@ def save_model(
         "command": command,
         "metrics": json.dumps(metrics or {}, sort_keys=True),
         "extra": json.dumps(extra or {}, sort_keys=True),
+        "class_names": json.dumps(list(class_names)),
         "sha256": tensors_digest(tensors),
     }
     path = Path(path)
@@ -182,6 +191,15 @@ def _json(path: Path, metadata: dict[str, str], key: str) -> Any:
         return json.loads(metadata.get(key, "{}"))
     except json.JSONDecodeError as err:
         raise WeightFileError(f"{path}: metadata key {key!r} is not valid JSON ({err})") from err
+
+
+def _class_names(path: Path, metadata: dict[str, str]) -> tuple[str, ...]:
+    if "class_names" not in metadata:  # written before the key existed
+        return ()
+    names = _json(path, metadata, "class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeightFileError(f"{path}: metadata key 'class_names' must be a JSON list of strings, got {names!r}")
+    return tuple(names)
 
 
 def load_model(
@@ -226,5 +244,6 @@ def load_model(
         metrics=_json(path, metadata, "metrics"),
         extra=_json(path, metadata, "extra"),
         path=str(path),
+        class_names=_class_names(path, metadata),
     )
     return model.to(device).eval(), info

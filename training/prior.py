@@ -121,7 +121,8 @@ def run(
 
     extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest()}  # what the service pairs priors by
 
-    save_to_file = best_saver(args, train.name, extra=extra, image_shape=vqvae.image_shape)
+    save_to_file = best_saver(args, train.name, extra=extra, image_shape=vqvae.image_shape,
+                              class_names=train.class_names)
 
     def save_best(m: torch.nn.Module, metrics: dict) -> None:
         save_to_file(m, {**baseline, **metrics})
@@ -154,7 +155,8 @@ def run(
                 metrics.update(test_marginal_nll_nats=marginal["nll_nats"], test_marginal_bits_per_dim=marginal["bits_per_dim"])
         return metrics
 
-    _, metrics = finish(args, state, device, train.name, test_metrics, extra=extra, image_shape=vqvae.image_shape)
+    _, metrics = finish(args, state, device, train.name, test_metrics, extra=extra, image_shape=vqvae.image_shape,
+                        class_names=train.class_names)
     shown = f" ({metrics['test_marginal_bits_per_code']:.3f} with the label marginalised out)" if conditional else ""
     if "test_bits_per_dim" in metrics:
         shown += f"; image NLL bound {metrics['test_bits_per_dim']:.4f} bits/dim"

@@ -87,8 +87,8 @@ def run(
         run_dir=Path(args.run_dir), resume=args.resume, best_key="val_neg_elbo", progress=not args.quiet,
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
-                save_best=best_saver(args, train.name), on_epoch_end=pictures, rank=rank, world=world,
-                desc=f"vae-{args.arch}")
+                save_best=best_saver(args, train.name, class_names=train.class_names), on_epoch_end=pictures,
+                rank=rank, world=world, desc=f"vae-{args.arch}")
     if rank != 0:
         return
     iwae_data = test.subset(args.iwae_images)
@@ -109,7 +109,7 @@ def run(
             metrics["test_iwae_grey_bce"] = vae_iwae(best, iwae_data, k=args.iwae_k)
         return metrics
 
-    _, metrics = finish(args, state, device, train.name, test_metrics)
+    _, metrics = finish(args, state, device, train.name, test_metrics, class_names=train.class_names)
     if config.likelihood == "logistic":
         bound = f"IWAE-{args.iwae_k} bound {metrics['test_bits_per_dim']:.4f} bits/dim ({metrics['test_nll_nats']:.2f} nats)"
     else:

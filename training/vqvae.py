@@ -97,7 +97,8 @@ def run(
         running_totals=("restarts",),
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
-                save_best=best_saver(args, train.name), on_epoch_end=pictures, rank=rank, world=world, desc="vqvae")
+                save_best=best_saver(args, train.name, class_names=train.class_names), on_epoch_end=pictures,
+                rank=rank, world=world, desc="vqvae")
     if rank != 0:
         return
 
@@ -112,7 +113,7 @@ def run(
                            test_rec_bits_per_dim=bound["bits_per_dim"] - uniform_code_bits)
         return metrics
 
-    _, metrics = finish(args, state, device, train.name, test_metrics)
+    _, metrics = finish(args, state, device, train.name, test_metrics, class_names=train.class_names)
     shown = (f", NLL bound with a uniform prior {metrics['test_uniform_prior_bits_per_dim']:.4f} bits/dim"
              if config.likelihood == "logistic" else "")
     print(

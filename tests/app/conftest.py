@@ -3,7 +3,8 @@
 Served: "vae" (1x8x8, MLP, Bernoulli), "vae_rgb" (3x8x8, conv with an autoregressive
 discretized-logistic decoder), "vqvae" (1x8x8, 2x2 codes, K=16, discretized logistic) with
 three priors: "pixelcnn" (unconditional, 3.0 bits/code), "gated" (3 classes, 2.0: the
-default) and "pixelcnnpp" (unconditional, 2.5).
+default) and "pixelcnnpp" (unconditional, 2.5). Class names (CLASS_NAMES) are recorded by
+"vae", "pixelcnn" and "gated"; "vae_rgb", "vqvae" and "pixelcnnpp" record none, as older files.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ LATENT_DIM = 4
 CODEBOOK_SIZE = 16
 CODE_SHAPE = (2, 2)
 NUM_CLASSES = 3
+CLASS_NAMES = ("circle", "square", "T-shirt/top")
 
 
 def tiny_vqvae() -> VQVAE:
@@ -43,16 +45,16 @@ def tiny_vqvae() -> VQVAE:
 
 
 def save_prior(path: Path, prior: torch.nn.Module, vq: VQVAE, vq_name: str = "vqvae", bits: float = 3.0,
-               digest: str | None = None) -> None:
+               digest: str | None = None, class_names: tuple[str, ...] = ()) -> None:
     extra = {"vqvae": vq_name, "codebook_sha256": digest or vq.codebook_digest()}
     save_model(path, prior.eval(), name=path.stem, dataset="unit-test", command="pytest",
-               metrics={"test_bits_per_code": bits}, extra=extra, image_shape=vq.image_shape)
+               metrics={"test_bits_per_code": bits}, extra=extra, image_shape=vq.image_shape, class_names=class_names)
 
 
 def write_weights(d: Path) -> Path:
     torch.manual_seed(0)
     save_model(d / "vae.safetensors", VAE(VAEConfig(image_size=8, latent_dim=LATENT_DIM, hidden_dims=(16,))),
-               name="vae", dataset="unit-test", command="pytest", metrics={"test_neg_elbo": 40.0})
+               name="vae", dataset="unit-test", command="pytest", metrics={"test_neg_elbo": 40.0}, class_names=CLASS_NAMES)
     save_model(d / "vae_rgb.safetensors",
                VAE(VAEConfig(arch="conv", in_channels=3, image_size=8, latent_dim=LATENT_DIM, channels=(4, 8), fc_dim=16,
                              decoder="autoregressive", ar_channels=4, ar_kernel=3, ar_layers=2, likelihood="logistic",
@@ -61,10 +63,11 @@ def write_weights(d: Path) -> Path:
     vq = tiny_vqvae()
     save_model(d / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest")
     common = dict(codebook_size=CODEBOOK_SIZE, code_shape=CODE_SHAPE, hidden_channels=8)
-    save_prior(d / "pixelcnn.safetensors", PixelCNN(PixelCNNConfig(**common, n_layers=1, first_kernel_size=3)), vq, bits=3.0)
+    save_prior(d / "pixelcnn.safetensors", PixelCNN(PixelCNNConfig(**common, n_layers=1, first_kernel_size=3)), vq, bits=3.0,
+               class_names=CLASS_NAMES)
     save_prior(d / "gated.safetensors",
                GatedPixelCNN(GatedPixelCNNConfig(**common, n_layers=2, first_kernel_size=3, num_classes=NUM_CLASSES)),
-               vq, bits=2.0)
+               vq, bits=2.0, class_names=CLASS_NAMES)
     save_prior(d / "pixelcnnpp.safetensors", PixelCNNpp(PixelCNNppConfig(**common, n_layers=1, n_scales=1)), vq, bits=2.5)
     return d
 

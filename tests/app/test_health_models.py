@@ -6,10 +6,11 @@ import httpx
 import torch
 
 from app.main import create_app
-from models.io import load_model
+from app.registry import Registry
+from models.io import load_model, save_model
 from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 
-from .conftest import CODEBOOK_SIZE, CODE_SHAPE, make_settings, save_prior, tiny_vqvae
+from .conftest import CLASS_NAMES, CODEBOOK_SIZE, CODE_SHAPE, make_settings, save_prior, tiny_vqvae
 
 
 async def test_health_and_ready_after_startup(client):
@@ -66,6 +67,42 @@ async def test_models_lists_each_model_and_the_priors_of_the_vqvae(client):
     assert vq["default_prior"] == "gated" and priors["gated"]["default"] and not priors["pixelcnn"]["default"]
     assert vq["rejected_priors"] == []
     assert (await client.get("/models/problems")).json() == []
+    # a label's name: each file's own class names; the VQ-VAE's file has none, so it shows its priors'
+    assert {name: m["class_names"] for name, m in models.items()} == {
+        "vae": list(CLASS_NAMES), "vae_rgb": [], "vqvae": list(CLASS_NAMES)}
+    assert {n: p["class_names"] for n, p in priors.items()} == {
+        "pixelcnn": list(CLASS_NAMES), "gated": list(CLASS_NAMES), "pixelcnnpp": []}
+
+
+async def test_class_names_of_a_vqvae_and_a_conditional_prior_with_the_wrong_count(tmp_path, serve):
+    torch.manual_seed(0)
+    vq = tiny_vqvae()
+    save_model(tmp_path / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest",
+               class_names=("a", "b"))
+    cfg = dict(codebook_size=CODEBOOK_SIZE, code_shape=CODE_SHAPE, hidden_channels=8, n_layers=1, first_kernel_size=3)
+    save_prior(tmp_path / "pixelcnn.safetensors", PixelCNN(PixelCNNConfig(**cfg)), vq, class_names=CLASS_NAMES)
+    save_prior(tmp_path / "gated.safetensors", GatedPixelCNN(GatedPixelCNNConfig(**cfg, num_classes=3)), vq,
+               class_names=CLASS_NAMES[:2])
+    async with serve(weights_dir=tmp_path) as (_app, client):
+        [entry] = (await client.get("/models")).json()
+    assert entry["class_names"] == ["a", "b"]  # the VQ-VAE's own file wins over its priors'
+    assert [(p["name"], p["class_names"]) for p in entry["priors"]] == [("pixelcnn", list(CLASS_NAMES))]
+    assert entry["rejected_priors"] == [
+        {"file": "gated.safetensors", "reason": "it records 2 class names for its 3 classes"}]
+
+
+def test_a_vqvae_without_names_shows_its_priors_only_when_they_agree(tmp_path):
+    vq = tiny_vqvae()
+    save_model(tmp_path / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest")
+    cfg = dict(codebook_size=CODEBOOK_SIZE, code_shape=CODE_SHAPE, hidden_channels=8, n_layers=1)
+    save_prior(tmp_path / "a.safetensors", PixelCNN(PixelCNNConfig(**cfg)), vq, class_names=("x", "y"))
+    save_prior(tmp_path / "b.safetensors", GatedPixelCNN(GatedPixelCNNConfig(**cfg)), vq, class_names=("y", "x"))
+    registry = Registry.load(tmp_path, torch.device("cpu"))
+    [entry] = registry.describe()
+    assert entry["class_names"] == [] and [p["class_names"] for p in entry["priors"]] == [["x", "y"], ["y", "x"]]
+    (tmp_path / "b.safetensors").unlink()
+    [entry] = Registry.load(tmp_path, torch.device("cpu")).describe()
+    assert entry["class_names"] == ["x", "y"]
 
 
 async def test_mismatched_priors_are_skipped_and_listed(tmp_path, weights_dir, serve):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,47 @@ def test_weight_file_is_world_readable_and_written_atomically(tmp_path):
     save_tiny(path)
     assert path.stat().st_mode & 0o777 == 0o644  # a service running as another user can read it
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_class_names_round_trip_as_a_tuple(tmp_path):
+    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(8,))).eval()
+    names = ("T-shirt/top", "Trouser", "Ankle boot")
+    save_model(tmp_path / "m.safetensors", model, name="m", dataset="d", command="c", class_names=list(names))
+    _, info = load_model(tmp_path / "m.safetensors")
+    assert info.class_names == names and isinstance(info.class_names, tuple)
+    assert json.loads(read_metadata(tmp_path / "m.safetensors")["class_names"]) == list(names)
+    save_model(tmp_path / "plain.safetensors", model, name="p", dataset="d", command="c")
+    assert load_model(tmp_path / "plain.safetensors")[1].class_names == ()
+    with pytest.raises(TypeError, match="class_names"):
+        save_model(tmp_path / "s.safetensors", model, name="s", dataset="d", command="c", class_names="abc")
+    with pytest.raises(TypeError, match="class_names"):
+        save_model(tmp_path / "s.safetensors", model, name="s", dataset="d", command="c", class_names=["a", 1])
+
+
+def test_files_without_class_names_load_with_none(tmp_path):
+    model = save_tiny(tmp_path / "m.safetensors")
+    old = tmp_path / "old.safetensors"  # as written before the key existed
+    _rewrite(tmp_path / "m.safetensors", old, change_meta=lambda m: m.pop("class_names"))
+    assert "class_names" not in read_metadata(old)
+    loaded, info = load_model(old)
+    x = torch.rand(2, 1, 28, 28)
+    assert info.class_names == () and torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+
+
+def test_shipped_weight_files_still_load():
+    shipped = sorted((Path(__file__).resolve().parents[2] / "weights").glob("*.safetensors"))
+    if not shipped:
+        pytest.skip("no shipped weight files")
+    for path in shipped:
+        _, info = load_model(path)
+        recorded = read_metadata(path).get("class_names")
+        assert info.class_names == (() if recorded is None else tuple(json.loads(recorded))), path.name
+
+
+@pytest.mark.parametrize("value", ['{"0": "cat"}', '["cat", 2]', '"cat"', "null", "[cat]"])
+def test_malformed_class_names_are_refused_naming_the_file_and_key(tmp_path, value):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__("class_names", value))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: metadata key 'class_names'"):
+        load_model(bad)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from models.io import load_model
 from training.__main__ import main
+from training.data import FASHION_MNIST_CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--hidden-dims", "16", "8", "--latent-dim", "3", "--conv-channels", "4", "8", "--fc-dim", "16",
@@ -39,6 +40,7 @@ def test_two_epochs_write_a_loadable_file_with_sane_metrics_and_gifs(fashion_roo
     model, info = load_model(out)
     m = info.metrics
     assert info.kind == "vae" and info.dataset == "fashion-mnist" and info.command.startswith("python -m training vae")
+    assert info.class_names == FASHION_MNIST_CLASSES and info.class_names[9] == "Ankle boot"
     assert model.config.arch == arch and info.image_shape == (1, 28, 28)
     assert model.config.decoder == ("autoregressive" if "--decoder" in extra else "factorized")
     assert model.config.use_latent == ("--no-latent" not in extra)

@@ -6,6 +6,7 @@ from PIL import Image
 
 from models.io import load_model
 from training.__main__ import main
+from training.data import FASHION_MNIST_CLASSES
 
 VQ_TINY = ["--hidden-channels", "16", "--res-channels", "8", "--n-res-blocks", "1", "--codebook-size", "16",
            "--embedding-dim", "4", "--dead-code-steps", "2", "--batch-size", "64", "--quiet", "--threads", "1"]
@@ -24,6 +25,7 @@ def test_vqvae_one_epoch(vqvae_file, tmp_path):
     model, info = load_model(vqvae_file)
     m = info.metrics
     assert info.kind == "vqvae" and model.code_shape == (7, 7) and m["code_shape"] == [7, 7]
+    assert info.class_names == FASHION_MNIST_CLASSES
     assert 0 < m["test_mse"] < 0.25 and math.isclose(m["test_psnr_db"], 10 * math.log10(1 / m["test_mse"]))
     assert 1 <= m["test_codes_used"] <= 16 and 1 <= m["test_perplexity"] <= m["test_codes_used"] + 1e-6
     assert 0 < m["train_epoch_codes_used_share"] <= 1 and m["restarts_total"] >= 0
@@ -51,6 +53,7 @@ def test_prior_two_epochs_beat_uniform_and_record_its_vqvae(vqvae_file, fashion_
     assert info.extra["vqvae"] == "vqvae" and info.extra["codebook_sha256"] == vqvae.codebook_digest()
     assert set(info.extra) == {"vqvae", "codebook_sha256"} and info.image_shape == (1, 28, 28)
     assert prior.config.codebook_size == 16 and prior.config.num_classes == 10 and m["conditional"] is True
+    assert info.class_names == FASHION_MNIST_CLASSES  # label i of the prior is class i of its data set
     assert m["log2_K"] == 4.0 and 0 <= m["unigram_entropy_bits"] <= 4.0
     # better than the uniform code distribution (log2 K bits), which any trained prior must beat
     assert 0 < m["test_bits_per_code"] < m["log2_K"] and 0 < m["val_bits_per_code"] < m["log2_K"]
