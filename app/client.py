@@ -1,0 +1,591 @@
+"""A typed client for the genserve HTTP API, and its command line (`genserve`, `python -m app.client`).
+
+    from app.client import Client, grid
+    with Client("http://127.0.0.1:8000") as c:
+        s = c.sample("vae", n=16, seed=1)          # Sample(images=[16 PIL images], seed=1, prior=None)
+        grid(s.images).save("grid.png")            # the same pixels as the server's own PNG grid
+        recon = c.reconstruct("vae", ["a.png", array, pil_image, png_bytes])
+        enc = c.encode("vae", ["a.png"])           # [Encoding(file, mu, logvar)] as numpy arrays
+        out = c.decode("vae", z=[e.mu for e in enc])
+        strip = c.interpolate("vae", "a.png", "b.png", steps=8, method="slerp")
+
+`AsyncClient` has the same methods, as coroutines. Both wrap an httpx client: `transport=` (e.g.
+httpx.ASGITransport(app=...) or httpx.MockTransport) and any other httpx.Client option
+(`headers=`, `verify=`, `limits=`, ...) are passed on to it.
+
+Images in: a file path (str or os.PathLike, sent as its bytes), bytes of an image file, a PIL
+image, or a numpy array (H, W) / (H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1] (sent as
+PNG; floats become round(255 x)). The server converts them to the model's size and channels
+(app/imaging.py). Images out: one PIL image per image (mode L or RGB): the client asks for
+`Accept: application/json` and decodes each base64 PNG. `to_array` stacks them into one uint8
+array; `grid` lays them out as the server's PNG grid does.
+
+Errors: every answer that is not 2xx raises `APIError(status_code, detail, request_id)`; network
+failures and timeouts are httpx's own exceptions (httpx.TransportError).
+
+Retries (`retries=`, `max_retry_wait=`): only a 503 that carries Retry-After (queue full, service
+starting) is retried, after the wait it asks for, and only for a request whose repeat asks for
+exactly the same answer:
+- GET /models;
+- GET /sample with an explicit `seed` (same seed, same bytes);
+- POST /reconstruct, /encode, /decode, /interpolate: pure functions of their input and the loaded
+  weights (an autoregressive decoder draws its pixels with the model's fixed reconstruct seed).
+GET /sample without a seed is not retried: the server draws a fresh seed per try, so a repeat is a
+new request, not the same one again; pass a seed to make it retryable. A retry that would take the
+total wait of one call past `max_retry_wait` seconds is not made: the 503 is raised instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import mimetypes
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Union
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from app.schemas import ModelEntry
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 60.0  # per request; the service's own request_timeout_s defaults to 30 s
+DEFAULT_RETRIES = 3
+DEFAULT_MAX_RETRY_WAIT_S = 30.0
+JSON_IMAGES = {"Accept": "application/json"}  # image routes answer {"images": [base64 PNG, ...]}
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+# Looked up at call time so tests can record the waits instead of sleeping.
+_sleep = time.sleep
+_async_sleep = asyncio.sleep
+
+
+class APIError(Exception):
+    """An answer of the API that is not 2xx: its status, its `detail` (a string, or FastAPI's list of
+    validation errors for a 422) and its request id (X-Request-ID, also in the body of a 5xx)."""
+
+    def __init__(self, status_code: int, detail: Any, request_id: str | None = None) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        self.request_id = request_id
+        super().__init__(f"{status_code}: {_detail_text(detail)}")
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> APIError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "detail" in body:
+            detail = body["detail"]
+        else:
+            detail = response.text or response.reason_phrase
+        rid = response.headers.get("x-request-id") or (body.get("request_id") if isinstance(body, dict) else None)
+        return cls(response.status_code, detail, rid)
+
+
+def _detail_text(detail: Any) -> str:
+    """One line: a string as is; FastAPI's validation errors as 'query.n: Input should be ...; ...'."""
+    if isinstance(detail, list) and all(isinstance(e, dict) and "msg" in e for e in detail):
+        return "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e['msg']}" for e in detail)
+    text = detail if isinstance(detail, str) else json.dumps(detail)
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What /sample answers: the images, the seed that reproduces them, and (VQ-VAE) the prior used."""
+
+    images: list[Image.Image]
+    seed: int
+    prior: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    """One image's encoding. VAE: mu and logvar of q(z|x), each (D,). VQ-VAE: its codes (h, w) int64,
+    and with include_z_e the encoder output z_e (D, h, w)."""
+
+    file: str
+    mu: np.ndarray | None = None
+    logvar: np.ndarray | None = None
+    codes: np.ndarray | None = None
+    z_e: np.ndarray | None = None
+
+
+# --- images in and out -------------------------------------------------------------------------
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """(H, W) or (H, W, C), C in 1, 3, 4, uint8 or float in [0, 1] -> a PIL image (L, RGB or RGBA)."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"an image array must be (H, W) or (H, W, C) with C in 1, 3, 4; got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ValueError("a float image array must hold finite values in [0, 1]")
+        a = np.round(a * 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8 or float in [0, 1]; got {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))  # uint8 (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
+
+
+def _upload(image: ImageInput, index: int) -> tuple[str, bytes, str]:
+    """One image as a multipart file: (filename, bytes, content type)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return path.name, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"image{index}", bytes(image), "application/octet-stream"
+    if isinstance(image, Image.Image):
+        return f"image{index}.png", _png(image), "image/png"
+    if isinstance(image, np.ndarray):
+        return f"image{index}.png", _png(array_to_image(image)), "image/png"
+    raise TypeError(f"an image must be a path, bytes, a PIL image or a numpy array; got {type(image).__name__}")
+
+
+def _images(response: httpx.Response) -> list[Image.Image]:
+    images = []
+    for encoded in response.json()["images"]:
+        img = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        img.load()
+        images.append(img)
+    return images
+
+
+def to_array(images: Sequence[Image.Image]) -> np.ndarray:
+    """Images of one size -> uint8 (B, H, W) for L, (B, H, W, C) otherwise; `/ 255` gives [0, 1]."""
+    return np.stack([np.asarray(img) for img in images])
+
+
+def grid(images: Sequence[Image.Image], nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """The server's grid layout (torchvision's make_grid): `nrow` per row (default ceil(sqrt(n))),
+    `padding` black pixels around every cell; a single image is returned as is."""
+    if not images:
+        raise ValueError("grid needs at least one image")
+    if len(images) == 1:
+        return images[0].copy()
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    w, h = images[0].size
+    cols = min(nrow, len(images))
+    rows = -(-len(images) // cols)
+    out = Image.new(images[0].mode, (cols * (w + padding) + padding, rows * (h + padding) + padding))
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        out.paste(img, (padding + c * (w + padding), padding + r * (h + padding)))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Nested sequences, numpy arrays or tensors of numbers -> nested lists of Python numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --- requests: built and parsed once, sent by either client ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    idempotent: bool  # may be retried after a 503 with Retry-After (module docstring)
+    params: dict[str, Any] | None = None
+    json: Any = None
+    files: list[tuple[str, tuple[str, bytes, str]]] | None = None
+    headers: dict[str, str] | None = None
+
+
+def _models_call() -> _Call:
+    return _Call("GET", "/models", idempotent=True)
+
+
+def _sample_call(model: str, n: int, seed: int | None, temperature: float, prior: str | None, label: int | None) -> _Call:
+    params = {"model": model, "n": n, "seed": seed, "temperature": temperature, "prior": prior, "label": label}
+    params = {k: v for k, v in params.items() if v is not None}
+    return _Call("GET", "/sample", idempotent=seed is not None, params=params, headers=JSON_IMAGES)
+
+
+def _files_call(path: str, model: str, images: Iterable[ImageInput], params: dict[str, Any] | None = None,
+                headers: dict[str, str] | None = None) -> _Call:
+    files = [("file", _upload(img, i)) for i, img in enumerate(images)]
+    if not files:
+        raise ValueError("send at least one image")
+    return _Call("POST", path, idempotent=True, params={"model": model, **(params or {})}, files=files, headers=headers)
+
+
+def _decode_call(model: str, z: Any, codes: Any) -> _Call:
+    if (z is None) == (codes is None):
+        raise ValueError("pass exactly one of z (VAE latents) and codes (VQ-VAE code grids)")
+    body = {"model": model, "z": _jsonable(z)} if z is not None else {"model": model, "codes": _jsonable(codes)}
+    return _Call("POST", "/decode", idempotent=True, json=body, headers=JSON_IMAGES)
+
+
+def _interpolate_call(model: str, a: ImageInput, b: ImageInput, steps: int, method: str) -> _Call:
+    files = [("a", _upload(a, 0)), ("b", _upload(b, 1))]
+    return _Call("POST", "/interpolate", idempotent=True, params={"model": model, "steps": steps, "method": method},
+                 files=files, headers=JSON_IMAGES)
+
+
+def _parse_sample(response: httpx.Response) -> Sample:
+    return Sample(_images(response), int(response.headers["x-seed"]), response.headers.get("x-prior"))
+
+
+def _parse_encodings(response: httpx.Response) -> list[Encoding]:
+    out = []
+    for item in response.json()["items"]:
+        arrays = {k: np.asarray(item[k], dtype=np.int64 if k == "codes" else np.float32)
+                  for k in ("mu", "logvar", "codes", "z_e") if item.get(k) is not None}
+        out.append(Encoding(file=item["file"], **arrays))
+    return out
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3); None if absent or invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _retry_wait(response: httpx.Response, call: _Call, attempt: int, waited: float, retries: int,
+                max_wait: float) -> float | None:
+    """Seconds to wait before trying `call` again after `response`, or None to give up."""
+    if response.status_code != 503 or not call.idempotent or attempt >= retries:
+        return None
+    delay = retry_after_s(response.headers.get("retry-after"))
+    if delay is None or waited + delay > max_wait:
+        return None
+    return delay
+
+
+def _request_args(call: _Call) -> dict[str, Any]:
+    return {"params": call.params, "json": call.json, "files": call.files, "headers": call.headers}
+
+
+# --- the clients --------------------------------------------------------------------------------
+
+
+class Client:
+    """Synchronous client over httpx.Client. A context manager; `close()` otherwise.
+
+    timeout: seconds per request (or an httpx.Timeout); retries: how many times an idempotent call
+    is repeated after a 503 with Retry-After; max_retry_wait: the most seconds one call spends
+    waiting between tries. `transport` and `httpx_options` go to httpx.Client.
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES, max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_S,
+                 transport: httpx.BaseTransport | None = None, **httpx_options: Any) -> None:
+        self.retries, self.max_retry_wait = retries, max_retry_wait
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport, **httpx_options)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> httpx.Response:
+        waited = 0.0
+        attempt = 0
+        while True:
+            response = self._http.request(call.method, call.path, **_request_args(call))
+            if response.is_success:
+                return response
+            delay = _retry_wait(response, call, attempt, waited, self.retries, self.max_retry_wait)
+            if delay is None:
+                raise APIError.from_response(response)
+            _sleep(delay)
+            waited += delay
+            attempt += 1
+
+    def models(self) -> list[ModelEntry]:
+        """GET /models: one entry per served model (name, kind, image_shape, priors, ...)."""
+        return [ModelEntry.model_validate(m) for m in self._send(_models_call()).json()]
+
+    def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
+               prior: str | None = None, label: int | None = None) -> Sample:
+        """GET /sample: n images; `.seed` reproduces them (the server's when none was given)."""
+        return _parse_sample(self._send(_sample_call(model, n, seed, temperature, prior, label)))
+
+    def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
+        """POST /reconstruct: one reconstruction per image, at the model's resolution."""
+        return _images(self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES)))
+
+    def encode(self, model: str, images: Sequence[ImageInput], include_z_e: bool = False) -> list[Encoding]:
+        """POST /encode: one Encoding per image."""
+        params = {"include_z_e": "true"} if include_z_e else None
+        return _parse_encodings(self._send(_files_call("/encode", model, images, params)))
+
+    def decode(self, model: str, z: Any = None, codes: Any = None) -> list[Image.Image]:
+        """POST /decode: VAE latents z (B, D), or VQ-VAE codes (B, h, w): lists, arrays or tensors."""
+        return _images(self._send(_decode_call(model, z, codes)))
+
+    def interpolate(self, model: str, a: ImageInput, b: ImageInput, steps: int = 8,
+                    method: str = "slerp") -> list[Image.Image]:
+        """POST /interpolate: `steps` images from a to b, both ends included."""
+        return _images(self._send(_interpolate_call(model, a, b, steps, method)))
+
+
+class AsyncClient:
+    """Client's methods as coroutines, over httpx.AsyncClient. `async with`, or `await aclose()`.
+
+    Paths given as images are read with blocking file reads (they are small).
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES, max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_S,
+                 transport: httpx.AsyncBaseTransport | None = None, **httpx_options: Any) -> None:
+        self.retries, self.max_retry_wait = retries, max_retry_wait
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport, **httpx_options)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        waited = 0.0
+        attempt = 0
+        while True:
+            response = await self._http.request(call.method, call.path, **_request_args(call))
+            if response.is_success:
+                return response
+            delay = _retry_wait(response, call, attempt, waited, self.retries, self.max_retry_wait)
+            if delay is None:
+                raise APIError.from_response(response)
+            await _async_sleep(delay)
+            waited += delay
+            attempt += 1
+
+    async def models(self) -> list[ModelEntry]:
+        return [ModelEntry.model_validate(m) for m in (await self._send(_models_call())).json()]
+
+    async def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
+                     prior: str | None = None, label: int | None = None) -> Sample:
+        return _parse_sample(await self._send(_sample_call(model, n, seed, temperature, prior, label)))
+
+    async def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
+        return _images(await self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES)))
+
+    async def encode(self, model: str, images: Sequence[ImageInput], include_z_e: bool = False) -> list[Encoding]:
+        params = {"include_z_e": "true"} if include_z_e else None
+        return _parse_encodings(await self._send(_files_call("/encode", model, images, params)))
+
+    async def decode(self, model: str, z: Any = None, codes: Any = None) -> list[Image.Image]:
+        return _images(await self._send(_decode_call(model, z, codes)))
+
+    async def interpolate(self, model: str, a: ImageInput, b: ImageInput, steps: int = 8,
+                          method: str = "slerp") -> list[Image.Image]:
+        return _images(await self._send(_interpolate_call(model, a, b, steps, method)))
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+class CLIError(Exception):
+    """A mistake the command line reports in one line (a file it cannot read, a bad JSON file)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="genserve",
+        description="Command line client of the genserve API. Images come back as PNG files: -o writes "
+        "one grid (the server's layout), --out-dir one file per image.",
+        epilog="Errors print one line, 'genserve: error STATUS: DETAIL', and exit with status 1.",
+    )
+    p.add_argument("--url", default=os.environ.get("GENSERVE_URL", DEFAULT_URL),
+                   help=f"the service's base URL (default: $GENSERVE_URL, else {DEFAULT_URL})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request (default %(default)s)")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help="repeats of an idempotent request answered 503 with Retry-After (default %(default)s)")
+    p.add_argument("--max-retry-wait", type=float, default=DEFAULT_MAX_RETRY_WAIT_S,
+                   help="the most seconds spent waiting between retries of one request (default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                         help="one of the following; `genserve COMMAND --help` lists its options")
+
+    def output(cmd: argparse.ArgumentParser) -> None:
+        group = cmd.add_mutually_exclusive_group(required=True)
+        group.add_argument("-o", "--output", type=Path, help="write the images as one PNG grid to this file")
+        group.add_argument("--out-dir", type=Path, help="write one PNG per image into this folder (created if needed)")
+
+    models = sub.add_parser("models", help="list the served models", description="GET /models: one line per model.")
+    models.add_argument("--json", action="store_true", help="print the server's JSON instead of one line per model")
+
+    sample = sub.add_parser("sample", help="draw images from a model", description="GET /sample; prints the seed used.")
+    sample.add_argument("--model", required=True, help="a VAE or VQ-VAE name (see `genserve models`)")
+    sample.add_argument("-n", type=int, default=16, help="number of images (default %(default)s)")
+    sample.add_argument("--seed", type=int, help="same seed, same images; random if absent (then not retried)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="in [0.001, 10]; 1 is the model's own (default)")
+    sample.add_argument("--prior", help="VQ-VAE only: pixelcnn, gated or pixelcnnpp (default: the best loaded)")
+    sample.add_argument("--label", type=int, help="class label, for a class-conditional prior only")
+    output(sample)
+
+    recon = sub.add_parser("reconstruct", help="reconstruct images", description="POST /reconstruct.")
+    recon.add_argument("--model", required=True, help="a VAE or VQ-VAE name")
+    recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    output(recon)
+
+    enc = sub.add_parser("encode", help="encode images to latents or codes",
+                         description="POST /encode; writes the server's JSON ({model, kind, items}), "
+                         "which `genserve decode` reads back.")
+    enc.add_argument("--model", required=True, help="a VAE or VQ-VAE name")
+    enc.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    enc.add_argument("--include-z-e", action="store_true", help="VQ-VAE: also return the encoder output z_e")
+    enc.add_argument("-o", "--output", type=Path, help="write the JSON to this file (default: print it)")
+
+    dec = sub.add_parser("decode", help="decode latents or codes from a JSON file",
+                         description="POST /decode. FILE holds {\"model\", \"z\": [[...], ...]} or "
+                         "{\"model\", \"codes\": [[[...]], ...]}, or the output of `genserve encode` "
+                         "(its mu or codes are decoded); '-' reads standard input.")
+    dec.add_argument("file", metavar="FILE", help="the JSON file, or - for standard input")
+    dec.add_argument("--model", help="the model to decode with (default: the file's \"model\")")
+    output(dec)
+
+    interp = sub.add_parser("interpolate", help="interpolate between two images", description="POST /interpolate.")
+    interp.add_argument("--model", required=True, help="a VAE or VQ-VAE name")
+    interp.add_argument("a", metavar="A", help="the first end (an image file)")
+    interp.add_argument("b", metavar="B", help="the last end (an image file)")
+    interp.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default %(default)s)")
+    interp.add_argument("--method", choices=("slerp", "lerp"), default="slerp", help="default %(default)s")
+    output(interp)
+    return p
+
+
+def _write(images: list[Image.Image], args: argparse.Namespace, nrow: int | None = None) -> str:
+    if args.output is not None:
+        grid(images, nrow).save(args.output, format="PNG")
+        return f"wrote {args.output} ({len(images)} image{'s' if len(images) != 1 else ''})"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(args.out_dir / f"{args.command}_{i:03d}.png", format="PNG")
+    return f"wrote {len(images)} PNG file{'s' if len(images) != 1 else ''} to {args.out_dir}"
+
+
+def _decode_body(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        body = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot read {args.file}: {err}") from None
+    if not isinstance(body, dict):
+        raise CLIError(f"{args.file} must hold a JSON object")
+    if "items" in body:  # the output of `genserve encode`
+        key = "mu" if body.get("kind") == "vae" else "codes"
+        body = {"model": body.get("model"), ("z" if key == "mu" else "codes"): [item[key] for item in body["items"]]}
+    model = args.model or body.get("model")
+    if not model:
+        raise CLIError(f"{args.file} names no model: add --model")
+    return {"model": model, "z": body.get("z"), "codes": body.get("codes")}
+
+
+def _run(client: Client, args: argparse.Namespace) -> str:
+    if args.command == "models":
+        entries = client.models()
+        if args.json:
+            return json.dumps([e.model_dump(mode="json", exclude_unset=True) for e in entries], indent=2)
+        lines = []
+        for e in entries:
+            line = f"{e.name}\t{e.kind}\t{'x'.join(map(str, e.image_shape))}\t{e.dataset}"
+            if e.priors:
+                line += "\tpriors: " + ", ".join(f"{p.name}{' (default)' if p.default else ''}" for p in e.priors)
+            lines.append(line)
+        return "\n".join(lines)
+    if args.command == "sample":
+        s = client.sample(args.model, n=args.n, seed=args.seed, temperature=args.temperature, prior=args.prior,
+                          label=args.label)
+        return f"{_write(s.images, args)}, seed {s.seed}" + (f", prior {s.prior}" if s.prior else "")
+    if args.command == "reconstruct":
+        return _write(client.reconstruct(args.model, _paths(args.images)), args)
+    if args.command == "encode":
+        encodings = client.encode(args.model, _paths(args.images), include_z_e=args.include_z_e)
+        kind = "vae" if encodings[0].mu is not None else "vqvae"
+        items = [{"file": e.file, **{k: getattr(e, k).tolist() for k in ("mu", "logvar", "codes", "z_e")
+                                     if getattr(e, k) is not None}} for e in encodings]
+        text = json.dumps({"model": args.model, "kind": kind, "items": items})
+        if args.output is None:
+            return text
+        args.output.write_text(text + "\n")
+        return f"wrote {args.output} ({len(items)} item{'s' if len(items) != 1 else ''})"
+    if args.command == "decode":
+        return _write(client.decode(**_decode_body(args)), args)
+    if args.command == "interpolate":
+        images = client.interpolate(args.model, _path(args.a), _path(args.b), steps=args.steps, method=args.method)
+        return _write(images, args, nrow=len(images))
+    raise AssertionError(args.command)
+
+
+def _path(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise CLIError(f"no such file: {name}")
+    return path
+
+
+def _paths(names: list[str]) -> list[Path]:
+    return [_path(n) for n in names]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `genserve` command: 0 on success, 1 on any error (one line on stderr), 2 for bad usage."""
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.url, timeout=args.timeout, retries=args.retries, max_retry_wait=args.max_retry_wait) as client:
+            print(_run(client, args))
+    except APIError as err:
+        print(f"genserve: error {err}", file=sys.stderr)
+        return 1
+    except httpx.TimeoutException:
+        print(f"genserve: error: no answer from {args.url} within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    except httpx.TransportError as err:
+        print(f"genserve: error: cannot reach {args.url}: {err}", file=sys.stderr)
+        return 1
+    except (CLIError, OSError, ValueError) as err:
+        print(f"genserve: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
