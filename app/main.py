@@ -4,6 +4,7 @@ Nothing is loaded at import: `app = create_app()` below only builds routes, so
 `uvicorn app.main:app` works and settings come from GENSERVE_* variables when the
 lifespan starts. The lifespan loads and warms every model (app/registry.py), starts one
 batcher per operation (app/operations.py, app/batching.py), and on shutdown drains and stops them.
+GET / is a page to try every model in a browser (app/routes/page.py, app/static/).
 
 Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
 upload, 413 too large, 422 invalid parameters, 503 (+ Retry-After) queue full or not
@@ -40,7 +41,7 @@ from app.errors import ServiceError
 from app.imaging import ImageError
 from app.logs import request_id
 from app.metrics import Metrics
-from app.routes import generate, health, models, uploads
+from app.routes import generate, health, models, page, uploads
 from app.service import Service
 from app.settings import Settings, get_settings
 
@@ -121,8 +122,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=500,
         )
 
-    for module in (health, models, generate, uploads):
+    for module in (health, models, generate, uploads, page):
         app.include_router(module.router)
+    app.mount("/static", page.static_files(), name="static")  # the page's CSS, module and images (GET /)
     return app
 
 
