@@ -241,13 +241,13 @@ def _split_folder(path: Path, split: str, image_size: int | None, channels: int 
       set gets " (image folder)" added, so weight files never mistake a copy for the original.
     - Cache: the decoded split is saved in `cache_dir()` under a name keyed by the folder's
       absolute path, the split and (image_size, channels); it is used only while a fingerprint
-      of every file's path, size and mtime, and the cache format, still match.
+      of every file's path, size, mtime, inode and ctime, and the cache format, still match.
     """
     path = path.resolve()
     listing = {s: _class_listing(path / s) for s in ("train", "test")}
     classes = _check_classes(path, listing)
     label_of = {c: i for i, c in enumerate(classes)}
-    files = [(f, label_of.get(c, -1)) for c, fs in listing[split].items() for f, _, _ in fs]  # -1: unlabelled
+    files = [(f, label_of.get(c, -1)) for c, fs in listing[split].items() for f, *_ in fs]  # -1: unlabelled
     order = np.random.default_rng(SPLIT_ORDER_SEED).permutation(len(files))
     files = [files[i] for i in order]
     name = path.name + (" (image folder)" if path.name in DATASETS else "")
@@ -258,7 +258,7 @@ def _split_folder(path: Path, split: str, image_size: int | None, channels: int 
     if cached is not None:
         images, labels = cached
     else:
-        first = next(f for fs in listing["train"].values() for f, _, _ in fs)
+        first = next(f for fs in listing["train"].values() for f, *_ in fs)
         size, mode = _resolve_shape(first, image_size, channels)
         images = _decode([f for f, _ in files], size, mode, strict=None if image_size else first)  # (N, C, H, W)
         labels = torch.tensor([label for _, label in files], dtype=torch.long) if classes else None
@@ -266,7 +266,12 @@ def _split_folder(path: Path, split: str, image_size: int | None, channels: int 
     return ImageData(name, images, labels, len(classes), tuple(classes))
 
 
-FileStat = tuple[str, int, int]  # (path, size in bytes, mtime in ns)
+# (path, size in bytes, mtime in ns, inode, ctime in ns). mtime alone misses a file replaced by one of the
+# same size with its mtime restored (cp -p, rsync -a, tar x); ctime cannot be set from user space and changes
+# with every write, rename or utime, and the inode changes when a file is replaced by another. Both come
+# with the stat already taken, so the fingerprint costs no extra I/O (hashing the contents would read every
+# file on every load).
+FileStat = tuple[str, int, int, int, int]
 
 
 def _class_listing(split_dir: Path) -> dict[str, list[FileStat]]:
@@ -309,7 +314,7 @@ def _is_image(entry: os.DirEntry) -> bool:
 
 def _file_stat(entry: os.DirEntry) -> FileStat:
     st = entry.stat()
-    return entry.path, st.st_size, st.st_mtime_ns
+    return entry.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def _check_classes(path: Path, listing: dict[str, dict[str, list[FileStat]]]) -> list[str]:
@@ -343,11 +348,11 @@ def _check_classes(path: Path, listing: dict[str, dict[str, list[FileStat]]]) ->
 
 
 def _fingerprint(listing: dict[str, dict[str, list[FileStat]]], settings: str) -> str:
-    """A hash of the cache format, the settings and every file's path, size and mtime."""
+    """A hash of the cache format, the settings and every file's path, size, mtime, inode and ctime."""
     h = hashlib.sha256(f"{CACHE_FORMAT}\n{settings}\n".encode())
     for by_class in listing.values():
         for files in by_class.values():
-            h.update("".join(f"{f}\t{size}\t{mtime}\n" for f, size, mtime in files).encode())
+            h.update("".join("\t".join(map(str, stat)) + "\n" for stat in files).encode())
     return h.hexdigest()
 
 
@@ -425,6 +430,7 @@ def _read_cache(cache: Path, fingerprint: str, n: int) -> tuple[torch.Tensor, to
 
 def _write_cache(cache: Path, fingerprint: str, images: torch.Tensor, labels: torch.Tensor | None) -> None:
     """Save atomically (a temporary file, then a rename). A cache that cannot be written is a warning."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
@@ -438,7 +444,7 @@ def _write_cache(cache: Path, fingerprint: str, images: torch.Tensor, labels: to
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk or a file-size limit as its own error
         warnings.warn(
             f"could not cache the decoded images in {cache} ({err}); the next run decodes them again. "
             f"Set {CACHE_ENV} to a writable folder to cache them.",

@@ -1,6 +1,7 @@
 """Folders laid out as ROOT/{train,test}/{class}/image (CIFAR-10's layout): splits, labels, shape, cache."""
 
 import os
+import time
 
 import numpy as np
 import PIL.Image
@@ -181,3 +182,57 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not cache"):
         data = load_dataset(str(tmp_path / "pets"), "train")
     assert len(data) == 12 and data.num_classes == 3
+
+
+def test_a_full_disk_while_writing_the_cache_is_a_warning(tmp_path, monkeypatch):
+    """safetensors reports a failed write (full disk, file-size limit) as SafetensorError, not OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    make_folder(tmp_path / "pets")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.warns(UserWarning, match="could not cache .*File too large"):
+        data = load_dataset(str(tmp_path / "pets"), "train")
+    assert len(data) == 12 and data.num_classes == 3
+    assert not list((tmp_path / "cache").iterdir())  # no temporary file left behind
+
+
+def same_size_png(path, avoid: int) -> bytes:
+    """PNG bytes of a flat 8x8 RGB image, as many bytes as the file at `path`, of a value other than `avoid`."""
+    import io
+
+    for value in range(256):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(buf, format="PNG")
+        if value != avoid and len(buf.getvalue()) == path.stat().st_size:
+            return buf.getvalue()
+    raise AssertionError("no flat image of the same size")
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_file_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path, how):
+    """cp -p writes in place and restores the mtime; rsync -a and tar x write another file, rename it over the
+    old one and restore the mtime. The size and mtime are as before; the ctime (or the inode) is not."""
+    for i in range(3):  # flat images: PNGs of the same size whatever their value
+        for split in ("train", "test"):
+            (tmp_path / "flat" / split / "a").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(tmp_path / "flat" / split / "a" / f"{i}.png")
+    before = load_dataset(str(tmp_path / "flat"), "train")
+    target = tmp_path / "flat" / "train" / "a" / "1.png"
+    st = target.stat()
+    new = same_size_png(target, avoid=10)
+    time.sleep(0.02)  # past the file system's timestamp granularity, so the ctime differs
+    if how == "in place":
+        target.write_bytes(new)
+    else:
+        (tmp_path / "new.png").write_bytes(new)
+        os.replace(tmp_path / "new.png", target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = load_dataset(str(tmp_path / "flat"), "train")
+    values = sorted(int(v) for v in after.images.flatten(1)[:, 0])
+    assert values != sorted(int(v) for v in before.images.flatten(1)[:, 0])
+    assert values == sorted([0, 20, int(np.asarray(Image.open(target))[0, 0, 0])])
