@@ -16,7 +16,8 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
     p.add_argument("--data", default="fashion-mnist", help=f"one of {', '.join(DATASETS)} or a folder of images")
     p.add_argument("--data-root", default=None, help="folder holding the data set's files")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR-10 (needs internet)")
-    p.add_argument("--image-size", type=int, default=None, help="image folders: resize to this (default 28)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="image folders: crop and resize to N x N (default: train/test folders keep their own size, others 28)")
     p.add_argument("--image-channels", type=int, choices=(1, 3), default=None, help="image folders: 1 (L) or 3 (RGB)")
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=default_batch, help="per process")
