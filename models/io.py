@@ -12,7 +12,8 @@ A weight file is a `.safetensors` file. Its metadata (a ``dict[str, str]``) hold
     metrics         JSON object of evaluation results
     extra           JSON object of kind-specific facts (a prior's VQ-VAE name and codebook hash)
     class_names     JSON list of the data set's class names, label i is class_names[i]; optional
-                    (files written before it lack the key and load with none)
+                    (files written before it lack the key and load with none); at most
+                    MAX_CLASS_NAMES names of at most MAX_CLASS_NAME_CHARS characters each
     sha256          a digest of every tensor's name, dtype, shape and bytes
 
 `load_model` rebuilds the module from the metadata alone, checks every tensor's
@@ -26,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Sequence
@@ -43,6 +45,10 @@ from models.vqvae import VQVAE
 
 FORMAT_VERSION = "1"
 REQUIRED_KEYS = ("format_version", "kind", "name", "config", "image_shape", "dataset", "command", "metrics", "sha256")
+# Caps on class_names: far above any real data set's, low enough that a file cannot make the service
+# hold and list megabytes of names (GET /models shows them, the page builds one <option> per name).
+MAX_CLASS_NAMES = 10_000
+MAX_CLASS_NAME_CHARS = 200
 
 
 class WeightFileError(ValueError):
@@ -144,7 +150,10 @@ def save_model(
     if kind not in KINDS:
         raise ValueError(f"cannot save a {type(model).__name__}: it has no known KIND")
     if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
-        raise TypeError(f"class_names must be a sequence of strings, got {class_names!r}")
+        raise TypeError(f"class_names must be a sequence of strings, got {reprlib.repr(class_names)}")
+    over_cap = _class_names_over_cap(class_names)
+    if over_cap:
+        raise ValueError(f"class_names: {over_cap}")
     tensors = state_tensors(model)
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -193,12 +202,29 @@ def _json(path: Path, metadata: dict[str, str], key: str) -> Any:
         raise WeightFileError(f"{path}: metadata key {key!r} is not valid JSON ({err})") from err
 
 
+def _class_names_over_cap(names: Sequence[str]) -> str | None:
+    """What is wrong with `names` (strings) under the caps, or None."""
+    if len(names) > MAX_CLASS_NAMES:
+        return f"{len(names)} names, more than the {MAX_CLASS_NAMES} allowed"
+    long = next((i for i, n in enumerate(names) if len(n) > MAX_CLASS_NAME_CHARS), None)
+    if long is not None:
+        return (f"name {long} ({reprlib.repr(names[long])}) has {len(names[long])} characters, more than the "
+                f"{MAX_CLASS_NAME_CHARS} allowed")
+    return None
+
+
 def _class_names(path: Path, metadata: dict[str, str]) -> tuple[str, ...]:
     if "class_names" not in metadata:  # written before the key existed
         return ()
     names = _json(path, metadata, "class_names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise WeightFileError(f"{path}: metadata key 'class_names' must be a JSON list of strings, got {names!r}")
+        # reprlib: a malformed value can be megabytes long; the error shows its start
+        raise WeightFileError(
+            f"{path}: metadata key 'class_names' must be a JSON list of strings, got {reprlib.repr(names)}"
+        )
+    over_cap = _class_names_over_cap(names)
+    if over_cap:
+        raise WeightFileError(f"{path}: metadata key 'class_names': {over_cap}")
     return tuple(names)
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.io import WeightFileError, load_model, read_metadata, save_model
+from models.io import MAX_CLASS_NAME_CHARS, MAX_CLASS_NAMES, WeightFileError, load_model, read_metadata, save_model
 from models.vae import VAE, VAEConfig
 
 
@@ -190,3 +190,31 @@ def test_malformed_class_names_are_refused_naming_the_file_and_key(tmp_path, val
     _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__("class_names", value))
     with pytest.raises(WeightFileError, match=r"bad\.safetensors: metadata key 'class_names'"):
         load_model(bad)
+
+
+def test_a_huge_malformed_class_names_value_is_shortened_in_the_error(tmp_path):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    ints = json.dumps(list(range(10**5)))  # 588 kB
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__("class_names", ints))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: metadata key 'class_names' .* \[0, 1, 2, .*\.\.\.\]") as info:
+        load_model(bad)
+    assert len(str(info.value)) < 300 + len(str(bad))
+
+
+@pytest.mark.parametrize("names, problem", [
+    (["n%d" % i for i in range(MAX_CLASS_NAMES + 1)], f"{MAX_CLASS_NAMES + 1} names, more than the {MAX_CLASS_NAMES}"),
+    (["cat", "x" * (MAX_CLASS_NAME_CHARS + 1)], f"name 1 .* has {MAX_CLASS_NAME_CHARS + 1} characters, more than the"),
+])
+def test_class_names_are_capped_on_save_and_on_load(tmp_path, names, problem):
+    model = save_tiny(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=f"class_names: {problem}"):
+        save_model(tmp_path / "s.safetensors", model, name="s", dataset="d", command="c", class_names=names)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__("class_names", json.dumps(names)))
+    with pytest.raises(WeightFileError, match=rf"bad\.safetensors: metadata key 'class_names': {problem}") as info:
+        load_model(bad)
+    assert len(str(info.value)) < 200 + len(str(bad))
+    at_cap = names[:MAX_CLASS_NAMES] if len(names) > MAX_CLASS_NAMES else ["cat", "x" * MAX_CLASS_NAME_CHARS]
+    save_model(tmp_path / "ok.safetensors", model, name="ok", dataset="d", command="c", class_names=at_cap)
+    assert load_model(tmp_path / "ok.safetensors")[1].class_names == tuple(at_cap)
