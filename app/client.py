@@ -20,8 +20,9 @@ PNG; floats become round(255 x)). The server converts them to the model's size a
 `Accept: application/json` and decodes each base64 PNG. `to_array` stacks them into one uint8
 array; `grid` lays them out as the server's PNG grid does.
 
-Errors: every answer that is not 2xx raises `APIError(status_code, detail, request_id)`; network
-failures and timeouts are httpx's own exceptions (httpx.TransportError).
+Errors: every answer that is not 2xx raises `APIError(status_code, detail, request_id)`; a 2xx answer
+that is not what this API sends (another server at the URL, a proxy's page) raises
+`UnexpectedResponse`; network failures and timeouts are httpx's own exceptions (httpx.TransportError).
 
 Retries (`retries=`, `max_retry_wait=`): only a 503 that carries Retry-After (queue full, service
 starting) is retried, after the wait it asks for, and only for a request whose repeat asks for
@@ -32,7 +33,9 @@ exactly the same answer:
   weights (an autoregressive decoder draws its pixels with the model's fixed reconstruct seed).
 GET /sample without a seed is not retried: the server draws a fresh seed per try, so a repeat is a
 new request, not the same one again; pass a seed to make it retryable. A retry that would take the
-total wait of one call past `max_retry_wait` seconds is not made: the 503 is raised instead.
+total wait of one call past `max_retry_wait` seconds is not made: the 503 is raised instead. Each
+wait is at least MIN_RETRY_WAIT_S (a Retry-After of 0 does not make a burst of requests), and
+`retries` is at most MAX_RETRIES.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ import json
 import math
 import mimetypes
 import os
+import re
+import reprlib
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -64,6 +69,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0  # per request; the service's own request_timeout_s defaults to 30 s
 DEFAULT_RETRIES = 3
 DEFAULT_MAX_RETRY_WAIT_S = 30.0
+MIN_RETRY_WAIT_S = 0.1  # the shortest wait before a retry, whatever Retry-After says
+MAX_RETRIES = 20
 JSON_IMAGES = {"Accept": "application/json"}  # image routes answer {"images": [base64 PNG, ...]}
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
@@ -103,6 +110,22 @@ def _detail_text(detail: Any) -> str:
         return "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e['msg']}" for e in detail)
     text = detail if isinstance(detail, str) else json.dumps(detail)
     return " ".join(text.split())
+
+
+class UnexpectedResponse(Exception):
+    """A 2xx answer whose body or headers are not what the genserve API sends: another server behind
+    the URL, a proxy's page, or a server of another version. Its status and request id, if any."""
+
+    def __init__(self, method: str, path: str, response: httpx.Response, reason: str) -> None:
+        self.status_code = response.status_code
+        self.request_id = response.headers.get("x-request-id")
+        super().__init__(f"unexpected answer to {method} {path} (HTTP {response.status_code}): {_shorten(reason)}")
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    """One line of at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -166,8 +189,11 @@ def _upload(image: ImageInput, index: int) -> tuple[str, bytes, str]:
 
 
 def _images(response: httpx.Response) -> list[Image.Image]:
+    encoded_images = response.json()["images"]
+    if not isinstance(encoded_images, list):
+        raise TypeError(f"'images' must be a list of base64 PNGs, got {type(encoded_images).__name__}")
     images = []
-    for encoded in response.json()["images"]:
+    for encoded in encoded_images:
         img = Image.open(io.BytesIO(base64.b64decode(encoded)))
         img.load()
         images.append(img)
@@ -251,13 +277,30 @@ def _interpolate_call(model: str, a: ImageInput, b: ImageInput, steps: int, meth
                  files=files, headers=JSON_IMAGES)
 
 
-def _parse_sample(response: httpx.Response) -> Sample:
-    return Sample(_images(response), int(response.headers["x-seed"]), response.headers.get("x-prior"))
+def _parse_sample(response: httpx.Response, seed: int | None) -> Sample:
+    """The images and the seed in X-Seed (the one asked for, if a proxy dropped the header)."""
+    header = response.headers.get("x-seed")
+    if header is not None and re.fullmatch(r"[0-9]+", header.strip()):
+        seed = int(header)
+    elif header is not None or seed is None:
+        raise ValueError(f"X-Seed header {header!r} is not the seed of the images")
+    return Sample(_images(response), seed, response.headers.get("x-prior"))
 
 
-def _parse_encodings(response: httpx.Response) -> list[Encoding]:
+def _parse_models(response: httpx.Response) -> list[ModelEntry]:
+    entries = response.json()
+    if not isinstance(entries, list):
+        raise ValueError(f"a list of models expected, got {type(entries).__name__}")
+    return [ModelEntry.model_validate(m) for m in entries]
+
+
+def _parse_encodings(response: httpx.Response, n: int) -> list[Encoding]:
+    items = response.json()["items"]
+    if not isinstance(items, list) or len(items) != n:
+        got = len(items) if isinstance(items, list) else reprlib.repr(items)
+        raise ValueError(f"{n} encoded item{'s' if n != 1 else ''} expected, got {got}")
     out = []
-    for item in response.json()["items"]:
+    for item in items:
         arrays = {k: np.asarray(item[k], dtype=np.int64 if k == "codes" else np.float32)
                   for k in ("mu", "logvar", "codes", "z_e") if item.get(k) is not None}
         out.append(Encoding(file=item["file"], **arrays))
@@ -269,7 +312,7 @@ def retry_after_s(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]+", value):  # not str.isdigit(): it accepts "²", which float() refuses
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -286,9 +329,26 @@ def _retry_wait(response: httpx.Response, call: _Call, attempt: int, waited: flo
     if response.status_code != 503 or not call.idempotent or attempt >= retries:
         return None
     delay = retry_after_s(response.headers.get("retry-after"))
-    if delay is None or waited + delay > max_wait:
+    if delay is None:
         return None
-    return delay
+    delay = max(delay, MIN_RETRY_WAIT_S)
+    return None if waited + delay > max_wait else delay
+
+
+def _check_retries(retries: int, max_retry_wait: float) -> None:
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be between 0 and {MAX_RETRIES}, got {retries}")
+    if not (math.isfinite(max_retry_wait) and max_retry_wait >= 0):
+        raise ValueError(f"max_retry_wait must be a finite number of seconds >= 0, got {max_retry_wait}")
+
+
+def _parsed(call: _Call, response: httpx.Response, parse: Any, *args: Any) -> Any:
+    """`parse(response, *args)`, with any surprise in the answer raised as UnexpectedResponse."""
+    try:
+        return parse(response, *args)
+    except (KeyError, IndexError, TypeError, ValueError, OSError, Image.DecompressionBombError) as err:
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise UnexpectedResponse(call.method, call.path, response, reason) from err
 
 
 def _request_args(call: _Call) -> dict[str, Any]:
@@ -301,14 +361,15 @@ def _request_args(call: _Call) -> dict[str, Any]:
 class Client:
     """Synchronous client over httpx.Client. A context manager; `close()` otherwise.
 
-    timeout: seconds per request (or an httpx.Timeout); retries: how many times an idempotent call
-    is repeated after a 503 with Retry-After; max_retry_wait: the most seconds one call spends
-    waiting between tries. `transport` and `httpx_options` go to httpx.Client.
+    timeout: seconds per request (or an httpx.Timeout); retries: how many times (0 to MAX_RETRIES) an
+    idempotent call is repeated after a 503 with Retry-After; max_retry_wait: the most seconds one call
+    spends waiting between tries. `transport` and `httpx_options` go to httpx.Client.
     """
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
                  retries: int = DEFAULT_RETRIES, max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_S,
                  transport: httpx.BaseTransport | None = None, **httpx_options: Any) -> None:
+        _check_retries(retries, max_retry_wait)
         self.retries, self.max_retry_wait = retries, max_retry_wait
         self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport, **httpx_options)
 
@@ -321,13 +382,14 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: _Call) -> httpx.Response:
+    def _send(self, call: _Call, parse: Any, *args: Any) -> Any:
+        """Send `call` (retried as the module docstring says); `parse(response, *args)` of the 2xx answer."""
         waited = 0.0
         attempt = 0
         while True:
             response = self._http.request(call.method, call.path, **_request_args(call))
             if response.is_success:
-                return response
+                return _parsed(call, response, parse, *args)
             delay = _retry_wait(response, call, attempt, waited, self.retries, self.max_retry_wait)
             if delay is None:
                 raise APIError.from_response(response)
@@ -337,30 +399,31 @@ class Client:
 
     def models(self) -> list[ModelEntry]:
         """GET /models: one entry per served model (name, kind, image_shape, priors, ...)."""
-        return [ModelEntry.model_validate(m) for m in self._send(_models_call()).json()]
+        return self._send(_models_call(), _parse_models)
 
     def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
                prior: str | None = None, label: int | None = None) -> Sample:
         """GET /sample: n images; `.seed` reproduces them (the server's when none was given)."""
-        return _parse_sample(self._send(_sample_call(model, n, seed, temperature, prior, label)))
+        return self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
     def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
         """POST /reconstruct: one reconstruction per image, at the model's resolution."""
-        return _images(self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES)))
+        return self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES), _images)
 
     def encode(self, model: str, images: Sequence[ImageInput], include_z_e: bool = False) -> list[Encoding]:
         """POST /encode: one Encoding per image."""
         params = {"include_z_e": "true"} if include_z_e else None
-        return _parse_encodings(self._send(_files_call("/encode", model, images, params)))
+        call = _files_call("/encode", model, images, params)
+        return self._send(call, _parse_encodings, len(call.files))
 
     def decode(self, model: str, z: Any = None, codes: Any = None) -> list[Image.Image]:
         """POST /decode: VAE latents z (B, D), or VQ-VAE codes (B, h, w): lists, arrays or tensors."""
-        return _images(self._send(_decode_call(model, z, codes)))
+        return self._send(_decode_call(model, z, codes), _images)
 
     def interpolate(self, model: str, a: ImageInput, b: ImageInput, steps: int = 8,
                     method: str = "slerp") -> list[Image.Image]:
         """POST /interpolate: `steps` images from a to b, both ends included."""
-        return _images(self._send(_interpolate_call(model, a, b, steps, method)))
+        return self._send(_interpolate_call(model, a, b, steps, method), _images)
 
 
 class AsyncClient:
@@ -372,6 +435,7 @@ class AsyncClient:
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
                  retries: int = DEFAULT_RETRIES, max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_S,
                  transport: httpx.AsyncBaseTransport | None = None, **httpx_options: Any) -> None:
+        _check_retries(retries, max_retry_wait)
         self.retries, self.max_retry_wait = retries, max_retry_wait
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport, **httpx_options)
 
@@ -384,13 +448,13 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: _Call) -> httpx.Response:
+    async def _send(self, call: _Call, parse: Any, *args: Any) -> Any:
         waited = 0.0
         attempt = 0
         while True:
             response = await self._http.request(call.method, call.path, **_request_args(call))
             if response.is_success:
-                return response
+                return _parsed(call, response, parse, *args)
             delay = _retry_wait(response, call, attempt, waited, self.retries, self.max_retry_wait)
             if delay is None:
                 raise APIError.from_response(response)
@@ -399,25 +463,26 @@ class AsyncClient:
             attempt += 1
 
     async def models(self) -> list[ModelEntry]:
-        return [ModelEntry.model_validate(m) for m in (await self._send(_models_call())).json()]
+        return await self._send(_models_call(), _parse_models)
 
     async def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
                      prior: str | None = None, label: int | None = None) -> Sample:
-        return _parse_sample(await self._send(_sample_call(model, n, seed, temperature, prior, label)))
+        return await self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
     async def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
-        return _images(await self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES)))
+        return await self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES), _images)
 
     async def encode(self, model: str, images: Sequence[ImageInput], include_z_e: bool = False) -> list[Encoding]:
         params = {"include_z_e": "true"} if include_z_e else None
-        return _parse_encodings(await self._send(_files_call("/encode", model, images, params)))
+        call = _files_call("/encode", model, images, params)
+        return await self._send(call, _parse_encodings, len(call.files))
 
     async def decode(self, model: str, z: Any = None, codes: Any = None) -> list[Image.Image]:
-        return _images(await self._send(_decode_call(model, z, codes)))
+        return await self._send(_decode_call(model, z, codes), _images)
 
     async def interpolate(self, model: str, a: ImageInput, b: ImageInput, steps: int = 8,
                           method: str = "slerp") -> list[Image.Image]:
-        return _images(await self._send(_interpolate_call(model, a, b, steps, method)))
+        return await self._send(_interpolate_call(model, a, b, steps, method), _images)
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -438,7 +503,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"the service's base URL (default: $GENSERVE_URL, else {DEFAULT_URL})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request (default %(default)s)")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
-                   help="repeats of an idempotent request answered 503 with Retry-After (default %(default)s)")
+                   help="repeats of an idempotent request answered 503 with Retry-After (default %(default)s, "
+                   f"at most {MAX_RETRIES})")
     p.add_argument("--max-retry-wait", type=float, default=DEFAULT_MAX_RETRY_WAIT_S,
                    help="the most seconds spent waiting between retries of one request (default %(default)s)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -512,7 +578,11 @@ def _decode_body(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"{args.file} must hold a JSON object")
     if "items" in body:  # the output of `genserve encode`
         key = "mu" if body.get("kind") == "vae" else "codes"
-        body = {"model": body.get("model"), ("z" if key == "mu" else "codes"): [item[key] for item in body["items"]]}
+        items = body["items"]
+        if not isinstance(items, list) or not all(isinstance(item, dict) and key in item for item in items):
+            raise CLIError(f"{args.file}: \"items\" must be a list of objects with {key!r} "
+                           f"(the output of `genserve encode` for a {'VAE' if key == 'mu' else 'VQ-VAE'})")
+        body = {"model": body.get("model"), ("z" if key == "mu" else "codes"): [item[key] for item in items]}
     model = args.model or body.get("model")
     if not model:
         raise CLIError(f"{args.file} names no model: add --model")
@@ -566,25 +636,33 @@ def _paths(names: list[str]) -> list[Path]:
     return [_path(n) for n in names]
 
 
+def _check_url(url: str) -> None:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as err:
+        raise CLIError(f"invalid --url {url!r}: {err}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise CLIError(f"invalid --url {url!r}: give the service's address as http://HOST:PORT")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `genserve` command: 0 on success, 1 on any error (one line on stderr), 2 for bad usage."""
     args = _parser().parse_args(argv)
     try:
+        _check_url(args.url)
         with Client(args.url, timeout=args.timeout, retries=args.retries, max_retry_wait=args.max_retry_wait) as client:
             print(_run(client, args))
+        return 0
     except APIError as err:
-        print(f"genserve: error {err}", file=sys.stderr)
-        return 1
+        message = f"error {err}"
     except httpx.TimeoutException:
-        print(f"genserve: error: no answer from {args.url} within {args.timeout:g} s", file=sys.stderr)
-        return 1
+        message = f"error: no answer from {args.url} within {args.timeout:g} s"
     except httpx.TransportError as err:
-        print(f"genserve: error: cannot reach {args.url}: {err}", file=sys.stderr)
-        return 1
-    except (CLIError, OSError, ValueError) as err:
-        print(f"genserve: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        message = f"error: cannot reach {args.url}: {err}"
+    except (CLIError, UnexpectedResponse, httpx.InvalidURL, OSError, ValueError) as err:
+        message = f"error: {err}"
+    print(f"genserve: {_shorten(message, 1000)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -30,12 +30,24 @@ from asgi_lifespan import LifespanManager
 from PIL import Image
 
 import app.client as client_module
-from app.client import APIError, AsyncClient, Client, Sample, array_to_image, grid, main, retry_after_s, to_array
+from app.client import (MAX_RETRIES, MIN_RETRY_WAIT_S, APIError, AsyncClient, Client, Sample, UnexpectedResponse,
+                        array_to_image, grid, main, retry_after_s, to_array)
 from app.main import create_app
 
 from .conftest import CLASS_NAMES, CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, grid_size, image_bytes, make_settings, png_array
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_proxy_for_localhost():
+    """The test server is on 127.0.0.1: an HTTP_PROXY in the environment must not take the requests
+    elsewhere (httpx honours the proxy variables; the CLI and `python -m app.client` build their own clients)."""
+    hosts = ",".join(h for h in ("127.0.0.1", "localhost", os.environ.get("NO_PROXY"), os.environ.get("no_proxy")) if h)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NO_PROXY", hosts)
+        mp.setenv("no_proxy", hosts)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +359,68 @@ async def test_the_async_client_retries_the_same_calls(waits):
     assert len(server.requests) == 1 and waits == [2.0]
 
 
+def test_retry_after_is_ascii_digits_or_a_date():
+    for value in ("\u00b2", "\u0663", "1.5", "+3", ""):  # "²" and Arabic-Indic 3 pass str.isdigit(), not float()
+        assert retry_after_s(value) is None, value
+    assert retry_after_s(" 12 ") == 12.0
+
+
+def test_a_retry_after_of_zero_still_waits_a_little(waits):
+    server = FakeServer(busy=3, retry_after="0")
+    with fake_client(server, retries=5) as c:
+        assert c.sample("vae", n=1, seed=5).seed == 5
+    assert len(server.requests) == 4 and waits == [MIN_RETRY_WAIT_S] * 3
+
+
+def test_retries_are_capped(waits):
+    server = FakeServer(busy=10**6, retry_after="0")
+    with fake_client(server, retries=MAX_RETRIES, max_retry_wait=10**6) as c, pytest.raises(APIError):
+        c.models()
+    assert len(server.requests) == MAX_RETRIES + 1 and sum(waits) == pytest.approx(MAX_RETRIES * MIN_RETRY_WAIT_S)
+    for kw in ({"retries": MAX_RETRIES + 1}, {"retries": -1}, {"max_retry_wait": float("inf")}, {"max_retry_wait": -1}):
+        with pytest.raises(ValueError, match="retries must be|max_retry_wait must be"):
+            Client("http://fake", **kw)
+        with pytest.raises(ValueError, match="retries must be|max_retry_wait must be"):
+            AsyncClient("http://fake", **kw)
+
+
+def answering(status: int = 200, body=None, headers=None, content: bytes | None = None) -> httpx.MockTransport:
+    if content is not None:
+        return httpx.MockTransport(lambda r: httpx.Response(status, content=content, headers=headers))
+    return httpx.MockTransport(lambda r: httpx.Response(status, json=body, headers=headers))
+
+
+@pytest.mark.parametrize("call, body, headers, reason", [
+    (lambda c: c.models(), {"a": 1}, None, "a list of models expected, got dict"),
+    (lambda c: c.models(), [{"name": "vae"}], None, "ValidationError"),
+    (lambda c: c.sample("vae", n=1), {"images": [_png_b64()]}, None, "X-Seed header None"),
+    (lambda c: c.sample("vae", n=1, seed=3), {"images": [_png_b64()]}, {"X-Seed": "soon"}, "X-Seed header 'soon'"),
+    (lambda c: c.sample("vae", n=1, seed=3), {"pictures": []}, {"X-Seed": "3"}, "KeyError: 'images'"),
+    (lambda c: c.sample("vae", n=1, seed=3), {"images": "abc"}, {"X-Seed": "3"}, "'images' must be a list"),
+    (lambda c: c.sample("vae", n=1, seed=3), {"images": ["bm90IGEgcG5n"]}, {"X-Seed": "3"}, "UnidentifiedImageError"),
+    (lambda c: c.encode("vae", [np.zeros((8, 8), np.uint8)]), {"items": 5}, None, "1 encoded item expected, got 5"),
+    (lambda c: c.encode("vae", [np.zeros((8, 8), np.uint8)]), {"items": [{}]}, None, "KeyError: 'file'"),
+    (lambda c: c.decode("vae", z=[[0.0]]), None, None, "JSONDecodeError"),  # an empty body
+])
+def test_an_answer_that_is_not_the_apis_is_an_unexpected_response(call, body, headers, reason):
+    with Client("http://fake", transport=answering(body=body, headers=headers)) as c, \
+            pytest.raises(UnexpectedResponse) as info:
+        call(c)
+    assert reason in str(info.value) and str(info.value).startswith("unexpected answer to ")
+    assert info.value.status_code == 200 and "\n" not in str(info.value)
+
+
+async def test_the_async_client_raises_the_same_unexpected_response():
+    async with AsyncClient("http://fake", transport=answering(body={"a": 1})) as c:
+        with pytest.raises(UnexpectedResponse, match=r"GET /models \(HTTP 200\): .*got dict"):
+            await c.models()
+
+
+def test_a_sample_without_x_seed_keeps_the_seed_asked_for():
+    with Client("http://fake", transport=answering(body={"images": [_png_b64()]})) as c:
+        assert c.sample("vae", n=1, seed=42).seed == 42
+
+
 def test_httpx_options_reach_the_http_client():
     seen = []
     with Client("http://fake", transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200, json=[])),
@@ -432,6 +506,69 @@ def test_cli_errors_print_one_line_and_exit_1(server_url, tmp_path, monkeypatch,
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(line) and captured.err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def one_error_line(capsys, start: str) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(start), captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("body, key", [
+    ({"model": "vae", "items": [{"file": "x"}]}, "codes"),  # no "kind": VQ-VAE codes
+    ({"model": "vae", "kind": "vae", "items": 5}, "mu"),
+    ({"model": "vae", "kind": "vae", "items": [{}]}, "mu"),
+])
+def test_cli_decode_of_a_malformed_items_file_is_one_line(tmp_path, capsys, body, key):
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(body))
+    assert main(["--url", "http://127.0.0.1:9", "decode", str(path), "-o", str(tmp_path / "x.png")]) == 1
+    one_error_line(capsys, f"genserve: error: {path}: \"items\" must be a list of objects with {key!r}")
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://[::1", "Invalid port"),
+    ("localhost:8000", "as http://HOST:PORT"),
+    ("ftp://host/", "as http://HOST:PORT"),
+])
+def test_cli_bad_url_is_one_line(capsys, url, reason):
+    assert main(["--url", url, "models"]) == 1
+    assert reason in one_error_line(capsys, f"genserve: error: invalid --url {url!r}: ")
+
+
+@pytest.fixture
+def fake_cli(monkeypatch):
+    """main() against a MockTransport answering with `answer` (a function of the request)."""
+    real = client_module.Client
+
+    def use(answer) -> None:
+        fake = lambda *a, **k: real(*a, transport=httpx.MockTransport(answer), **k)  # noqa: E731
+        monkeypatch.setattr(client_module, "Client", fake)
+    return use
+
+
+def test_cli_unexpected_answers_are_one_line(fake_cli, waits, tmp_path, capsys):
+    out = ["-o", str(tmp_path / "x.png")]
+    fake_cli(lambda r: httpx.Response(200, json={"images": [_png_b64()]}))  # no X-Seed: not the genserve API
+    assert main(["sample", "--model", "vae", *out]) == 1
+    one_error_line(capsys, "genserve: error: unexpected answer to GET /sample (HTTP 200): ValueError: X-Seed header")
+    fake_cli(lambda r: httpx.Response(200, json={"a": 1}))
+    assert main(["models"]) == 1
+    one_error_line(capsys, "genserve: error: unexpected answer to GET /models (HTTP 200): ValueError: a list")
+    fake_cli(lambda r: httpx.Response(200, json=[{"name": "vae"}]))  # pydantic's message spans lines
+    assert main(["models"]) == 1
+    one_error_line(capsys, "genserve: error: unexpected answer to GET /models (HTTP 200): ValidationError:")
+    fake_cli(lambda r: httpx.Response(502, text="<html>\n<body>\nBad gateway\n" + "x" * 5000 + "</body></html>"))
+    assert main(["models"]) == 1
+    assert len(one_error_line(capsys, "genserve: error 502: <html> <body> Bad gateway")) < 1100
+    superscript_two = {"Retry-After": "\u00b2".encode("latin-1")}  # not a number of seconds: not retried
+    fake_cli(lambda r: httpx.Response(503, json={"detail": "busy"}, headers=superscript_two))
+    assert main(["models"]) == 1
+    one_error_line(capsys, "genserve: error 503: busy")
+    assert main(["--retries", "100000", "models"]) == 1
+    one_error_line(capsys, f"genserve: error: retries must be between 0 and {MAX_RETRIES}")
+    assert waits == []
 
 
 def test_cli_unreachable_server_exits_1(capsys):
