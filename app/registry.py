@@ -14,6 +14,12 @@ a class-conditional prior that records class names but not one per class (its la
 mapping cannot be trusted; one that records none, as older files, is served without names),
 or a second prior of the same kind for the same VQ-VAE.
 
+Class names (GET /models): a model's are its own file's; a VQ-VAE whose file has none shows its
+priors' when they agree. A class-conditional prior's label i is named by its own file's
+class_names[i], else by its VQ-VAE file's when that records one name per class, else not at all.
+Where the VQ-VAE's names disagree with a conditional prior's (other names, or another count), the
+prior keeps its own and says so in `class_names_conflict` (and the log).
+
 What each served model can compute, and how it is batched, lives in app/operations.py.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,8 @@ class Prior:
     api_name: str
     model: nn.Module
     info: ModelInfo
+    class_names: tuple[str, ...] = ()  # label i's name: the file's own, or its VQ-VAE's (module docstring)
+    class_names_conflict: str | None = None  # how the VQ-VAE's names disagree with this conditional prior's
 
     @property
     def kind(self) -> str:
@@ -190,7 +199,10 @@ class Registry:
         if api_name in entry.priors:
             other = entry.priors[api_name].info.path
             return self._reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
-        entry.priors[api_name] = Prior(api_name, model, info)
+        names, conflict = _prior_class_names(info, cfg.num_classes, entry.info)
+        if conflict:
+            log.warning("prior %s (%s) of %s: %s", info.name, path.name, vq_name, conflict)
+        entry.priors[api_name] = Prior(api_name, model, info, names, conflict)
         log.info("prior %s (%s) attached to %s as %r", info.name, path.name, vq_name, api_name)
 
     def get(self, name: str) -> Entry | None:
@@ -239,7 +251,8 @@ class Registry:
                         "num_classes": p.num_classes,
                         "default": p is default,
                         "dataset": p.info.dataset,
-                        "class_names": list(p.info.class_names),
+                        "class_names": list(p.class_names),
+                        "class_names_conflict": p.class_names_conflict,
                         "file": Path(p.info.path).name if p.info.path else None,
                     }
                     for p in entry.priors.values()
@@ -247,3 +260,17 @@ class Registry:
                 item["rejected_priors"] = [{"file": p.file, "reason": p.reason} for p in entry.rejected]
             out.append(item)
         return out
+
+
+def _prior_class_names(info: ModelInfo, num_classes: int, vq_info: ModelInfo) -> tuple[tuple[str, ...], str | None]:
+    """(label names, conflict) of a prior whose VQ-VAE's file is `vq_info`; see the module docstring."""
+    own, of_vq = info.class_names, vq_info.class_names
+    if not num_classes or not of_vq or own == of_vq:
+        return own, None
+    if own:
+        return own, (f"its VQ-VAE {vq_info.name!r} records other class names ({reprlib.repr(list(of_vq))}); "
+                     "this prior's labels are named by its own")
+    if len(of_vq) == num_classes:
+        return of_vq, None
+    return (), (f"its VQ-VAE {vq_info.name!r} records {len(of_vq)} class names for this prior's {num_classes} classes; "
+                "its labels have no names")

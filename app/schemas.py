@@ -43,7 +43,12 @@ class PriorInfo(BaseModel):
     default: bool = Field(description="the prior /sample uses when none is named: the lowest validation NLL (test where a file has none)")
     dataset: str
     class_names: list[str] = Field(
-        description="the training data's classes: label i is class_names[i]; empty when the file records none"
+        description="the training data's classes: label i is class_names[i]; the prior's own file's, else (a "
+        "class-conditional prior) its VQ-VAE's when that records one per class; empty otherwise"
+    )
+    class_names_conflict: str | None = Field(
+        None, description="a class-conditional prior whose VQ-VAE records other class names, or another number "
+        "of them: how they differ (the prior's class_names are used for its labels)"
     )
     file: str | None
 

@@ -168,7 +168,8 @@ function card(model) {
       el("b", {}, p.name), p.default ? " (default)" : "",
       p.test_bits_per_code != null ? ` · ${fmt(p.test_bits_per_code)} bits/code` : "",
       p.test_bits_per_dim != null ? ` · ${fmt(p.test_bits_per_dim)} bits/dim` : "",
-      p.num_classes ? ` · ${p.num_classes} classes` : " · unconditional"));
+      p.num_classes ? ` · ${p.num_classes} classes` : " · unconditional",
+      p.class_names_conflict ? el("span", { class: "note" }, ` (class names: ${p.class_names_conflict})`) : ""));
     row("Priors", priors.length ? el("ul", { class: "plain" }, priors) : "none loaded: this model cannot sample");
     for (const r of model.rejected_priors ?? []) row("Refused", `${r.file}: ${r.reason}`);
   }
@@ -349,7 +350,7 @@ function updateSampleControls() {
   const key = conditional ? `${model.name}/${prior.name}` : "";
   if (f.label.dataset.key !== key) {
     f.label.dataset.key = key;
-    const names = prior?.class_names?.length ? prior.class_names : model?.class_names ?? [];
+    const names = prior?.class_names ?? [];  // the server's names for this prior's labels (its own, or its VQ-VAE's)
     f.label.replaceChildren(el("option", { value: "" }, "any (random)"),
       ...Array.from({ length: prior?.num_classes ?? 0 }, (_, i) =>
         el("option", { value: i }, names[i] ? `${names[i]} (${i})` : `label ${i}`)));

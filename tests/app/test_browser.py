@@ -176,7 +176,7 @@ def test_the_same_seed_draws_the_same_grid(page, server_url) -> None:
     label = form.find_element(By.NAME, "label")
     assert label.is_displayed()  # gated is class-conditional
     vqvae = next(m for m in httpx.get(server_url + "/models", timeout=60).json() if m["name"] == "vqvae")
-    names = next(p for p in vqvae["priors"] if p["name"] == "gated")["class_names"] or vqvae["class_names"]
+    names = next(p for p in vqvae["priors"] if p["name"] == "gated")["class_names"]  # the server resolves them
     Select(label).select_by_visible_text(f"{names[1]} (1)" if names else "label 1")  # by class name where recorded
     params = {"model": "vqvae", "prior": "gated", "label": "1", "n": "4", "temperature": "0.9"}
 

@@ -86,7 +86,8 @@ async def test_class_names_of_a_vqvae_and_a_conditional_prior_with_the_wrong_cou
     async with serve(weights_dir=tmp_path) as (_app, client):
         [entry] = (await client.get("/models")).json()
     assert entry["class_names"] == ["a", "b"]  # the VQ-VAE's own file wins over its priors'
-    assert [(p["name"], p["class_names"]) for p in entry["priors"]] == [("pixelcnn", list(CLASS_NAMES))]
+    assert [(p["name"], p["class_names"], p["class_names_conflict"]) for p in entry["priors"]] == [
+        ("pixelcnn", list(CLASS_NAMES), None)]  # unconditional: its names label nothing, so no conflict
     assert entry["rejected_priors"] == [
         {"file": "gated.safetensors", "reason": "it records 2 class names for its 3 classes"}]
 
@@ -103,6 +104,43 @@ def test_a_vqvae_without_names_shows_its_priors_only_when_they_agree(tmp_path):
     (tmp_path / "b.safetensors").unlink()
     [entry] = Registry.load(tmp_path, torch.device("cpu")).describe()
     assert entry["class_names"] == ["x", "y"]
+
+
+def conditional_prior_names(tmp_path, vq_names, prior_names, num_classes=3) -> dict:
+    """GET /models' entry of a class-conditional prior `gated` whose VQ-VAE records `vq_names`."""
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    vq = tiny_vqvae()
+    save_model(tmp_path / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest",
+               class_names=vq_names)
+    cfg = GatedPixelCNNConfig(codebook_size=CODEBOOK_SIZE, code_shape=CODE_SHAPE, hidden_channels=8, n_layers=1,
+                              num_classes=num_classes)
+    save_prior(tmp_path / "gated.safetensors", GatedPixelCNN(cfg), vq, class_names=prior_names)
+    [entry] = Registry.load(tmp_path, torch.device("cpu")).describe()
+    [prior] = entry["priors"]
+    return {"vqvae": entry["class_names"], "prior": prior["class_names"], "conflict": prior["class_names_conflict"]}
+
+
+def test_a_conditional_priors_labels_are_named_by_its_own_file_else_its_vqvaes(tmp_path, caplog):
+    # its own names, whatever the VQ-VAE records; a disagreement is reported, not hidden
+    assert conditional_prior_names(tmp_path, ("a", "b", "c"), ("x", "y", "z")) == {
+        "vqvae": ["a", "b", "c"], "prior": ["x", "y", "z"],
+        "conflict": "its VQ-VAE 'vqvae' records other class names (['a', 'b', 'c']); "
+                    "this prior's labels are named by its own"}
+    assert "records other class names" in caplog.text
+    assert conditional_prior_names(tmp_path, ("a", "b"), ("x", "y", "z"))["conflict"].startswith(
+        "its VQ-VAE 'vqvae' records other class names (['a', 'b'])")
+    assert conditional_prior_names(tmp_path, CLASS_NAMES, CLASS_NAMES) == {
+        "vqvae": list(CLASS_NAMES), "prior": list(CLASS_NAMES), "conflict": None}
+    # none of its own: the VQ-VAE's, only when it records one per class
+    assert conditional_prior_names(tmp_path, ("a", "b", "c"), ()) == {
+        "vqvae": ["a", "b", "c"], "prior": ["a", "b", "c"], "conflict": None}
+    assert conditional_prior_names(tmp_path, ("a", "b"), ()) == {
+        "vqvae": ["a", "b"], "prior": [],
+        "conflict": "its VQ-VAE 'vqvae' records 2 class names for this prior's 3 classes; its labels have no names"}
+    # a VQ-VAE without names shows its conditional prior's
+    assert conditional_prior_names(tmp_path, (), ("x", "y", "z")) == {
+        "vqvae": ["x", "y", "z"], "prior": ["x", "y", "z"], "conflict": None}
 
 
 async def test_mismatched_priors_are_skipped_and_listed(tmp_path, weights_dir, serve):
