@@ -2,8 +2,8 @@
 
 The app serves the tiny models of conftest.py (or the folder in GENSERVE_BROWSER_WEIGHTS, which must
 hold a VAE `vae` and a VQ-VAE `vqvae` with a class-conditional prior `gated`, as weights/ does: the
-README's screenshots come from it). Skips when selenium, chromium or chromedriver is missing; CI's
-.ci/run installs Debian's chromium and chromium-driver. Screenshots at desktop (1280x900) and phone
+README's screenshots come from it). Skips when selenium, chromium (or chromium-browser) or chromedriver is
+missing; CI's .ci/run tries to install them. Screenshots at desktop (1280x900) and phone
 (390x844) width go to GENSERVE_SCREENSHOTS (default: the test's tmp_path).
 """
 
@@ -115,14 +115,24 @@ def settled(driver, selector: str) -> list:
     return wait_for(driver, check, f"{selector} to finish")
 
 
-def image_bytes(driver, img) -> bytes:
-    """The bytes behind an <img> (a blob: or data: URL), read inside the page."""
-    b64 = driver.execute_async_script("""
-        const [img, done] = arguments;
-        fetch(img.src).then((r) => r.arrayBuffer()).then((buf) => {
-          let s = ""; for (const byte of new Uint8Array(buf)) s += String.fromCharCode(byte); done(btoa(s));
-        });""", img)
-    return base64.b64decode(b64)
+def image_pixels(driver, img) -> np.ndarray:
+    """What an <img> shows, (H, W, 4) RGBA at its natural size, read through a canvas: the page's CSP
+    (connect-src 'self') lets no script fetch the blob: or data: URL behind it, and need not."""
+    width, height, b64 = driver.execute_script("""
+        const img = arguments[0], canvas = document.createElement("canvas");
+        [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+        const context = canvas.getContext("2d");
+        context.drawImage(img, 0, 0);
+        let s = "";
+        for (const byte of context.getImageData(0, 0, canvas.width, canvas.height).data) s += String.fromCharCode(byte);
+        return [canvas.width, canvas.height, btoa(s)];""", img)
+    return np.frombuffer(base64.b64decode(b64), np.uint8).reshape(height, width, 4)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    """A PNG's pixels as the page's canvas reads them: (H, W, 4) RGBA."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGBA"))
 
 
 def fill(element, value: str) -> None:
@@ -156,11 +166,11 @@ def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -
         c, h, w = model["image_shape"]
         shown = cell.find_element(By.CSS_SELECTOR, ".slot.input canvas")  # the input as the model sees it
         assert (int(shown.get_attribute("width")), int(shown.get_attribute("height"))) == (w, h)
-        out = Image.open(io.BytesIO(image_bytes(page, cell.find_element(By.CSS_SELECTOR, ".slot.output img"))))
-        assert out.size == (w, h) and out.mode == ("L" if c == 1 else "RGB")
+        out = image_pixels(page, cell.find_element(By.CSS_SELECTOR, ".slot.output img"))
         expected = httpx.post(server_url + "/reconstruct", params={"model": model["name"]},
                               files={"file": ("stripes.png", path.read_bytes(), "image/png")}, timeout=60)
-        assert np.array_equal(np.asarray(out), np.asarray(Image.open(io.BytesIO(expected.content))))
+        assert Image.open(io.BytesIO(expected.content)).mode == ("L" if c == 1 else "RGB")
+        assert out.shape == (h, w, 4) and np.array_equal(out, png_pixels(expected.content))
     curl = page.find_element(By.CSS_SELECTOR, "#reconstruct pre.curl").text
     assert "-F 'file=@stripes.png'" in curl and f"{server_url}/reconstruct?model=vae'" in curl
 
@@ -182,22 +192,24 @@ def test_the_same_seed_draws_the_same_grid(page, server_url) -> None:
 
     run_sample(page, n="4", temperature="0.9", seed="1234")
     grid = page.find_element(By.ID, "sample-grid")
-    first = image_bytes(page, grid)
+    first = image_pixels(page, grid)
     assert page.find_element(By.ID, "sample-seed").text == "1234"
-    assert first == httpx.get(server_url + "/sample", params={**params, "seed": "1234"}, timeout=60).content
+    expected = httpx.get(server_url + "/sample", params={**params, "seed": "1234"}, timeout=60).content
+    assert np.array_equal(first, png_pixels(expected))
     curl = page.find_element(By.CSS_SELECTOR, "#sample pre.curl").text
     assert "seed=1234" in curl and "label=1" in curl and "prior=gated" in curl
 
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     settled(page, "#sample")
-    assert image_bytes(page, grid) == first
+    assert np.array_equal(image_pixels(page, grid), first)
 
     form.find_element(By.NAME, "new-seed").click()
     wait_for(page, lambda d: d.find_element(By.ID, "sample-seed").text not in ("", "1234"), "a new seed")
     settled(page, "#sample")
     seed = form.find_element(By.NAME, "seed").get_attribute("value")
     assert page.find_element(By.ID, "sample-seed").text == seed and 0 <= int(seed) < 2**63
-    assert image_bytes(page, grid) == httpx.get(server_url + "/sample", params={**params, "seed": seed}, timeout=60).content
+    expected = httpx.get(server_url + "/sample", params={**params, "seed": seed}, timeout=60).content
+    assert np.array_equal(image_pixels(page, grid), png_pixels(expected))
 
     run_sample(page, seed="")  # no seed: the server draws one, and the page shows and keeps it
     drawn = page.find_element(By.ID, "sample-seed").text
@@ -219,7 +231,8 @@ def test_an_interpolation_shows_its_strip_and_the_slider_walks_it(page, server_u
              for end, name in (("a", "tshirt"), ("b", "trouser"))}
     expected = httpx.post(server_url + "/interpolate", params={"model": "vae", "steps": 5, "method": "lerp"}, files=files,
                           headers={"Accept": "application/json"}, timeout=60).json()["images"]
-    assert [image_bytes(page, f) for f in frames] == [base64.b64decode(s) for s in expected]
+    assert len(frames) == len(expected) == 5
+    assert all(np.array_equal(image_pixels(page, f), png_pixels(base64.b64decode(s))) for f, s in zip(frames, expected))
 
     big = page.find_element(By.ID, "interp-frame")
     assert big.get_attribute("src") == frames[0].get_attribute("src")

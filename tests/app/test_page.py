@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app.main import create_app
-from app.routes.page import STATIC_DIR
+from app.routes.page import CSP, STATIC_DIR
 
 from .conftest import make_settings
 
@@ -61,6 +61,29 @@ async def test_page_and_its_assets_are_served_with_their_types(page_client) -> N
         response = await page_client.get(f"/static/samples/{name}.png")
         assert response.status_code == 200 and media_type(response) == "image/png", name
         assert len(response.content) < 8 * 1024
+
+
+async def test_the_page_and_every_static_file_carry_the_csp_and_nosniff(page_client) -> None:
+    paths = ["/", *(f"/static/{p.relative_to(STATIC_DIR).as_posix()}" for p in sorted(STATIC_DIR.rglob("*"))
+                    if p.is_file() and p.name != "index.html")]
+    assert {"/static/app.js", "/static/app.css", "/static/samples/tshirt.png"} <= set(paths)
+    for path in paths:
+        response = await page_client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["content-security-policy"] == CSP, path
+    script = await page_client.get("/static/app.js")
+    again = await page_client.get("/static/app.js", headers={"If-None-Match": script.headers["etag"]})
+    assert again.status_code == 304 and again.headers["x-content-type-options"] == "nosniff"
+    directives = dict(d.strip().split(" ", 1) for d in CSP.split(";"))
+    assert directives["connect-src"] == "'self'"  # the page's scripts fetch from this server only
+    assert directives["default-src"] == "'self'" and directives["img-src"] == "'self' data: blob:"
+
+
+async def test_the_page_is_not_served_again_under_static(page_client) -> None:
+    """At /static/index.html its relative links would break; the page has one address, / (with its CSP)."""
+    response = await page_client.get("/static/index.html")
+    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
 
 
 async def test_a_missing_static_file_is_a_json_404(page_client) -> None:
