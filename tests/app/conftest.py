@@ -10,7 +10,7 @@ default) and "pixelcnnpp" (unconditional, 2.5). Class names (CLASS_NAMES) are re
 from __future__ import annotations
 
 import io
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -140,3 +140,29 @@ def cell(grid: np.ndarray, i: int, nrow: int, h: int = 8, w: int = 8, padding: i
     r, c = divmod(i, nrow)
     top, left = padding + r * (h + padding), padding + c * (w + padding)
     return grid[top:top + h, left:left + w]
+
+
+@contextmanager
+def live_server(weights: Path, wait_s: float = 120.0):
+    """The real app under uvicorn in a thread, on a socket bound here (port 0); yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(weights)), log_config=None, log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    end = time.monotonic() + wait_s
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < end, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

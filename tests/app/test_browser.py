@@ -13,8 +13,6 @@ import base64
 import io
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -24,10 +22,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from app.main import create_app
 from app.routes.page import STATIC_DIR
 
-from .conftest import make_settings
+from .conftest import live_server
 
 pytestmark = pytest.mark.browser
 
@@ -50,19 +47,8 @@ if not (CHROMIUM and CHROMEDRIVER):
 def server_url(weights_dir):
     """The real app under uvicorn in a thread, on a socket bound here (port 0); its base URL."""
     weights = Path(os.environ.get("GENSERVE_BROWSER_WEIGHTS") or weights_dir)
-    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(weights)), log_config=None, log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    end = time.monotonic() + WAIT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < end, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with live_server(weights, WAIT_S) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from email.utils import format_datetime
@@ -25,7 +24,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
@@ -34,7 +32,7 @@ from app.client import (MAX_RETRIES, MIN_RETRY_WAIT_S, APIError, AsyncClient, Cl
                         array_to_image, grid, main, retry_after_s, to_array)
 from app.main import create_app
 
-from .conftest import CLASS_NAMES, CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, grid_size, image_bytes, make_settings, png_array
+from .conftest import CLASS_NAMES, CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, grid_size, image_bytes, live_server, make_settings, png_array
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,19 +51,8 @@ def no_proxy_for_localhost():
 @pytest.fixture(scope="module")
 def server_url(weights_dir):
     """The real app under uvicorn in a thread; its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(weights_dir)), log_config=None, log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    end = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < end, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with live_server(weights_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
