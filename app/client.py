@@ -4,6 +4,8 @@
     with Client("http://127.0.0.1:8000") as c:
         s = c.sample("vae", n=16, seed=1)          # Sample(images=[16 PIL images], seed=1, prior=None)
         grid(s.images).save("grid.png")            # the same pixels as the server's own PNG grid
+        x = to_tensor(s.images)                    # float32 (16, C, H, W) in [0, 1], as the models take
+        boots = c.sample("vqvae", n=4, seed=1, label="Ankle boot")  # a label by its class name
         recon = c.reconstruct("vae", ["a.png", array, pil_image, png_bytes])
         enc = c.encode("vae", ["a.png"])           # [Encoding(file, mu, logvar)] as numpy arrays
         out = c.decode("vae", z=[e.mu for e in enc])
@@ -18,7 +20,11 @@ image, or a numpy array (H, W) / (H, W, C) with C in 1, 3, 4, uint8 or float in 
 PNG; floats become round(255 x)). The server converts them to the model's size and channels
 (app/imaging.py). Images out: one PIL image per image (mode L or RGB): the client asks for
 `Accept: application/json` and decodes each base64 PNG. `to_array` stacks them into one uint8
-array; `grid` lays them out as the server's PNG grid does.
+array, `to_tensor` into one float torch tensor (B, C, H, W) in [0, 1]; `grid` lays them out as the
+server's PNG grid does.
+
+Labels: `sample(label=...)` takes a class index, or a class name, looked up (one GET /models) in the
+`class_names` of the prior that will sample: the one named, else the model's default.
 
 Errors: every answer that is not 2xx raises `APIError(status_code, detail, request_id)`; a 2xx answer
 that is not what this API sends (another server at the URL, a proxy's page) raises
@@ -205,6 +211,16 @@ def to_array(images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(img) for img in images])
 
 
+def to_tensor(images: Sequence[Image.Image]) -> Any:
+    """Images of one size -> a float32 torch tensor (B, C, H, W) in [0, 1], the models' input layout
+    (torch is imported here, so the rest of the client does not need it)."""
+    import torch
+
+    a = to_array(images)
+    a = a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2)  # (B, H, W) -> (B, 1, H, W); (B, H, W, C) -> (B, C, H, W)
+    return torch.from_numpy(np.ascontiguousarray(a)).float().div_(255)
+
+
 def grid(images: Sequence[Image.Image], nrow: int | None = None, padding: int = 2) -> Image.Image:
     """The server's grid layout (torchvision's make_grid): `nrow` per row (default ceil(sqrt(n))),
     `padding` black pixels around every cell; a single image is returned as is."""
@@ -254,6 +270,22 @@ def _sample_call(model: str, n: int, seed: int | None, temperature: float, prior
     params = {"model": model, "n": n, "seed": seed, "temperature": temperature, "prior": prior, "label": label}
     params = {k: v for k, v in params.items() if v is not None}
     return _Call("GET", "/sample", idempotent=seed is not None, params=params, headers=JSON_IMAGES)
+
+
+def label_index(entries: Sequence[ModelEntry], model: str, prior: str | None, label: str) -> int:
+    """The index of class `label` in the class_names of the prior that samples `model` (`prior`, else the
+    default). ValueError, naming the classes there are, when there is no such class."""
+    entry = next((e for e in entries if e.name == model), None)
+    if entry is None or entry.kind != "vqvae":
+        what = "not served" if entry is None else "a VAE"
+        raise ValueError(f"label {label!r} by name needs a VQ-VAE with a class-conditional prior; {model!r} is {what}")
+    chosen = next((p for p in entry.priors or [] if (p.name == prior if prior else p.default)), None)
+    if chosen is None:
+        raise ValueError(f"prior {prior or 'default'!r} is not served for {model!r}, so label {label!r} names no class")
+    if label not in chosen.class_names:
+        known = ", ".join(map(repr, chosen.class_names)) if chosen.class_names else "none recorded: pass the index"
+        raise ValueError(f"{label!r} is not a class of prior {chosen.name!r} of {model!r}; its classes: {known}")
+    return chosen.class_names.index(label)
 
 
 def _files_call(path: str, model: str, images: Iterable[ImageInput], params: dict[str, Any] | None = None,
@@ -402,8 +434,11 @@ class Client:
         return self._send(_models_call(), _parse_models)
 
     def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
-               prior: str | None = None, label: int | None = None) -> Sample:
-        """GET /sample: n images; `.seed` reproduces them (the server's when none was given)."""
+               prior: str | None = None, label: int | str | None = None) -> Sample:
+        """GET /sample: n images; `.seed` reproduces them (the server's when none was given). `label`: a
+        class index, or a class name of the sampling prior (module docstring)."""
+        if isinstance(label, str):
+            label = label_index(self.models(), model, prior, label)
         return self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
     def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
@@ -466,7 +501,9 @@ class AsyncClient:
         return await self._send(_models_call(), _parse_models)
 
     async def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
-                     prior: str | None = None, label: int | None = None) -> Sample:
+                     prior: str | None = None, label: int | str | None = None) -> Sample:
+        if isinstance(label, str):
+            label = label_index(await self.models(), model, prior, label)
         return await self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
     async def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
@@ -524,7 +561,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, help="same seed, same images; random if absent (then not retried)")
     sample.add_argument("--temperature", type=float, default=1.0, help="in [0.001, 10]; 1 is the model's own (default)")
     sample.add_argument("--prior", help="VQ-VAE only: pixelcnn, gated or pixelcnnpp (default: the best loaded)")
-    sample.add_argument("--label", type=int, help="class label, for a class-conditional prior only")
+    sample.add_argument("--label", type=_label,
+                        help="for a class-conditional prior only: a class index, or a class name as `genserve models "
+                        "--json` lists it in the prior's class_names (quote names with spaces)")
     output(sample)
 
     recon = sub.add_parser("reconstruct", help="reconstruct images", description="POST /reconstruct.")
@@ -623,6 +662,11 @@ def _run(client: Client, args: argparse.Namespace) -> str:
         images = client.interpolate(args.model, _path(args.a), _path(args.b), steps=args.steps, method=args.method)
         return _write(images, args, nrow=len(images))
     raise AssertionError(args.command)
+
+
+def _label(text: str) -> int | str:
+    """--label: digits are a class index, anything else a class name."""
+    return int(text) if re.fullmatch(r"[0-9]+", text) else text
 
 
 def _path(name: str) -> Path:

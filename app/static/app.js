@@ -3,12 +3,17 @@
 // {"detail": ...} as a readable message when it fails, and shows the same request as a curl command.
 // Panels mark their state in data-state (idle | busy | done | error), which tests wait on.
 
-const SAMPLES = [  // bundled images (app/static/samples/): Fashion-MNIST test images, 28x28 grey
-  { name: "tshirt", title: "T-shirt/top" },
-  { name: "trouser", title: "Trouser" },
-  { name: "sneaker", title: "Sneaker" },
-  { name: "bag", title: "Bag" },
+const SAMPLES = [  // bundled images (app/static/samples/): test-split images, for grey and for colour models
+  { name: "tshirt", title: "T-shirt/top (Fashion-MNIST, 28×28 grey)", channels: 1 },
+  { name: "trouser", title: "Trouser (Fashion-MNIST, 28×28 grey)", channels: 1 },
+  { name: "sneaker", title: "Sneaker (Fashion-MNIST, 28×28 grey)", channels: 1 },
+  { name: "bag", title: "Bag (Fashion-MNIST, 28×28 grey)", channels: 1 },
+  { name: "car", title: "Automobile (CIFAR-10, 32×32 colour)", channels: 3 },
+  { name: "cat", title: "Cat (CIFAR-10, 32×32 colour)", channels: 3 },
+  { name: "ship", title: "Ship (CIFAR-10, 32×32 colour)", channels: 3 },
+  { name: "horse", title: "Horse (CIFAR-10, 32×32 colour)", channels: 3 },
 ];
+const DEFAULT_ENDS = { 1: ["tshirt", "trouser"], 3: ["car", "horse"] };  // interpolation ends by the model's channels
 const STATUS_WORDS = {
   400: "unusable image", 404: "not found", 408: "upload too slow", 413: "too large",
   422: "invalid parameter", 500: "server error", 503: "busy or starting, try again", 504: "timed out",
@@ -120,8 +125,7 @@ function showCurl(panel, lines) {
 // ---------------------------------------------------------------- the model list
 
 let models = [];
-const MAIN_METRICS = [  // shown on the card; the rest under "all metrics"
-  ["test_bits_per_dim", "bits/dim", ""],
+const MAIN_METRICS = [  // shown on the card (bits/dim in its own table); the rest under "all metrics"
   ["test_neg_elbo", "−ELBO", " nats"],
   ["test_iwae_nll", "IWAE NLL", " nats"],
   ["test_psnr_db", "PSNR", " dB"],
@@ -147,6 +151,32 @@ function priorOf(model, name) {
   return (model.priors ?? []).find((p) => (name ? p.name === name : p.default)) ?? null;
 }
 
+/** The card's bits/dim table, one row per test NLL bound recorded (as training/card.py's table), or null.
+ * A class-conditional prior's bits/dim is told each image's class: a bound on -log p(x|y), not -log p(x). */
+function bitsTable(model) {
+  const m = model.metrics ?? {}, rows = [];
+  const row = (bound, bits, nats) => rows.push(el("tr", {},
+    el("th", { scope: "row" }, bound), el("td", {}, fmt(bits)), el("td", {}, typeof nats === "number" ? fmt(nats) : "–")));
+  if (model.kind === "vae" && typeof m.test_bits_per_dim === "number") {
+    row(`${m.iwae_k ? `IWAE-${m.iwae_k}` : "bound"}: −log p(x)`, m.test_bits_per_dim, m.test_nll_nats);
+  }
+  if (model.kind === "vqvae") {
+    if (typeof m.test_uniform_prior_bits_per_dim === "number") {
+      row("uniform prior (log K per code): −log p(x)", m.test_uniform_prior_bits_per_dim, m.test_uniform_prior_nll_nats);
+    }
+    for (const p of model.priors ?? []) {
+      if (typeof p.test_bits_per_dim !== "number") continue;
+      row(p.num_classes ? `prior ${p.name}, class given: −log p(x | y)` : `prior ${p.name}: −log p(x)`, p.test_bits_per_dim);
+    }
+  }
+  if (!rows.length) return null;
+  return el("table", { class: "bits" },
+    el("caption", {}, "Test NLL bound in bits/dim (lower is better)"),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "bound"), el("th", { scope: "col" }, "bits/dim"),
+      el("th", { scope: "col" }, "nats/image"))),
+    el("tbody", {}, rows));
+}
+
 function card(model) {
   const m = model.metrics ?? {};
   const rows = [];
@@ -167,7 +197,6 @@ function card(model) {
     const priors = (model.priors ?? []).map((p) => el("li", {},
       el("b", {}, p.name), p.default ? " (default)" : "",
       p.test_bits_per_code != null ? ` · ${fmt(p.test_bits_per_code)} bits/code` : "",
-      p.test_bits_per_dim != null ? ` · ${fmt(p.test_bits_per_dim)} bits/dim` : "",
       p.num_classes ? ` · ${p.num_classes} classes` : " · unconditional",
       p.class_names_conflict ? el("span", { class: "note" }, ` (class names: ${p.class_names_conflict})`) : ""));
     row("Priors", priors.length ? el("ul", { class: "plain" }, priors) : "none loaded: this model cannot sample");
@@ -177,6 +206,7 @@ function card(model) {
   return el("article", { class: "card", "data-model": model.name },
     el("h3", {}, model.name, " ", el("span", { class: "badge" }, model.kind === "vae" ? "VAE" : "VQ-VAE")),
     el("dl", {}, rows),
+    bitsTable(model),
     all.length ? el("details", {}, el("summary", {}, "all metrics"), el("table", {}, el("tbody", {}, all))) : "",
     el("button", { type: "button", class: "secondary", onclick: () => useModel(model.name) }, "Use for sample and interpolate"));
 }
@@ -219,14 +249,16 @@ async function loadModels() {
 
 // ---------------------------------------------------------------- image pickers
 
-/** A drop zone, a file input and the bundled images in `root`; calls onPick(file) with a File. */
+/** A drop zone, a file input and the bundled images in `root`; calls onPick(file) with a File.
+ * state.auto: the file was chosen by the page (state.bundled), not by the user, so the page may change it. */
 function picker(root, onPick) {
   root.append($("#picker").content.cloneNode(true));
   const input = $("input[type=file]", root), drop = $(".drop", root), thumb = $(".thumb", root);
-  const state = { file: null };
-  const pick = (file) => {
+  const state = { file: null, auto: true, wanted: null };
+  const pick = (file, auto = false) => {
     if (!file) return;
     state.file = file;
+    state.auto = auto;
     if (thumb.src) URL.revokeObjectURL(thumb.src);
     thumb.src = URL.createObjectURL(file);
     thumb.alt = file.name;
@@ -234,22 +266,26 @@ function picker(root, onPick) {
     for (const b of root.querySelectorAll(".bundled button")) b.setAttribute("aria-pressed", String(b.dataset.file === file.name));
     onPick(file);
   };
-  input.addEventListener("change", () => pick(input.files[0]));
+  input.addEventListener("change", () => { state.wanted = null; pick(input.files[0]); });
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
+    state.wanted = null;
     pick(e.dataTransfer.files[0]);
   });
-  const bundled = async (sample) => {
+  const bundled = async (sample, auto = false) => {
+    state.wanted = sample.name;
     const response = await fetch(`static/samples/${sample.name}.png`);
-    pick(new File([await response.blob()], `${sample.name}.png`, { type: "image/png" }));
+    const blob = await response.blob();
+    if (state.wanted !== sample.name) return;  // another image was picked while this one loaded
+    pick(new File([blob], `${sample.name}.png`, { type: "image/png" }), auto);
   };
   $(".bundled", root).append(...SAMPLES.map((s) => el("button", {
     type: "button", title: s.title, "data-file": `${s.name}.png`, "aria-pressed": "false", onclick: () => bundled(s),
   }, el("img", { src: `static/samples/${s.name}.png`, alt: s.title }))));
-  state.bundled = (name) => bundled(SAMPLES.find((s) => s.name === name));
+  state.bundled = (name) => bundled(SAMPLES.find((s) => s.name === name), true);
   return state;
 }
 
@@ -416,6 +452,15 @@ function interpCurl() {
   showCurl($("#interpolate"), [`curl -sS -F ${quote(`a=@${a}`)} -F ${quote(`b=@${b}`)} -o strip.png ${quote(url)}`]);
 }
 
+/** Ends the user has not picked follow the model: grey test images for a grey model, colour ones for RGB. */
+function defaultEnds() {
+  const model = models.find((m) => m.name === interpForm.elements.model.value);
+  const names = DEFAULT_ENDS[model?.image_shape[0] === 3 ? 3 : 1];
+  for (const [end, name] of [[ends.a, names[0]], [ends.b, names[1]]]) {
+    if (end.auto && (end.wanted ?? end.file?.name.replace(/\.png$/, "")) !== name) end.bundled(name);
+  }
+}
+
 function showFrame(i) {
   const frames = $("#interp-strip").children;
   const n = frames.length;
@@ -449,7 +494,7 @@ async function interpolate() {
 
 interpForm.addEventListener("submit", (e) => { e.preventDefault(); interpolate(); });
 interpForm.addEventListener("input", interpCurl);
-interpForm.addEventListener("change", interpCurl);
+interpForm.addEventListener("change", () => { defaultEnds(); interpCurl(); });
 $("#interp-slider").addEventListener("input", (e) => showFrame(Number(e.target.value)));
 
 // ---------------------------------------------------------------- start
@@ -457,6 +502,4 @@ $("#interp-slider").addEventListener("input", (e) => showFrame(Number(e.target.v
 picker($("#recon-picker"), reconstructAll);
 ends.a = picker($("#interp-a"), interpCurl);
 ends.b = picker($("#interp-b"), interpCurl);
-ends.a.bundled("tshirt");
-ends.b.bundled("trouser");
-loadModels();
+loadModels().then(defaultEnds);

@@ -3,7 +3,8 @@
 Served: "vae" (1x8x8, MLP, Bernoulli), "vae_rgb" (3x8x8, conv with an autoregressive
 discretized-logistic decoder), "vqvae" (1x8x8, 2x2 codes, K=16, discretized logistic) with
 three priors: "pixelcnn" (unconditional, 3.0 bits/code), "gated" (3 classes, 2.0: the
-default) and "pixelcnnpp" (unconditional, 2.5). Class names (CLASS_NAMES) are recorded by
+default) and "pixelcnnpp" (unconditional, 2.5); "vae_rgb", "gated" and "pixelcnnpp" record a test
+bits/dim (the page's bits/dim table). Class names (CLASS_NAMES) are recorded by
 "vae", "pixelcnn" and "gated"; "vae_rgb", "vqvae" and "pixelcnnpp" record none, as older files.
 """
 
@@ -45,10 +46,11 @@ def tiny_vqvae() -> VQVAE:
 
 
 def save_prior(path: Path, prior: torch.nn.Module, vq: VQVAE, vq_name: str = "vqvae", bits: float = 3.0,
-               digest: str | None = None, class_names: tuple[str, ...] = ()) -> None:
+               digest: str | None = None, class_names: tuple[str, ...] = (), bits_per_dim: float | None = None) -> None:
     extra = {"vqvae": vq_name, "codebook_sha256": digest or vq.codebook_digest()}
+    metrics = {"test_bits_per_code": bits, **({"test_bits_per_dim": bits_per_dim} if bits_per_dim is not None else {})}
     save_model(path, prior.eval(), name=path.stem, dataset="unit-test", command="pytest",
-               metrics={"test_bits_per_code": bits}, extra=extra, image_shape=vq.image_shape, class_names=class_names)
+               metrics=metrics, extra=extra, image_shape=vq.image_shape, class_names=class_names)
 
 
 def write_weights(d: Path) -> Path:
@@ -59,7 +61,8 @@ def write_weights(d: Path) -> Path:
                VAE(VAEConfig(arch="conv", in_channels=3, image_size=8, latent_dim=LATENT_DIM, channels=(4, 8), fc_dim=16,
                              decoder="autoregressive", ar_channels=4, ar_kernel=3, ar_layers=2, likelihood="logistic",
                              num_mixtures=2)),
-               name="vae_rgb", dataset="unit-test", command="pytest")
+               name="vae_rgb", dataset="unit-test", command="pytest",
+               metrics={"iwae_k": 10, "test_bits_per_dim": 5.25, "test_nll_nats": 698.7})
     vq = tiny_vqvae()
     save_model(d / "vqvae.safetensors", vq, name="vqvae", dataset="unit-test", command="pytest")
     common = dict(codebook_size=CODEBOOK_SIZE, code_shape=CODE_SHAPE, hidden_channels=8)
@@ -67,8 +70,9 @@ def write_weights(d: Path) -> Path:
                class_names=CLASS_NAMES)
     save_prior(d / "gated.safetensors",
                GatedPixelCNN(GatedPixelCNNConfig(**common, n_layers=2, first_kernel_size=3, num_classes=NUM_CLASSES)),
-               vq, bits=2.0, class_names=CLASS_NAMES)
-    save_prior(d / "pixelcnnpp.safetensors", PixelCNNpp(PixelCNNppConfig(**common, n_layers=1, n_scales=1)), vq, bits=2.5)
+               vq, bits=2.0, class_names=CLASS_NAMES, bits_per_dim=3.25)
+    save_prior(d / "pixelcnnpp.safetensors", PixelCNNpp(PixelCNNppConfig(**common, n_layers=1, n_scales=1)), vq, bits=2.5,
+               bits_per_dim=3.5)
     return d
 
 

@@ -268,3 +268,58 @@ def test_screenshots_at_desktop_and_phone_width(page, tmp_path) -> None:
         (folder / f"{name}-full.png").write_bytes(base64.b64decode(full["data"]))
         with Image.open(folder / f"{name}.png") as shot:
             assert shot.size == (width, height)
+
+
+def test_each_card_shows_its_bits_per_dim_table(page) -> None:
+    """conftest.py: vae_rgb records an IWAE bound; gated (class-conditional) and pixelcnnpp a prior's bound;
+    vae records none, so its card has no table."""
+    def table(name: str) -> list[list[str]]:
+        card = page.find_element(By.CSS_SELECTOR, f'#model-cards .card[data-model="{name}"]')
+        return [[cell.text for cell in row.find_elements(By.CSS_SELECTOR, "th, td")]
+                for row in card.find_elements(By.CSS_SELECTOR, "table.bits tbody tr")]
+
+    assert table("vae_rgb") == [["IWAE-10: −log p(x)", "5.25", "698.7"]]
+    # the prior's bound is told each image's class: named as a bound on -log p(x | y), not -log p(x)
+    assert table("vqvae") == [["prior gated, class given: −log p(x | y)", "3.25", "–"],
+                              ["prior pixelcnnpp: −log p(x)", "3.5", "–"]]
+    assert table("vae") == []
+    vae = page.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vae"]')
+    assert vae.find_elements(By.CSS_SELECTOR, "table.bits") == []
+
+
+def test_a_colour_model_samples_and_interpolates_in_colour(page, server_url) -> None:
+    """An RGB model: its grid is the server's RGB PNG, and the ends the user has not picked become the
+    bundled colour (CIFAR-10) images, until the user picks one; a grey model gets grey ends back."""
+    form = page.find_element(By.ID, "sample-form")
+    Select(form.find_element(By.NAME, "model")).select_by_value("vae_rgb")
+    assert not form.find_element(By.NAME, "prior").is_displayed() and not form.find_element(By.NAME, "label").is_displayed()
+    run_sample(page, n="4", seed="11", temperature="1")
+    shown = image_pixels(page, page.find_element(By.ID, "sample-grid"))
+    expected = httpx.get(server_url + "/sample", params={"model": "vae_rgb", "n": 4, "seed": 11, "temperature": "1"},
+                         timeout=60).content
+    assert Image.open(io.BytesIO(expected)).mode == "RGB"
+    assert np.array_equal(shown, png_pixels(expected))
+    assert (shown[..., 0] != shown[..., 1]).any() or (shown[..., 1] != shown[..., 2]).any()  # not all grey
+
+    def pressed() -> list[str]:
+        return [b.get_attribute("data-file") for b in page.find_elements(By.CSS_SELECTOR, '#interpolate .bundled [aria-pressed="true"]')]
+
+    interp = page.find_element(By.ID, "interp-form")
+    Select(interp.find_element(By.NAME, "model")).select_by_value("vae_rgb")
+    wait_for(page, lambda d: pressed() == ["car.png", "horse.png"], "the colour ends")
+    fill(interp.find_element(By.NAME, "steps"), "3")
+    interp.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    assert settled(page, "#interpolate")[0].get_attribute("data-state") == "done"
+    files = {end: (f"{name}.png", (STATIC_DIR / "samples" / f"{name}.png").read_bytes(), "image/png")
+             for end, name in (("a", "car"), ("b", "horse"))}
+    expected = httpx.post(server_url + "/interpolate", params={"model": "vae_rgb", "steps": 3, "method": "slerp"},
+                          files=files, headers={"Accept": "application/json"}, timeout=60).json()["images"]
+    frames = page.find_elements(By.CSS_SELECTOR, "#interp-strip img")
+    assert len(frames) == 3
+    assert all(np.array_equal(image_pixels(page, f), png_pixels(base64.b64decode(s))) for f, s in zip(frames, expected))
+
+    # a user's pick stays when the model changes; the other end follows the model
+    page.find_element(By.CSS_SELECTOR, '#interp-a .bundled button[data-file="cat.png"]').click()
+    wait_for(page, lambda d: pressed() == ["cat.png", "horse.png"], "the picked end")
+    Select(interp.find_element(By.NAME, "model")).select_by_value("vae")
+    wait_for(page, lambda d: pressed() == ["cat.png", "trouser.png"], "a grey end for the grey model")

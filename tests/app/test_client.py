@@ -24,12 +24,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
 import app.client as client_module
 from app.client import (MAX_RETRIES, MIN_RETRY_WAIT_S, APIError, AsyncClient, Client, Sample, UnexpectedResponse,
-                        array_to_image, grid, main, retry_after_s, to_array)
+                        array_to_image, grid, main, retry_after_s, to_array, to_tensor)
 from app.main import create_app
 
 from .conftest import CLASS_NAMES, CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, grid_size, image_bytes, live_server, make_settings, png_array
@@ -114,6 +115,33 @@ def test_sample_with_a_seed_is_the_servers_bytes_decoded(api, server_url):
     assert grid(s.images).size == grid_size(5, nrow=3)
     other = api.sample("vae", n=5, seed=8, temperature=0.8)
     assert not np.array_equal(to_array(other.images), to_array(s.images))
+
+
+def test_to_tensor_gives_the_models_layout_in_0_1(api):
+    grey, rgb = api.sample("vae", n=3, seed=5), api.sample("vae_rgb", n=2, seed=5)
+    x, y = to_tensor(grey.images), to_tensor(rgb.images)
+    assert (x.dtype, tuple(x.shape), tuple(y.shape)) == (torch.float32, (3, 1, 8, 8), (2, 3, 8, 8))
+    assert torch.equal(x[:, 0] * 255, torch.from_numpy(to_array(grey.images)).float())
+    assert torch.equal(y * 255, torch.from_numpy(to_array(rgb.images)).float().permute(0, 3, 1, 2))
+    assert 0 <= float(y.min()) and float(y.max()) <= 1
+
+
+def test_a_label_by_class_name_is_its_index_in_the_priors_class_names(api):
+    # conftest: gated (the default prior) records CLASS_NAMES; label 2 is "T-shirt/top"
+    by_name = api.sample("vqvae", n=3, seed=4, label="T-shirt/top")
+    by_index = api.sample("vqvae", n=3, seed=4, label=2)
+    other = api.sample("vqvae", n=3, seed=4, label=0)
+    assert np.array_equal(to_array(by_name.images), to_array(by_index.images))
+    assert np.array_equal(to_array(api.sample("vqvae", n=3, seed=4, prior="gated", label="circle").images),
+                          to_array(other.images))
+    with pytest.raises(ValueError, match=r"'boot' is not a class of prior 'gated' of 'vqvae'; its classes: 'circle', "):
+        api.sample("vqvae", seed=1, label="boot")
+    with pytest.raises(ValueError, match=r"'vae' is a VAE"):
+        api.sample("vae", seed=1, label="circle")
+    with pytest.raises(ValueError, match=r"prior 'pixelcnnpp' .*; its classes: none recorded"):
+        api.sample("vqvae", seed=1, prior="pixelcnnpp", label="circle")
+    with pytest.raises(ValueError, match=r"prior 'nope' is not served for 'vqvae'"):
+        api.sample("vqvae", seed=1, prior="nope", label="circle")
 
 
 def test_sample_without_a_seed_returns_the_seed_that_reproduces_it(api):
@@ -234,6 +262,8 @@ async def test_async_client_has_the_same_methods_and_answers(weights_dir, server
             assert len(decoded) == 2
             strip = await c.interpolate("vqvae", pngs[0], pngs[1], steps=4, method="lerp")
             assert len(strip) == 4 and all(img.size == (8, 8) for img in strip)
+            by_name = await c.sample("vqvae", n=2, seed=3, label="square")
+            assert np.array_equal(to_array(by_name.images), to_array((await c.sample("vqvae", n=2, seed=3, label=1)).images))
             with pytest.raises(APIError) as info:
                 await c.sample("vqvae", prior="nope", seed=1)
             assert info.value.status_code == 404 and "prior 'nope' is not available" in info.value.detail
@@ -433,6 +463,18 @@ def test_cli_sample_writes_the_servers_grid(server_url, tmp_path, capsys):
     assert [f.name for f in files] == ["sample_000.png", "sample_001.png"]
     expected = server_images(server_url, "/sample", model="vqvae", n=2, seed=3, prior="gated", label=1, temperature=0.5)
     assert all(np.array_equal(png_array(f.read_bytes()), e) for f, e in zip(files, expected))
+
+
+def test_cli_label_takes_a_class_name_or_an_index(server_url, tmp_path, capsys):
+    url = ["--url", server_url]
+    for label in ("square", "1"):
+        assert main([*url, "sample", "--model", "vqvae", "-n", "2", "--seed", "9", "--label", label,
+                     "-o", str(tmp_path / f"{label}.png")]) == 0
+    assert (tmp_path / "square.png").read_bytes() == (tmp_path / "1.png").read_bytes()
+    capsys.readouterr()
+    assert main([*url, "sample", "--model", "vqvae", "--label", "Ankle boot", "-o", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err.startswith(
+        "genserve: error: 'Ankle boot' is not a class of prior 'gated' of 'vqvae'; its classes: 'circle', 'square'")
 
 
 def test_cli_reconstruct_encode_decode_interpolate(server_url, tmp_path, pngs, capsys):
