@@ -248,6 +248,7 @@ class Registry:
                         "model": p.info.name,
                         "test_bits_per_code": p.bits_per_code,
                         "test_bits_per_dim": p.info.metrics.get("test_bits_per_dim"),
+                        "test_marginal_bits_per_dim": p.info.metrics.get("test_marginal_bits_per_dim"),
                         "num_classes": p.num_classes,
                         "default": p is default,
                         "dataset": p.info.dataset,

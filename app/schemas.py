@@ -39,6 +39,10 @@ class PriorInfo(BaseModel):
     test_bits_per_dim: float | None = Field(
         None, description="test NLL bound of the images, -log p(x|z_q) - log P(z), with the VQ-VAE's likelihood"
     )
+    test_marginal_bits_per_dim: float | None = Field(
+        None, description="a class-conditional prior: the same bound with the label marginalised out over the training "
+        "classes' frequencies, a bound on -log p(x) (test_bits_per_dim is told each image's class: -log p(x|y))"
+    )
     num_classes: int = Field(description="0 = unconditional")
     default: bool = Field(description="the prior /sample uses when none is named: the lowest validation NLL (test where a file has none)")
     dataset: str

@@ -18,13 +18,21 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
     return Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)
 
 
+def _palette(image: Image.Image) -> Image.Image:
+    """A GIF frame: grey stays grey; colour gets its own 256-colour median-cut palette (the default
+    web palette would band and dither colour images badly)."""
+    if image.mode == "L":
+        return image.convert("P")
+    return image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+
+
 def save_frame(run_dir: str | Path, name: str, epoch: int, images: torch.Tensor, duration_ms: int = 400) -> Path:
     """Write frames/<name>_<epoch>.png and rebuild <name>.gif from every frame so far (resume-safe)."""
     run_dir = Path(run_dir)
     frames_dir = run_dir / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
     grid_image(images).save(frames_dir / f"{name}_{epoch:04d}.png")
-    frames = [Image.open(p).convert("P") for p in sorted(frames_dir.glob(f"{name}_*.png"))]
+    frames = [_palette(Image.open(p)) for p in sorted(frames_dir.glob(f"{name}_*.png"))]
     gif = run_dir / f"{name}.gif"
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
     return gif

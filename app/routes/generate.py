@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from app.schemas import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, DecodeReques
 router = APIRouter(tags=["generate"])
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_LABEL_CHARS = 100  # a class index or name; longer is a 422 before any parsing
 
 IMAGE_RESPONSES = {
     200: {
@@ -43,7 +45,11 @@ async def sample(
         float, Query(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="1e-3 is greedy for all purposes; 1 the model's own distribution")
     ] = 1.0,
     prior: Annotated[str | None, Query(description="VQ-VAE only: pixelcnn, gated or pixelcnnpp; default the best")] = None,
-    label: Annotated[int | None, Query(ge=0, description="class label, for a class-conditional prior only")] = None,
+    label: Annotated[str | None, Query(
+        max_length=MAX_LABEL_CHARS,
+        description="a class-conditional prior only: the class's index 0..num_classes-1 or its name from GET /models "
+                    "(class_names, any case), e.g. 3 or cat",
+    )] = None,
 ) -> Response:
     """n samples as one grid, ceil(sqrt(n)) per row. The seed is echoed in the X-Seed header.
 
@@ -87,24 +93,39 @@ def _choose_prior(entry: Entry, name: str | None) -> Prior:
     return entry.priors[name]
 
 
+def resolve_label(prior: Prior, label: str) -> int:
+    """`label` as sent: a class index ("3") or, where the prior's file names its classes, a class name
+    ("cat", any case). Anything else is a 422 that lists what would do."""
+    classes = prior.num_classes
+    if classes == 0:
+        raise HTTPException(422, f"prior {prior.api_name!r} is unconditional: omit 'label'")
+    text = label.strip()
+    if re.fullmatch(r"[+-]?[0-9]+", text):
+        index = int(text)
+        if not 0 <= index < classes:
+            raise HTTPException(422, f"label {index} is out of range for prior {prior.api_name!r}: use 0..{classes - 1}")
+        return index
+    names = [name.casefold() for name in prior.class_names]
+    if text.casefold() in names:
+        return names.index(text.casefold())
+    known = f" or a class name: {list(prior.class_names)}" if prior.class_names else " (its file names no classes)"
+    raise HTTPException(422, f"label {label!r} is not a class of prior {prior.api_name!r}: use 0..{classes - 1}{known}")
+
+
 def _prior_inputs(
-    prior: Prior, n: int, temperature: float, label: int | None, generator: torch.Generator
+    prior: Prior, n: int, temperature: float, label: str | None, generator: torch.Generator
 ) -> list[torch.Tensor]:
     classes = prior.num_classes
-    if label is not None:
-        if classes == 0:
-            raise HTTPException(422, f"prior {prior.api_name!r} is unconditional: omit 'label'")
-        if label >= classes:
-            raise HTTPException(422, f"label {label} is out of range for prior {prior.api_name!r}: use 0..{classes - 1}")
+    index = None if label is None else resolve_label(prior, label)
     h, w = prior.model.config.code_shape
     uniforms = torch.rand(n, h, w, generator=generator)  # (n, h, w) in [0, 1)
     temps = torch.full((n,), float(temperature))  # (n,)
     if classes == 0:
         return [uniforms, temps]
-    if label is None:
+    if index is None:
         labels = torch.randint(classes, (n,), generator=generator)
     else:
-        labels = torch.full((n,), label, dtype=torch.long)
+        labels = torch.full((n,), index, dtype=torch.long)
     return [uniforms, temps, labels]
 
 

@@ -167,6 +167,9 @@ function bitsTable(model) {
     for (const p of model.priors ?? []) {
       if (typeof p.test_bits_per_dim !== "number") continue;
       row(p.num_classes ? `prior ${p.name}, class given: −log p(x | y)` : `prior ${p.name}: −log p(x)`, p.test_bits_per_dim);
+      if (p.num_classes && typeof p.test_marginal_bits_per_dim === "number") {
+        row(`prior ${p.name}, class marginalised: −log p(x)`, p.test_marginal_bits_per_dim);
+      }
     }
   }
   if (!rows.length) return null;

@@ -46,9 +46,11 @@ def tiny_vqvae() -> VQVAE:
 
 
 def save_prior(path: Path, prior: torch.nn.Module, vq: VQVAE, vq_name: str = "vqvae", bits: float = 3.0,
-               digest: str | None = None, class_names: tuple[str, ...] = (), bits_per_dim: float | None = None) -> None:
+               digest: str | None = None, class_names: tuple[str, ...] = (), bits_per_dim: float | None = None,
+               marginal_bits_per_dim: float | None = None) -> None:
     extra = {"vqvae": vq_name, "codebook_sha256": digest or vq.codebook_digest()}
-    metrics = {"test_bits_per_code": bits, **({"test_bits_per_dim": bits_per_dim} if bits_per_dim is not None else {})}
+    metrics = {"test_bits_per_code": bits, **({"test_bits_per_dim": bits_per_dim} if bits_per_dim is not None else {}),
+               **({"test_marginal_bits_per_dim": marginal_bits_per_dim} if marginal_bits_per_dim is not None else {})}
     save_model(path, prior.eval(), name=path.stem, dataset="unit-test", command="pytest",
                metrics=metrics, extra=extra, image_shape=vq.image_shape, class_names=class_names)
 
@@ -70,7 +72,7 @@ def write_weights(d: Path) -> Path:
                class_names=CLASS_NAMES)
     save_prior(d / "gated.safetensors",
                GatedPixelCNN(GatedPixelCNNConfig(**common, n_layers=2, first_kernel_size=3, num_classes=NUM_CLASSES)),
-               vq, bits=2.0, class_names=CLASS_NAMES, bits_per_dim=3.25)
+               vq, bits=2.0, class_names=CLASS_NAMES, bits_per_dim=3.25, marginal_bits_per_dim=3.4)
     save_prior(d / "pixelcnnpp.safetensors", PixelCNNpp(PixelCNNppConfig(**common, n_layers=1, n_scales=1)), vq, bits=2.5,
                bits_per_dim=3.5)
     return d

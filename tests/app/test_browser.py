@@ -281,6 +281,7 @@ def test_each_card_shows_its_bits_per_dim_table(page) -> None:
     assert table("vae_rgb") == [["IWAE-10: −log p(x)", "5.25", "698.7"]]
     # the prior's bound is told each image's class: named as a bound on -log p(x | y), not -log p(x)
     assert table("vqvae") == [["prior gated, class given: −log p(x | y)", "3.25", "–"],
+                              ["prior gated, class marginalised: −log p(x)", "3.4", "–"],
                               ["prior pixelcnnpp: −log p(x)", "3.5", "–"]]
     assert table("vae") == []
     vae = page.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vae"]')

@@ -64,6 +64,8 @@ async def test_models_lists_each_model_and_the_priors_of_the_vqvae(client):
         "gated": ("gated_pixelcnn", 2.0, 3),
         "pixelcnnpp": ("pixelcnnpp", 2.5, 0),
     }
+    assert {n: (p["test_bits_per_dim"], p["test_marginal_bits_per_dim"]) for n, p in priors.items()} == {
+        "pixelcnn": (None, None), "gated": (3.25, 3.4), "pixelcnnpp": (3.5, None)}
     assert vq["default_prior"] == "gated" and priors["gated"]["default"] and not priors["pixelcnn"]["default"]
     assert vq["rejected_priors"] == []
     assert (await client.get("/models/problems")).json() == []

@@ -57,6 +57,18 @@ async def test_labels_condition_the_gated_prior(client):
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (22, 22)
 
 
+async def test_a_label_is_its_index_or_its_class_name_in_any_case(client):
+    def params(label):
+        return dict(model="vqvae", n=4, seed=2, prior="gated", label=label)
+
+    by_index = await sample(client, **params(2))
+    for name in ("T-shirt/top", "t-shirt/TOP", " T-shirt/top ", "+2"):
+        r = await sample(client, **params(name))
+        assert r.status_code == 200 and r.content == by_index.content, name
+    assert (await sample(client, **params("circle"))).content == (await sample(client, **params(0))).content
+    assert (await sample(client, **params(0))).content != by_index.content  # the label reaches the prior
+
+
 async def test_accept_json_gives_one_base64_png_per_image(client):
     r = await client.get("/sample", params={"model": "vae", "n": 3, "seed": 5}, headers={"Accept": "application/json"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
@@ -86,7 +98,10 @@ async def test_accept_json_gives_one_base64_png_per_image(client):
         ({"model": "vae", "n": "many"}, "valid integer"),
         ({"model": "vae", "prior": "gated"}, "is a VAE"),
         ({"model": "vqvae", "prior": "gated", "label": 3}, "label 3 is out of range for prior 'gated': use 0..2"),
-        ({"model": "vqvae", "prior": "gated", "label": -1}, "greater than or equal to 0"),
+        ({"model": "vqvae", "prior": "gated", "label": -1}, "label -1 is out of range for prior 'gated': use 0..2"),
+        ({"model": "vqvae", "prior": "gated", "label": "dog"},
+         "label 'dog' is not a class of prior 'gated': use 0..2 or a class name: ['circle', 'square', 'T-shirt/top']"),
+        ({"model": "vqvae", "prior": "gated", "label": "x" * 101}, "at most 100 characters"),
         ({"model": "vqvae", "prior": "pixelcnn", "label": 0}, "prior 'pixelcnn' is unconditional: omit 'label'"),
     ],
 )
