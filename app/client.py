@@ -23,8 +23,8 @@ PNG; floats become round(255 x)). The server converts them to the model's size a
 array, `to_tensor` into one float torch tensor (B, C, H, W) in [0, 1]; `grid` lays them out as the
 server's PNG grid does.
 
-Labels: `sample(label=...)` takes a class index, or a class name, looked up (one GET /models) in the
-`class_names` of the prior that will sample: the one named, else the model's default.
+Labels: `sample(label=...)` takes a class index, or a class name (any case) that the server looks up
+in the `class_names` of the prior that will sample: the one named, else the model's default.
 
 Errors: every answer that is not 2xx raises `APIError(status_code, detail, request_id)`; a 2xx answer
 that is not what this API sends (another server at the URL, a proxy's page) raises
@@ -266,26 +266,12 @@ def _models_call() -> _Call:
     return _Call("GET", "/models", idempotent=True)
 
 
-def _sample_call(model: str, n: int, seed: int | None, temperature: float, prior: str | None, label: int | None) -> _Call:
+def _sample_call(
+    model: str, n: int, seed: int | None, temperature: float, prior: str | None, label: int | str | None
+) -> _Call:
     params = {"model": model, "n": n, "seed": seed, "temperature": temperature, "prior": prior, "label": label}
     params = {k: v for k, v in params.items() if v is not None}
     return _Call("GET", "/sample", idempotent=seed is not None, params=params, headers=JSON_IMAGES)
-
-
-def label_index(entries: Sequence[ModelEntry], model: str, prior: str | None, label: str) -> int:
-    """The index of class `label` in the class_names of the prior that samples `model` (`prior`, else the
-    default). ValueError, naming the classes there are, when there is no such class."""
-    entry = next((e for e in entries if e.name == model), None)
-    if entry is None or entry.kind != "vqvae":
-        what = "not served" if entry is None else "a VAE"
-        raise ValueError(f"label {label!r} by name needs a VQ-VAE with a class-conditional prior; {model!r} is {what}")
-    chosen = next((p for p in entry.priors or [] if (p.name == prior if prior else p.default)), None)
-    if chosen is None:
-        raise ValueError(f"prior {prior or 'default'!r} is not served for {model!r}, so label {label!r} names no class")
-    if label not in chosen.class_names:
-        known = ", ".join(map(repr, chosen.class_names)) if chosen.class_names else "none recorded: pass the index"
-        raise ValueError(f"{label!r} is not a class of prior {chosen.name!r} of {model!r}; its classes: {known}")
-    return chosen.class_names.index(label)
 
 
 def _files_call(path: str, model: str, images: Iterable[ImageInput], params: dict[str, Any] | None = None,
@@ -437,8 +423,6 @@ class Client:
                prior: str | None = None, label: int | str | None = None) -> Sample:
         """GET /sample: n images; `.seed` reproduces them (the server's when none was given). `label`: a
         class index, or a class name of the sampling prior (module docstring)."""
-        if isinstance(label, str):
-            label = label_index(self.models(), model, prior, label)
         return self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
     def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
@@ -502,8 +486,6 @@ class AsyncClient:
 
     async def sample(self, model: str, n: int = 16, seed: int | None = None, temperature: float = 1.0,
                      prior: str | None = None, label: int | str | None = None) -> Sample:
-        if isinstance(label, str):
-            label = label_index(await self.models(), model, prior, label)
         return await self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
     async def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:

@@ -15,11 +15,11 @@ VQ="$OUT/vqvae_cifar10.safetensors"
 case "${1:?lane: vq, priors, vae or tutorial}" in
   vq)
     t vqvae --hidden-channels 128 --res-channels 64 --codebook-size 512 --embedding-dim 64 --likelihood logistic \
-      --epochs 10 --lr 5e-4 --name vqvae_cifar10 --out "$VQ" --run-dir runs/vqvae_cifar10
+      --mean-mse-weight 10 --epochs 9 --lr 5e-4 --name vqvae_cifar10 --out "$VQ" --run-dir runs/vqvae_cifar10
     ;;
   vae)
-    t vae --arch conv --conv-channels 64 128 --latent-dim 128 --fc-dim 512 --likelihood logistic \
-      --epochs 10 --name vae_cifar10 --out "$OUT/vae_cifar10.safetensors" --run-dir runs/vae_cifar10
+    t vae --arch conv --conv-channels 64 128 --latent-dim 128 --fc-dim 256 --likelihood logistic \
+      --mean-mse-weight 10 --epochs 8 --iwae-k 50 --name vae_cifar10 --out "$OUT/vae_cifar10.safetensors" --run-dir runs/vae_cifar10
     ;;
   *) echo "lane must be vq, priors, vae or tutorial" >&2; exit 2 ;;
 esac

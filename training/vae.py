@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-mixtures", type=int, default=5, help="logistic: mixture components per pixel")
     p.add_argument(
+        "--mean-mse-weight", type=float, default=0.0,
+        help="logistic: add this times the squared error of the mixture's mean image (per subpixel) to the "
+             "objective, so the decoder learns its means early (colour data); the bounds stay the model's",
+    )
+    p.add_argument(
         "--no-latent", action="store_true",
         help="the context-only baseline: the decoder is fed z = 0 (use with --decoder autoregressive)",
     )
@@ -62,6 +67,7 @@ def run(
         hidden_dims=tuple(args.hidden_dims), channels=tuple(args.conv_channels), fc_dim=args.fc_dim,
         decoder=args.decoder, ar_channels=args.ar_channels, ar_kernel=args.ar_kernel, ar_layers=args.ar_layers,
         likelihood=args.likelihood, num_mixtures=args.num_mixtures, use_latent=not args.no_latent,
+        mean_mse_weight=args.mean_mse_weight,
     )
     model = VAE(config).to(device)
     fixed_x, _ = val.batch(torch.arange(min(GRID, len(val))), device)

@@ -134,14 +134,20 @@ def test_a_label_by_class_name_is_its_index_in_the_priors_class_names(api):
     assert np.array_equal(to_array(by_name.images), to_array(by_index.images))
     assert np.array_equal(to_array(api.sample("vqvae", n=3, seed=4, prior="gated", label="circle").images),
                           to_array(other.images))
-    with pytest.raises(ValueError, match=r"'boot' is not a class of prior 'gated' of 'vqvae'; its classes: 'circle', "):
-        api.sample("vqvae", seed=1, label="boot")
-    with pytest.raises(ValueError, match=r"'vae' is a VAE"):
+    # the server resolves names (any case) and answers what does not name a class with a 422 naming them
+    assert np.array_equal(to_array(api.sample("vqvae", n=3, seed=4, label="t-shirt/TOP").images), to_array(by_index.images))
+    errors = {
+        ("gated", "boot"): (422, "label 'boot' is not a class of prior 'gated': use 0..2 or a class name: "
+                                 "['circle', 'square', 'T-shirt/top']"),
+        ("pixelcnnpp", "circle"): (422, "prior 'pixelcnnpp' is unconditional: omit 'label'"),
+    }
+    for (prior, label), (status, detail) in errors.items():
+        with pytest.raises(APIError) as info:
+            api.sample("vqvae", seed=1, prior=prior, label=label)
+        assert (info.value.status_code, info.value.detail) == (status, detail)
+    with pytest.raises(APIError) as info:
         api.sample("vae", seed=1, label="circle")
-    with pytest.raises(ValueError, match=r"prior 'pixelcnnpp' .*; its classes: none recorded"):
-        api.sample("vqvae", seed=1, prior="pixelcnnpp", label="circle")
-    with pytest.raises(ValueError, match=r"prior 'nope' is not served for 'vqvae'"):
-        api.sample("vqvae", seed=1, prior="nope", label="circle")
+    assert info.value.detail == "model 'vae' is a VAE: 'prior' and 'label' apply to VQ-VAE priors only"
 
 
 def test_sample_without_a_seed_returns_the_seed_that_reproduces_it(api):
@@ -474,7 +480,7 @@ def test_cli_label_takes_a_class_name_or_an_index(server_url, tmp_path, capsys):
     capsys.readouterr()
     assert main([*url, "sample", "--model", "vqvae", "--label", "Ankle boot", "-o", str(tmp_path / "x.png")]) == 1
     assert capsys.readouterr().err.startswith(
-        "genserve: error: 'Ankle boot' is not a class of prior 'gated' of 'vqvae'; its classes: 'circle', 'square'")
+        "genserve: error 422: label 'Ankle boot' is not a class of prior 'gated': use 0..2 or a class name: ['circle'")
 
 
 def test_cli_reconstruct_encode_decode_interpolate(server_url, tmp_path, pngs, capsys):

@@ -428,3 +428,30 @@ def test_free_bits_changes_only_the_objective():
 def test_bad_decoder_config_names_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         VAEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("decoder", ["factorized", "autoregressive"])
+def test_mean_mse_weight_adds_the_mean_images_squared_error_per_image(decoder):
+    """objective(w) = objective(0) + w * (sum over subpixels of the squared error of the mixture's mean);
+    the reported -ELBO is the model's, whatever w."""
+    kw = dict(arch="conv", in_channels=3, image_size=8, latent_dim=4, channels=(4, 8), fc_dim=16, decoder=decoder,
+              ar_channels=4, ar_kernel=3, likelihood="logistic", num_mixtures=2)
+    torch.manual_seed(0)
+    plain = VAE(VAEConfig(**kw))
+    weighted = VAE(VAEConfig(**kw, mean_mse_weight=3.0))
+    weighted.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (2, 3, 8, 8)) / 255
+    obj0, t0 = plain.loss(x, torch.Generator().manual_seed(1))
+    obj1, t1 = weighted.loss(x, torch.Generator().manual_seed(1))
+    params, _, _ = plain(x, torch.Generator().manual_seed(1))
+    squared = F.mse_loss(plain.pixel_likelihood.mean(params), x)
+    torch.testing.assert_close(t1["loss"], t0["loss"])
+    torch.testing.assert_close(t1["mean_mse"], squared)
+    torch.testing.assert_close(obj1, obj0 + 3.0 * squared * x[0].numel())
+
+
+def test_mean_mse_weight_needs_the_logistic_likelihood():
+    with pytest.raises(ValueError, match="mean_mse_weight applies to likelihood='logistic' only"):
+        VAEConfig(mean_mse_weight=1.0)
+    with pytest.raises(ValueError, match="got -2.0"):
+        VAEConfig(likelihood="logistic", mean_mse_weight=-2.0)

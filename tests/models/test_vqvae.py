@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import dataclasses
 
 import pytest
@@ -394,3 +395,32 @@ def test_logistic_decoder_scores_8_bit_images_and_shows_its_mean():
         VQVAE(VQVAEConfig(hidden_channels=8, codebook_size=4, embedding_dim=2)).log_likelihood(params, x)
     with pytest.raises(ValueError, match="gaussian"):
         VQVAEConfig(likelihood="gaussian")
+
+
+def test_mean_mse_weight_adds_the_mean_images_squared_error_and_leaves_the_likelihood_alone():
+    """The auxiliary term of colour training: loss(w) = loss(0) + w * MSE(mixture mean, x); rec (the
+    nats) is the same, and its gradient reaches the red channel's mean through the coupled g and b."""
+    torch.manual_seed(0)
+    base = dataclasses.replace(TINY, in_channels=3, image_size=8, likelihood="logistic", num_mixtures=2)
+    plain = VQVAE(base).eval()
+    weighted = VQVAE(dataclasses.replace(base, mean_mse_weight=7.0)).eval()
+    weighted.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (3, 3, 8, 8)) / 255
+    loss0, t0 = plain.loss(x)
+    loss1, t1 = weighted.loss(x)
+    out, _, _ = plain(x)
+    mean_mse = F.mse_loss(plain.pixel_likelihood.mean(out), x)
+    torch.testing.assert_close(t1["rec"], t0["rec"])
+    torch.testing.assert_close(t1["mean_mse"], mean_mse)
+    torch.testing.assert_close(loss1, loss0 + 7.0 * mean_mse)
+    assert "mean_mse" not in t0
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(mean_mse_weight=-1.0), "mean_mse_weight must be a finite number >= 0, got -1.0"),
+    (dict(mean_mse_weight=float("nan")), "got nan"),
+    (dict(mean_mse_weight=1.0), "applies to likelihood='logistic' only"),
+])
+def test_mean_mse_weight_is_checked(kwargs, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        VQVAEConfig(**kwargs)
