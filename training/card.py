@@ -18,6 +18,9 @@ from training.visuals import grid_image
 
 PRIOR_KINDS = ("pixelcnn", "gated_pixelcnn", "pixelcnnpp")
 MARKER = "## Generated from the weight files"
+PER_CLASS = 8  # a class-conditional prior's samples per class (one row each) in the card's grid
+JPEG_NOTE = ("image folders (the shipped CIFAR-10 files were trained on a JPEG copy of about quality 75): their "
+             "bits/dim are of those images, not comparable with published CIFAR-10 numbers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,13 +46,20 @@ def _table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> list[str]:
 
 
 @torch.inference_mode()
-def _samples(model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn.Module], seed: int) -> torch.Tensor | None:
+def _samples(
+    model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn.Module], seed: int
+) -> tuple[torch.Tensor, int | None] | None:
+    """(images, images per row) of a file's sample grid, or None. A class-conditional prior's grid has
+    one row per class, PER_CLASS samples each, in label order."""
     g = torch.Generator().manual_seed(seed)
     if info.kind == "vae":
-        return model.sample(64, generator=g)
+        return model.sample(64, generator=g), None
     if info.kind in PRIOR_KINDS and info.extra.get("vqvae") in vqvaes:
-        labels = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
-        return vqvaes[info.extra["vqvae"]].decode_indices(model.sample(64, labels=labels, generator=g))
+        classes = model.config.num_classes
+        labels = torch.arange(classes).repeat_interleave(PER_CLASS) if classes else None  # (classes * PER_CLASS,)
+        n = classes * PER_CLASS if classes else 64
+        images = vqvaes[info.extra["vqvae"]].decode_indices(model.sample(n, labels=labels, generator=g))
+        return images, (PER_CLASS if classes else None)
     return None
 
 
@@ -66,17 +76,18 @@ def _describe(model: torch.nn.Module, info: ModelInfo) -> str:
 def likelihood_table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> list[str]:
     """One row per likelihood a file reports: test NLL (an upper bound) in bits/dim and nats per image.
     Files whose numbers are grey-pixel BCE get a row that says so, with no bits/dim."""
-    lines = ["| file | model | upper bound, test split | bits/dim | nats/image | test images |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| file | model | data | upper bound, test split | bits/dim | nats/image | test images |",
+             "|---|---|---|---|---|---|---|"]
     for path, model, info in models:
         m = info.metrics
         name, what = f"`{path.name}`", _describe(model, info)
+        data = info.dataset + (" (*)" if "image folder" in info.dataset else "")
         images = m.get("iwae_images", m.get("test_images", ""))
         rows = []
         if info.kind == "vae" and "test_bits_per_dim" in m:
             rows.append((f"IWAE-{m.get('iwae_k')}", m["test_bits_per_dim"], m["test_nll_nats"]))
         elif info.kind == "vae" and "test_iwae_grey_bce" in m:
-            lines.append(f"| {name} | {what} | IWAE-{m.get('iwae_k')} grey-pixel BCE {m['test_iwae_grey_bce']:.2f} nats: "
+            lines.append(f"| {name} | {what} | {data} | IWAE-{m.get('iwae_k')} grey-pixel BCE {m['test_iwae_grey_bce']:.2f} nats: "
                          f"the tutorial's loss, not a likelihood of 8-bit images | - | - | {images} |")
         elif info.kind == "vqvae" and "test_uniform_prior_bits_per_dim" in m:
             rows.append(("-log p(x given z_q) + uniform prior (log K per code)",
@@ -91,7 +102,7 @@ def likelihood_table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> l
             else:
                 rows.append(("-log p(x given z_q) - log P(z), unconditional prior", m["test_bits_per_dim"], m["test_nll_nats"]))
         for bound, bits, nats in rows:
-            lines.append(f"| {name} | {what} | {bound} | {bits:.4f} | {nats:.2f} | {images} |")
+            lines.append(f"| {name} | {what} | {data} | {bound} | {bits:.4f} | {nats:.2f} | {images} |")
     return lines if len(lines) > 2 else []
 
 
@@ -114,6 +125,8 @@ def run(args: argparse.Namespace) -> Path:
                   "set; lower is better. Each is an upper bound on -log p(x) of the 8-bit images, except the rows "
                   "marked as bounds on -log p(x given y), which are told each image's class.", "",
                   *table, ""]
+        if any("image folder" in info.dataset for _, _, info in models):
+            lines += [f"(*) {JPEG_NOTE}.", ""]
     for title, kinds in (("VAE", ("vae",)), ("VQ-VAE", ("vqvae",)), ("Priors over the VQ-VAE codes", PRIOR_KINDS)):
         group = [m for m in models if m[2].kind in kinds]
         if not group:
@@ -127,11 +140,18 @@ def run(args: argparse.Namespace) -> Path:
                 lines.append(f"  extra: `{json.dumps(info.extra)}`")
         lines.append("")
         for path, model, info in group:
-            images = _samples(model, info, vqvaes, args.seed)
-            if images is not None:
+            drawn = _samples(model, info, vqvaes, args.seed)
+            if drawn is not None:
+                images, nrow = drawn
                 png = folder / "samples" / f"{path.stem}.png"
-                grid_image(images).save(png)
-                lines += [f"`{path.stem}` samples:", "", f"![{path.stem} samples](samples/{png.name})", ""]
+                grid_image(images, nrow=nrow).save(png)
+                rows = f" (rows: {', '.join(info.class_names)})" if nrow and info.class_names else ""
+                lines += [f"`{path.stem}` samples{rows}:", "", f"![{path.stem} samples](samples/{png.name})", ""]
+            gifs = sorted((folder / "samples").glob(f"{path.stem}__*.gif"))
+            if gifs:  # the training run's per-epoch frames, copied from its run directory
+                lines += [f"`{path.stem}` during training, one frame per epoch (fixed inputs and fixed noise):", "",
+                          " ".join(f"![{g.stem.split('__', 1)[1]}](samples/{g.name})" for g in gifs),
+                          "", "; ".join(f"{g.stem.split('__', 1)[1]}" for g in gifs) + " (left to right)", ""]
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
     return out

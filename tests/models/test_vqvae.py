@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import dataclasses
+
+import re
 
 import pytest
 import torch

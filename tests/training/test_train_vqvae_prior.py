@@ -83,9 +83,20 @@ def test_model_card_is_generated_from_the_files(vqvae_file, fashion_root, tmp_pa
     assert main(["prior", "--vqvae", str(weights / "vqvae.safetensors"), "--arch", "gated", "--data-root", str(fashion_root),
                  "--epochs", "1", "--hidden-channels", "8", "--n-layers", "2", "--out", str(weights / "vqvae_gated.safetensors"),
                  "--name", "vqvae_gated", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    (weights / "samples").mkdir()
+    gif = tmp_path / "run" / "samples.gif"
+    (weights / "samples" / "vqvae_gated__samples.gif").write_bytes(gif.read_bytes())  # as copied from the run
     assert main(["card", "--weights", str(weights)]) == 0
     card = (weights / "README.md").read_text()
     _, info = load_model(weights / "vqvae_gated.safetensors")
+    # the class-conditional prior's grid: one row of 8 per class, in label order, the rows named
+    from PIL import Image
+
+    assert len(info.class_names) == 10 and f"samples (rows: {', '.join(info.class_names)})" in card
+    with Image.open(weights / "samples" / "vqvae_gated.png") as grid:
+        assert grid.size == (8 * 30 + 2, 10 * 30 + 2)
+    assert "![samples](samples/vqvae_gated__samples.gif)" in card
+    assert "(*)" not in card  # the JPEG note is for image folders only
     assert f"{info.metrics['test_bits_per_code']:.4g}" in card and "python -m training prior" in card
     table = card.split("every model in one table")[1].split("###")[0]  # the one bits/dim table
     assert f"| {info.metrics['test_bits_per_dim']:.4f} | {info.metrics['test_nll_nats']:.2f} | 64 |" in table
