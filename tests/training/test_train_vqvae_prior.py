@@ -62,6 +62,16 @@ def test_prior_two_epochs_beat_uniform_and_record_its_vqvae(vqvae_file, fashion_
     rec = load_model(vqvae_file)[1].metrics["test_rec_bits_per_dim"]
     assert m["test_bits_per_dim"] == pytest.approx(rec + m["test_bits_per_code"] * 49 / 784, rel=1e-5)
     assert m["test_marginal_bits_per_dim"] == pytest.approx(rec + m["test_marginal_bits_per_code"] * 49 / 784, rel=1e-5)
+    # and they are what the one metric computes directly, with the label given and marginalised out
+    from training.data import load_dataset
+    from training.evaluate import nll_bound
+
+    test = load_dataset("fashion-mnist", "test", root=fashion_root)
+    train, _ = load_dataset("fashion-mnist", "train", root=fashion_root).split_last(25)  # the run's default split
+    freqs = torch.bincount(train.labels, minlength=10)
+    assert m["test_bits_per_dim"] == pytest.approx(nll_bound(vqvae, test, prior=prior)["bits_per_dim"], rel=1e-6)
+    assert m["test_marginal_bits_per_dim"] == pytest.approx(
+        nll_bound(vqvae, test, prior=prior, label_freqs=freqs)["bits_per_dim"], rel=1e-6)
     with Image.open(tmp_path / f"run-{arch}/samples.gif") as im:
         assert im.n_frames == 2
 
