@@ -36,3 +36,23 @@ def save_frame(run_dir: str | Path, name: str, epoch: int, images: torch.Tensor,
     gif = run_dir / f"{name}.gif"
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
     return gif
+
+
+def small_gif(
+    run_dir: str | Path, name: str, out: str | Path, rows: int = 1, per_row: int = 8, duration_ms: int = 400
+) -> Path:
+    """A shipped copy of a run's <name> GIF: the top `rows` rows of every frame of frames/<name>_*.png
+    (grid_image grids, `per_row` cells a row with 2-pixel padding), so the first images of the fixed grid."""
+    frames_dir = Path(run_dir) / "frames"
+    paths = sorted(frames_dir.glob(f"{name}_*.png"))
+    if not paths:
+        raise FileNotFoundError(f"no frames {frames_dir}/{name}_*.png")
+    frames = []
+    for p in paths:
+        with Image.open(p) as frame:
+            cell = (frame.width - 2) // per_row  # a cell and its padding
+            frames.append(_palette(frame.crop((0, 0, frame.width, rows * cell + 2))))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return out

@@ -1,0 +1,31 @@
+"""The per-epoch pictures: frames, GIFs (grey and colour) and the small copies shipped in weights/samples."""
+
+import torch
+from PIL import Image
+
+from training.visuals import grid_image, save_frame, small_gif
+
+
+def test_colour_gif_frames_keep_their_colours(tmp_path):
+    """Colour frames get their own palette: a few flat colours come back exactly (the web palette
+    the default conversion uses would dither them)."""
+    colours = torch.tensor([[0.9, 0.1, 0.2], [0.2, 0.6, 0.95], [0.5, 0.5, 0.1], [1.0, 1.0, 1.0]])
+    images = colours[:, :, None, None].expand(4, 3, 8, 8)  # (4, 3, 8, 8), one flat colour each
+    gif = save_frame(tmp_path, "x", 1, images)
+    save_frame(tmp_path, "x", 2, images.flip(0))
+    with Image.open(gif) as im:
+        assert im.n_frames == 2
+        im.seek(0)
+        got = im.convert("RGB")
+    assert got.tobytes() == grid_image(images).tobytes()
+
+
+def test_small_gif_keeps_the_top_rows_of_every_frame(tmp_path):
+    torch.manual_seed(0)
+    for epoch in (1, 2, 3):
+        save_frame(tmp_path, "samples", epoch, torch.rand(64, 3, 32, 32))
+    out = small_gif(tmp_path, "samples", tmp_path / "ship" / "m__samples.gif", rows=1)
+    with Image.open(out) as im:
+        assert im.n_frames == 3 and im.size == (8 * 34 + 2, 34 + 2)
+    with Image.open(tmp_path / "frames" / "samples_0001.png") as first:
+        assert first.size == (8 * 34 + 2, 8 * 34 + 2)
