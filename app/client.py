@@ -543,7 +543,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, help="same seed, same images; random if absent (then not retried)")
     sample.add_argument("--temperature", type=float, default=1.0, help="in [0.001, 10]; 1 is the model's own (default)")
     sample.add_argument("--prior", help="VQ-VAE only: pixelcnn, gated or pixelcnnpp (default: the best loaded)")
-    sample.add_argument("--label", type=_label,
+    sample.add_argument("--label",
                         help="for a class-conditional prior only: a class index, or a class name as `genserve models "
                         "--json` lists it in the prior's class_names (quote names with spaces)")
     output(sample)
@@ -644,11 +644,6 @@ def _run(client: Client, args: argparse.Namespace) -> str:
         images = client.interpolate(args.model, _path(args.a), _path(args.b), steps=args.steps, method=args.method)
         return _write(images, args, nrow=len(images))
     raise AssertionError(args.command)
-
-
-def _label(text: str) -> int | str:
-    """--label: digits are a class index, anything else a class name."""
-    return int(text) if re.fullmatch(r"[0-9]+", text) else text
 
 
 def _path(name: str) -> Path:

@@ -299,7 +299,7 @@ class DiscretizedLogisticMixture:
             levels.append(quantise(mu[:, 2] + beta * r + gamma * g + scale[:, 2] * noise[:, 2]))
         return torch.stack(levels, dim=1) / MAX_LEVEL  # (B, C, H, W), k / 255 as the data loader makes them
 
-    def mean(self, params: torch.Tensor) -> torch.Tensor:
+    def mean(self, params: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """A point estimate of the image (B, C, H, W) in [0, 1], not on the 256-level grid.
 
         Exactly: the expectation of the *continuous* mixture before discretisation, with the
@@ -309,6 +309,7 @@ class DiscretizedLogisticMixture:
         [0, 1]. It ignores the rounding to levels and the tail mass folded into levels 0 and 255,
         so it differs from the mean of the discrete distribution near the edges and when the
         scales are below a bin width, and is close to it (well under a level) otherwise.
+        `clamp=False` leaves it unclamped (a training loss on it keeps its gradient outside [0, 1]).
         """
         logits, means, _, coeffs = self.split(params)
         if coeffs is not None:
@@ -318,7 +319,8 @@ class DiscretizedLogisticMixture:
             means = torch.stack([means[:, 0], mean_g, mean_b], dim=1)  # (B, C, K, H, W)
         weights = torch.softmax(logits, dim=1).unsqueeze(1)  # (B, 1, K, H, W)
         expected = (weights * means).sum(dim=2)  # (B, C, H, W) on [-1, 1]
-        return ((expected + 1.0) / 2.0).clamp(0.0, 1.0)
+        image = (expected + 1.0) / 2.0  # (B, C, H, W)
+        return image.clamp(0.0, 1.0) if clamp else image
 
 
 def temperature_map(temperature: float | torch.Tensor, batch: int, like: torch.Tensor) -> float | torch.Tensor:

@@ -71,7 +71,8 @@ class VAEConfig:
         if not (self.mean_mse_weight >= 0 and math.isfinite(self.mean_mse_weight)):
             raise ValueError(f"mean_mse_weight must be a finite number >= 0, got {self.mean_mse_weight}")
         if self.mean_mse_weight and self.likelihood != "logistic":
-            raise ValueError("mean_mse_weight applies to likelihood='logistic' only")
+            raise ValueError(f"mean_mse_weight applies to likelihood='logistic' only, got mean_mse_weight="
+                             f"{self.mean_mse_weight} with likelihood={self.likelihood!r}")
         if self.arch not in ("mlp", "conv"):
             raise ValueError(f"arch must be 'mlp' or 'conv', got {self.arch!r}")
         if self.in_channels not in (1, 3):
@@ -382,8 +383,10 @@ class VAE(nn.Module):
         With `free_bits` = lambda > 0 the objective is the free-bits bound of Kingma et al. 2016
         (arXiv 1606.04934, eq. 15): each latent dimension's batch-mean KL counts as at least lambda
         nats, so the optimiser gains nothing by pushing a dimension below lambda. That keeps an
-        autoregressive decoder from leaving z unused. The returned stats are always the true
-        negative ELBO and its terms; only the tensor to differentiate changes.
+        autoregressive decoder from leaving z unused. With `mean_mse_weight` w > 0 the tensor to
+        differentiate adds w x the squared error of the mixture's (unclamped) mean image, summed over
+        the subpixels ("mean_mse" in the stats is its per-subpixel mean). The returned stats are
+        always the true negative ELBO and its terms; only the tensor to differentiate changes.
         """
         if free_bits < 0:
             raise ValueError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits}")
@@ -397,7 +400,7 @@ class VAE(nn.Module):
             objective = rec.mean() + kl_dims.mean(0).clamp(min=free_bits).sum()
         stats = {"loss": neg_elbo.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
         if self.config.mean_mse_weight:  # per subpixel, summed over the image as the nats are
-            mean_mse = F.mse_loss(self.pixel_likelihood.mean(params), x)
+            mean_mse = F.mse_loss(self.pixel_likelihood.mean(params, clamp=False), x)
             objective = objective + self.config.mean_mse_weight * mean_mse * x[0].numel()
             stats["mean_mse"] = mean_mse.detach()
         return objective, stats

@@ -86,7 +86,8 @@ class VQVAEConfig:
         if not (self.mean_mse_weight >= 0 and math.isfinite(self.mean_mse_weight)):
             raise ValueError(f"mean_mse_weight must be a finite number >= 0, got {self.mean_mse_weight}")
         if self.mean_mse_weight and self.likelihood != "logistic":
-            raise ValueError("mean_mse_weight applies to likelihood='logistic' only (the MSE loss is already one)")
+            raise ValueError(f"mean_mse_weight applies to likelihood='logistic' only (the MSE loss is already one), got "
+                             f"mean_mse_weight={self.mean_mse_weight} with likelihood={self.likelihood!r}")
         if self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
         if self.beta < 0:
@@ -405,20 +406,22 @@ class VQVAE(nn.Module):
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Paper eq. 3: reconstruction + the quantiser's loss. The reconstruction term is the MSE
-        (a Gaussian decoder), or -log p(x | z_q) in nats per subpixel (the mixture)."""
+        (a Gaussian decoder), or -log p(x | z_q) in nats per subpixel (the mixture). With
+        `mean_mse_weight` w > 0 the tensor to differentiate adds w x the MSE of the mixture's
+        (unclamped) mean image; the stats' "loss" stays eq. 3 and "mean_mse" reports the extra term."""
         out, _, vq_loss = self(x)
         if self.pixel_likelihood is None:
             rec = F.mse_loss(out, x)
         else:
             rec = -self.log_likelihood(out, x).mean() / x[0].numel()
         loss = rec + vq_loss
-        extra = {}
+        objective, extra = loss, {}
         if self.config.mean_mse_weight:
-            mean_mse = F.mse_loss(self.pixel_likelihood.mean(out), x)
-            loss = loss + self.config.mean_mse_weight * mean_mse
+            mean_mse = F.mse_loss(self.pixel_likelihood.mean(out, clamp=False), x)
+            objective = loss + self.config.mean_mse_weight * mean_mse
             extra["mean_mse"] = mean_mse.detach()
         stats = self.quantizer.last_stats
-        return loss, {
+        return objective, {
             "loss": loss.detach(),
             "rec": rec.detach(),
             "vq": vq_loss.detach(),

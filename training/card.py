@@ -14,13 +14,20 @@ from pathlib import Path
 import torch
 
 from models.io import ModelInfo, load_model
+from training.data import DATASETS
 from training.visuals import grid_image
 
 PRIOR_KINDS = ("pixelcnn", "gated_pixelcnn", "pixelcnnpp")
 MARKER = "## Generated from the weight files"
 PER_CLASS = 8  # a class-conditional prior's samples per class (one row each) in the card's grid
-JPEG_NOTE = ("image folders (the shipped CIFAR-10 files were trained on a JPEG copy of about quality 75): their "
-             "bits/dim are of those images, not comparable with published CIFAR-10 numbers")
+FOLDER_NOTE = ("an image folder: bits/dim of those image files as stored. The shipped CIFAR-10 files were trained "
+               "and tested on a JPEG copy (about quality 75), so their bits/dim are not comparable with published "
+               "CIFAR-10 numbers")
+
+
+def from_folder(dataset: str) -> bool:
+    """A data set read from an image folder (training/data.py names them by the folder), not a reader's."""
+    return dataset not in DATASETS or dataset.endswith("(image folder)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +88,7 @@ def likelihood_table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> l
     for path, model, info in models:
         m = info.metrics
         name, what = f"`{path.name}`", _describe(model, info)
-        data = info.dataset + (" (*)" if "image folder" in info.dataset else "")
+        data = info.dataset + (" (*)" if from_folder(info.dataset) else "")
         images = m.get("iwae_images", m.get("test_images", ""))
         rows = []
         if info.kind == "vae" and "test_bits_per_dim" in m:
@@ -125,8 +132,8 @@ def run(args: argparse.Namespace) -> Path:
                   "set; lower is better. Each is an upper bound on -log p(x) of the 8-bit images, except the rows "
                   "marked as bounds on -log p(x given y), which are told each image's class.", "",
                   *table, ""]
-        if any("image folder" in info.dataset for _, _, info in models):
-            lines += [f"(*) {JPEG_NOTE}.", ""]
+        if any(from_folder(info.dataset) for _, _, info in models):
+            lines += [f"(*) {FOLDER_NOTE}.", ""]
     for title, kinds in (("VAE", ("vae",)), ("VQ-VAE", ("vqvae",)), ("Priors over the VQ-VAE codes", PRIOR_KINDS)):
         group = [m for m in models if m[2].kind in kinds]
         if not group:

@@ -16,7 +16,7 @@ VQ="$OUT/vqvae_cifar10.safetensors"
 case "${1:?lane: vq, vae, prior-a, prior-b or ship}" in
   vq)
     t vqvae --hidden-channels 128 --res-channels 64 --codebook-size 512 --embedding-dim 64 --likelihood logistic \
-      --mean-mse-weight 10 --epochs 9 --lr 5e-4 --name vqvae_cifar10 --out "$VQ" --run-dir runs/vqvae_cifar10
+      --mean-mse-weight 10 --epochs 7 --lr 5e-4 --name vqvae_cifar10 --out "$VQ" --run-dir runs/vqvae_cifar10
     ;;
   vae)
     t vae --arch conv --conv-channels 64 128 --latent-dim 128 --fc-dim 256 --likelihood logistic \

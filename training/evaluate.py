@@ -51,6 +51,7 @@ def nll_bound(
     k: int = 100,
     prior: torch.nn.Module | None = None,
     label_freqs: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
     batch_size: int = 50,
     chunk: int = 25,
     seed: int = 0,
@@ -65,7 +66,9 @@ def nll_bound(
       `label_freqs` (Y,) the label is marginalised out, P(z) = sum_y p(y) P(z|y), and the result
       bounds -log p(x); a class-conditional prior without them is given each image's label, and
       the result bounds -log p(x | y) instead (lower on average: it is told the class). Without a
-      prior, P is uniform over the K^(h w) grids (log K nats per code).
+      prior, P is uniform over the K^(h w) grids (log K nats per code). `codes` (N, h, w): the code
+      grids z* of `data` computed once elsewhere (the same z* must serve the decoder's and the prior's
+      terms of one bound); by default the encoder's, computed here.
     """
     if getattr(model.config, "likelihood", None) != "logistic":
         raise ValueError(
@@ -80,23 +83,37 @@ def nll_bound(
         if isinstance(model, VAE):
             total += -model.iwae_bound(x, k, chunk=chunk, generator=g).sum().item()
             continue
-        codes = model.encode_indices(x)  # (B, h, w)
-        nll = -model.log_likelihood(model.decode(model.quantizer.lookup(codes)), x).double()  # (B,)
+        z = model.encode_indices(x) if codes is None else codes[index].to(device)  # (B, h, w)
+        nll = -model.log_likelihood(model.decode(model.quantizer.lookup(z)), x).double()  # (B,)
         if prior is None:
-            nll = nll + codes[0].numel() * math.log(model.config.codebook_size)
+            nll = nll + z[0].numel() * math.log(model.config.codebook_size)
         elif label_freqs is not None:
-            log_py = (label_freqs.double() / label_freqs.sum()).log().to(device)  # (Y,)
-            per_label = torch.stack(
-                [prior.log_prob(codes, torch.full((len(index),), c, device=device)).double() for c in range(len(log_py))], 1
-            )  # (B, Y)
-            nll = nll - torch.logsumexp(per_label + log_py, 1)
+            nll = nll - marginal_log_prob(prior, z, label_freqs)
         else:
             labels = y if getattr(prior.config, "num_classes", 0) else None
-            nll = nll - prior.log_prob(codes, labels).double()
+            nll = nll - prior.log_prob(z, labels).double()
         total += nll.sum().item()
     nats = total / len(data)
     dims = data.images[0].numel()
     return {"nll_nats": nats, "bits_per_dim": float(bits_per_dim(torch.tensor(nats, dtype=torch.float64), dims))}
+
+
+def per_label_log_prob(prior: torch.nn.Module, codes: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """log P(z | y) of each grid under every label, float64 (B, Y): codes (B, h, w) on the prior's device."""
+    batch = torch.full((len(codes),), 0, dtype=torch.long, device=codes.device)  # (B,)
+    return torch.stack([prior.log_prob(codes, batch + y).double() for y in range(num_labels)], 1)  # (B, Y)
+
+
+def marginal_log_prob(
+    prior: torch.nn.Module, codes: torch.Tensor, label_freqs: torch.Tensor, per_label: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log P(z) = log sum_y p(y) P(z | y) in float64 (B,), p(y) = label_freqs / sum (Y,), a class-
+    conditional prior's label marginalised out (logsumexp). `per_label` (B, Y): per_label_log_prob's,
+    when already computed."""
+    log_py = (label_freqs.double() / label_freqs.sum()).log().to(codes.device)  # (Y,)
+    if per_label is None:
+        per_label = per_label_log_prob(prior, codes, len(log_py))
+    return torch.logsumexp(per_label + log_py, 1)  # (B,)
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelC
 from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
 from models.vqvae import VQVAE
 from training.data import ImageData
-from training.evaluate import nll_bound, usage_stats
+from training.evaluate import marginal_log_prob, nll_bound, per_label_log_prob, usage_stats
 from training.loop import FitConfig, best_saver, finish, fit
 from training.visuals import save_frame
 
@@ -43,59 +43,36 @@ def encode_codes(vqvae: VQVAE, data: ImageData, batch_size: int = 500) -> torch.
 
 
 @torch.inference_mode()
-def nll_bits_per_code(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 500) -> float:
-    device = next(prior.parameters()).device
-    total = 0.0
-    for index in torch.arange(len(codes)).split(batch_size):
-        y = None if labels is None else labels[index].to(device)
-        total += -prior.log_prob(codes[index].to(device), y).double().sum().item()
-    return total / (codes.numel() * math.log(2))
-
-
-@torch.inference_mode()
-def marginal_bits_per_code(
-    prior: torch.nn.Module, codes: torch.Tensor, label_freqs: torch.Tensor, batch_size: int = 500
-) -> float:
-    """-log2 p(z) per code, where p(z) = sum_y p(y) p(z | y): a class-conditional prior marginalised
-    over the label with the class frequencies `label_freqs` (Y,), so it can stand beside the
-    unconditional unigram entropy. Computed with logsumexp in float64."""
-    device = next(prior.parameters()).device
-    log_py = (label_freqs.double() / label_freqs.sum()).log().to(device)  # (Y,)
-    total = 0.0
-    for index in torch.arange(len(codes)).split(batch_size):
-        z = codes[index].to(device)  # (b, h, w)
-        per_label = torch.stack(
-            [prior.log_prob(z, torch.full((len(index),), y, device=device)).double() for y in range(len(log_py))], 1
-        )  # (b, Y)
-        total += -torch.logsumexp(per_label + log_py, 1).sum().item()
-    return total / (codes.numel() * math.log(2))
-
-
-@torch.inference_mode()
-def test_code_nats(
-    prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None, label_freqs: torch.Tensor | None,
-    batch_size: int = 500,
+def code_nats(
+    prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None,
+    label_freqs: torch.Tensor | None = None, batch_size: int = 500,
 ) -> dict[str, torch.Tensor]:
-    """-log P(z) per grid in nats, float64 (N,): "given" (each grid's own label, or unconditional) and,
-    for a class-conditional prior with `label_freqs` (Y,), "marginal" = -log sum_y p(y) P(z | y). One
-    pass of the prior per label serves both (what nll_bits_per_code and marginal_bits_per_code compute)."""
+    """-log P(z) of each grid (N, h, w) in nats, float64 (N,): "given", P(z | y) with each grid's own
+    `labels` (None: an unconditional prior's P(z); absent for a conditional prior given only
+    label_freqs); and with `label_freqs` (Y,) "marginal",
+    -log sum_y p(y) P(z | y), the label marginalised out over those frequencies (logsumexp). With
+    label_freqs the prior runs once per label and both come from those passes."""
     device = next(prior.parameters()).device
     given, marginal = [], []
     for index in torch.arange(len(codes)).split(batch_size):
         z = codes[index].to(device)  # (b, h, w)
-        if labels is None:
-            given.append(-prior.log_prob(z, None).double().cpu())
+        y = None if labels is None else labels[index].to(device)  # (b,)
+        if label_freqs is None:
+            given.append(-prior.log_prob(z, y).double().cpu())
             continue
-        log_py = (label_freqs.double() / label_freqs.sum()).log().to(device)  # (Y,)
-        per_label = torch.stack(
-            [prior.log_prob(z, torch.full((len(index),), y, device=device)).double() for y in range(len(log_py))], 1
-        )  # (b, Y)
-        given.append(-per_label.gather(1, labels[index].to(device)[:, None]).squeeze(1).cpu())
-        marginal.append(-torch.logsumexp(per_label + log_py, 1).cpu())
-    out = {"given": torch.cat(given)}
+        per_label = per_label_log_prob(prior, z, len(label_freqs))  # (b, Y)
+        if y is not None:
+            given.append(-per_label.gather(1, y[:, None]).squeeze(1).cpu())
+        marginal.append(-marginal_log_prob(prior, z, label_freqs, per_label).cpu())
+    out = {"given": torch.cat(given)} if given else {}
     if marginal:
         out["marginal"] = torch.cat(marginal)
     return out
+
+
+def nll_bits_per_code(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None) -> float:
+    """Mean -log2 P(z | y) per code (the label given; unconditional: -log2 P(z))."""
+    return code_nats(prior, codes, labels)["given"].sum().item() / (codes.numel() * math.log(2))
 
 
 def unigram_cross_entropy_bits(train_counts: torch.Tensor, test_codes: torch.Tensor) -> float:
@@ -172,22 +149,22 @@ def run(
     def test_metrics(best: torch.nn.Module) -> dict:
         # each test grid's -log P(z) once: given its label, and (conditional) with the label marginalised
         # out over the training set's class frequencies; the image bounds reuse them (see below)
-        code_nats = test_code_nats(best, test_codes, test_labels, freqs)  # {"given": (N,), "marginal": (N,)}
+        nats_of = code_nats(best, test_codes, test_labels, freqs)  # {"given": (N,), "marginal": (N,) if conditional}
         per_code = test_codes[0].numel() * math.log(2)
-        metrics = {"test_bits_per_code": code_nats["given"].mean().item() / per_code,
+        metrics = {"test_bits_per_code": nats_of["given"].mean().item() / per_code,
                    "conditional": conditional, "train_codes": int(train_codes.numel()), "test_images": len(test)}
         if conditional:
-            metrics["test_marginal_bits_per_code"] = code_nats["marginal"].mean().item() / per_code
+            metrics["test_marginal_bits_per_code"] = nats_of["marginal"].mean().item() / per_code
         if vqvae.config.likelihood == "logistic":
             # -log p(x|z_q(x)) - log P(z(x)), a bound on -log p(x) (on -log p(x|y) with the label given):
-            # nll_bound's uniform-prior bound less its log K per code is the decoder's term, to which each
-            # prior's code term adds (the mean of a sum is the sum of the means)
-            uniform = nll_bound(vqvae, test)["nll_nats"]
+            # nll_bound's uniform-prior bound on the same code grids, less its log K per code, is the
+            # decoder's term, to which each prior's code term adds (the mean of a sum is the sum of the means)
+            uniform = nll_bound(vqvae, test, codes=test_codes)["nll_nats"]
             rec_nats = uniform - test_codes[0].numel() * math.log(vqvae.config.codebook_size)
             dims = test.images[0].numel()
             for key, prefix in (("given", "test_"), ("marginal", "test_marginal_")):
-                if key in code_nats:
-                    nats = rec_nats + code_nats[key].mean().item()
+                if key in nats_of:
+                    nats = rec_nats + nats_of[key].mean().item()
                     metrics[f"{prefix}nll_nats"] = nats
                     metrics[f"{prefix}bits_per_dim"] = nats / (dims * math.log(2))
         return metrics

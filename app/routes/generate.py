@@ -47,8 +47,8 @@ async def sample(
     prior: Annotated[str | None, Query(description="VQ-VAE only: pixelcnn, gated or pixelcnnpp; default the best")] = None,
     label: Annotated[str | None, Query(
         max_length=MAX_LABEL_CHARS,
-        description="a class-conditional prior only: the class's index 0..num_classes-1 or its name from GET /models "
-                    "(class_names, any case), e.g. 3 or cat",
+        description="a class-conditional prior only: the class's index 0..num_classes-1, or its name from GET /models "
+                    "(class_names; exact, else any case when that is unique), e.g. 3 or cat; an integer is always an index",
     )] = None,
 ) -> Response:
     """n samples as one grid, ceil(sqrt(n)) per row. The seed is echoed in the X-Seed header.
@@ -94,8 +94,10 @@ def _choose_prior(entry: Entry, name: str | None) -> Prior:
 
 
 def resolve_label(prior: Prior, label: str) -> int:
-    """`label` as sent: a class index ("3") or, where the prior's file names its classes, a class name
-    ("cat", any case). Anything else is a 422 that lists what would do."""
+    """`label` as sent: an integer is always a class index ("3"); other text is a class name from the
+    prior's file ("cat"), matched exactly, else case-insensitively when only one class matches so
+    (surrounding spaces ignored on both sides). So classes whose names are integers (folders named
+    1..11) are picked by index only. Anything else is a 422 that lists what would do."""
     classes = prior.num_classes
     if classes == 0:
         raise HTTPException(422, f"prior {prior.api_name!r} is unconditional: omit 'label'")
@@ -105,9 +107,14 @@ def resolve_label(prior: Prior, label: str) -> int:
         if not 0 <= index < classes:
             raise HTTPException(422, f"label {index} is out of range for prior {prior.api_name!r}: use 0..{classes - 1}")
         return index
-    names = [name.casefold() for name in prior.class_names]
-    if text.casefold() in names:
-        return names.index(text.casefold())
+    names = [name.strip() for name in prior.class_names]
+    matches = [i for i, name in enumerate(names) if name == text] or [
+        i for i, name in enumerate(names) if name.casefold() == text.casefold()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise HTTPException(422, f"label {label!r} matches classes {matches} of prior {prior.api_name!r} when case is "
+                                 f"ignored: send the index or the exact name from {list(prior.class_names)}")
     known = f" or a class name: {list(prior.class_names)}" if prior.class_names else " (its file names no classes)"
     raise HTTPException(422, f"label {label!r} is not a class of prior {prior.api_name!r}: use 0..{classes - 1}{known}")
 

@@ -95,7 +95,7 @@ def serve(weights_dir: Path):
     @asynccontextmanager
     async def _serve(**overrides):
         app = create_app(make_settings(weights_dir, **overrides))
-        async with LifespanManager(app) as manager:
+        async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
                 yield app, client

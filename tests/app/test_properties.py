@@ -99,7 +99,7 @@ def test_uploads_never_give_5xx(live, endpoint, model, blobs, field, steps, meth
 
 @PROPERTY_SETTINGS
 @given(model=MODELS, n=loose_ints, seed=loose_ints, temperature=loose_floats,
-       prior=st.sampled_from([None, "pixelcnn", "gated", "pixelcnnpp", "nope"]), label=st.one_of(st.none(), loose_ints))
+       prior=st.sampled_from([None, "pixelcnn", "gated", "pixelcnnpp", "nope"]), label=st.one_of(st.none(), loose_ints, st.text(max_size=8)))
 def test_sample_never_gives_5xx(live, model, n, seed, temperature, prior, label):
     params = {k: v for k, v in dict(model=model, n=n, seed=seed, temperature=temperature, prior=prior, label=label).items()
               if v is not None}

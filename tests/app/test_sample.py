@@ -161,3 +161,32 @@ async def test_an_autoregressive_vae_reconstructs_with_its_fixed_seed(client, we
     with torch.no_grad():
         expected = (model.reconstruct(x) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(png_array(first.content), expected)
+
+
+@pytest.mark.parametrize("names, label, expected", [
+    (("Cat", "cat", "dog"), "cat", 1),        # the exact name wins over a case-insensitive one
+    (("Cat", "cat", "dog"), "Cat", 0),
+    (("Cat", "cat", "dog"), "CAT", "matches classes [0, 1] of prior 'p' when case is ignored"),
+    (("Cat", "cat", "dog"), " DOG ", 2),      # unique when case is ignored; spaces ignored
+    ((" cat", "dog", "bird"), "cat", 0),      # a name's own surrounding spaces too
+    (("1", "10", "11", "2"), "10", "label 10 is out of range"),  # an integer is always an index, never a name
+    (("1", "10", "11", "2"), "1", 1),
+    (("a", "b", "c", "d"), "-0", 0),
+    (("a", "b", "c", "d"), "", "label '' is not a class of prior 'p': use 0..3 or a class name: ['a', 'b', 'c', 'd']"),
+    (("a", "b", "c", "d"), "٣", "label '٣' is not a class"),  # Arabic-Indic three is not an index
+    ((), "cat", "label 'cat' is not a class of prior 'p': use 0..3 (its file names no classes)"),
+])
+def test_resolve_label_rules(names, label, expected):
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+
+    from app.routes.generate import resolve_label
+
+    prior = SimpleNamespace(api_name="p", num_classes=4, class_names=names)
+    if isinstance(expected, int):
+        assert resolve_label(prior, label) == expected
+    else:
+        with pytest.raises(HTTPException) as err:
+            resolve_label(prior, label)
+        assert err.value.status_code == 422 and expected in err.value.detail

@@ -31,7 +31,7 @@ from schemathesis.python.asgi import shutdown_lifespans
 
 from app.main import create_app
 
-from .conftest import CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, NUM_CLASSES, image_bytes, make_settings
+from .conftest import CLASS_NAMES, CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, NUM_CLASSES, image_bytes, make_settings
 
 MODELS = ["vae", "vae_rgb", "vqvae", "gated"]  # the served models, and a prior's name (404: it is not a model)
 PRIORS = ["pixelcnn", "gated", "pixelcnnpp"]
@@ -61,7 +61,8 @@ DECODE_BODIES = st.fixed_dictionaries({"model": st.sampled_from(["vae", "vae_rgb
 SAMPLE_OPTIONS = {"n": st.integers(1, 16), "seed": st.integers(0, 2**63 - 1), "temperature": st.floats(0.01, 10)}
 SAMPLE_QUERIES = st.fixed_dictionaries({"model": st.sampled_from(["vae", "vae_rgb"])}, optional=SAMPLE_OPTIONS) | st.fixed_dictionaries(
     {"model": st.just("vqvae")},
-    optional={**SAMPLE_OPTIONS, "prior": st.sampled_from(PRIORS), "label": st.integers(0, NUM_CLASSES)},
+    optional={**SAMPLE_OPTIONS, "prior": st.sampled_from(PRIORS),
+              "label": st.integers(0, NUM_CLASSES) | st.sampled_from(CLASS_NAMES).map(str.upper) | st.text(max_size=6)},
 )
 UPLOAD_FIELDS = {"/reconstruct": {"file": True}, "/encode": {"file": True}, "/interpolate": {"a": False, "b": False}}  # -> several files?
 

@@ -100,8 +100,6 @@ def test_model_card_is_generated_from_the_files(vqvae_file, fashion_root, tmp_pa
     card = (weights / "README.md").read_text()
     _, info = load_model(weights / "vqvae_gated.safetensors")
     # the class-conditional prior's grid: one row of 8 per class, in label order, the rows named
-    from PIL import Image
-
     assert len(info.class_names) == 10 and f"samples (rows: {', '.join(info.class_names)})" in card
     with Image.open(weights / "samples" / "vqvae_gated.png") as grid:
         assert grid.size == (8 * 30 + 2, 10 * 30 + 2)
@@ -132,13 +130,13 @@ def test_the_marginal_over_labels_is_a_normalised_distribution_of_code_grids():
     import torch
 
     from models.pixelcnn import PixelCNN
-    from training.prior import marginal_bits_per_code
+    from training.prior import code_nats
 
     torch.manual_seed(0)
     prior = PixelCNN(PixelCNN.config_class(codebook_size=2, code_shape=(2, 2), num_classes=3, hidden_channels=8, n_layers=2)).eval()
     grids = torch.tensor(list(itertools.product([0, 1], repeat=4))).reshape(16, 2, 2)
     freqs = torch.tensor([5, 3, 2])
-    bits = [marginal_bits_per_code(prior, grid[None], freqs) for grid in grids]  # per code: 4 codes a grid
+    bits = (code_nats(prior, grids, None, freqs)["marginal"] / (4 * math.log(2))).tolist()  # per code: 4 codes a grid
     total = sum(2 ** (-4 * b) for b in bits)
     assert abs(total - 1) < 1e-6  # the prior's log-probabilities are float32
     with torch.no_grad():
@@ -147,3 +145,19 @@ def test_the_marginal_over_labels_is_a_normalised_distribution_of_code_grids():
     assert (marginal <= per_label.max(1).values + 1e-9).all() and (marginal >= per_label.min(1).values - 1e-9).all()
     direct = (per_label.exp() * (freqs.double() / 10)).sum(1).log()  # weighted by the class frequencies
     torch.testing.assert_close(marginal, direct, rtol=0, atol=1e-6)  # float32 log_prob, batches of 1 vs 16
+
+
+def test_an_unconditional_priors_bound_is_nll_bound_on_the_same_codes(vqvae_file, fashion_root, tmp_path):
+    from training.data import load_dataset
+    from training.evaluate import nll_bound
+
+    out = tmp_path / "prior.safetensors"
+    assert main(["prior", "--vqvae", str(vqvae_file), "--arch", "pixelcnn", "--unconditional", "--data-root",
+                 str(fashion_root), "--epochs", "1", "--batch-size", "16", "--hidden-channels", "8", "--n-layers", "2",
+                 "--out", str(out), "--run-dir", str(tmp_path / "run"), "--quiet", "--threads", "1"]) == 0
+    vqvae, _ = load_model(vqvae_file)
+    prior, info = load_model(out)
+    m = info.metrics
+    assert m["conditional"] is False and "test_marginal_bits_per_dim" not in m and prior.config.num_classes == 0
+    test = load_dataset("fashion-mnist", "test", root=fashion_root)
+    assert m["test_bits_per_dim"] == pytest.approx(nll_bound(vqvae, test, prior=prior)["bits_per_dim"], rel=1e-6)
