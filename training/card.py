@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> Path:
     lines = [kept + "\n"] if kept else []
     lines += [MARKER, "",
               "Regenerate with `python -m training card`. Numbers are the metadata of each file; pictures are "
-              f"64 samples drawn with seed {args.seed} (priors: labels 0..9 repeated for class-conditional ones).", ""]
+              f"samples drawn with seed {args.seed}: 64 for a VAE or an unconditional prior, {PER_CLASS} per class (one "
+              "row each, in label order) for a class-conditional prior.", ""]
     table = likelihood_table(models)
     if table:
         lines += ["### Test NLL in bits/dim, every model in one table", "",
