@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from models.vae import VAE, VAEConfig
 from models.vqvae import VQVAE, VQVAEConfig
 
-from .conftest import cell, grid_size, png_array
+from .conftest import cell, grid_size, live_server, png_array
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASET = "cifar10 (image folder)"
@@ -51,10 +52,11 @@ def colour_weights(tmp_path_factory: pytest.TempPathFactory):
     return d
 
 
-@pytest.fixture
-async def client(serve, colour_weights):
-    async with serve(weights_dir=colour_weights) as (_app, client):
-        yield client
+@pytest.fixture(scope="module")
+def client(colour_weights):
+    """One real server (uvicorn in a thread) for the module: starting the app is most of each test's cost."""
+    with live_server(colour_weights) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield c
 
 
 def png(img: Image.Image) -> bytes:
@@ -72,8 +74,8 @@ def upload(*blobs: bytes, field: str = "file"):
     return [(field, (f"img{i}.png", blob)) for i, blob in enumerate(blobs)]
 
 
-async def test_models_lists_the_colour_models_with_data_set_and_class_names(client):
-    models = {m["name"]: m for m in (await client.get("/models")).json()}
+def test_models_lists_the_colour_models_with_data_set_and_class_names(client):
+    models = {m["name"]: m for m in (client.get("/models")).json()}
     assert set(models) == {"vq_rgb", "vae_rgb"}
     for m in models.values():
         assert m["image_shape"] == [3, 8, 8] and m["dataset"] == DATASET and m["class_names"] == list(CLASSES)
@@ -84,64 +86,64 @@ async def test_models_lists_the_colour_models_with_data_set_and_class_names(clie
 
 
 @pytest.mark.parametrize("model", ["vq_rgb", "vae_rgb"])
-async def test_colour_uploads_reconstruct_in_colour_and_grey_is_replicated_to_rgb(client, model):
+def test_colour_uploads_reconstruct_in_colour_and_grey_is_replicated_to_rgb(client, model):
     """The documented rule: a grey (L) upload to a 3-channel model becomes RGB with R = G = B = L, so it
     reconstructs exactly as the RGB image with that grey in all three bands does."""
     rgb = colour_image(1, (20, 12))
-    r = await client.post("/reconstruct", params={"model": model}, files=upload(png(rgb)))
+    r = client.post("/reconstruct", params={"model": model}, files=upload(png(rgb)))
     assert r.status_code == 200, r.text
     assert png_array(r.content).shape == (8, 8, 3)
     grey = rgb.convert("L")
     as_rgb = Image.merge("RGB", (grey, grey, grey))
-    from_grey = await client.post("/reconstruct", params={"model": model}, files=upload(png(grey)))
-    from_rgb = await client.post("/reconstruct", params={"model": model}, files=upload(png(as_rgb)))
+    from_grey = client.post("/reconstruct", params={"model": model}, files=upload(png(grey)))
+    from_rgb = client.post("/reconstruct", params={"model": model}, files=upload(png(as_rgb)))
     assert from_grey.status_code == 200 and from_grey.content == from_rgb.content
     # the colour reached the model: the encoder's output differs (a tiny VQ-VAE may still pick the same codes)
     key, params = ("z_e", {"include_z_e": True}) if model == "vq_rgb" else ("mu", {})
 
-    async def encoding(blob: bytes) -> list:
-        r = await client.post("/encode", params={"model": model, **params}, files=upload(blob))
+    def encoding(blob: bytes) -> list:
+        r = client.post("/encode", params={"model": model, **params}, files=upload(blob))
         return r.json()["items"][0][key]
 
-    assert await encoding(png(rgb)) != await encoding(png(grey)) == await encoding(png(as_rgb))
+    assert encoding(png(rgb)) != encoding(png(grey)) == encoding(png(as_rgb))
 
 
-async def test_sample_with_a_class_label_by_index_or_name(client):
-    async def grid(label):
-        r = await client.get("/sample", params={"model": "vq_rgb", "prior": "gated", "label": label, "n": 4, "seed": 7})
+def test_sample_with_a_class_label_by_index_or_name(client):
+    def grid(label):
+        r = client.get("/sample", params={"model": "vq_rgb", "prior": "gated", "label": label, "n": 4, "seed": 7})
         assert r.status_code == 200, r.text
         return r
 
-    cat = await grid(3)
+    cat = grid(3)
     assert png_array(cat.content).shape == (*grid_size(4, nrow=2)[::-1], 3)
-    assert (await grid("cat")).content == cat.content == (await grid("CAT")).content
-    assert (await grid("ship")).content != cat.content
-    bad = await client.get("/sample", params={"model": "vq_rgb", "label": "lion"})
+    assert (grid("cat")).content == cat.content == (grid("CAT")).content
+    assert (grid("ship")).content != cat.content
+    bad = client.get("/sample", params={"model": "vq_rgb", "label": "lion"})
     assert bad.status_code == 422 and "'cat'" in bad.json()["detail"] and "0..9" in bad.json()["detail"]
-    vae = await client.get("/sample", params={"model": "vae_rgb", "n": 3, "seed": 1})
+    vae = client.get("/sample", params={"model": "vae_rgb", "n": 3, "seed": 1})
     assert vae.status_code == 200 and png_array(vae.content).shape == (*grid_size(3, nrow=2)[::-1], 3)
 
 
-async def test_encode_decode_is_the_reconstruction_for_colour_models(client):
+def test_encode_decode_is_the_reconstruction_for_colour_models(client):
     blobs = [png(colour_image(i)) for i in range(3)]
     for model, key, field in (("vq_rgb", "codes", "codes"), ("vae_rgb", "mu", "z")):
-        items = (await client.post("/encode", params={"model": model}, files=upload(*blobs))).json()["items"]
+        items = (client.post("/encode", params={"model": model}, files=upload(*blobs))).json()["items"]
         if key == "codes":
             assert np.array([i["codes"] for i in items]).shape == (3, 2, 2)
-        decoded = await client.post("/decode", json={"model": model, field: [i[key] for i in items]})
-        recon = await client.post("/reconstruct", params={"model": model}, files=upload(*blobs))
+        decoded = client.post("/decode", json={"model": model, field: [i[key] for i in items]})
+        recon = client.post("/reconstruct", params={"model": model}, files=upload(*blobs))
         assert decoded.status_code == 200 and decoded.content == recon.content
         assert png_array(decoded.content).shape == (*grid_size(3, nrow=2)[::-1], 3)
 
 
 @pytest.mark.parametrize("model", ["vq_rgb", "vae_rgb"])
-async def test_colour_interpolation_ends_are_the_reconstructions(client, model):
+def test_colour_interpolation_ends_are_the_reconstructions(client, model):
     a, b = png(colour_image(1, (32, 32))), png(colour_image(2).convert("L"))
-    r = await client.post("/interpolate", params={"model": model, "steps": 5},
+    r = client.post("/interpolate", params={"model": model, "steps": 5},
                           files=[("a", ("a.png", a)), ("b", ("b.png", b))])
     assert r.status_code == 200, r.text
     strip = png_array(r.content)
     assert strip.shape == (12, 5 * 10 + 2, 3)
     for i, blob in ((0, a), (4, b)):
-        rec = png_array((await client.post("/reconstruct", params={"model": model}, files=upload(blob))).content)
+        rec = png_array((client.post("/reconstruct", params={"model": model}, files=upload(blob))).content)
         assert np.array_equal(cell(strip, i, nrow=5), rec)
