@@ -323,6 +323,16 @@ class DiscretizedLogisticMixture:
         return image.clamp(0.0, 1.0) if clamp else image
 
 
+def check_mean_mse_weight(weight: float, likelihood: str) -> None:
+    """The `mean_mse_weight` config field of the VAE and the VQ-VAE: finite, >= 0, and only beside the
+    logistic likelihood (whose mean image it trains). ValueError naming the bad value otherwise."""
+    if not (weight >= 0 and math.isfinite(weight)):
+        raise ValueError(f"mean_mse_weight must be a finite number >= 0, got {weight}")
+    if weight and likelihood != "logistic":
+        raise ValueError(f"mean_mse_weight applies to likelihood='logistic' only, got mean_mse_weight={weight} "
+                         f"with likelihood={likelihood!r}")
+
+
 def temperature_map(temperature: float | torch.Tensor, batch: int, like: torch.Tensor) -> float | torch.Tensor:
     """A sampling temperature T > 0 as a float, or a per-image tensor (B,) -> (B, 1, 1, 1) that
     broadcasts over (B, ., H, W). Raises ValueError naming the bad value otherwise."""

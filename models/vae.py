@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import MaskedConv2d
-from models.likelihood import DiscretizedLogisticMixture, temperature_map
+from models.likelihood import DiscretizedLogisticMixture, check_mean_mse_weight, temperature_map
 
 LOG_2PI = math.log(2 * math.pi)
 LIKELIHOODS = ("bernoulli", "logistic")
@@ -68,11 +68,7 @@ class VAEConfig:
     mean_mse_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.mean_mse_weight >= 0 and math.isfinite(self.mean_mse_weight)):
-            raise ValueError(f"mean_mse_weight must be a finite number >= 0, got {self.mean_mse_weight}")
-        if self.mean_mse_weight and self.likelihood != "logistic":
-            raise ValueError(f"mean_mse_weight applies to likelihood='logistic' only, got mean_mse_weight="
-                             f"{self.mean_mse_weight} with likelihood={self.likelihood!r}")
+        check_mean_mse_weight(self.mean_mse_weight, self.likelihood)
         if self.arch not in ("mlp", "conv"):
             raise ValueError(f"arch must be 'mlp' or 'conv', got {self.arch!r}")
         if self.in_channels not in (1, 3):

@@ -27,7 +27,6 @@ image with transposed convolutions in the decoder, so the code grid is H/4 x W/4
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.likelihood import DiscretizedLogisticMixture
+from models.likelihood import DiscretizedLogisticMixture, check_mean_mse_weight
 
 INITS = ("kmeans", "random_batch", "uniform")
 LIKELIHOODS = ("mse", "logistic")
@@ -83,11 +82,7 @@ class VQVAEConfig:
             raise ValueError(f"n_res_blocks must be >= 0, got {self.n_res_blocks}")
         if self.codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {self.codebook_size}")
-        if not (self.mean_mse_weight >= 0 and math.isfinite(self.mean_mse_weight)):
-            raise ValueError(f"mean_mse_weight must be a finite number >= 0, got {self.mean_mse_weight}")
-        if self.mean_mse_weight and self.likelihood != "logistic":
-            raise ValueError(f"mean_mse_weight applies to likelihood='logistic' only (the MSE loss is already one), got "
-                             f"mean_mse_weight={self.mean_mse_weight} with likelihood={self.likelihood!r}")
+        check_mean_mse_weight(self.mean_mse_weight, self.likelihood)
         if self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
         if self.beta < 0:

@@ -2,7 +2,7 @@
 # The shipped CIFAR-10 colour models (issue 11), with the project's own commands, in lanes of one CPU
 # thread each. DATA is a folder laid out as {train,test}/{class}/*.jpg (for example the JPEG copy,
 # extracted); `--data cifar10 --data-root R` reads the original data through torchvision instead.
-# Files go to runs/ship/ and are copied to weights/ by hand once every run has finished.
+# Files go to runs/ship/; the `ship` lane copies them (and small GIFs) to weights/ once every run has finished.
 # Usage: DATA=data/cifar10 bash training/cifar10.sh vq | vae   (two lanes at once), then prior-a | prior-b (two
 # lanes, once vq has finished), then ship
 set -euo pipefail

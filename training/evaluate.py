@@ -100,8 +100,8 @@ def nll_bound(
 
 def per_label_log_prob(prior: torch.nn.Module, codes: torch.Tensor, num_labels: int) -> torch.Tensor:
     """log P(z | y) of each grid under every label, float64 (B, Y): codes (B, h, w) on the prior's device."""
-    batch = torch.full((len(codes),), 0, dtype=torch.long, device=codes.device)  # (B,)
-    return torch.stack([prior.log_prob(codes, batch + y).double() for y in range(num_labels)], 1)  # (B, Y)
+    labels = [torch.full((len(codes),), y, dtype=torch.long, device=codes.device) for y in range(num_labels)]  # Y x (B,)
+    return torch.stack([prior.log_prob(codes, label).double() for label in labels], 1)  # (B, Y)
 
 
 def marginal_log_prob(

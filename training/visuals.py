@@ -33,9 +33,12 @@ def save_frame(run_dir: str | Path, name: str, epoch: int, images: torch.Tensor,
     frames_dir.mkdir(parents=True, exist_ok=True)
     grid_image(images).save(frames_dir / f"{name}_{epoch:04d}.png")
     frames = [_palette(Image.open(p)) for p in sorted(frames_dir.glob(f"{name}_*.png"))]
-    gif = run_dir / f"{name}.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
-    return gif
+    return _write_gif(frames, run_dir / f"{name}.gif", duration_ms)
+
+
+def _write_gif(frames: list[Image.Image], out: Path, duration_ms: int) -> Path:
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return out
 
 
 def small_gif(
@@ -54,5 +57,4 @@ def small_gif(
             frames.append(_palette(frame.crop((0, 0, frame.width, rows * cell + 2))))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(out, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
-    return out
+    return _write_gif(frames, out, duration_ms)
