@@ -34,10 +34,37 @@ class FitConfig:
     seed: int
     run_dir: Path
     resume: bool = False
+    lr_schedule: str = "constant"  # "constant", or "cosine": lr at the first step down to min_lr at the last of `epochs`
+    min_lr: float = 0.0
     best_key: str = "loss"  # the validation metric to minimise when choosing the best epoch
     progress: bool = True
     show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar
     running_totals: tuple[str, ...] = ()  # stats that are totals so far: the epoch reports the last value, not a mean
+
+    @classmethod
+    def from_args(cls, args: Any, **family: Any) -> "FitConfig":
+        """The command line's shared options (see training/__main__.py), plus the family's own fields."""
+        return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
+                   resume=args.resume, lr_schedule=args.lr_schedule, min_lr=args.min_lr, progress=not args.quiet,
+                   **family)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: FitConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of a run of `total_steps`.
+
+    A function of the step alone, so a resumed run continues the same curve. "cosine" is
+    SGDR's annealing (Loshchilov & Hutter 2017, eq. 5) without restarts, from config.lr down
+    to config.min_lr at the last step; resuming with a larger --epochs stretches what is left of it.
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule {config.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    progress = min(step / max(total_steps - 1, 1), 1.0)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -114,6 +141,8 @@ def fit(
             print(f"resumed from {ckpt} after epoch {state['epoch']}")
 
     per_rank = n_train // world
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         model.train()
         # The same permutation on every rank (seeded by epoch), each rank takes its own shard.
@@ -122,7 +151,11 @@ def fit(
         batches = list(shard.split(config.batch_size))
         bar = tqdm(batches, desc=f"{desc} {epoch}/{config.epochs}", disable=rank != 0 or not config.progress, leave=False)
         running, totals, last, count = None, {}, {}, 0
-        for index in bar:
+        for step_in_epoch, index in enumerate(bar):
+            # The schedule, not the checkpoint's saved lr, sets every step's rate (a resumed run follows the curve).
+            lr = learning_rate(config, (epoch - 1) * steps_per_epoch + step_in_epoch, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             loss, stats = step_module(index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -140,6 +173,7 @@ def fit(
             bar.set_postfix(loss=f"{running:.4g}", **{k: f"{float(stats[k]):.4g}" for k in config.show if k in stats})
         train_stats = {f"train_{k}": v / max(count, 1) for k, v in totals.items()}
         train_stats.update({f"train_{k}": v for k, v in last.items()})
+        train_stats["train_last_lr"] = lr
         if world > 1:
             dist.barrier()
         if rank == 0:

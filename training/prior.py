@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
@@ -137,9 +136,7 @@ def run(
             codes = m.sample(GRID, labels=y, uniforms=fixed_uniforms.to(device))
             save_frame(args.run_dir, "samples", epoch, vqvae.decode_indices(codes))
 
-    fit_config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           run_dir=Path(args.run_dir), resume=args.resume, best_key="val_bits_per_code",
-                           progress=not args.quiet)
+    fit_config = FitConfig.from_args(args, best_key="val_bits_per_code")
     state = fit(prior, fit_config, n_train=len(train_codes), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
                 on_epoch_end=pictures, rank=rank, world=world, desc=f"prior-{args.arch}")
     if rank != 0:

@@ -7,7 +7,6 @@ numbers are grey-pixel BCE, which is not a likelihood of 8-bit images, and are n
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -88,10 +87,7 @@ def run(
             save_frame(args.run_dir, "reconstructions", epoch, m.reconstruct(fixed_x))
             save_frame(args.run_dir, "samples", epoch, m.generate(fixed_z, uniforms=fixed_u))
 
-    fit_config = FitConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        run_dir=Path(args.run_dir), resume=args.resume, best_key="val_neg_elbo", progress=not args.quiet,
-    )
+    fit_config = FitConfig.from_args(args, best_key="val_neg_elbo")
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
                 save_best=best_saver(args, train.name, class_names=train.class_names), on_epoch_end=pictures,
                 rank=rank, world=world, desc=f"vae-{args.arch}")

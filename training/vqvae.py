@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
@@ -97,10 +96,9 @@ def run(
             save_frame(args.run_dir, "inputs", epoch, fixed_x)
             save_frame(args.run_dir, "reconstructions", epoch, m.reconstruct(fixed_x))
 
-    fit_config = FitConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
-        resume=args.resume, best_key="val_rec_bits_per_dim" if config.likelihood == "logistic" else "val_mse", progress=not args.quiet, show=("perplexity", "codes_used", "restarts"),
-        running_totals=("restarts",),
+    fit_config = FitConfig.from_args(
+        args, best_key="val_rec_bits_per_dim" if config.likelihood == "logistic" else "val_mse",
+        show=("perplexity", "codes_used", "restarts"), running_totals=("restarts",),
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
                 save_best=best_saver(args, train.name, class_names=train.class_names), on_epoch_end=pictures,

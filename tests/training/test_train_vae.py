@@ -150,3 +150,62 @@ def test_the_best_epoch_is_chosen_on_validation_images_and_test_is_used_only_at_
 def test_a_validation_split_that_leaves_no_training_images_is_one_error_line(fashion_root, tmp_path, capsys):
     code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--val-size", "256", arch="mlp")
     assert code == 2 and "validation split needs 0 < n < 256" in capsys.readouterr().err
+
+
+def test_cosine_learning_rate_runs_from_lr_to_min_lr_and_constant_stays_put():
+    from training.loop import FitConfig, learning_rate
+
+    cosine = FitConfig(epochs=3, batch_size=8, lr=1e-3, seed=0, run_dir=Path("."), lr_schedule="cosine", min_lr=1e-5)
+    rates = [learning_rate(cosine, t, 101) for t in range(101)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5)
+    assert rates[50] == pytest.approx((1e-3 + 1e-5) / 2)  # half way along the curve, half way down
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert rates[25] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    constant = FitConfig(epochs=3, batch_size=8, lr=1e-3, seed=0, run_dir=Path("."))
+    assert {learning_rate(constant, t, 101) for t in range(101)} == {1e-3}
+    with pytest.raises(ValueError, match="'linear' is not one of"):
+        learning_rate(FitConfig(epochs=1, batch_size=8, lr=1e-3, seed=0, run_dir=Path("."), lr_schedule="linear"), 0, 10)
+
+
+def test_an_interrupted_cosine_run_resumes_on_the_same_curve_to_the_same_weights(fashion_root, tmp_path, monkeypatch):
+    """A run of --epochs 2 stopped after its first epoch's checkpoint, then resumed, equals the straight run:
+    the schedule sets each step's rate from the step number, not from the learning rate saved in the checkpoint."""
+    import json
+
+    from safetensors import safe_open
+
+    import training.loop
+
+    cosine = ["--epochs", "2", "--iwae-k", "1", "--lr-schedule", "cosine", "--lr", "0.003", "--min-lr", "0.0001"]
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    straight.mkdir(), resumed.mkdir()
+    assert train(fashion_root, straight, *cosine)[0] == 0
+
+    original = training.loop.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt  # the run is killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(training.loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(fashion_root, resumed, *cosine)
+    monkeypatch.setattr(training.loop, "save_checkpoint", original)
+    assert train(fashion_root, resumed, *cosine, "--resume")[0] == 0
+
+    a, _ = load_model(straight / "vae.safetensors")
+    b, _ = load_model(resumed / "vae.safetensors")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert va.equal(vb), k
+    with safe_open(str(resumed / "run-vae/checkpoint.safetensors"), framework="pt") as f:
+        history = json.loads(f.metadata()["state"])["history"]
+    # 231 training images at batch 64: 4 steps an epoch, 8 in all; epoch 1 ends at step 3 of 7 (history keeps 5 decimals)
+    assert history[0]["train_last_lr"] == pytest.approx(1e-4 + (3e-3 - 1e-4) * (1 + math.cos(math.pi * 3 / 7)) / 2, abs=1e-5)
+    assert history[1]["train_last_lr"] == pytest.approx(1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("flags", [["--min-lr", "0.1", "--lr", "0.01"], ["--lr", "0"], ["--min-lr=-1e-4"]])
+def test_bad_learning_rates_are_one_clear_error(fashion_root, tmp_path, capsys, flags):
+    code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--lr-schedule", "cosine", *flags)
+    err = capsys.readouterr().err
+    assert code == 2 and "0 <= --min-lr <= --lr" in err and "Traceback" not in err
