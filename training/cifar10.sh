@@ -13,6 +13,8 @@ DATA=${DATA:-data/cifar10}
 mkdir -p "$OUT"
 t() { "$PY" -m training "$@" --data "$DATA" --threads 1 --quiet; }
 VQ="$OUT/vqvae_cifar10.safetensors"
+# every prior: the same epochs and schedule (PRIOR_EPOCHS to change them), class-conditional on the folder's labels
+PRIOR_ARGS=(--epochs "${PRIOR_EPOCHS:-8}" --batch-size 128 --lr 1e-3 --lr-schedule cosine --min-lr 1e-5)
 case "${1:?lane: vq, vae, prior-a, prior-b or ship}" in
   vq)  # 7 epochs at a constant rate (one thread, beside the vae lane), then resumed alone on two threads with the
        # cosine schedule to epoch 22. The shipped run differs in one detail: its epoch 8 ran on an 18-epoch curve
@@ -26,14 +28,16 @@ case "${1:?lane: vq, vae, prior-a, prior-b or ship}" in
     t vae --arch conv --conv-channels 64 128 --latent-dim 128 --fc-dim 256 --likelihood logistic \
       --mean-mse-weight 10 --epochs 8 --iwae-k 50 --name vae_cifar10 --out "$OUT/vae_cifar10.safetensors" --run-dir runs/vae_cifar10
     ;;
-  prior-a)  # after vq: the Gated PixelCNN, then the PixelCNN
-    t prior --vqvae "$VQ" --arch gated --hidden-channels 64 --n-layers 5 --epochs "${GATED_EPOCHS:-3}" --batch-size 128 \
+  prior-a)  # after vq: the Gated PixelCNN, the PixelCNN, then the smaller PixelCNN the card compares with (not shipped)
+    t prior --vqvae "$VQ" --arch gated --hidden-channels 64 --n-layers 5 "${PRIOR_ARGS[@]}" \
       --name vqvae_cifar10_gated --out "$OUT/vqvae_cifar10_gated.safetensors" --run-dir runs/vqvae_cifar10_gated
-    t prior --vqvae "$VQ" --arch pixelcnn --hidden-channels 64 --n-layers 8 --epochs "${PIXELCNN_EPOCHS:-3}" --batch-size 128 \
+    t prior --vqvae "$VQ" --arch pixelcnn --hidden-channels 64 --n-layers 8 "${PRIOR_ARGS[@]}" \
       --name vqvae_cifar10_pixelcnn --out "$OUT/vqvae_cifar10_pixelcnn.safetensors" --run-dir runs/vqvae_cifar10_pixelcnn
+    t prior --vqvae "$VQ" --arch pixelcnn --hidden-channels 32 --n-layers 4 "${PRIOR_ARGS[@]}" \
+      --name pixelcnn_small --out runs/tutorial/pixelcnn_small.safetensors --run-dir runs/tutorial/run
     ;;
   prior-b)  # after vq: PixelCNN++
-    t prior --vqvae "$VQ" --arch pixelcnnpp --hidden-channels 48 --n-layers 1 --epochs "${PIXELCNNPP_EPOCHS:-2}" --batch-size 128 \
+    t prior --vqvae "$VQ" --arch pixelcnnpp --hidden-channels 48 --n-layers 1 "${PRIOR_ARGS[@]}" \
       --name vqvae_cifar10_pixelcnnpp --out "$OUT/vqvae_cifar10_pixelcnnpp.safetensors" --run-dir runs/vqvae_cifar10_pixelcnnpp
     ;;
   ship)  # every run finished: the weight files into weights/, small GIFs (first row of each grid) into weights/samples/
@@ -47,6 +51,15 @@ for run, names in {"vqvae_cifar10": ("inputs", "reconstructions"), "vae_cifar10"
                    "vqvae_cifar10_pixelcnnpp": ("samples",)}.items():
     for name in names:
         print(small_gif(f"runs/{run}", name, f"weights/samples/{run}__{name}.gif", rows=1))
+# the smaller PixelCNN's per-class grid, drawn as the card draws the shipped priors' (same seed and layout)
+from models.io import load_model
+from training.card import _samples
+from training.visuals import grid_image
+vqvae, _ = load_model("weights/vqvae_cifar10.safetensors")
+small, info = load_model("runs/tutorial/pixelcnn_small.safetensors")
+images, nrow = _samples(small, info, {info.extra["vqvae"]: vqvae}, seed=0)
+grid_image(images, nrow=nrow).save("weights/samples/comparison_small_pixelcnn.png")
+print("weights/samples/comparison_small_pixelcnn.png")
 PY
     ;;
   *) echo "lane must be vq, vae, prior-a, prior-b or ship" >&2; exit 2 ;;
