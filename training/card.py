@@ -53,7 +53,7 @@ def _table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> list[str]:
 
 
 @torch.inference_mode()
-def _samples(
+def sample_grid(
     model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn.Module], seed: int
 ) -> tuple[torch.Tensor, int | None] | None:
     """(images, images per row) of a file's sample grid, or None. A class-conditional prior's grid has
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> Path:
                 lines.append(f"  extra: `{json.dumps(info.extra)}`")
         lines.append("")
         for path, model, info in group:
-            drawn = _samples(model, info, vqvaes, args.seed)
+            drawn = sample_grid(model, info, vqvaes, args.seed)
             if drawn is not None:
                 images, nrow = drawn
                 png = folder / "samples" / f"{path.stem}.png"

@@ -53,11 +53,11 @@ for run, names in {"vqvae_cifar10": ("inputs", "reconstructions"), "vae_cifar10"
         print(small_gif(f"runs/{run}", name, f"weights/samples/{run}__{name}.gif", rows=1))
 # the smaller PixelCNN's per-class grid, drawn as the card draws the shipped priors' (same seed and layout)
 from models.io import load_model
-from training.card import _samples
+from training.card import sample_grid
 from training.visuals import grid_image
 vqvae, _ = load_model("weights/vqvae_cifar10.safetensors")
 small, info = load_model("runs/tutorial/pixelcnn_small.safetensors")
-images, nrow = _samples(small, info, {info.extra["vqvae"]: vqvae}, seed=0)
+images, nrow = sample_grid(small, info, {info.extra["vqvae"]: vqvae}, seed=0)
 grid_image(images, nrow=nrow).save("weights/samples/comparison_small_pixelcnn.png")
 print("weights/samples/comparison_small_pixelcnn.png")
 PY
