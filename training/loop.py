@@ -151,6 +151,7 @@ def fit(
         batches = list(shard.split(config.batch_size))
         bar = tqdm(batches, desc=f"{desc} {epoch}/{config.epochs}", disable=rank != 0 or not config.progress, leave=False)
         running, totals, last, count = None, {}, {}, 0
+        lr = learning_rate(config, (epoch - 1) * steps_per_epoch, total_steps)
         for step_in_epoch, index in enumerate(bar):
             # The schedule, not the checkpoint's saved lr, sets every step's rate (a resumed run follows the curve).
             lr = learning_rate(config, (epoch - 1) * steps_per_epoch + step_in_epoch, total_steps)
