@@ -25,6 +25,8 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: anneal from --lr at the first step to --min-lr at the last step of --epochs")
     p.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule's final learning rate")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="end after this epoch, on the learning-rate schedule of --epochs; continue with --resume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--name", default=default_name, help="the model's name in the service")
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.lr > 0 or not 0 <= args.min_lr <= args.lr:
         print(f"error: need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}", file=sys.stderr)
+        return 2
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:
+        print(f"error: --stop-after {args.stop_after} must be between 1 and --epochs {args.epochs}", file=sys.stderr)
         return 2
     args.command = "python -m training " + shlex.join(argv)
     args.out = args.out or f"weights/{args.name}.safetensors"

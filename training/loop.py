@@ -36,6 +36,7 @@ class FitConfig:
     resume: bool = False
     lr_schedule: str = "constant"  # "constant", or "cosine": lr at the first step down to min_lr at the last of `epochs`
     min_lr: float = 0.0
+    stop_after: int | None = None  # end this invocation after that epoch, on the schedule of `epochs` (resume later)
     best_key: str = "loss"  # the validation metric to minimise when choosing the best epoch
     progress: bool = True
     show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar
@@ -45,8 +46,8 @@ class FitConfig:
     def from_args(cls, args: Any, **family: Any) -> "FitConfig":
         """The command line's shared options (see training/__main__.py), plus the family's own fields."""
         return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
-                   resume=args.resume, lr_schedule=args.lr_schedule, min_lr=args.min_lr, progress=not args.quiet,
-                   **family)
+                   resume=args.resume, lr_schedule=args.lr_schedule, min_lr=args.min_lr, stop_after=args.stop_after,
+                   progress=not args.quiet, **family)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -132,18 +133,28 @@ def fit(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
     ckpt = config.run_dir / "checkpoint.safetensors"
-    state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": None, "history": [], }
+    state: dict[str, Any] = {"epoch": 0, "best": math.inf, "best_epoch": None, "history": []}
     if config.resume:
         if not ckpt.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; start without --resume")
         state = load_checkpoint(ckpt, model, optimizer)  # restores the RNG state too
         if rank == 0:
             print(f"resumed from {ckpt} after epoch {state['epoch']}")
+        chosen_by = state.get("best_key", config.best_key)  # checkpoints before best_key was kept chose by this run's
+        if chosen_by != config.best_key:
+            # A different selection metric: the earlier best was chosen on another scale, so the choice
+            # starts again among the resumed epochs (the first of them becomes the best so far).
+            state.update(best=math.inf, best_epoch=None)
+            if rank == 0:
+                print(f"the best epoch is now chosen by {config.best_key}, not {chosen_by}: "
+                      f"only epochs after {state['epoch']} compete")
+    state["best_key"] = config.best_key
 
     per_rank = n_train // world
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+    last_epoch = config.epochs if config.stop_after is None else min(config.stop_after, config.epochs)
+    for epoch in range(state["epoch"] + 1, last_epoch + 1):
         model.train()
         # The same permutation on every rank (seeded by epoch), each rank takes its own shard.
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
@@ -205,6 +216,16 @@ def best_saver(args: Any, dataset: str, **save_kwargs: Any) -> Callable[[nn.Modu
         save_model(args.out, model, name=args.name, dataset=dataset, command=args.command, metrics=metrics, **save_kwargs)
 
     return save_best
+
+
+def stopped_early(args: Any, state: dict[str, Any]) -> bool:
+    """True (and says so) when --stop-after ended the run before --epochs: the test split is then not
+    touched; the weight file holds the best epoch so far, with its validation metrics."""
+    if state["epoch"] >= args.epochs:
+        return False
+    print(f"stopped after epoch {state['epoch']} of {args.epochs}: no test evaluation yet; "
+          f"{args.out} holds the best epoch so far ({state['best_epoch']}); continue with --resume")
+    return True
 
 
 def finish(

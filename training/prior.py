@@ -14,7 +14,7 @@ from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
 from models.vqvae import VQVAE
 from training.data import ImageData
 from training.evaluate import marginal_log_prob, nll_bound, per_label_log_prob, usage_stats
-from training.loop import FitConfig, best_saver, finish, fit
+from training.loop import FitConfig, best_saver, finish, fit, stopped_early
 from training.visuals import save_frame
 
 ARCHS = {
@@ -139,7 +139,7 @@ def run(
     fit_config = FitConfig.from_args(args, best_key="val_bits_per_code")
     state = fit(prior, fit_config, n_train=len(train_codes), loss_fn=loss_fn, evaluate=evaluate, save_best=save_best,
                 on_epoch_end=pictures, rank=rank, world=world, desc=f"prior-{args.arch}")
-    if rank != 0:
+    if rank != 0 or stopped_early(args, state):
         return
     freqs = torch.bincount(train.labels, minlength=config.num_classes) if conditional else None
 

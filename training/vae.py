@@ -13,7 +13,7 @@ import torch
 from models.vae import LIKELIHOODS, VAE, VAEConfig
 from training.data import ImageData
 from training.evaluate import active_units, nll_bound, reconstruction_quality, vae_iwae, vae_neg_elbo
-from training.loop import FitConfig, best_saver, finish, fit
+from training.loop import FitConfig, best_saver, finish, fit, stopped_early
 from training.visuals import save_frame
 
 GRID = 64  # images in each per-epoch picture
@@ -91,7 +91,7 @@ def run(
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
                 save_best=best_saver(args, train.name, class_names=train.class_names), on_epoch_end=pictures,
                 rank=rank, world=world, desc=f"vae-{args.arch}")
-    if rank != 0:
+    if rank != 0 or stopped_early(args, state):
         return
     iwae_data = test.subset(args.iwae_images)
 

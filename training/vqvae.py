@@ -12,7 +12,7 @@ import torch
 from models.vqvae import LIKELIHOODS, VQVAE, VQVAEConfig
 from training.data import ImageData
 from training.evaluate import nll_bound, reconstruction_quality, usage_stats
-from training.loop import FitConfig, best_saver, finish, fit
+from training.loop import FitConfig, best_saver, finish, fit, stopped_early
 from training.visuals import save_frame
 
 GRID = 64
@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="logistic: discretized logistic mixture (a likelihood of 8-bit images); mse: the paper's Gaussian",
     )
     p.add_argument("--num-mixtures", type=int, default=5, help="logistic: mixture components per pixel")
+    p.add_argument(
+        "--select-by", choices=("likelihood", "mse"), default=None,
+        help="the validation metric that picks the best epoch: likelihood (bits/dim, the default for the logistic "
+             "decoder) or mse (the reconstruction's squared error, so PSNR; the only choice for --likelihood mse)",
+    )
     p.add_argument(
         "--mean-mse-weight", type=float, default=0.0,
         help="logistic: add this times the MSE of the mixture's mean image to the loss, so the decoder learns "
@@ -96,14 +101,17 @@ def run(
             save_frame(args.run_dir, "inputs", epoch, fixed_x)
             save_frame(args.run_dir, "reconstructions", epoch, m.reconstruct(fixed_x))
 
+    select_by = args.select_by or ("likelihood" if config.likelihood == "logistic" else "mse")
+    if select_by == "likelihood" and config.likelihood != "logistic":
+        raise ValueError("--select-by likelihood needs --likelihood logistic (mse has no likelihood); use --select-by mse")
     fit_config = FitConfig.from_args(
-        args, best_key="val_rec_bits_per_dim" if config.likelihood == "logistic" else "val_mse",
+        args, best_key="val_rec_bits_per_dim" if select_by == "likelihood" else "val_mse",
         show=("perplexity", "codes_used", "restarts"), running_totals=("restarts",),
     )
     state = fit(model, fit_config, n_train=len(train), loss_fn=loss_fn, evaluate=evaluate,
                 save_best=best_saver(args, train.name, class_names=train.class_names), on_epoch_end=pictures,
                 rank=rank, world=world, desc="vqvae")
-    if rank != 0:
+    if rank != 0 or stopped_early(args, state):
         return
 
     def test_metrics(best: VQVAE) -> dict:

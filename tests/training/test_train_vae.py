@@ -209,3 +209,27 @@ def test_bad_learning_rates_are_one_clear_error(fashion_root, tmp_path, capsys, 
     code, _ = train(fashion_root, tmp_path, "--epochs", "1", "--lr-schedule", "cosine", *flags)
     err = capsys.readouterr().err
     assert code == 2 and "0 <= --min-lr <= --lr" in err and "Traceback" not in err
+
+
+def test_stop_after_ends_early_without_touching_the_test_split_and_resumes_to_the_same_weights(fashion_root, tmp_path, capsys):
+    cosine = ["--epochs", "2", "--iwae-k", "1", "--lr-schedule", "cosine", "--lr", "0.003"]
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    straight.mkdir(), resumed.mkdir()
+    assert train(fashion_root, straight, *cosine)[0] == 0
+    capsys.readouterr()
+    code, out = train(fashion_root, resumed, *cosine, "--stop-after", "1")
+    assert code == 0 and "stopped after epoch 1 of 2: no test evaluation yet" in capsys.readouterr().out
+    _, info = load_model(out)
+    assert info.metrics["epoch"] == 1 and not any(k.startswith("test_") for k in info.metrics)
+    assert train(fashion_root, resumed, *cosine, "--resume")[0] == 0
+    a, _ = load_model(straight / "vae.safetensors")
+    b, info = load_model(resumed / "vae.safetensors")
+    assert info.metrics["epochs_trained"] == 2 and "test_neg_elbo" in info.metrics
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert va.equal(vb), k
+
+
+@pytest.mark.parametrize("stop", ["0", "3"])
+def test_stop_after_outside_the_run_is_one_clear_error(fashion_root, tmp_path, capsys, stop):
+    code, _ = train(fashion_root, tmp_path, "--epochs", "2", "--stop-after", stop)
+    assert code == 2 and f"--stop-after {stop} must be between 1 and --epochs 2" in capsys.readouterr().err

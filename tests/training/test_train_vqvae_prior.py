@@ -161,3 +161,41 @@ def test_an_unconditional_priors_bound_is_nll_bound_on_the_same_codes(vqvae_file
     assert m["conditional"] is False and "test_marginal_bits_per_dim" not in m and prior.config.num_classes == 0
     test = load_dataset("fashion-mnist", "test", root=fashion_root)
     assert m["test_bits_per_dim"] == pytest.approx(nll_bound(vqvae, test, prior=prior)["bits_per_dim"], rel=1e-6)
+
+
+def _history(run_dir) -> list[dict]:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "checkpoint.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["state"])["history"]
+
+
+def test_select_by_mse_keeps_the_epoch_with_the_lowest_validation_mse(fashion_root, tmp_path):
+    out = tmp_path / "vq.safetensors"
+    argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(out), "--run-dir", str(tmp_path / "run"), *VQ_TINY]
+    assert main([*argv, "--epochs", "3", "--select-by", "mse", "--lr", "0.01"]) == 0
+    history = _history(tmp_path / "run")
+    _, info = load_model(out)
+    assert info.metrics["best_epoch"] == min(history, key=lambda h: h["val_mse"])["epoch"]
+    assert info.metrics["val_mse"] == pytest.approx(min(h["val_mse"] for h in history), abs=1e-5)
+
+
+def test_resuming_with_another_selection_metric_chooses_among_the_resumed_epochs_only(fashion_root, tmp_path, capsys):
+    """Epoch 1 was chosen by bits/dim; from epoch 2 the choice is by MSE, a different scale: comparing
+    an MSE with the saved bits/dim would be meaningless, so the earlier best no longer competes."""
+    out = tmp_path / "vq.safetensors"
+    argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(out), "--run-dir", str(tmp_path / "run"), *VQ_TINY]
+    assert main([*argv, "--epochs", "1"]) == 0
+    assert main([*argv, "--epochs", "2", "--select-by", "mse", "--resume"]) == 0
+    assert "chosen by val_mse, not val_rec_bits_per_dim: only epochs after 1 compete" in capsys.readouterr().out
+    _, info = load_model(out)
+    assert info.metrics["best_epoch"] == 2 and info.metrics["epochs_trained"] == 2
+
+
+def test_select_by_likelihood_needs_the_logistic_decoder(fashion_root, tmp_path, capsys):
+    argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(tmp_path / "vq.safetensors"),
+            "--run-dir", str(tmp_path / "run"), *VQ_TINY, "--epochs", "1", "--likelihood", "mse", "--select-by", "likelihood"]
+    assert main(argv) == 2
+    assert "--select-by likelihood needs --likelihood logistic" in capsys.readouterr().err
