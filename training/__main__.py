@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         card.run(args)
         return 0
-    if not args.lr > 0 or not 0 <= args.min_lr <= args.lr:
+    if not (math.isfinite(args.lr) and args.lr > 0) or not 0 <= args.min_lr <= args.lr:
         print(f"error: need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}", file=sys.stderr)
         return 2
     if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:

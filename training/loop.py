@@ -24,6 +24,7 @@ from models.io import load_model, save_model
 from training.checkpoint import load_checkpoint, save_checkpoint
 
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+SaveBest = Callable[[nn.Module, dict[str, Any], str], None]  # (model, metrics, the run's command chain)
 
 
 @dataclass
@@ -41,13 +42,19 @@ class FitConfig:
     progress: bool = True
     show: tuple[str, ...] = ()  # per-step stats shown beside the running loss in the progress bar
     running_totals: tuple[str, ...] = ()  # stats that are totals so far: the epoch reports the last value, not a mean
+    command: str = ""  # this invocation's command line; a resumed run's file records every invocation's
 
     @classmethod
     def from_args(cls, args: Any, **family: Any) -> "FitConfig":
         """The command line's shared options (see training/__main__.py), plus the family's own fields."""
         return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, run_dir=Path(args.run_dir),
                    resume=args.resume, lr_schedule=args.lr_schedule, min_lr=args.min_lr, stop_after=args.stop_after,
-                   progress=not args.quiet, **family)
+                   progress=not args.quiet, command=getattr(args, "command", ""), **family)
+
+    def schedule(self, steps_per_epoch: int) -> dict[str, Any]:
+        """What fixes every step's learning rate: a resume that changes any of it is told so."""
+        return {"lr_schedule": self.lr_schedule, "lr": self.lr, "min_lr": self.min_lr if self.lr_schedule == "cosine" else None,
+                "epochs": self.epochs if self.lr_schedule == "cosine" else None, "steps_per_epoch": steps_per_epoch}
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -56,9 +63,10 @@ LR_SCHEDULES = ("constant", "cosine")
 def learning_rate(config: FitConfig, step: int, total_steps: int) -> float:
     """The learning rate of optimizer step `step` (0-based) of a run of `total_steps`.
 
-    A function of the step alone, so a resumed run continues the same curve. "cosine" is
-    SGDR's annealing (Loshchilov & Hutter 2017, eq. 5) without restarts, from config.lr down
-    to config.min_lr at the last step; resuming with a larger --epochs stretches what is left of it.
+    A function of the step alone, so a run resumed with the same settings continues the same curve.
+    "cosine" is SGDR's annealing (Loshchilov & Hutter 2017, eq. 5) without restarts, from config.lr
+    down to config.min_lr at the last step. Resumed with a larger --epochs, a cosine run jumps up to
+    the longer curve's rate at that step and anneals from there.
     """
     if config.lr_schedule == "constant":
         return config.lr
@@ -117,7 +125,7 @@ def fit(
     n_train: int,
     loss_fn: LossFn,
     evaluate: Callable[[nn.Module], dict[str, float]],
-    save_best: Callable[[nn.Module, dict[str, Any]], None],
+    save_best: SaveBest,
     on_epoch_end: Callable[[nn.Module, int], None] | None = None,
     rank: int = 0,
     world: int = 1,
@@ -140,20 +148,17 @@ def fit(
         state = load_checkpoint(ckpt, model, optimizer)  # restores the RNG state too
         if rank == 0:
             print(f"resumed from {ckpt} after epoch {state['epoch']}")
-        chosen_by = state.get("best_key", config.best_key)  # checkpoints before best_key was kept chose by this run's
-        if chosen_by != config.best_key:
-            # A different selection metric: the earlier best was chosen on another scale, so the choice
-            # starts again among the resumed epochs (the first of them becomes the best so far).
-            state.update(best=math.inf, best_epoch=None)
-            if rank == 0:
-                print(f"the best epoch is now chosen by {config.best_key}, not {chosen_by}: "
-                      f"only epochs after {state['epoch']} compete")
-    state["best_key"] = config.best_key
+        state["commands"] = state.get("commands") or [f"(epochs 1-{state['epoch']}: command not recorded)"]
+    state["commands"] = [*state.get("commands", []), config.command]
 
+    per_rank = n_train // world
     per_rank = n_train // world
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     last_epoch = config.epochs if config.stop_after is None else min(config.stop_after, config.epochs)
+    if config.resume:
+        _check_resume(config, state, steps_per_epoch, last_epoch, say=rank == 0)
+    state["best_key"], state["schedule"] = config.best_key, config.schedule(steps_per_epoch)
     for epoch in range(state["epoch"] + 1, last_epoch + 1):
         model.train()
         # The same permutation on every rank (seeded by epoch), each rank takes its own shard.
@@ -194,10 +199,10 @@ def fit(
             improved = metrics[config.best_key] < state["best"]
             if improved:
                 state["best"], state["best_epoch"] = metrics[config.best_key], epoch
-                save_best(model, {**metrics, "epoch": epoch})
+                save_best(model, {**metrics, "epoch": epoch}, command_chain(state))
             if on_epoch_end is not None:
                 on_epoch_end(model, epoch)
-            state["history"].append({"epoch": epoch, **{k: round(float(v), 5) for k, v in metrics.items()}})
+            state["history"].append({"epoch": epoch, **{k: float(f"{float(v):.6g}") for k, v in metrics.items()}})
             state["epoch"] = epoch
             save_checkpoint(ckpt, model, optimizer, state)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -209,11 +214,48 @@ def fit(
     return state
 
 
-def best_saver(args: Any, dataset: str, **save_kwargs: Any) -> Callable[[nn.Module, dict[str, Any]], None]:
-    """The `save_best` every family passes to `fit`: writes args.out with the run's name, data set and command."""
+def _check_resume(config: FitConfig, state: dict[str, Any], steps_per_epoch: int, last_epoch: int, say: bool) -> None:
+    """A resumed run: say what differs from the checkpoint's run, and restart the best-epoch choice
+    when the selection metric changed (the saved best is on another scale)."""
+    if last_epoch <= state["epoch"]:
+        if say:
+            print(f"the checkpoint is already at epoch {state['epoch']}, past --stop-after/--epochs {last_epoch}: "
+                  "nothing to train")
+        return
+    chosen_by = state.get("best_key") or _old_best_key(state) or config.best_key
+    if chosen_by != config.best_key:
+        state.update(best=math.inf, best_epoch=None)
+        if say:
+            print(f"the best epoch is now chosen by {config.best_key}, not {chosen_by}: "
+                  f"only epochs after {state['epoch']} compete")
+    before, now = state.get("schedule"), config.schedule(steps_per_epoch)
+    if say and before is not None and before != now:
+        changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v)
+        print(f"the learning-rate schedule differs from the checkpoint's ({changed}): "
+              f"from epoch {state['epoch'] + 1} the rate follows the new one")
 
-    def save_best(model: nn.Module, metrics: dict[str, Any]) -> None:
-        save_model(args.out, model, name=args.name, dataset=dataset, command=args.command, metrics=metrics, **save_kwargs)
+
+def _old_best_key(state: dict[str, Any]) -> str | None:
+    """A checkpoint from before best_key was saved: the metric of its best epoch that equals the saved best."""
+    row = next((h for h in state["history"] if h["epoch"] == state.get("best_epoch")), None)
+    if row is None or not math.isfinite(state["best"]):
+        return None
+    matches = [k for k, v in row.items() if k.startswith("val_") and math.isclose(v, state["best"], rel_tol=1e-4, abs_tol=1e-5)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def command_chain(state: dict[str, Any]) -> str:
+    """Every invocation that trained this file, in order (a resumed run is more than its last command)."""
+    return " && ".join(state.get("commands", []))
+
+
+def best_saver(args: Any, dataset: str, **save_kwargs: Any) -> SaveBest:
+    """The `save_best` every family passes to `fit`: writes args.out with the run's name, data set and
+    command chain; `epochs_planned` (--epochs) tells a file stopped early by --stop-after from a finished one."""
+
+    def save_best(model: nn.Module, metrics: dict[str, Any], command: str) -> None:
+        save_model(args.out, model, name=args.name, dataset=dataset, command=command,
+                   metrics={**metrics, "epochs_planned": args.epochs}, **save_kwargs)
 
     return save_best
 
@@ -239,6 +281,7 @@ def finish(
     """The end of every run: reload the best epoch's file, evaluate it on the test split (the only
     time test data is seen), and save it again with those metrics. Returns (model, metrics)."""
     best, info = load_model(args.out, device)
-    metrics = {**info.metrics, **test_metrics(best), "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"]}
-    save_model(args.out, best, name=args.name, dataset=dataset, command=args.command, metrics=metrics, **save_kwargs)
+    metrics = {**info.metrics, **test_metrics(best), "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
+               "selected_by": state["best_key"]}
+    save_model(args.out, best, name=args.name, dataset=dataset, command=command_chain(state), metrics=metrics, **save_kwargs)
     return best, metrics

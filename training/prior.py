@@ -127,8 +127,8 @@ def run(
     save_to_file = best_saver(args, train.name, extra=extra, image_shape=vqvae.image_shape,
                               class_names=train.class_names)
 
-    def save_best(m: torch.nn.Module, metrics: dict) -> None:
-        save_to_file(m, {**baseline, **metrics})
+    def save_best(m: torch.nn.Module, metrics: dict, command: str) -> None:
+        save_to_file(m, {**baseline, **metrics}, command)
 
     def pictures(m: torch.nn.Module, epoch: int) -> None:
         with torch.inference_mode():

@@ -182,16 +182,80 @@ def test_select_by_mse_keeps_the_epoch_with_the_lowest_validation_mse(fashion_ro
     assert info.metrics["val_mse"] == pytest.approx(min(h["val_mse"] for h in history), abs=1e-5)
 
 
-def test_resuming_with_another_selection_metric_chooses_among_the_resumed_epochs_only(fashion_root, tmp_path, capsys):
-    """Epoch 1 was chosen by bits/dim; from epoch 2 the choice is by MSE, a different scale: comparing
-    an MSE with the saved bits/dim would be meaningless, so the earlier best no longer competes."""
+def _strip_from_checkpoint(run_dir, *keys) -> None:
+    """Make the checkpoint look like one written before these state keys existed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = run_dir / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(metadata["state"])
+    for key in keys:
+        state.pop(key)
+    save_file(tensors, str(path), metadata={**metadata, "state": json.dumps(state)})
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True], ids=["best_key-saved", "best_key-inferred"])
+def test_resuming_with_another_selection_metric_chooses_among_the_resumed_epochs_only(
+    fashion_root, tmp_path, capsys, old_checkpoint
+):
+    """Epoch 1 was chosen by MSE (about 0.05); from epoch 2 by bits/dim (about 6), a different scale:
+    without starting the choice again, no later epoch could ever beat the saved MSE. A checkpoint
+    written before the metric was saved has it inferred from its best epoch's row."""
     out = tmp_path / "vq.safetensors"
     argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(out), "--run-dir", str(tmp_path / "run"), *VQ_TINY]
-    assert main([*argv, "--epochs", "1"]) == 0
+    assert main([*argv, "--epochs", "1", "--select-by", "mse"]) == 0
+    if old_checkpoint:
+        _strip_from_checkpoint(tmp_path / "run", "best_key", "commands", "schedule")
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "3", "--resume"]) == 0
+    assert "chosen by val_rec_bits_per_dim, not val_mse: only epochs after 1 compete" in capsys.readouterr().out
+    history = _history(tmp_path / "run")
+    model, info = load_model(out)
+    best = min(history[1:], key=lambda h: h["val_rec_bits_per_dim"])["epoch"]
+    assert info.metrics["best_epoch"] == best >= 2 and info.metrics["selected_by"] == "val_rec_bits_per_dim"
+    first = "(epochs 1-1: command not recorded)" if old_checkpoint else "python -m training vqvae"
+    assert info.command.startswith(first) and info.command.count(" && ") == 1 and info.command.endswith("--resume")
+
+
+def test_a_resume_with_nothing_left_to_train_keeps_the_best_epoch(fashion_root, tmp_path, capsys):
+    out = tmp_path / "vq.safetensors"
+    argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(out), "--run-dir", str(tmp_path / "run"), *VQ_TINY]
+    assert main([*argv, "--epochs", "2", "--stop-after", "2"]) == 0  # a whole run: --stop-after at the end is a no-op
+    capsys.readouterr()
     assert main([*argv, "--epochs", "2", "--select-by", "mse", "--resume"]) == 0
-    assert "chosen by val_mse, not val_rec_bits_per_dim: only epochs after 1 compete" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "already at epoch 2, past --stop-after/--epochs 2: nothing to train" in said and "now chosen by" not in said
     _, info = load_model(out)
-    assert info.metrics["best_epoch"] == 2 and info.metrics["epochs_trained"] == 2
+    assert info.metrics["best_epoch"] in (1, 2) and info.metrics["epochs_trained"] == 2
+
+
+def test_a_resume_that_changes_the_schedule_says_so(fashion_root, tmp_path, capsys):
+    argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(tmp_path / "vq.safetensors"),
+            "--run-dir", str(tmp_path / "run"), *VQ_TINY, "--lr-schedule", "cosine"]
+    assert main([*argv, "--epochs", "3", "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "4", "--stop-after", "2", "--resume"]) == 0
+    assert "schedule differs from the checkpoint's (epochs 3 -> 4): from epoch 2" in capsys.readouterr().out
+
+
+def test_stop_after_leaves_the_test_split_alone_for_a_vqvae_and_a_prior(vqvae_file, fashion_root, tmp_path, capsys):
+    out = tmp_path / "vq.safetensors"
+    argv = ["vqvae", "--data-root", str(fashion_root), "--out", str(out), "--run-dir", str(tmp_path / "run"), *VQ_TINY]
+    assert main([*argv, "--epochs", "2", "--stop-after", "1"]) == 0
+    _, info = load_model(out)
+    assert not any(k.startswith("test_") for k in info.metrics)
+    assert info.metrics["epoch"] == 1 and info.metrics["epochs_planned"] == 2
+    prior = tmp_path / "prior.safetensors"
+    assert main(["prior", "--data-root", str(fashion_root), "--vqvae", str(vqvae_file), "--arch", "pixelcnn",
+                 "--hidden-channels", "8", "--n-layers", "2", "--epochs", "2", "--stop-after", "1", "--out", str(prior),
+                 "--run-dir", str(tmp_path / "run-prior"), "--batch-size", "64", "--quiet", "--threads", "1"]) == 0
+    assert "stopped after epoch 1 of 2: no test evaluation yet" in capsys.readouterr().out
+    _, info = load_model(prior)
+    assert not any(k.startswith("test_") for k in info.metrics) and info.metrics["epochs_planned"] == 2
 
 
 def test_select_by_likelihood_needs_the_logistic_decoder(fashion_root, tmp_path, capsys):
