@@ -54,10 +54,11 @@ def _table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> list[str]:
 
 @torch.inference_mode()
 def sample_grid(
-    model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn.Module], seed: int
+    model: torch.nn.Module, info: ModelInfo, vqvaes: dict[str, torch.nn.Module], seed: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, int | None] | None:
     """(images, images per row) of a file's sample grid, or None. A class-conditional prior's grid has
-    one row per class, PER_CLASS samples each, in label order."""
+    one row per class, PER_CLASS samples each, in label order. `temperature` (priors only) divides the
+    logits of every draw, as /sample's does."""
     g = torch.Generator().manual_seed(seed)
     if info.kind == "vae":
         return model.sample(64, generator=g), None
@@ -65,7 +66,8 @@ def sample_grid(
         classes = model.config.num_classes
         labels = torch.arange(classes).repeat_interleave(PER_CLASS) if classes else None  # (classes * PER_CLASS,)
         n = classes * PER_CLASS if classes else 64
-        images = vqvaes[info.extra["vqvae"]].decode_indices(model.sample(n, labels=labels, generator=g))
+        codes = model.sample(n, labels=labels, temperature=temperature, generator=g)  # (n, h, w)
+        images = vqvaes[info.extra["vqvae"]].decode_indices(codes)
         return images, (PER_CLASS if classes else None)
     return None
 

@@ -263,3 +263,33 @@ def test_select_by_likelihood_needs_the_logistic_decoder(fashion_root, tmp_path,
             "--run-dir", str(tmp_path / "run"), *VQ_TINY, "--epochs", "1", "--likelihood", "mse", "--select-by", "likelihood"]
     assert main(argv) == 2
     assert "--select-by likelihood needs --likelihood logistic" in capsys.readouterr().err
+
+
+def test_a_cold_sample_grid_draws_each_classes_most_likely_grid_in_every_cell():
+    """At a temperature near 0 every draw is the argmax, so the PER_CLASS cells of a class's row are one
+    image; at temperature 1 they differ. Rows differ by class, since the label shifts the logits."""
+    from models.io import ModelInfo
+    from models.pixelcnn import PixelCNN, PixelCNNConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+    from training.card import PER_CLASS, sample_grid
+
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(image_size=8, hidden_channels=8, res_channels=4, n_res_blocks=1, codebook_size=8,
+                           embedding_dim=2, init="uniform")).eval()
+    with torch.no_grad():
+        vq.quantizer.embedding.copy_(torch.randn(8, 2) * 3)
+    prior = PixelCNN(PixelCNNConfig(codebook_size=8, code_shape=vq.code_shape, num_classes=3, hidden_channels=8,
+                                    n_layers=2, first_kernel_size=3)).eval()
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.mul_(3)  # logits far enough apart that classes disagree, not so far that a warm draw is the argmax
+    info = ModelInfo(kind="pixelcnn", name="p", image_shape=(1, 8, 8), dataset="t", command="", metrics={},
+                     extra={"vqvae": "vq"})
+    with torch.inference_mode():
+        cold, nrow = sample_grid(prior, info, {"vq": vq}, seed=0, temperature=1e-4)
+        warm, _ = sample_grid(prior, info, {"vq": vq}, seed=0)
+    assert nrow == PER_CLASS and cold.shape[0] == 3 * PER_CLASS
+    rows = cold.view(3, PER_CLASS, *cold.shape[1:])
+    assert all(torch.equal(row[0], cell) for row in rows for cell in row)
+    assert not torch.equal(rows[0, 0], rows[1, 0]) or not torch.equal(rows[1, 0], rows[2, 0])
+    assert not all(torch.equal(w, warm[0]) for w in warm[:PER_CLASS])
