@@ -11,7 +11,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/ship}
 DATA=${DATA:-data/cifar10}
 mkdir -p "$OUT"
-t() { "$PY" -m training "$@" --data "$DATA" --threads 1 --quiet; }
+t() { local family=$1; shift; "$PY" -m training "$family" --data "$DATA" --threads 1 --quiet "$@"; }  # later flags win
 VQ="$OUT/vqvae_cifar10.safetensors"
 # every prior: the same epochs and schedule (PRIOR_EPOCHS to change them), class-conditional on the folder's labels
 PRIOR_ARGS=(--epochs "${PRIOR_EPOCHS:-7}" --batch-size 128 --lr 1e-3 --lr-schedule cosine --min-lr 1e-5)
