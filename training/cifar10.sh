@@ -54,7 +54,7 @@ for run, names in {"vqvae_cifar10": ("inputs", "reconstructions"), "vae_cifar10"
                    "vqvae_cifar10_gated": ("samples",), "vqvae_cifar10_pixelcnn": ("samples",),
                    "vqvae_cifar10_pixelcnnpp": ("samples",)}.items():
     for name in names:
-        print(small_gif(f"runs/{run}", name, f"weights/samples/{run}__{name}.gif", rows=1))
+        print(small_gif(f"runs/{run}", name, f"weights/samples/{run}__{name}.gif", rows=1, max_frames=12))
 # the smaller PixelCNN's per-class grid, drawn as the card draws the shipped priors' (same seed and layout)
 from models.io import load_model
 from training.card import sample_grid
@@ -64,6 +64,11 @@ small, info = load_model("runs/tutorial/pixelcnn_small.safetensors")
 images, nrow = sample_grid(small, info, {info.extra["vqvae"]: vqvae}, seed=0)
 grid_image(images, nrow=nrow).save("weights/samples/comparison_small_pixelcnn.png")
 print("weights/samples/comparison_small_pixelcnn.png")
+# the best prior's per-class grid at temperature 0.7 (/sample's temperature=0.7), beside the card's at 1
+best, info = load_model("weights/vqvae_cifar10_pixelcnnpp.safetensors")
+images, nrow = sample_grid(best, info, {info.extra["vqvae"]: vqvae}, seed=0, temperature=0.7)
+grid_image(images, nrow=nrow).save("weights/samples/vqvae_cifar10_pixelcnnpp_t0.7.png")
+print("weights/samples/vqvae_cifar10_pixelcnnpp_t0.7.png")
 PY
     ;;
   *) echo "lane must be vq, vae, prior-a, prior-b or ship" >&2; exit 2 ;;

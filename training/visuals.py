@@ -42,14 +42,21 @@ def _write_gif(frames: list[Image.Image], out: Path, duration_ms: int) -> Path:
 
 
 def small_gif(
-    run_dir: str | Path, name: str, out: str | Path, rows: int = 1, per_row: int = 8, duration_ms: int = 400
+    run_dir: str | Path, name: str, out: str | Path, rows: int = 1, per_row: int = 8, duration_ms: int = 400,
+    max_frames: int | None = None,
 ) -> Path:
     """A shipped copy of a run's <name> GIF: the top `rows` rows of every frame of frames/<name>_*.png
-    (grid_image grids, `per_row` cells a row with 2-pixel padding), so the first images of the fixed grid."""
+    (grid_image grids, `per_row` cells a row with 2-pixel padding), so the first images of the fixed grid.
+    `max_frames` keeps that many epochs, evenly spaced, the first and the last always among them."""
     frames_dir = Path(run_dir) / "frames"
     paths = sorted(frames_dir.glob(f"{name}_*.png"))
     if not paths:
         raise FileNotFoundError(f"no frames {frames_dir}/{name}_*.png")
+    if max_frames is not None and len(paths) > max_frames:
+        if max_frames < 2:
+            raise ValueError(f"max_frames must be at least 2 (the first and the last epoch), got {max_frames}")
+        step = (len(paths) - 1) / (max_frames - 1)
+        paths = [paths[round(i * step)] for i in range(max_frames)]
     frames = []
     for p in paths:
         with Image.open(p) as frame:

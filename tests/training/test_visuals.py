@@ -29,3 +29,21 @@ def test_small_gif_keeps_the_top_rows_of_every_frame(tmp_path):
         assert im.n_frames == 3 and im.size == (8 * 34 + 2, 34 + 2)
     with Image.open(tmp_path / "frames" / "samples_0001.png") as first:
         assert first.size == (8 * 34 + 2, 8 * 34 + 2)
+
+
+def test_small_gif_keeps_evenly_spaced_epochs_with_the_first_and_the_last(tmp_path):
+    """Frame k is flat grey k/10, so each GIF frame says which epoch it came from."""
+    import pytest
+
+    for epoch in range(1, 11):
+        save_frame(tmp_path, "samples", epoch, torch.full((8, 1, 4, 4), epoch / 10))
+    out = small_gif(tmp_path, "samples", tmp_path / "m.gif", rows=1, max_frames=4)
+    kept = []
+    with Image.open(out) as im:
+        for i in range(im.n_frames):
+            im.seek(i)
+            kept.append(round(im.convert("L").getpixel((3, 3)) / 255 * 10))
+    assert kept == [1, 4, 7, 10]
+    assert Image.open(small_gif(tmp_path, "samples", tmp_path / "all.gif", max_frames=20)).n_frames == 10
+    with pytest.raises(ValueError, match="max_frames must be at least 2"):
+        small_gif(tmp_path, "samples", tmp_path / "one.gif", max_frames=1)
