@@ -115,6 +115,20 @@ def likelihood_table(models: list[tuple[Path, torch.nn.Module, ModelInfo]]) -> l
     return lines if len(lines) > 2 else []
 
 
+def _frames_note(gifs: list[Path], info: ModelInfo) -> str:
+    """How a run's shipped GIFs sample its epochs (small_gif may keep only some, evenly spaced)."""
+    from PIL import Image
+
+    frames = 0
+    for gif in gifs:
+        with Image.open(gif) as im:
+            frames = max(frames, im.n_frames)  # identical frames (fixed inputs) are merged: the most is the count
+    epochs = info.metrics.get("epochs_trained")
+    if epochs is None or frames >= epochs:
+        return "one frame per epoch"
+    return f"{frames} of its {epochs} epochs, evenly spaced, the first and the last among them"
+
+
 def run(args: argparse.Namespace) -> Path:
     folder = Path(args.weights)
     models = [(p, *load_model(p)) for p in sorted(folder.glob("*.safetensors"))]
@@ -159,7 +173,7 @@ def run(args: argparse.Namespace) -> Path:
                 lines += [f"`{path.stem}` samples{rows}:", "", f"![{path.stem} samples](samples/{png.name})", ""]
             gifs = sorted((folder / "samples").glob(f"{path.stem}__*.gif"))
             if gifs:  # the training run's per-epoch frames, copied from its run directory
-                lines += [f"`{path.stem}` during training, one frame per epoch (fixed inputs and fixed noise):", "",
+                lines += [f"`{path.stem}` during training, {_frames_note(gifs, info)} (fixed inputs and fixed noise):", "",
                           " ".join(f"![{g.stem.split('__', 1)[1]}](samples/{g.name})" for g in gifs),
                           "", "; ".join(f"{g.stem.split('__', 1)[1]}" for g in gifs) + " (left to right)", ""]
     out.write_text("\n".join(lines).rstrip() + "\n")

@@ -47,3 +47,19 @@ def test_small_gif_keeps_evenly_spaced_epochs_with_the_first_and_the_last(tmp_pa
     assert Image.open(small_gif(tmp_path, "samples", tmp_path / "all.gif", max_frames=20)).n_frames == 10
     with pytest.raises(ValueError, match="max_frames must be at least 2"):
         small_gif(tmp_path, "samples", tmp_path / "one.gif", max_frames=1)
+
+
+def test_the_card_says_when_a_shipped_gif_keeps_only_some_epochs(tmp_path):
+    from models.io import ModelInfo
+    from training.card import _frames_note
+
+    for epoch in range(1, 6):
+        save_frame(tmp_path, "samples", epoch, torch.full((8, 1, 4, 4), epoch / 10))
+    gif = small_gif(tmp_path, "samples", tmp_path / "m__samples.gif", max_frames=3)
+
+    def info(epochs):
+        return ModelInfo(kind="vae", name="m", image_shape=(1, 4, 4), dataset="d", command="", extra={},
+                         metrics={"epochs_trained": epochs})
+
+    assert _frames_note([gif], info(5)) == "3 of its 5 epochs, evenly spaced, the first and the last among them"
+    assert _frames_note([gif], info(3)) == "one frame per epoch"
