@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from training.data import DATASETS, DataError, load_dataset
-from training.loop import cleanup_distributed, setup_distributed
+from training.loop import LR_SCHEDULES, cleanup_distributed, setup_distributed
 
 
 def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, default_lr: float, default_batch: int) -> None:
@@ -23,7 +23,7 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=default_batch, help="per process")
     p.add_argument("--lr", type=float, default=default_lr)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="cosine: anneal from --lr at the first step to --min-lr at the last step of --epochs")
     p.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule's final learning rate")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",

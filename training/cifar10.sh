@@ -59,16 +59,14 @@ for run, names in {"vqvae_cifar10": ("inputs", "reconstructions"), "vae_cifar10"
 from models.io import load_model
 from training.card import sample_grid
 from training.visuals import grid_image
+# and the best prior's at temperature 0.7 (/sample's temperature=0.7), beside the card's at 1
 vqvae, _ = load_model("weights/vqvae_cifar10.safetensors")
-small, info = load_model("runs/tutorial/pixelcnn_small.safetensors")
-images, nrow = sample_grid(small, info, {info.extra["vqvae"]: vqvae}, seed=0)
-grid_image(images, nrow=nrow).save("weights/samples/comparison_small_pixelcnn.png")
-print("weights/samples/comparison_small_pixelcnn.png")
-# the best prior's per-class grid at temperature 0.7 (/sample's temperature=0.7), beside the card's at 1
-best, info = load_model("weights/vqvae_cifar10_pixelcnnpp.safetensors")
-images, nrow = sample_grid(best, info, {info.extra["vqvae"]: vqvae}, seed=0, temperature=0.7)
-grid_image(images, nrow=nrow).save("weights/samples/vqvae_cifar10_pixelcnnpp_t0.7.png")
-print("weights/samples/vqvae_cifar10_pixelcnnpp_t0.7.png")
+for prior_file, temperature, out in (("runs/tutorial/pixelcnn_small.safetensors", 1.0, "comparison_small_pixelcnn.png"),
+                                     ("weights/vqvae_cifar10_pixelcnnpp.safetensors", 0.7, "vqvae_cifar10_pixelcnnpp_t0.7.png")):
+    prior, info = load_model(prior_file)
+    images, nrow = sample_grid(prior, info, {info.extra["vqvae"]: vqvae}, seed=0, temperature=temperature)
+    grid_image(images, nrow=nrow).save(f"weights/samples/{out}")
+    print(f"weights/samples/{out}")
 PY
     ;;
   *) echo "lane must be vq, vae, prior-a, prior-b or ship" >&2; exit 2 ;;

@@ -152,7 +152,6 @@ def fit(
     state["commands"] = [*state.get("commands", []), config.command]
 
     per_rank = n_train // world
-    per_rank = n_train // world
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     last_epoch = config.epochs if config.stop_after is None else min(config.stop_after, config.epochs)
