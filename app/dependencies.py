@@ -83,12 +83,11 @@ async def image_response(
 ) -> Response:
     """One PNG grid of images (B, C, H, W), or {"images": [base64 PNG, ...]} for Accept: application/json.
 
-    PNG encoding runs in the service's PNG pool: a grid of 256 images is too much work
-    for the event loop, and the model threads have their own work.
+    PNG encoding (and the JSON around base64 PNGs) runs in the service's PNG pool: a grid of 256
+    images is too much work for the event loop, and the model threads have their own work.
     """
     service: Service = request.app.state.service
-    if wants_json(request):
-        encoded = await service.run_io(imaging.pngs_base64, images)
-        return JSONResponse({"images": encoded}, headers=headers)
+    if wants_json(request):  # the JSON of 256 base64 PNGs is written in the pool too
+        return await service.run_io(lambda: JSONResponse({"images": imaging.pngs_base64(images)}, headers=headers))
     png = await service.run_io(imaging.grid_png, images, nrow)
     return Response(png, media_type="image/png", headers=headers)

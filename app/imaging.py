@@ -2,9 +2,15 @@
 
 The upload conversion rule (`decode_upload`), in order:
 
-1. The bytes must open with Pillow (PNG, JPEG, GIF, WebP, BMP, TIFF, ...); anything else is
-   400. The size in the header is checked against `max_pixels` before any pixel is decoded
-   (413), and Pillow's DecompressionBombError is 413 too. Animated images use their first frame.
+1. The bytes must be one of FORMATS (PNG, JPEG, GIF, WebP, BMP, TIFF), opened by Pillow with
+   only those plugins (`Image.open(..., formats=FORMATS)`); anything else is 400. None of them
+   decodes a pixel while opening (ICO, for one, decodes its largest embedded image inside
+   `Image.open`, so a 16x16 icon could carry a 12000x12000 PNG past the size check: it is not
+   accepted). The size in the header is checked against `max_pixels` before any pixel is decoded
+   (413). Pillow's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, process-wide) is set to
+   `max_pixels` by the service (`set_pixel_limit`), so whatever Pillow checks on its own is held
+   to the same bound: its warning is left on, and its error is 413 too. Animated images use their
+   first frame.
 2. The EXIF orientation tag is applied (`ImageOps.exif_transpose`).
 3. Modes are brought to 8 bits: 16- and 32-bit integer images (I;16, I) are read on a 16-bit
    scale (v / 257, rounded, clipped to 0..65535 first), float images (F) on an 8-bit scale
@@ -31,7 +37,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -39,6 +44,14 @@ from PIL import Image, ImageOps
 
 RESAMPLE = Image.Resampling.LANCZOS
 ALPHA_BACKGROUND = 0  # composite transparent pixels over black (see the module docstring)
+# The formats an upload may be: the common ones whose plugins read only the header when opened.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Hold Pillow's own decompression-bomb check, process-wide, to `max_pixels`: it warns above it
+    and raises DecompressionBombError above twice it, wherever a plugin checks a size of its own."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 class ImageError(Exception):
@@ -59,20 +72,21 @@ def decode_upload(
         raise ImageError(400, f"{label} is empty")
     c, h, w = image_shape
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    413, f"{label} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
-                )
-            img.load()
-    except ImageError:
-        raise
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.UnidentifiedImageError:
+        raise ImageError(400, f"{label} is not a decodable image (not one of {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as err:
         raise ImageError(413, f"{label} is too large to decode safely ({err})") from None
     except Exception as err:  # Pillow raises many types on hostile bytes; all of them mean "not an image"
+        raise ImageError(400, f"{label} is not a decodable image ({type(err).__name__})") from None
+    width, height = img.size
+    if width * height > max_pixels:  # from the header: nothing is decoded yet
+        raise ImageError(413, f"{label} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
+    try:
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise ImageError(413, f"{label} is too large to decode safely ({err})") from None
+    except Exception as err:
         raise ImageError(400, f"{label} is not a decodable image ({type(err).__name__})") from None
     try:
         img = ImageOps.exif_transpose(img)

@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import re
+import reprlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,12 +51,29 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 1024 * 1024  # bytes allowed beyond max_files * max_upload_bytes in one request
 UPLOAD_PATHS = frozenset({"/reconstruct", "/encode", "/interpolate"})  # the routes that take multipart uploads
 ECHO_CHARS = 200  # a 422 shows at most this much of the offending input
+MAX_ERRORS = 10  # a 422 lists at most this many errors (and says how many there were)
 
 
 def _short(value: Any) -> Any:
-    """An offending input as a 422 shows it: whole when short, else the start of its JSON and its size."""
+    """An offending input as a 422 shows it: whole when short, else the start of its JSON and its size.
+
+    A list or dict is measured by reprlib first, so that a 1 MiB input costs microseconds, not a full
+    JSON encoding; its size is then given in items."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > ECHO_CHARS:
+        return f"{reprlib.repr(value)[:ECHO_CHARS]} ({len(value)} items)"
     text = json.dumps(value, default=str)
     return value if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a 422 lists for pydantic's `errors`: at most MAX_ERRORS of them, each input cut short,
+    non-finite floats as strings; when there are more, a last item says how many were left out."""
+    shown = [{**e, "input": _short(e["input"])} if "input" in e else dict(e) for e in errors[:MAX_ERRORS]]
+    shown = _json_safe(jsonable_encoder(shown))
+    if len(errors) > MAX_ERRORS:
+        left = len(errors) - MAX_ERRORS
+        shown.append({"type": "more_errors", "loc": [], "msg": f"{left} more error(s) not shown; fix these first"})
+    return shown
 
 
 def _json_safe(value: Any) -> Any:
@@ -108,11 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the offending input, and a JSON body of `Infinity` or `NaN`
-        # cannot be written back as strict JSON (a 500); such floats are echoed as strings.
-        # A long input (a whole body sent with the wrong content type) is cut to its first characters.
-        errors = [{**e, "input": _short(e["input"])} if "input" in e else e for e in _json_safe(jsonable_encoder(exc.errors()))]
-        return JSONResponse({"detail": errors}, status_code=422)
+        # FastAPI's own handler echoes every error with its whole input: a JSON body of `Infinity` or
+        # `NaN` cannot be written back as strict JSON (a 500), and a body with a million errors took
+        # seconds of the event loop to encode. So: a few errors, short inputs, floats as strings.
+        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

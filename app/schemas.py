@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, model_validator
 
 # /sample temperature lies in [MIN_TEMPERATURE, MAX_TEMPERATURE]. A prior divides its float32
 # logits by it: far below 1e-3 they overflow (inf - inf = NaN), and at 1e-3 a logit gap of 0.02
@@ -14,6 +14,14 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 10.0
 MIN_STEPS, MAX_STEPS = 2, 64  # /interpolate steps, both ends included
 MAX_SEED = 2**63 - 1
+# Bounds on the lists of a /decode body, so that validation stops early: the outer list at most
+# MAX_DECODE_ITEMS (Settings.max_n cannot exceed it), a latent at most MAX_LATENT_DIM numbers, a code
+# grid at most MAX_CODE_SIDE rows of as many codes (models/io.py refuses models beyond these). Each
+# list stops at its first bad item (fail_fast), so a 422 names one error, not a million; the route
+# then checks the exact counts and shapes against the model (app/routes/generate.py).
+MAX_DECODE_ITEMS = 4096
+MAX_LATENT_DIM = 4096
+MAX_CODE_SIDE = 256
 
 InterpolationMethod = Literal["slerp", "lerp"]
 
@@ -127,5 +135,21 @@ class DecodeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Strict()]
-    z: list[list[StrictFloat]] | None = Field(None, description="VAE: one latent vector of length D per image")
-    codes: list[list[list[StrictInt]]] | None = Field(None, description="VQ-VAE: one (h, w) grid of code indices per image")
+    z: list[Annotated[list[StrictFloat], Field(max_length=MAX_LATENT_DIM, fail_fast=True)]] | None = Field(
+        None, max_length=MAX_DECODE_ITEMS, fail_fast=True, description="VAE: one latent vector of length D per image"
+    )
+    codes: list[Annotated[list[Annotated[list[StrictInt], Field(max_length=MAX_CODE_SIDE, fail_fast=True)]],
+                          Field(max_length=MAX_CODE_SIDE, fail_fast=True)]] | None = Field(
+        None, max_length=MAX_DECODE_ITEMS, fail_fast=True, description="VQ-VAE: one (h, w) grid of code indices per image"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data: Any) -> Any:
+        """One error for unknown fields, however many (extra="forbid" would report each of 100,000 keys)."""
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                shown = ", ".join(repr(str(k)[:40]) for k in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+                raise ValueError(f"unknown field(s) {shown}; a /decode body has 'model' and 'z' or 'codes'")
+        return data

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from app import imaging
 from app.batching import Batcher
 from app.metrics import Metrics
 from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
@@ -66,6 +67,7 @@ class Service:
     async def start(cls, settings: Settings, metrics: Metrics) -> Service:
         device = settings.resolve_device()
         torch.set_num_threads(torch_threads(settings))  # the loading thread; every model thread sets its own
+        imaging.set_pixel_limit(settings.max_pixels)  # Pillow's own bomb check, process-wide (app/imaging.py)
         if settings.precision != "fp32" and device.type != "cuda":
             log.warning("precision=%s applies on CUDA only; %s runs in fp32", settings.precision, device)
         registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from app.dependencies import ServiceDep, find_model, image_response
 from app.errors import deadline
@@ -54,7 +54,7 @@ async def encode(
     service: ServiceDep,
     model: ModelQuery,
     include_z_e: Annotated[bool, Query(description="VQ-VAE: also return the continuous encoder output z_e")] = False,
-) -> dict[str, Any]:
+) -> Response:
     """VAE: mu and logvar of q(z|x) per image. VQ-VAE: the (h, w) code grid per image (and z_e on request)."""
     entry = find_model(service, model)
     if include_z_e and entry.kind != "vqvae":
@@ -62,7 +62,17 @@ async def encode(
     async with deadline(service.settings.request_timeout_s):
         names, x = await read_files(request, service, entry)
         first, second = await service.batcher(entry.name, Op.ENCODE).submit(x)
-    if entry.kind == "vae":
+        # A VQ-VAE's z_e for 64 files is megabytes of JSON: built and written in the PNG pool, off
+        # the event loop (returning a Response skips FastAPI's validation against EncodeResponse,
+        # which only documents the answer).
+        return await service.run_io(_encoding_response, entry.name, entry.kind, names, first, second, include_z_e)
+
+
+def _encoding_response(
+    model: str, kind: str, names: list[str], first: torch.Tensor, second: torch.Tensor, include_z_e: bool
+) -> JSONResponse:
+    """The /encode answer (EncodeResponse): VAE mu, logvar (B, D); VQ-VAE z_e (B, D, h, w), codes (B, h, w)."""
+    if kind == "vae":
         items = [{"file": name, "mu": mu.tolist(), "logvar": lv.tolist()} for name, mu, lv in zip(names, first, second)]
     else:
         items = []
@@ -71,7 +81,7 @@ async def encode(
             if include_z_e:
                 item["z_e"] = z_e.tolist()
             items.append(item)
-    return {"model": entry.name, "kind": entry.kind, "items": items}
+    return JSONResponse({"model": model, "kind": kind, "items": items})
 
 
 @router.post("/interpolate", response_class=Response, responses=UPLOAD_RESPONSES, openapi_extra=ENDS)

@@ -245,7 +245,7 @@ def test_api_errors_are_shown_as_messages(page, tmp_path) -> None:
     for cell in settled(page, "#recon-results .pair"):
         message = cell.find_element(By.CSS_SELECTOR, ".error")
         assert cell.get_attribute("data-state") == "error" and message.is_displayed()
-        assert message.text == "file 'notes.png' is not a decodable image (UnidentifiedImageError) (HTTP 400, unusable image)"
+        assert message.text == "file 'notes.png' is not a decodable image (not one of PNG, JPEG, GIF, WEBP, BMP, TIFF) (HTTP 400, unusable image)"
 
 
 def test_screenshots_at_desktop_and_phone_width(page, tmp_path) -> None:

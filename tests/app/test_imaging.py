@@ -151,3 +151,35 @@ def test_png_bytes_are_deterministic_and_exact():
     assert arr.shape == (22, 22, 3)
     assert np.array_equal(arr[2:10, 2:10], imaging.to_uint8(images[0]).permute(1, 2, 0).numpy())
     assert imaging.to_uint8(torch.tensor([float("nan"), -1.0, 0.5, 2.0])).tolist() == [0, 0, 128, 255]
+
+
+def ico_with_png(png: bytes, side_in_directory: int = 16) -> bytes:
+    """An ICO whose directory says side x side, embedding `png` (Pillow reads the PNG's own size)."""
+    header = struct.pack("<HHH", 0, 1, 1)  # reserved, type 1 = icon, one image
+    entry = struct.pack("<BBBBHHII", side_in_directory, side_in_directory, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+def test_an_ico_carrying_a_huge_png_is_refused_before_decoding():
+    # The review's bomb: a 16x16 icon embedding a 12000x12000 PNG, decoded inside Image.open (ICO
+    # loads at open), before the size check (which then saw 413 only after the decoding). Here
+    # 3000x3000: ICO is not an accepted format, so the file is refused before Pillow opens its PNG.
+    buf = io.BytesIO()
+    Image.new("RGBA", (3000, 3000)).save(buf, "PNG")
+    data = ico_with_png(buf.getvalue())
+    icon = Image.open(io.BytesIO(data))
+    assert icon.format == "ICO" and icon.size == (3000, 3000)  # Pillow alone takes it, decoded at open
+    with pytest.raises(ImageError) as err:
+        decode_upload(data, "bomb.ico", image_shape=GRAY, max_pixels=64)
+    assert err.value.status_code == 400 and "(not one of PNG, JPEG, GIF, WEBP, BMP, TIFF)" in err.value.detail
+
+
+def test_pillows_own_bomb_check_is_held_to_max_pixels(monkeypatch):
+    # set_pixel_limit makes Pillow's check (which its plugins also run on sizes of their own) use the
+    # service's bound: above twice it, Pillow raises itself, and that is a 413 too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    imaging.set_pixel_limit(100)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    with pytest.raises(ImageError) as err:
+        decode_upload(save(Image.new("L", (20, 20))), "big.png", image_shape=GRAY, max_pixels=10**6)
+    assert err.value.status_code == 413 and "too large to decode safely" in err.value.detail

@@ -228,3 +228,24 @@ async def test_interpolation_needs_both_files(client):
     assert r.status_code == 400 and "'b.png' is not a decodable image" in r.json()["detail"]
 
 
+
+
+@pytest.mark.parametrize("path, params, headers", [
+    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}),
+    ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}),
+])
+async def test_large_json_answers_are_written_off_the_event_loop(client, monkeypatch, path, params, headers):
+    # A 64-file /encode with z_e is megabytes of JSON: FastAPI validated and wrote it on the event
+    # loop, stalling /health by half a second. Now the JSON is built in the PNG pool's threads.
+    import threading
+
+    from starlette.responses import JSONResponse
+
+    threads = []
+    render = JSONResponse.render
+    monkeypatch.setattr(JSONResponse, "render", lambda self, content: threads.append(threading.current_thread().name)
+                        or render(self, content))
+    files = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(3)]
+    r = await client.post(path, params=params, files=files, headers=headers)
+    assert r.status_code == 200 and len(r.json()["items" if path == "/encode" else "images"]) == 3
+    assert threads and all(name.startswith("genserve-io") for name in threads), threads
