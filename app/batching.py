@@ -3,7 +3,19 @@
 A route hands `submit` a tuple of tensors whose first dimension counts its items (images,
 latents, noise draws). The worker task runs **opportunistically**: a request that finds the
 batcher idle starts at once, and the requests that arrive while a pass runs form the next
-pass, up to `max_batch_size` items. Waiting for company (`max_wait_s`, counted from the oldest
+pass, up to `max_batch_size` items.
+
+**Fair between requests.** The queue is not first come, first served, which let four clients
+drawing 256 images each hold a one-image request for 2.5 s. It is fair queuing by items (start-time
+fair queuing, each request a flow): a request bigger than `max_batch_size` is cut into chunks of
+that size, and every chunk gets a virtual finish time, the batcher's virtual time when the request
+arrived plus the items of the request up to and including that chunk. The virtual time grows as a
+fluid fair share would: each item served adds 1 / (the requests then waiting or served). A pass
+takes the chunks with the lowest finish times, while they fit. So a small request overtakes the
+queued chunks of large ones and runs in the next pass, on its own if no other small one fits with
+it; large requests are served a chunk at a time, in turns; and no stream of small requests can
+starve a large one, since later arrivals get later tags.
+Between batchers the CPU is shared by app/scheduling.py. Waiting for company (`max_wait_s`, counted from the oldest
 request, LitServe's `while time.monotonic() < end and len(items) < max_batch_size`) is opt-in
 and off by default: on an idle model a wait only adds latency, and under load the passes
 fill up on their own while the previous one runs.
@@ -40,19 +52,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
 
+from app import scheduling
 from app.errors import BatchFailedError, NotRunningError, QueueFullError
 from app.logs import request_id
+from app.scheduling import ComputeScheduler, PassAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +79,14 @@ ExampleFn = Callable[[int, torch.Generator], Inputs]  # (rows, generator) -> val
 _current = threading.local()  # .wanted: the pass running in this thread is still wanted by someone
 
 
-class PassAbandoned(Exception):
-    """Raised by `check_wanted` inside a pass when none of its requests is still waiting."""
-
-
 def check_wanted() -> None:
     """Between the steps of a long pass: raise PassAbandoned when no request of the pass running in
-    this thread still waits for it (all timed out or cancelled). Outside a batcher's pass, a no-op."""
+    this thread still waits for it (all timed out or cancelled), else offer its compute slot to a
+    less-served batcher (app/scheduling.py). Outside a batcher's pass, a no-op."""
     wanted = getattr(_current, "wanted", None)
     if wanted is not None and not wanted():
         raise PassAbandoned
+    scheduling.checkpoint(wanted)
 
 
 @dataclass
@@ -101,6 +114,12 @@ class _Entry:
     future: asyncio.Future
     enqueued_at: float  # loop.time()
     request_id: str = "-"
+    finish: float = 0.0  # its virtual finish time: passes take the entries with the lowest first
+    seq: int = 0  # arrival order, for ties
+    flow: int = 0  # its request: the chunks of one request share it
+
+    def __lt__(self, other: _Entry) -> bool:  # heap order
+        return (self.finish, self.seq) < (other.finish, other.seq)
 
 
 def bucket_candidates(max_batch_size: int) -> list[int]:
@@ -129,6 +148,7 @@ class Batcher:
     max_inflight: int = 1  # passes of this batcher running at once (the executor needs as many threads)
     autocast_dtype: torch.dtype | None = None  # CUDA only
     on_batch: Callable[[str, int, float, bool], None] | None = None  # (name, items, seconds, ok) for metrics
+    scheduler: ComputeScheduler | None = None  # shares the CPU with other batchers (app/scheduling.py)
     restart_delay_s: float = 0.1  # before a dead worker is restarted; doubles per death in a row, up to 5 s
     stats: BatcherStats = field(default_factory=BatcherStats)
 
@@ -139,8 +159,10 @@ class Batcher:
             self.buckets = tuple(sorted(set(self.buckets)))
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, got {self.max_inflight}")
-        self._queue: deque[_Entry] = deque()
+        self._queue: list[_Entry] = []  # a heap, by virtual finish time (_Entry.__lt__)
         self._queued_items = 0
+        self._vtime = 0.0  # virtual time: items served, each divided by the requests then competing
+        self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -188,7 +210,7 @@ class Batcher:
                     await self._task
             self._task = None
         while self._queue:  # only when draining ran out of time
-            entry = self._queue.popleft()
+            entry = self._queue.pop()
             if not entry.future.done():
                 entry.future.set_exception(NotRunningError("the service is shutting down"))
         self._queued_items = 0
@@ -227,22 +249,31 @@ class Batcher:
         now = loop.time()
         entries = []
         rid = request_id.get()
+        finish = self._vtime  # fair queuing: a request's chunks follow each other from the current virtual time
+        flow = next(self._seq)
         for start in range(0, n, self.max_batch_size):
             chunk = tuple(t[start : start + self.max_batch_size] for t in inputs)
-            entries.append(_Entry(chunk, int(chunk[0].shape[0]), loop.create_future(), now, rid))
-        self._queue.extend(entries)
+            size = int(chunk[0].shape[0])
+            finish += size
+            entries.append(_Entry(chunk, size, loop.create_future(), now, rid, finish, next(self._seq), flow))
+        for e in entries:
+            heapq.heappush(self._queue, e)
         self._queued_items += n
         self._wakeup.set()
         try:
             parts = await asyncio.gather(*(e.future for e in entries))
         except BaseException:
             # Timed out, cancelled or failed: withdraw what has not started, cancel the rest.
+            withdrawn = False
             for e in entries:
                 if not e.future.done():
                     e.future.cancel()
                 with contextlib.suppress(ValueError):
                     self._queue.remove(e)
                     self._queued_items -= e.n
+                    withdrawn = True
+            if withdrawn:
+                heapq.heapify(self._queue)
             raise
         if len(parts) == 1:
             return parts[0]
@@ -293,16 +324,20 @@ class Batcher:
         """Move what is queued into `batch`, up to max_batch_size items; with max_wait_s > 0, wait
         that long from the oldest request for the batch to fill."""
         loop = asyncio.get_running_loop()
-        end = self._queue[0].enqueued_at + self.max_wait_s
+        end = min(e.enqueued_at for e in self._queue) + self.max_wait_s
         items = 0
         while True:
             while self._queue and items + self._queue[0].n <= self.max_batch_size:
-                entry = self._queue.popleft()
+                entry = heapq.heappop(self._queue)
                 self._queued_items -= entry.n
                 if entry.future.done():  # cancelled while waiting
                     continue
                 batch.append(entry)
                 items += entry.n
+                # The virtual time advances as a fluid share would: by the items served over the
+                # requests competing for them (so tags of later arrivals grow, and none starves).
+                flows = len({e.flow for e in self._queue} | {e.flow for e in batch})
+                self._vtime += entry.n / flows
             if self.max_wait_s <= 0 or self._stopping:
                 return
             full = items >= self.max_batch_size or bool(self._queue)  # the next one does not fit
@@ -393,9 +428,10 @@ class Batcher:
         """
         n = sum(sizes)
         stacked = tuple(parts[0] if len(inputs) == 1 else torch.cat(parts) for parts in zip(*inputs))  # (n, ...)
-        _current.wanted = lambda: not all(f.done() for f in futures)
+        _current.wanted = wanted = lambda: not all(f.done() for f in futures)
         try:
-            outputs = self._forward(stacked, n)
+            with self.scheduler.computing(self.name, wanted) if self.scheduler else contextlib.nullcontext():
+                outputs = self._forward(stacked, n)
         finally:
             _current.wanted = None
         answers, offset = [], 0

@@ -6,7 +6,9 @@ pass sizes (with `pad_batches`) and start its batcher. `stop` refuses new work, 
 queues and ends the workers.
 
 Threads: every batcher has an executor of its own (`max_inflight` threads), so a slow model's
-passes never hold up a cheap model's; the operating system, or the GPU, interleaves them.
+passes never hold up a cheap model's: on the CPU a shared `ComputeScheduler` (app/scheduling.py)
+lets `compute_slots` passes compute at once and gives the next turn to the least-served model,
+at every step of a multi-step pass; on the GPU the device interleaves them.
 PNGs are encoded in a separate bounded pool (`io_threads`), beside the models, and uploads
 decoded in one of their own (`decode_slots` threads, behind a semaphore of as many slots).
 """
@@ -29,6 +31,7 @@ from app.batching import Batcher
 from app.metrics import Metrics
 from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
 from app.registry import Registry
+from app.scheduling import ComputeScheduler
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,14 +41,27 @@ T = TypeVar("T")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def compute_slots(settings: Settings, device: torch.device) -> int | None:
+    """Passes computing at once (app/scheduling.py): the setting (0: no scheduling), else on the CPU
+    the cores over each pass's torch threads, at least 1; on CUDA no scheduling."""
+    if settings.compute_slots is not None:
+        return settings.compute_slots or None
+    if device.type != "cpu":
+        return None
+    return max(1, usable_cores() // torch_threads(settings))
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def torch_threads(settings: Settings) -> int:
     """Intra-op threads of each model thread: the setting, else half the usable cores of each worker
     (the other half serve HTTP and the upload and PNG pools; tiny autoregressive steps lose more to
     thread synchronisation than they gain: on 2 cores, PixelCNN n=1 took 50 ms with 2 threads, 36 with 1)."""
     if settings.torch_threads:
         return settings.torch_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // (2 * settings.workers))
+    return max(1, usable_cores() // (2 * settings.workers))
 
 
 @dataclass
@@ -59,6 +75,7 @@ class Service:
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     upload_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # requests reading uploads
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
+    scheduler: ComputeScheduler | None = None  # shares the CPU between the batchers
     executors: list[ThreadPoolExecutor] = field(default_factory=list)
     ready: bool = False  # True from the end of start() until stop()
     draining: bool = False  # begin_drain(): shutdown has begun; /ready is 503, requests are still served
@@ -76,6 +93,8 @@ class Service:
         service.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
         service.decode_slots = asyncio.Semaphore(settings.decode_slots)
         service.upload_slots = asyncio.Semaphore(settings.upload_slots)
+        slots = compute_slots(settings, device)
+        service.scheduler = ComputeScheduler(slots) if slots else None
         try:
             if settings.pad_batches and settings.linear_min_rows > 1:
                 for entry in registry.entries.values():
@@ -118,6 +137,7 @@ class Service:
             max_inflight=s.max_inflight,
             autocast_dtype=AUTOCAST_DTYPES[s.precision],
             on_batch=self.metrics.observe_batch,
+            scheduler=self.scheduler,
         )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(executor, warm_up, operation, self.device)

@@ -32,7 +32,8 @@ async def ready(request: Request) -> Any:
 async def config(request: Request) -> dict[str, Any]:
     """The settings in effect (GENSERVE_* environment variables), the device they resolved to, and
     per batcher the pass sizes it pads to (`pass_sizes`: the batch-invariant sizes found at
-    start-up with pad_batches; null where passes are unpadded)."""
+    start-up with pad_batches; null where passes are unpadded), and the passes that compute at once
+    (`resolved_compute_slots`: null when nothing is scheduled, app/scheduling.py)."""
     settings = request.app.state.settings
     if settings is None:
         return JSONResponse({"detail": "starting"}, status_code=503, headers={"Retry-After": "1"})
@@ -41,6 +42,7 @@ async def config(request: Request) -> dict[str, Any]:
         **settings.model_dump(mode="json"),
         "resolved_device": str(service.device) if service is not None else None,
         "pass_sizes": service.pass_sizes() if service is not None else None,
+        "resolved_compute_slots": service.scheduler.slots if service is not None and service.scheduler else None,
     }
 
 

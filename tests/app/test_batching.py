@@ -158,6 +158,62 @@ async def test_requests_that_arrive_during_a_pass_form_the_next_pass(executor):
     assert passes == [[0.0], [1.0, 2.0, 3.0]]
 
 
+async def test_a_small_request_overtakes_the_queued_chunks_of_large_ones(executor):
+    # First come, first served held a one-row request behind every queued chunk of the large
+    # requests (the review: 51 ms -> 2.5 s). Fair queuing runs it in the very next pass, alone.
+    entered, gate, passes = threading.Event(), threading.Event(), []
+
+    def fn(x):
+        passes.append(sorted(set(x[:, 0].tolist())))
+        entered.set()
+        assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    batcher = Batcher(name="test", fn=fn, executor=executor, max_batch_size=4)
+    batcher.start()
+    large = [asyncio.ensure_future(batcher.submit(torch.full((12, 1), float(i)))) for i in (1, 2)]
+    assert await asyncio.to_thread(entered.wait, 10)  # the first chunk of request 1 runs
+    small = asyncio.ensure_future(batcher.submit(torch.full((1, 1), 9.0)))
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*large, small)
+    await batcher.stop()
+    assert passes[:2] == [[1.0], [9.0]]  # the small one next, on its own (a chunk of 4 would not fit beside it)
+    # and the two large ones take turns, a chunk at a time, rather than one after the other
+    assert passes[2:] == [[2.0], [1.0], [2.0], [1.0], [2.0]]
+
+
+async def test_a_stream_of_small_requests_does_not_starve_a_large_one(executor):
+    # A small request arrives during every pass. Shortest-first would serve the large one only once
+    # they stop; fair queuing gives each arrival a later tag as the virtual time grows, so the
+    # large request's three chunks are done within six passes while the stream goes on.
+    entered, passes = asyncio.Queue(), []
+    gates = [threading.Event() for _ in range(16)]
+    loop = asyncio.get_running_loop()
+
+    def fn(x):
+        passes.append(sorted(set(x[:, 0].tolist())))
+        loop.call_soon_threadsafe(entered.put_nowait, len(passes))
+        assert gates[len(passes) - 1].wait(20), "test gate never opened"
+        return (x,)
+
+    batcher = Batcher(name="test", fn=fn, executor=executor, max_batch_size=4)
+    batcher.start()
+    large = asyncio.ensure_future(batcher.submit(torch.full((12, 1), 100.0)))
+    small = []
+    for i in range(10):
+        await asyncio.wait_for(entered.get(), 10)  # pass i runs: one more small request arrives
+        small.append(asyncio.ensure_future(batcher.submit(torch.full((4, 1), float(i)))))
+        await asyncio.sleep(0)
+        gates[i].set()
+    for gate in gates:
+        gate.set()
+    await asyncio.gather(large, *small)
+    await batcher.stop()
+    large_passes = [i for i, p in enumerate(passes) if p == [100.0]]
+    assert len(large_passes) == 3 and large_passes[-1] <= 5, passes  # of 13 passes
+
+
 @pytest.mark.parametrize(("wait", "expected"), [(30.0, [4]), (0.0, [1, 3])])
 async def test_the_opt_in_wait_collects_company(executor, wait, expected):
     sizes, gate = [], threading.Event()

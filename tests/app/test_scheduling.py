@@ -1,0 +1,101 @@
+"""The compute scheduler: slots, fair share between groups, yielding at steps, abandonment."""
+
+import threading
+import time
+
+import pytest
+
+from app.scheduling import ComputeScheduler, PassAbandoned, checkpoint
+
+
+def run_steps(scheduler, group, steps, step_s, log, wanted=None):
+    with scheduler.computing(group, wanted):
+        for i in range(steps):
+            log.append((group, i))
+            time.sleep(step_s)
+            checkpoint(wanted)
+
+
+def test_a_newcomer_runs_at_the_next_step_of_a_heavy_pass_not_after_it():
+    # One slot: a heavy pass of 40 steps runs; a light pass of 1 step arrives. Without the scheduler
+    # (or first come, first served) it would wait for all 40 steps; here it runs within a step or two.
+    scheduler, log = ComputeScheduler(1), []
+    heavy = threading.Thread(target=run_steps, args=(scheduler, "heavy", 40, 0.005, log))
+    heavy.start()
+    while len(log) < 5:
+        time.sleep(0.001)
+    light = threading.Thread(target=run_steps, args=(scheduler, "light", 1, 0.0, log))
+    light.start()
+    light.join(10)
+    heavy.join(10)
+    at = log.index(("light", 0))
+    assert at < 10 and log.count(("light", 0)) == 1 and len(log) == 41, log[:12]
+
+
+def test_busy_groups_share_the_slot_by_compute_time_and_only_one_computes_at_once():
+    scheduler, log, inside, most = ComputeScheduler(1), [], [0], [0]
+    lock = threading.Lock()
+
+    def work(group):
+        with scheduler.computing(group):
+            for i in range(30):
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                log.append(group)
+                time.sleep(0.003)
+                with lock:
+                    inside[0] -= 1
+                checkpoint()
+
+    threads = [threading.Thread(target=work, args=(g,)) for g in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert most[0] == 1 and len(log) == 60
+    first_half = log[:30]  # both got turns early: neither waited for the other's whole pass
+    assert 8 <= first_half.count("a") <= 22, log
+    times = scheduler.virtual_times()
+    assert abs(times["a"] - times["b"]) < 0.05
+
+
+def test_a_pass_whose_requests_went_away_stops_waiting():
+    scheduler, started, release = ComputeScheduler(1), threading.Event(), threading.Event()
+
+    def hold():
+        with scheduler.computing("holder"):
+            started.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    started.wait(10)
+    wanted = [True]
+    outcome = []
+
+    def wait_for_turn():
+        try:
+            with scheduler.computing("waiter", lambda: wanted[0]):
+                outcome.append("ran")
+        except PassAbandoned:
+            outcome.append("abandoned")
+
+    waiter = threading.Thread(target=wait_for_turn)
+    waiter.start()
+    time.sleep(0.1)
+    wanted[0] = False
+    waiter.join(5)
+    release.set()
+    holder.join(5)
+    assert outcome == ["abandoned"]
+    with scheduler.computing("after"):  # the slot is free again
+        pass
+
+
+def test_outside_a_pass_checkpoint_does_nothing_and_none_schedules_nothing():
+    checkpoint()
+    with ComputeScheduler(None).computing("x"):
+        checkpoint()
+    with pytest.raises(ValueError, match="slots must be at least 1"):
+        ComputeScheduler(0)
