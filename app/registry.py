@@ -6,8 +6,11 @@ its kind: `pixelcnn`, `gated`, `pixelcnnpp`.
 
 A file that cannot be used is skipped, not fatal: the error is logged and listed in
 `Registry.problems` (GET /models/problems; a rejected prior also appears under its VQ-VAE
-in GET /models). So one bad file never takes the other models down. Skipped are:
-unreadable or invalid weight files, a second model with a name already loaded, a prior
+in GET /models). So one bad file never takes the other models down: every step of loading
+and pairing runs per file, and whatever it raises rejects that file alone. Skipped are:
+unreadable or invalid weight files (models/io.py lists the checks), a file whose GET /models
+description would not validate (`ModelEntry`, `PriorInfo`: it is checked here, at load, so
+GET /models cannot fail later), a second model with a name already loaded, a prior
 whose recorded VQ-VAE is not loaded, whose recorded codebook digest differs from that
 VQ-VAE's `codebook_digest()`, whose codebook_size or code_shape differ from the VQ-VAE's,
 a class-conditional prior that records class names but not one per class (its label-to-name
@@ -25,6 +28,7 @@ What each served model can compute, and how it is batched, lives in app/operatio
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import reprlib
@@ -33,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from models.io import ModelInfo, load_model
+from app.schemas import ModelEntry, PriorInfo
+from models.io import NAME_PATTERN, ModelInfo, load_model
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +150,47 @@ class Registry:
             except Exception as err:  # WeightFileError, or anything a foreign file provokes
                 registry._reject(path, f"cannot load: {err}")
                 continue
-            if info.kind in PRIOR_API_NAMES:
-                priors.append((path, model, info))
-            elif info.kind not in SERVED_KINDS:
-                registry._reject(path, f"kind {info.kind!r} is not served")
-            elif info.name in registry.entries:
-                registry._reject(path, f"a model named {info.name!r} is already loaded from {registry.entries[info.name].info.path}")
-            else:
-                registry.entries[info.name] = Entry(model, info, device)
+            registry._isolated(path, registry._add, path, model, info, priors)
         for path, model, info in priors:
-            registry._attach_prior(path, model, info)
+            registry._isolated(path, registry._attach_prior, path, model, info)
+        for entry in list(registry.entries.values()):  # each part was checked alone; now the whole item
+            registry._isolated(Path(entry.info.path or entry.name), registry._check_description, entry)
         if not registry.entries:
             log.warning("no servable model in %s", weights_dir)
         return registry
+
+    def _isolated(self, path: Path, step: Any, *args: Any) -> None:
+        """Run one file's loading or pairing step; anything it raises rejects that file, never the others."""
+        try:
+            step(*args)
+        except Exception as err:  # a bug or a file nobody foresaw: this file is skipped, the service starts
+            log.exception("unexpected error on weight file %s", path)
+            self._reject(path, f"cannot be used: {type(err).__name__}: {_clip(err)}")
+
+    def _add(self, path: Path, model: nn.Module, info: ModelInfo, priors: list[tuple[Path, nn.Module, ModelInfo]]) -> None:
+        """A loaded file: a prior waits for pairing, a VAE or VQ-VAE is served once its description validates."""
+        if info.kind in PRIOR_API_NAMES:
+            priors.append((path, model, info))
+        elif info.kind not in SERVED_KINDS:
+            self._reject(path, f"kind {info.kind!r} is not served")
+        elif info.name in self.entries:
+            self._reject(path, f"a model named {info.name!r} is already loaded from {self.entries[info.name].info.path}")
+        else:
+            entry = Entry(model, info, device=self.device)
+            invalid = _invalid(ModelEntry, _describe(entry))
+            if invalid:
+                return self._reject(path, f"its GET /models description is invalid: {invalid}")
+            self.entries[info.name] = entry
+
+    def _check_description(self, entry: Entry) -> None:
+        """Withdraw a served model (and its priors) whose whole GET /models item, priors included, would not validate."""
+        invalid = _invalid(ModelEntry, _describe(entry))
+        if invalid:
+            del self.entries[entry.name]
+            path = Path(entry.info.path or entry.name)
+            self._reject(path, f"its GET /models description is invalid: {invalid}")
+            for prior in entry.priors.values():
+                self._reject(Path(prior.info.path or prior.info.name), f"its VQ-VAE {entry.name!r} was refused")
 
     def _reject(self, path: Path, reason: str, vqvae: str | None = None) -> None:
         log.error("skipping weight file %s: %s", path, reason)
@@ -167,9 +201,11 @@ class Registry:
 
     def _attach_prior(self, path: Path, model: nn.Module, info: ModelInfo) -> None:
         api_name = PRIOR_API_NAMES[info.kind]
-        vq_name = info.extra.get("vqvae")
-        if not isinstance(vq_name, str) or not vq_name:
+        vq_name = info.extra.get("vqvae") if isinstance(info.extra, dict) else None
+        if vq_name is None or vq_name == "":
             return self._reject(path, "the prior does not record its VQ-VAE (extra.vqvae)")
+        if not isinstance(vq_name, str) or not NAME_PATTERN.fullmatch(vq_name):
+            return self._reject(path, f"extra.vqvae {reprlib.repr(vq_name)} is not a model name")
         entry = self.entries.get(vq_name)
         if entry is None:
             return self._reject(path, f"its VQ-VAE {vq_name!r} is not loaded", vq_name)
@@ -180,7 +216,7 @@ class Registry:
         if info.extra.get("codebook_sha256") != digest:
             return self._reject(
                 path,
-                f"codebook digest {info.extra.get('codebook_sha256')!r} differs from VQ-VAE {vq_name!r}'s {digest!r}: "
+                f"codebook digest {_clip(repr(info.extra.get('codebook_sha256')), 100)} differs from VQ-VAE {vq_name!r}'s {digest!r}: "
                 "the prior was trained on another codebook",
                 vq_name,
             )
@@ -200,9 +236,13 @@ class Registry:
             other = entry.priors[api_name].info.path
             return self._reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
         names, conflict = _prior_class_names(info, cfg.num_classes, entry.info)
+        prior = Prior(api_name, model, info, names, conflict)
+        invalid = _invalid(PriorInfo, _describe_prior(prior, default=False))
+        if invalid:
+            return self._reject(path, f"its GET /models description is invalid: {invalid}", vq_name)
         if conflict:
             log.warning("prior %s (%s) of %s: %s", info.name, path.name, vq_name, conflict)
-        entry.priors[api_name] = Prior(api_name, model, info, names, conflict)
+        entry.priors[api_name] = prior
         log.info("prior %s (%s) attached to %s as %r", info.name, path.name, vq_name, api_name)
 
     def get(self, name: str) -> Entry | None:
@@ -217,50 +257,74 @@ class Registry:
         return None
 
     def describe(self) -> list[dict[str, Any]]:
-        """The GET /models payload."""
-        out = []
-        for entry in self.entries.values():
-            item: dict[str, Any] = {
-                "name": entry.name,
-                "kind": entry.kind,
-                "image_shape": list(entry.image_shape),
-                "latent_shape": list(entry.model.latent_shape),
-                "dataset": entry.info.dataset,
-                "class_names": list(entry.class_names),
-                "metrics": entry.info.metrics,
-                "device": str(entry.device),
-                "file": Path(entry.info.path).name if entry.info.path else None,
-            }
-            # "logistic": a discretized logistic mixture (a likelihood of 8-bit images); "bernoulli" or "mse" not
-            item["likelihood"] = entry.model.config.likelihood
-            if entry.kind == "vae":
-                item["arch"] = entry.model.config.arch
-                item["decoder"] = entry.model.config.decoder
-            if entry.kind == "vqvae":
-                default = entry.default_prior
-                item["code_shape"] = list(entry.model.code_shape)
-                item["codebook_size"] = int(entry.model.config.codebook_size)
-                item["default_prior"] = default.api_name if default else None
-                item["priors"] = [
-                    {
-                        "name": p.api_name,
-                        "kind": p.kind,
-                        "model": p.info.name,
-                        "test_bits_per_code": p.bits_per_code,
-                        "test_bits_per_dim": p.info.metrics.get("test_bits_per_dim"),
-                        "test_marginal_bits_per_dim": p.info.metrics.get("test_marginal_bits_per_dim"),
-                        "num_classes": p.num_classes,
-                        "default": p is default,
-                        "dataset": p.info.dataset,
-                        "class_names": list(p.class_names),
-                        "class_names_conflict": p.class_names_conflict,
-                        "file": Path(p.info.path).name if p.info.path else None,
-                    }
-                    for p in entry.priors.values()
-                ]
-                item["rejected_priors"] = [{"file": p.file, "reason": p.reason} for p in entry.rejected]
-            out.append(item)
-        return out
+        """The GET /models payload (every entry's was validated against ModelEntry at load)."""
+        return [_describe(entry) for entry in self.entries.values()]
+
+
+def _describe(entry: Entry) -> dict[str, Any]:
+    """One served model's GET /models item (app.schemas.ModelEntry)."""
+    item: dict[str, Any] = {
+        "name": entry.name,
+        "kind": entry.kind,
+        "image_shape": list(entry.image_shape),
+        "latent_shape": list(entry.model.latent_shape),
+        "dataset": entry.info.dataset,
+        "class_names": list(entry.class_names),
+        "metrics": entry.info.metrics,
+        "device": str(entry.device),
+        "file": Path(entry.info.path).name if entry.info.path else None,
+    }
+    # "logistic": a discretized logistic mixture (a likelihood of 8-bit images); "bernoulli" or "mse" not
+    item["likelihood"] = entry.model.config.likelihood
+    if entry.kind == "vae":
+        item["arch"] = entry.model.config.arch
+        item["decoder"] = entry.model.config.decoder
+    if entry.kind == "vqvae":
+        default = entry.default_prior
+        item["code_shape"] = list(entry.model.code_shape)
+        item["codebook_size"] = int(entry.model.config.codebook_size)
+        item["default_prior"] = default.api_name if default else None
+        item["priors"] = [_describe_prior(p, default=p is default) for p in entry.priors.values()]
+        item["rejected_priors"] = [{"file": p.file, "reason": p.reason} for p in entry.rejected]
+    return item
+
+
+def _describe_prior(p: Prior, default: bool) -> dict[str, Any]:
+    """One prior's item in its VQ-VAE's GET /models item (app.schemas.PriorInfo)."""
+    return {
+        "name": p.api_name,
+        "kind": p.kind,
+        "model": p.info.name,
+        "test_bits_per_code": p.bits_per_code,
+        "test_bits_per_dim": p.info.metrics.get("test_bits_per_dim"),
+        "test_marginal_bits_per_dim": p.info.metrics.get("test_marginal_bits_per_dim"),
+        "num_classes": p.num_classes,
+        "default": default,
+        "dataset": p.info.dataset,
+        "class_names": list(p.class_names),
+        "class_names_conflict": p.class_names_conflict,
+        "file": Path(p.info.path).name if p.info.path else None,
+    }
+
+
+def _clip(err: object, limit: int = 300) -> str:
+    """A reason built from a file's content, cut to `limit` characters."""
+    text = str(err)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _invalid(schema: type[BaseModel], item: dict[str, Any]) -> str | None:
+    """Why `item` would fail as a GET /models response (the schema, or strict JSON), or None."""
+    try:
+        schema.model_validate(item)
+        json.dumps(item, allow_nan=False)
+    except ValidationError as err:
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {reprlib.repr(e.get('input'))})" for e in err.errors()[:3]
+        )
+    except (TypeError, ValueError) as err:  # not JSON, or NaN / infinity
+        return f"not strict JSON ({reprlib.repr(str(err))})"
+    return None
 
 
 def _prior_class_names(info: ModelInfo, num_classes: int, vq_info: ModelInfo) -> tuple[tuple[str, ...], str | None]:

@@ -17,17 +17,39 @@ A weight file is a `.safetensors` file. Its metadata (a ``dict[str, str]``) hold
     sha256          a digest of every tensor's name, dtype, shape and bytes
 
 `load_model` rebuilds the module from the metadata alone, checks every tensor's
-name and shape against the module, and raises `WeightFileError` naming the file
+name, shape and dtype against the module, and raises `WeightFileError` naming the file
 and the key when anything is off. No pickle is involved anywhere.
+
+A weight file is untrusted input (the service loads whatever lies in its weights directory), so
+nothing in it may cost more than a bounded amount of memory or time before it is checked:
+
+- the safetensors header (which holds the metadata) is at most MAX_HEADER_BYTES, read from the
+  file's first 8 bytes before the header is parsed;
+- every metadata value is type-checked and size-capped: `name` a short identifier (NAME_PATTERN),
+  `dataset` at most MAX_DATASET_CHARS, `command` at most MAX_COMMAND_CHARS, `config`, `metrics`
+  and `extra` JSON objects of at most MAX_JSON_CHARS each (no NaN or infinity: GET /models could
+  not write them), `image_shape` three positive ints of at most MAX_IMAGE_ELEMENTS in all;
+- the model is first built on the meta device (shapes only, no memory; at most MAX_MODULES
+  modules) and refused if its parameters and buffers exceed MAX_PARAMETERS elements, a side of its
+  code grid MAX_CODE_SIDE (a prior samples code by code) or its latent_dim MAX_LATENT_DIM;
+- every tensor's name, shape and dtype is checked against that meta model from the header alone,
+  so no tensor data is read from a file that holds anything else;
+- only then are the tensors read, their digest compared with `sha256`, every floating tensor
+  checked to be finite, and the real model built and loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import os
+import re
 import reprlib
+import struct
+import threading
 import types
 import typing
 from collections.abc import Sequence
@@ -37,6 +59,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from models.pixelcnn import GatedPixelCNN, PixelCNN
 from models.pixelcnnpp import PixelCNNpp
@@ -49,6 +72,39 @@ REQUIRED_KEYS = ("format_version", "kind", "name", "config", "image_shape", "dat
 # hold and list megabytes of names (GET /models shows them, the page builds one <option> per name).
 MAX_CLASS_NAMES = 10_000
 MAX_CLASS_NAME_CHARS = 200
+# The safetensors header (tensor table and metadata) is parsed whole; its length is the file's first
+# 8 bytes (little-endian u64). The shipped files' largest header is 9,448 bytes; the metadata caps
+# below and class_names' (10,000 names of 200 characters, about 2 MB of ASCII) fit under 8 MiB.
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+# `name` appears in URLs (/models/NAME), query parameters and Prometheus labels: a short identifier.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# `dataset` is a data set's name or an image folder's (a file name is at most 255 bytes on Linux,
+# plus " (image folder)"); GET /models lists it on every call.
+MAX_DATASET_CHARS = 512
+# `command` is every invocation that trained the file, joined by " && " (a resumed run adds one);
+# the shipped longest is 1,415 characters (vqvae_cifar10, five invocations): room for ~200.
+MAX_COMMAND_CHARS = 65_536
+# `config`, `metrics` and `extra`, each as its JSON text; the shipped largest is 987 characters.
+MAX_JSON_CHARS = 65_536
+# Parameters plus buffers, counted from shapes on the meta device before anything is allocated.
+# The shipped largest is 4,618,290 (vae_cifar10); 50 M is 200 MB of float32, ~11x that.
+MAX_PARAMETERS = 50_000_000
+# Modules built (on the meta device, ~0.3 ms each): bounds the build time and the operations of one
+# forward pass a config can ask for. The shipped most is 111 (the PixelCNN++ priors).
+MAX_MODULES = 2_048
+# C * H * W of the images a model takes: 256 x 256 x 3, 64 times CIFAR-10's 32 x 32 x 3, 250 times
+# Fashion-MNIST's. Warm-up and every request run images of this size, which have no parameters.
+MAX_IMAGE_ELEMENTS = 3 * 256 * 256
+# Each side of a code grid (a VQ-VAE's, a prior's): a prior samples one code after another, h * w
+# sequential passes. 64 x 64 = 4,096 steps is 64 times the shipped 8 x 8 (CIFAR-10) and 83 times the
+# 7 x 7 (Fashion-MNIST) grids. (app/schemas.py bounds a /decode grid at 256 a side, above this.)
+MAX_CODE_SIDE = 64
+# A VAE's latent_dim: the shipped largest is 128. (app/schemas.py bounds a /decode latent at 4096, as this.)
+MAX_LATENT_DIM = 4096
+# safetensors dtypes a tensor may have, by the kind of tensor the model holds there
+# (load_state_dict converts a float16 file into a float32 model, but never an integer into a float).
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8"})
 
 
 class WeightFileError(ValueError):
@@ -103,7 +159,7 @@ def config_from_dict(config_cls: type, data: dict[str, Any], *, source: str = "c
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise WeightFileError(f"{source}: unknown config keys {unknown} for {config_cls.__name__}")
+        raise WeightFileError(f"{source}: unknown config keys {reprlib.repr(unknown)} for {config_cls.__name__}")
     kwargs = {}
     for key, value in data.items():
         if isinstance(value, list) and _is_tuple_type(hints[key]):
@@ -112,7 +168,7 @@ def config_from_dict(config_cls: type, data: dict[str, Any], *, source: str = "c
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise WeightFileError(f"{source}: invalid config for {config_cls.__name__}: {err}") from err
+        raise WeightFileError(f"{source}: invalid config for {config_cls.__name__}: {_clip(err)}") from err
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -145,6 +201,8 @@ def save_model(
 
     `image_shape` defaults to `model.image_shape`; a prior passes its VQ-VAE's.
     `class_names` are the training data's classes in label order (empty for unlabelled data).
+    The metadata and the model's size are checked as `load_model` checks them (the caps of the module
+    docstring), so `load_model` never refuses a file this wrote: a `WeightFileError` says what to change.
     """
     kind = getattr(model, "KIND", None)
     if kind not in KINDS:
@@ -169,37 +227,129 @@ def save_model(
         "sha256": tensors_digest(tensors),
     }
     path = Path(path)
+    info, _ = _parse_metadata(path, metadata)  # refuse now what load_model would refuse
+    _check_size(path, model, info)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    header = _header_length(tmp)
+    if header > MAX_HEADER_BYTES:
+        tmp.unlink()
+        raise WeightFileError(
+            f"{path}: its safetensors header would be {header} bytes, more than the {MAX_HEADER_BYTES} allowed "
+            "(MAX_HEADER_BYTES); record fewer or shorter class_names, metrics or extra"
+        )
     os.chmod(tmp, 0o644)  # readable by a service running as another user
     os.replace(tmp, path)  # a reader never sees a half-written file
 
 
+def _clip(message: object, limit: int = 300) -> str:
+    """An error message from untrusted input, cut to `limit` characters."""
+    text = str(message)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _header_length(path: Path) -> int:
+    """The safetensors header's length in bytes: the file's first 8 bytes, a little-endian u64."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({err})") from err
+    if len(head) < 8:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({len(head)} bytes, no 8-byte header length)")
+    return struct.unpack("<Q", head)[0]
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A weight file's metadata, once its header is known to be at most MAX_HEADER_BYTES, to hold
+    every REQUIRED_KEYS and to be of this FORMAT_VERSION. The values are not checked here (`load_model` does)."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: no such weight file")
+    length = _header_length(path)
+    if length > MAX_HEADER_BYTES:
+        raise WeightFileError(
+            f"{path}: its safetensors header claims {length} bytes, more than the {MAX_HEADER_BYTES} allowed "
+            "(MAX_HEADER_BYTES); not parsed"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise WeightFileError(f"{path}: not a readable safetensors file ({err})") from err
+        raise WeightFileError(f"{path}: not a readable safetensors file ({_clip(err)})") from err
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise WeightFileError(f"{path}: metadata lacks {missing}; was it written by models.io.save_model?")
     if metadata["format_version"] != FORMAT_VERSION:
         raise WeightFileError(
-            f"{path}: format_version {metadata['format_version']!r}, this code reads {FORMAT_VERSION!r}"
+            f"{path}: format_version {reprlib.repr(metadata['format_version'])}, this code reads {FORMAT_VERSION!r}"
         )
     return metadata
 
 
-def _json(path: Path, metadata: dict[str, str], key: str) -> Any:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}; only finite numbers are allowed (GET /models cannot send {name} as JSON)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {reprlib.repr(text)} is out of a float's range")
+    return value
+
+
+_JSON_TYPES = {dict: "object", list: "list", object: "value"}
+
+
+def _json(path: Path, metadata: dict[str, str], key: str, expected: type = object, *, default: str = "{}",
+          max_chars: int | None = None) -> Any:
+    """The metadata value `key` parsed as JSON of type `expected` (NaN and infinity refused), at most
+    `max_chars` characters as text."""
+    raw = metadata.get(key, default)
+    if not isinstance(raw, str):
+        raise WeightFileError(f"{path}: metadata key {key!r} must be a string, got {type(raw).__name__}")
+    if max_chars is not None and len(raw) > max_chars:
+        raise WeightFileError(
+            f"{path}: metadata key {key!r} has {len(raw)} characters, more than the {max_chars} allowed "
+            f"({reprlib.repr(raw)})"
+        )
     try:
-        return json.loads(metadata.get(key, "{}"))
-    except json.JSONDecodeError as err:
-        raise WeightFileError(f"{path}: metadata key {key!r} is not valid JSON ({err})") from err
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError, as are the two above
+        raise WeightFileError(f"{path}: metadata key {key!r} is not valid JSON ({_clip(err)})") from err
+    if not isinstance(value, expected):
+        raise WeightFileError(
+            f"{path}: metadata key {key!r} must be a JSON {_JSON_TYPES[expected]}, got {reprlib.repr(value)}"
+        )
+    return value
+
+
+def _text(path: Path, metadata: dict[str, str], key: str, max_chars: int) -> str:
+    """The metadata string `key`, at most `max_chars` characters."""
+    value = metadata[key]
+    if not isinstance(value, str):
+        raise WeightFileError(f"{path}: metadata key {key!r} must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise WeightFileError(
+            f"{path}: metadata key {key!r} has {len(value)} characters, more than the {max_chars} allowed "
+            f"({reprlib.repr(value)})"
+        )
+    return value
+
+
+def _image_shape(path: Path, metadata: dict[str, str]) -> tuple[int, int, int]:
+    shape = _json(path, metadata, "image_shape", list, max_chars=256)
+    if len(shape) != 3 or not all(type(s) is int and s > 0 for s in shape):  # type(): true is not 1 here
+        raise WeightFileError(
+            f"{path}: metadata key 'image_shape' must be [C, H, W], three positive ints, got {reprlib.repr(shape)}"
+        )
+    if math.prod(shape) > MAX_IMAGE_ELEMENTS:
+        raise WeightFileError(
+            f"{path}: metadata key 'image_shape' {shape} is {math.prod(shape)} values per image, more than the "
+            f"{MAX_IMAGE_ELEMENTS} (3 x 256 x 256) allowed (MAX_IMAGE_ELEMENTS)"
+        )
+    return (shape[0], shape[1], shape[2])
 
 
 def _class_names_over_cap(names: Sequence[str]) -> str | None:
@@ -228,48 +378,160 @@ def _class_names(path: Path, metadata: dict[str, str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, ModelInfo]:
-    """Rebuild the model a weight file describes, load its tensors strictly, return it in eval mode."""
-    path = Path(path)
-    metadata = read_metadata(path)
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[ModelInfo, dict[str, Any]]:
+    """(ModelInfo, the config as a dict) from a file's metadata, every value type-checked and capped."""
     kind = metadata["kind"]
     if kind not in KINDS:
-        raise WeightFileError(f"{path}: unknown model kind {kind!r}; known kinds are {sorted(KINDS)}")
-    cls = model_class(kind)
-    config = config_from_dict(cls.config_class, _json(path, metadata, "config"), source=str(path))
-    model = cls(config)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise WeightFileError(f"{path}: tensors cannot be read ({err})") from err
-    if tensors_digest(tensors) != metadata["sha256"]:
-        raise WeightFileError(f"{path}: tensor checksum mismatch; the file was modified or corrupted")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise WeightFileError(f"{path}: tensors missing {missing[:5]} unexpected {unexpected[:5]} for {kind} config")
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise WeightFileError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the config needs {tuple(value.shape)}"
-            )
-    model.load_state_dict(tensors, strict=True)
-    image_shape = tuple(_json(path, metadata, "image_shape"))
-    if hasattr(model, "image_shape") and tuple(image_shape) != tuple(model.image_shape):
-        raise WeightFileError(f"{path}: image_shape {image_shape} disagrees with the config's {model.image_shape}")
+        raise WeightFileError(f"{path}: unknown model kind {reprlib.repr(kind)}; known kinds are {sorted(KINDS)}")
+    name = metadata["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise WeightFileError(
+            f"{path}: metadata key 'name' {reprlib.repr(name)} is not a short identifier: 1 to 64 characters of "
+            "A-Z a-z 0-9 _ . -, the first a letter or digit (the name is used in URLs and metric labels)"
+        )
     info = ModelInfo(
         kind=kind,
-        name=metadata["name"],
-        image_shape=tuple(int(s) for s in image_shape),  # type: ignore[arg-type]
-        dataset=metadata["dataset"],
-        command=metadata["command"],
-        metrics=_json(path, metadata, "metrics"),
-        extra=_json(path, metadata, "extra"),
+        name=name,
+        image_shape=_image_shape(path, metadata),
+        dataset=_text(path, metadata, "dataset", MAX_DATASET_CHARS),
+        command=_text(path, metadata, "command", MAX_COMMAND_CHARS),
+        metrics=_json(path, metadata, "metrics", dict, max_chars=MAX_JSON_CHARS),
+        extra=_json(path, metadata, "extra", dict, max_chars=MAX_JSON_CHARS),
         path=str(path),
         class_names=_class_names(path, metadata),
     )
+    return info, _json(path, metadata, "config", dict, max_chars=MAX_JSON_CHARS)
+
+
+class _TooManyModules(Exception):
+    pass
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skips random initialisation: on the meta device it computes nothing anyway, and meta `normal_`
+    (nn.Embedding's init) imports torch._dynamo, 2 s once per process."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        is_init = getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") and not name.startswith("_")
+        if is_init or func in _RANDOM_FILLS:
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
+_RANDOM_FILLS = frozenset({
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+    torch.Tensor.exponential_, torch.Tensor.cauchy_, torch.Tensor.log_normal_, torch.Tensor.geometric_,
+})
+
+
+def _build_on_meta(path: Path, cls: type[torch.nn.Module], config: Any) -> torch.nn.Module:
+    """`cls(config)` on the meta device: every parameter and buffer has its shape and dtype but no
+    memory. Refused once it registers more than MAX_MODULES submodules, before it builds the rest."""
+    owner, count = threading.get_ident(), 0
+
+    def count_module(module: torch.nn.Module, name: str, submodule: torch.nn.Module | None) -> None:
+        nonlocal count
+        if threading.get_ident() == owner:  # the hook is global: count only this thread's build
+            count += 1
+            if count > MAX_MODULES:
+                raise _TooManyModules
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(count_module)
+    try:
+        with torch.device("meta"), _SkipRandomInit():
+            return cls(config)
+    except _TooManyModules:
+        raise WeightFileError(
+            f"{path}: its config builds more than {MAX_MODULES} modules (MAX_MODULES); refused before building the rest"
+        ) from None
+    except Exception as err:  # a config of the right keys but absurd values (negative sizes, wrong types)
+        raise WeightFileError(f"{path}: its config cannot build a {cls.__name__} ({_clip(err)})") from err
+    finally:
+        handle.remove()
+
+
+def _check_size(path: Path, skeleton: torch.nn.Module, info: ModelInfo) -> None:
+    """A model (on the meta device, or one being saved) against the caps, and against the file's image_shape."""
+    modules = sum(1 for _ in skeleton.modules()) - 1  # as _build_on_meta counts: the submodules
+    if modules > MAX_MODULES:
+        raise WeightFileError(f"{path}: the model has {modules} modules, more than the {MAX_MODULES} allowed (MAX_MODULES)")
+    count = sum(t.numel() for t in itertools.chain(skeleton.parameters(), skeleton.buffers()))
+    if count > MAX_PARAMETERS:
+        raise WeightFileError(
+            f"{path}: its config makes {count:,} parameters and buffers, more than the {MAX_PARAMETERS:,} allowed "
+            "(MAX_PARAMETERS); refused before allocating them"
+        )
+    shape = getattr(skeleton, "image_shape", None)
+    if shape is not None and tuple(shape) != info.image_shape:
+        raise WeightFileError(f"{path}: image_shape {list(info.image_shape)} disagrees with the config's {tuple(shape)}")
+    code_shape = getattr(skeleton.config, "code_shape", None) or getattr(skeleton, "code_shape", None)
+    if code_shape is not None and max(code_shape) > MAX_CODE_SIDE:
+        raise WeightFileError(
+            f"{path}: code_shape {tuple(code_shape)} has a side over the {MAX_CODE_SIDE} allowed (MAX_CODE_SIDE): "
+            "a prior draws the codes one after another"
+        )
+    latent_dim = getattr(skeleton.config, "latent_dim", None)
+    if latent_dim is not None and latent_dim > MAX_LATENT_DIM:
+        raise WeightFileError(f"{path}: latent_dim {latent_dim} is more than the {MAX_LATENT_DIM} allowed (MAX_LATENT_DIM)")
+
+
+def _check_tensor_table(path: Path, f: Any, expected: dict[str, torch.Tensor], kind: str) -> None:
+    """The file's tensor names, shapes and dtypes (from its header: no data is read) against `expected`."""
+    keys = set(f.keys())
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing or unexpected:
+        raise WeightFileError(
+            f"{path}: tensors missing {reprlib.repr(missing)} unexpected {reprlib.repr(unexpected)} for {kind} config"
+        )
+    for key, value in expected.items():
+        tensor = f.get_slice(key)
+        shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+        if shape != tuple(value.shape):
+            raise WeightFileError(f"{path}: tensor {key!r} has shape {shape}, the config needs {tuple(value.shape)}")
+        allowed = FLOAT_DTYPES if value.is_floating_point() else {"BOOL"} if value.dtype == torch.bool else INT_DTYPES
+        if dtype not in allowed:
+            raise WeightFileError(
+                f"{path}: tensor {key!r} has dtype {dtype}, the model holds {value.dtype} there "
+                f"(allowed: {', '.join(sorted(allowed))})"
+            )
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """Rebuild the model a weight file describes, load its tensors strictly, return it on `device` in eval mode.
+
+    Each check of the module docstring runs before the memory it guards is used: the header's size
+    before the header is parsed, the model's size on the meta device before it is allocated, the
+    tensors' names, shapes and dtypes from the header before any tensor is read. Raises
+    `WeightFileError` naming the file and what is wrong.
+    """
+    path = Path(path)
+    metadata = read_metadata(path)
+    info, config_data = _parse_metadata(path, metadata)
+    cls = model_class(info.kind)
+    config = config_from_dict(cls.config_class, config_data, source=str(path))
+    skeleton = _build_on_meta(path, cls, config)
+    _check_size(path, skeleton, info)
+    expected = skeleton.state_dict()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            _check_tensor_table(path, f, expected, info.kind)
+            tensors = {k: f.get_tensor(k) for k in expected}
+    except WeightFileError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise WeightFileError(f"{path}: tensors cannot be read ({_clip(err)})") from err
+    if tensors_digest(tensors) != metadata["sha256"]:
+        raise WeightFileError(f"{path}: tensor checksum mismatch; the file was modified or corrupted")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightFileError(
+                f"{path}: tensor {key!r} holds non-finite values (NaN or infinity); such a model only answers "
+                "NaN: retrain it, or use a file from before training diverged"
+            )
+    model = cls(config)
+    model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), info

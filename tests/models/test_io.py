@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,262 @@ def test_class_names_are_capped_on_save_and_on_load(tmp_path, names, problem):
     at_cap = names[:MAX_CLASS_NAMES] if len(names) > MAX_CLASS_NAMES else ["cat", "x" * MAX_CLASS_NAME_CHARS]
     save_model(tmp_path / "ok.safetensors", model, name="ok", dataset="d", command="c", class_names=at_cap)
     assert load_model(tmp_path / "ok.safetensors")[1].class_names == tuple(at_cap)
+
+
+# --- untrusted files: bounded before allocation, header checked before reading (issue 19, item 7) ---
+
+import struct  # noqa: E402
+import time  # noqa: E402
+
+import models.io  # noqa: E402
+from models.io import (  # noqa: E402
+    MAX_COMMAND_CHARS, MAX_DATASET_CHARS, MAX_HEADER_BYTES, MAX_JSON_CHARS, MAX_LATENT_DIM, MAX_MODULES, MAX_PARAMETERS,
+    tensors_digest,
+)
+from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig  # noqa: E402
+from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig  # noqa: E402
+from models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+
+TINY_PRIOR = dict(codebook_size=16, code_shape=(2, 2), hidden_channels=8, n_layers=1)
+
+
+def _rewrite_signed(path, out, change_tensors=None, change_meta=None):
+    """`_rewrite`, with the digest recomputed: only the checks after the checksum can refuse the file."""
+    def sign(meta):
+        if change_meta:
+            change_meta(meta)
+    _rewrite(path, out, change_tensors, sign)
+    with safe_open(str(out), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["sha256"] = tensors_digest(tensors)
+    save_file(tensors, str(out), metadata=meta)
+
+
+def _set_config(**changes):
+    def change(meta):
+        meta["config"] = json.dumps({**json.loads(meta["config"]), **changes})
+    return change
+
+
+def _only_meta_builds(monkeypatch):
+    """From now on, fail the test the moment a model is built anywhere but on the meta device."""
+    for cls in (VAE, PixelCNN):
+        original = cls.__init__
+
+        def guarded(self, config, _original=original):
+            device = torch.get_default_device()
+            assert device.type == "meta", f"{type(self).__name__} built on {device} before its size was checked"
+            _original(self, config)
+
+        monkeypatch.setattr(cls, "__init__", guarded)
+
+
+def test_a_config_of_800_million_parameters_is_refused_before_allocating(tmp_path, monkeypatch):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "huge.safetensors"  # the review's 1.5 kB file: 3.9 GB and 6.4 s before it was refused
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=_set_config(hidden_dims=[20000, 20000]))
+    _only_meta_builds(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(WeightFileError, match=r"huge\.safetensors: its config makes 831,620,790 parameters and buffers, "
+                       f"more than the {MAX_PARAMETERS:,} allowed"):
+        load_model(bad)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_config_of_a_million_layers_is_refused_while_building_it(tmp_path, monkeypatch):
+    save_model(tmp_path / "p.safetensors", PixelCNN(PixelCNNConfig(**TINY_PRIOR)), name="p", dataset="d", command="c",
+               image_shape=(1, 8, 8))
+    bad = tmp_path / "deep.safetensors"
+    _rewrite(tmp_path / "p.safetensors", bad, change_meta=_set_config(n_layers=10**6))
+    _only_meta_builds(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(WeightFileError, match=f"deep.safetensors: its config builds more than {MAX_MODULES} modules"):
+        load_model(bad)
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("kind, config", [
+    ("vae", VAEConfig(latent_dim=3, hidden_dims=(16, 8))),
+    ("vae", VAEConfig(arch="conv", latent_dim=3, channels=(4, 8), fc_dim=8, refine_layers=1, likelihood="logistic", num_mixtures=2)),
+    ("vae", VAEConfig(arch="conv", in_channels=3, image_size=8, latent_dim=3, channels=(4, 8), fc_dim=8,
+                      decoder="autoregressive", ar_channels=4, ar_kernel=3, ar_layers=2)),
+    ("vqvae", VQVAEConfig(image_size=8, hidden_channels=8, res_channels=4, n_res_blocks=1, codebook_size=16, embedding_dim=4)),
+    ("vqvae", VQVAEConfig(image_size=8, hidden_channels=8, res_channels=4, codebook_size=16, embedding_dim=4, ema=False, init="uniform")),
+    ("pixelcnn", PixelCNNConfig(**TINY_PRIOR, first_kernel_size=3)),
+    ("gated_pixelcnn", GatedPixelCNNConfig(**TINY_PRIOR, first_kernel_size=3, num_classes=3)),
+    ("pixelcnnpp", PixelCNNppConfig(**TINY_PRIOR, n_scales=2, num_classes=2)),
+])
+def test_the_meta_device_build_has_the_real_models_tensors(kind, config):
+    cls = models.io.KINDS[kind]
+    meta, real = models.io._build_on_meta(Path("x"), cls, config), cls(config)
+    assert all(t.device.type == "meta" for t in [*meta.parameters(), *meta.buffers()])
+    assert {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()} == {k: (v.shape, v.dtype) for k, v in real.state_dict().items()}
+    count = lambda m: sum(t.numel() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    assert count(meta) == count(real) > 0
+
+
+class _NoDataReads:
+    """safe_open, but reading any tensor's data fails the test."""
+
+    def __init__(self, *args, **kwargs):
+        self._real = safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self._f = self._real.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._real.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def get_tensor(self, key):
+        raise AssertionError(f"tensor {key!r} read before the header was checked")
+
+
+def _add_sparse_tensor(path, key, nbytes):
+    """Append a tensor `key` of `nbytes` zero bytes to a safetensors file, as a hole: no disk, no writing."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header[key] = {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [len(body), len(body) + nbytes]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    os.truncate(path, 8 + len(text) + len(body) + nbytes)
+
+
+@pytest.mark.parametrize("problem", ["extra_1GiB_tensor", "wrong_shape", "wrong_dtype"])
+def test_tensor_names_shapes_and_dtypes_are_checked_from_the_header_before_any_data_is_read(tmp_path, monkeypatch, problem):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    if problem == "extra_1GiB_tensor":  # peaked at 2.8 GB before: every tensor was read and hashed first
+        shutil.copy(tmp_path / "m.safetensors", bad)
+        _add_sparse_tensor(bad, "huge", 2**30)
+        match = r"bad\.safetensors: tensors missing \[\] unexpected \['huge'\]"
+    elif problem == "wrong_shape":
+        _rewrite(tmp_path / "m.safetensors", bad, change_meta=_set_config(latent_dim=5))
+        match = r"tensor 'decoder.0.weight' has shape \(8, 3\), the config needs \(8, 5\)"
+    else:
+        _rewrite_signed(tmp_path / "m.safetensors", bad, change_tensors=lambda t: t.__setitem__("fc_mu.bias", t["fc_mu.bias"].long()))
+        match = r"tensor 'fc_mu.bias' has dtype I64, the model holds torch.float32 there \(allowed: BF16, F16, F32, F64\)"
+    monkeypatch.setattr(models.io, "safe_open", _NoDataReads)
+    with pytest.raises(WeightFileError, match=match):
+        load_model(bad)
+
+
+def test_a_float16_file_loads_into_the_float32_model(tmp_path):
+    model = save_tiny(tmp_path / "m.safetensors")
+    half = tmp_path / "half.safetensors"
+    _rewrite_signed(tmp_path / "m.safetensors", half, change_tensors=lambda t: t.update({k: v.half() for k, v in t.items()}))
+    loaded, _ = load_model(half)
+    assert loaded.fc_mu.weight.dtype == torch.float32
+    assert torch.equal(loaded.fc_mu.weight, model.fc_mu.weight.half().float())
+
+
+@pytest.mark.parametrize("key, value", [("fc_mu.bias", float("nan")), ("decoder.0.weight", float("inf")), ("fc_logvar.weight", -float("inf"))])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, key, value):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "nan.safetensors"
+
+    def poison(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[1] = value
+
+    _rewrite_signed(tmp_path / "m.safetensors", bad, change_tensors=poison)
+    with pytest.raises(WeightFileError, match=rf"nan\.safetensors: tensor '{key}' holds non-finite values \(NaN or infinity\)"):
+        load_model(bad)
+
+
+BIG_OBJECT = json.dumps({f"k{i}": i for i in range(MAX_JSON_CHARS // 10)})  # ~ 90 kB
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("name", "a b", r"'name' 'a b' is not a short identifier"),
+    ("name", "../vae", r"'name' '../vae' is not a short identifier"),
+    ("name", "", r"'name' '' is not a short identifier"),
+    ("name", "x" * 65, r"'name' 'xxxxxxxxxxxx\.\.\.xxxxxxxxxxxxx' is not a short identifier"),
+    ("dataset", "d" * (MAX_DATASET_CHARS + 1), f"'dataset' has {MAX_DATASET_CHARS + 1} characters, more than the {MAX_DATASET_CHARS}"),
+    ("dataset", "d" * 4_000_000, f"'dataset' has 4000000 characters, more than the {MAX_DATASET_CHARS}"),
+    ("command", "c" * (MAX_COMMAND_CHARS + 1), f"'command' has {MAX_COMMAND_CHARS + 1} characters, more than the"),
+    ("metrics", "[]", r"'metrics' must be a JSON object, got \[\]"),
+    ("metrics", '"fine"', r"'metrics' must be a JSON object, got 'fine'"),
+    ("metrics", '{"test_neg_elbo": NaN}', r"'metrics' is not valid JSON \(it holds NaN; only finite numbers"),
+    ("metrics", '{"test_neg_elbo": 1e999}', r"'metrics' is not valid JSON \(the number '1e999' is out of a float's range"),
+    ("metrics", BIG_OBJECT, f"'metrics' has {len(BIG_OBJECT)} characters, more than the {MAX_JSON_CHARS}"),
+    ("extra", "[]", r"'extra' must be a JSON object, got \[\]"),
+    ("extra", BIG_OBJECT, f"'extra' has {len(BIG_OBJECT)} characters, more than the {MAX_JSON_CHARS}"),
+    ("config", "[]", r"'config' must be a JSON object, got \[\]"),
+    ("image_shape", "[1, 28]", r"'image_shape' must be \[C, H, W\], three positive ints, got \[1, 28\]"),
+    ("image_shape", "[1, 28, 28.0]", r"'image_shape' must be \[C, H, W\]"),
+    ("image_shape", "[true, 28, 28]", r"'image_shape' must be \[C, H, W\]"),
+    ("image_shape", "[1, -28, 28]", r"'image_shape' must be \[C, H, W\]"),
+    ("image_shape", "[3, 300, 300]", r"'image_shape' \[3, 300, 300\] is 270000 values per image, more than the 196608"),
+])
+def test_every_metadata_field_is_type_checked_and_capped(tmp_path, key, value, problem):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__(key, value))
+    start = time.perf_counter()
+    with pytest.raises(WeightFileError, match=rf"bad\.safetensors: metadata key {problem}") as info:
+        load_model(bad)
+    assert len(str(info.value)) < 300 + len(str(bad))  # never the value itself
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_set_config(latent_dim=4097), "latent_dim 4097 is more than the 4096 allowed"),
+    (_set_config(image_size=1024), r"image_shape \[1, 28, 28\] disagrees with the config's \(1, 1024, 1024\)"),
+])
+def test_a_vae_config_beyond_the_caps_is_refused(tmp_path, change, problem):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=change)
+    with pytest.raises(WeightFileError, match=problem):
+        load_model(bad)
+
+
+def test_a_prior_code_grid_over_64_a_side_is_refused(tmp_path):
+    save_model(tmp_path / "p.safetensors", PixelCNN(PixelCNNConfig(**TINY_PRIOR)), name="p", dataset="d", command="c",
+               image_shape=(1, 8, 8))
+    bad = tmp_path / "grid.safetensors"
+    _rewrite(tmp_path / "p.safetensors", bad, change_meta=_set_config(code_shape=[65, 2]))
+    with pytest.raises(WeightFileError, match=r"grid\.safetensors: code_shape \(65, 2\) has a side over the 64 allowed"):
+        load_model(bad)
+    _rewrite(tmp_path / "p.safetensors", tmp_path / "ok.safetensors", change_meta=_set_config(code_shape=[64, 64]))
+    assert load_model(tmp_path / "ok.safetensors")[0].config.code_shape == (64, 64)
+
+
+def test_the_header_is_bounded_before_it_is_parsed(tmp_path):
+    claims = tmp_path / "claims.safetensors"  # the first 8 bytes say 1 TiB of header
+    claims.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(WeightFileError, match=rf"claims\.safetensors: its safetensors header claims {2**40} bytes, "
+                       f"more than the {MAX_HEADER_BYTES} allowed"):
+        load_model(claims)
+    save_tiny(tmp_path / "m.safetensors")
+    padded = tmp_path / "padded.safetensors"  # a real header of 9 MB, in a key nobody reads
+    _rewrite(tmp_path / "m.safetensors", padded, change_meta=lambda m: m.__setitem__("padding", "x" * (MAX_HEADER_BYTES + 1)))
+    with pytest.raises(WeightFileError, match=r"padded\.safetensors: its safetensors header claims \d+ bytes, more than"):
+        read_metadata(padded)
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    (dict(name="my model"), "'name' 'my model' is not a short identifier"),
+    (dict(metrics={"loss": float("nan")}), "'metrics' is not valid JSON"),
+    (dict(dataset="d" * (MAX_DATASET_CHARS + 1)), "'dataset' has"),
+    (dict(extra={"pad": "x" * MAX_JSON_CHARS}), "'extra' has"),
+])
+def test_save_refuses_what_load_would_refuse(tmp_path, kwargs, problem):
+    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(8,))).eval()
+    args = {"name": "m", "dataset": "d", "command": "c", **kwargs}
+    with pytest.raises(WeightFileError, match=f"m.safetensors: metadata key {problem}"):
+        save_model(tmp_path / "m.safetensors", model, **args)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_save_refuses_a_model_over_the_caps_so_training_fails_at_its_first_save(tmp_path):
+    model = VAE(VAEConfig(latent_dim=MAX_LATENT_DIM + 1, hidden_dims=(2,))).eval()
+    with pytest.raises(WeightFileError, match=f"m.safetensors: latent_dim {MAX_LATENT_DIM + 1} is more than the"):
+        save_model(tmp_path / "m.safetensors", model, name="m", dataset="d", command="c")
+    assert not list(tmp_path.iterdir())
