@@ -2,9 +2,13 @@
 
 import asyncio
 import base64
+import threading
 
 import numpy as np
 import pytest
+from starlette.responses import JSONResponse
+
+from app.routes import uploads as upload_routes
 
 from .conftest import CODEBOOK_SIZE, cell, grid_size, image_bytes, png_array
 
@@ -230,22 +234,25 @@ async def test_interpolation_needs_both_files(client):
 
 
 
-@pytest.mark.parametrize("path, params, headers", [
-    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}),
-    ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}),
+@pytest.mark.parametrize("path, params, headers, owner, name", [
+    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}, upload_routes, "_json_bytes"),
+    ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}, JSONResponse, "render"),
 ])
-async def test_large_json_answers_are_written_off_the_event_loop(client, monkeypatch, path, params, headers):
+async def test_large_json_answers_are_written_off_the_event_loop(client, monkeypatch, path, params, headers, owner, name):
     # A 64-file /encode with z_e is megabytes of JSON: FastAPI validated and wrote it on the event
-    # loop, stalling /health by half a second. Now the JSON is built in the PNG pool's threads.
-    import threading
-
-    from starlette.responses import JSONResponse
-
+    # loop, stalling /health by half a second. Now the JSON is written in the PNG pool's threads.
     threads = []
-    render = JSONResponse.render
-    monkeypatch.setattr(JSONResponse, "render", lambda self, content: threads.append(threading.current_thread().name)
-                        or render(self, content))
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: threads.append(threading.current_thread().name) or original(*args))
     files = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(3)]
     r = await client.post(path, params=params, files=files, headers=headers)
     assert r.status_code == 200 and len(r.json()["items" if path == "/encode" else "images"]) == 3
     assert threads and all(name.startswith("genserve-io") for name in threads), threads
+
+
+async def test_the_encode_answer_is_the_json_fastapi_would_write(client):
+    files = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(2)]
+    for params in ({"model": "vqvae", "include_z_e": "true"}, {"model": "vqvae"}, {"model": "vae"}):
+        r = await client.post("/encode", params=params, files=files)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        assert r.content == JSONResponse(r.json()).body  # compact, key order kept, one object
