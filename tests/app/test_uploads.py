@@ -234,20 +234,35 @@ async def test_interpolation_needs_both_files(client):
 
 
 
-@pytest.mark.parametrize("path, params, headers, owner, name", [
-    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}, upload_routes, "_json_bytes"),
-    ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}, JSONResponse, "render"),
+@pytest.mark.parametrize("path, params, headers, owner, name, files", [
+    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}, upload_routes, "_json_bytes", 3),
+    # 60 images of 8x8: above SMALL_IMAGE_ELEMENTS, which are encoded on the event loop (the next test)
+    ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}, JSONResponse, "render", 60),
 ])
-async def test_large_json_answers_are_written_off_the_event_loop(client, monkeypatch, path, params, headers, owner, name):
+async def test_large_json_answers_are_written_off_the_event_loop(client, monkeypatch, path, params, headers, owner, name, files):
     # A 64-file /encode with z_e is megabytes of JSON: FastAPI validated and wrote it on the event
     # loop, stalling /health by half a second. Now the JSON is written in the PNG pool's threads.
     threads = []
     original = getattr(owner, name)
     monkeypatch.setattr(owner, name, lambda *args: threads.append(threading.current_thread().name) or original(*args))
-    files = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(3)]
-    r = await client.post(path, params=params, files=files, headers=headers)
-    assert r.status_code == 200 and len(r.json()["items" if path == "/encode" else "images"]) == 3
+    uploads = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(files)]
+    r = await client.post(path, params=params, files=uploads, headers=headers)
+    assert r.status_code == 200 and len(r.json()["items" if path == "/encode" else "images"]) == files
     assert threads and all(name.startswith("genserve-io") for name in threads), threads
+
+
+async def test_a_small_answer_is_encoded_at_once_not_queued_behind_big_ones(client, monkeypatch):
+    # One image is encoded on the event loop (a fraction of a millisecond), so it never waits in the
+    # PNG pool behind the 256-image grids of other requests; a grid still goes to the pool.
+    from app import imaging
+
+    threads = []
+    original = imaging.grid_png
+    monkeypatch.setattr(imaging, "grid_png", lambda *a: threads.append(threading.current_thread().name) or original(*a))
+    one = await client.get("/sample", params={"model": "vae", "n": 1, "seed": 1})
+    many = await client.get("/sample", params={"model": "vae", "n": 64, "seed": 1})
+    assert one.status_code == many.status_code == 200
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("genserve-io"), threads
 
 
 async def test_the_encode_answer_is_the_json_fastapi_would_write(client):
