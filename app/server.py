@@ -15,6 +15,10 @@ With workers > 1, uvicorn's supervisor sends each worker SIGTERM and each worker
 listening socket (so the port refuses connections once the workers have closed theirs) and passes
 a further SIGINT or SIGTERM on to the workers while it waits for them.
 
+Every connection is held to a deadline for its request headers (header_timeout_s) and the
+open connections of each process to max_connections, as app/protocol.py describes; `run` first raises
+the process's soft open file limit to its hard limit.
+
 Written against uvicorn 0.54: `Server.handle_exit` and `on_tick`, and the supervisor's `Process(config,
 sockets)` with its `server` property (uvicorn 0.35 and before built workers from a `target` instead).
 """
@@ -37,6 +41,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from app.logs import log_config
+from app.protocol import RESERVED_FDS, ConnectionLimits, GuardedConfig, default_max_connections, raise_open_file_limit
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -203,22 +208,47 @@ class DrainingMultiprocess(Multiprocess):
         self.processes.append(process)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The per-connection limits of settings (max_connections=None: derived from the open file limit now)."""
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
+
+
+def make_config(app: Any, settings: Settings, **overrides: Any) -> GuardedConfig:
+    """The uvicorn configuration `run` serves with: settings' address, workers, logs and shutdown
+    timeout, and the connection limits of app/protocol.py. `overrides` go to uvicorn.Config as they are."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "access_log": settings.access_log,
+        "log_config": log_config(settings.log_format),
+        "timeout_graceful_shutdown": settings.graceful_timeout_s,  # a float works
+    }
+    return GuardedConfig(app, limits=connection_limits(settings), **{**options, **overrides})
+
+
 def run(app: Any, settings: Settings) -> None:
-    """Serve `app` with uvicorn on settings.host:port, draining on SIGTERM/SIGINT (see the module doc).
+    """Serve `app` with uvicorn on settings.host:port, draining on SIGTERM/SIGINT (see the module doc),
+    with the header deadline and connection cap of app/protocol.py (the soft open file limit raised
+    to the hard one first).
 
     With settings.workers > 1, `app` must be an import string ("app.main:app"), which each worker imports.
     """
     if settings.workers > 1 and not isinstance(app, str):
         raise ValueError(f"workers={settings.workers} needs the app as an import string, got {type(app).__name__}")
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        access_log=settings.access_log,
-        log_config=log_config(settings.log_format),
-        timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]  # a float works
+    file_limit = raise_open_file_limit()  # before the limits are derived from it; worker processes inherit it
+    config = make_config(app, settings)
+    limits = config.connection_limits
+    log.info(
+        "connections: at most %d open per process (max_connections; open file limit %d), request headers "
+        "within %g s (header_timeout_s)", limits.max_connections, file_limit, limits.header_timeout_s,
     )
+    if limits.max_connections > file_limit - RESERVED_FDS:
+        log.warning("max_connections=%d leaves fewer than %d of the %d open files for everything else: "
+                    "accepting may fail with 'Too many open files'", limits.max_connections, RESERVED_FDS, file_limit)
     if settings.workers > 1:
         DrainingMultiprocess(config, sockets=[config.bind_socket()]).run()
         return

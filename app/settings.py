@@ -10,6 +10,8 @@ import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.schemas import MAX_DECODE_ITEMS
+
 MB = 1024 * 1024
 
 
@@ -33,7 +35,21 @@ class Settings(BaseSettings):
     # Each holds at most about (decode_slots + 2) x max_upload_bytes of raw file bytes.
     upload_slots: int = Field(4, ge=1, le=256)
     max_files: int = Field(64, ge=1)  # uploaded files per request
-    max_n: int = Field(256, ge=1)  # images per /sample (and latents per /decode)
+    # An upload is read into the request's own buffer until it ends or this many bytes have come; only
+    # a longer body then waits for one of the upload_slots (app/uploads.py), so a client that trickles
+    # its body never holds a slot. The models' images are 28-32 px PNGs of 0.4-2.6 KB (app/static/samples),
+    # so a request of up to ~25 of them never needs a slot; what this adds to memory is at most this
+    # much per open connection (max_connections), beside uvicorn's own 64 KiB read buffer per connection.
+    upload_preread_bytes: int = Field(64 * 1024, ge=0)
+    # While a request holds an upload slot, its body must come at this many bytes/s or more, measured
+    # over each upload_rate_window_s of time spent waiting for the client (the first window is the
+    # grace), else 408 and the slot goes to the next request waiting. 32 KiB/s (256 kbit/s) is below a
+    # slow 3G uplink; a client that slow needs over 30 s (request_timeout_s) for a 1 MB photo anyway,
+    # while four attackers must now send 128 KiB/s to hold the four slots. 0: no minimum.
+    min_upload_rate: int = Field(32 * 1024, ge=0)
+    # Long enough to span a stall of TCP's first retransmission (1 s) without a 408.
+    upload_rate_window_s: float = Field(2.0, gt=0)
+    max_n: int = Field(256, ge=1, le=MAX_DECODE_ITEMS)  # images per /sample (and latents per /decode)
     max_batch_size: int = Field(64, ge=1)  # items per forward pass; 1 disables batching
     # Opt-in: how long a pass waits for company, from its oldest request. 0 (the default) starts a
     # request at once when its model is idle; under load, what arrives during a pass forms the next.
@@ -48,9 +64,28 @@ class Settings(BaseSettings):
     # stop_grace_period, Kubernetes terminationGracePeriodSeconds) must exceed their sum.
     drain_delay_s: float = Field(5.0, ge=0)
     graceful_timeout_s: float = Field(30.0, gt=0)
+    # Connections (app/protocol.py, `python -m app` only). A connection that has not sent a request's
+    # complete headers within header_timeout_s of opening (or of its previous response completing) is
+    # closed; trickled bytes do not extend it. Real clients send their headers in one go: from accept to
+    # the end of the headers, curl, wget, httpx and urllib took 0.1-0.4 ms (median of 20 each, at most
+    # 8 ms) on loopback; on a real network they follow the handshake in its first flight, and 10 s
+    # still covers three lost packets in a row (TCP retransmits after 1, 2, 4 s) on the slowest link.
+    # (Idle keep-alive connections close sooner: uvicorn's 5 s timeout_keep_alive.)
+    header_timeout_s: float = Field(10.0, gt=0)
+    # Open connections per worker process; one more is answered 503 (`Connection: close`) and closed at
+    # once, before it is read. None: 2048, or half of what the open file limit leaves after 256
+    # descriptors when that is lower (python -m app first raises the soft limit to the hard one). A
+    # proxy in front needs about one per request in flight (see the README).
+    max_connections: int | None = Field(None, ge=1)
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with the request id
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / (2 x workers), at least 1
+    # Passes that compute at once across all models (app/scheduling.py): the next turn goes to the
+    # model that has had the least compute time, and a multi-step pass (a prior's draws, an
+    # autoregressive decoder's pixels) offers its turn at every step, so a cheap model is not
+    # queued behind heavy ones. None: cores / torch_threads on the CPU (at least 1), and no
+    # scheduling on CUDA (kernels run asynchronously there); 0: no scheduling.
+    compute_slots: int | None = Field(None, ge=0, le=256)
     io_threads: int = Field(2, ge=1, le=64)  # the pool that encodes PNGs, beside the model threads (uploads: decode_slots)
     # uvicorn worker processes for `python -m app`, each with every model. On a 2-core CPU 2 gave
     # 1.3-1.4x the requests/s on the cheap models under load and no gain on the priors, for twice

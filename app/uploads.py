@@ -10,10 +10,25 @@ feeds the body to python-multipart chunk by chunk:
   next file streams in; at most `decode_slots` files of a request wait for decoding, so a
   request holds the raw bytes of only a few files;
 - the first file that is too large, undecodable or one too many ends the request with its
-  4xx; the rest of the body is never read;
-- at most `upload_slots` requests read uploads at once across the service (the others wait, and
-  their bodies wait in the network buffers), so the raw bytes held for uploads stay bounded
-  by about upload_slots x (decode_slots + 2) x max_upload_bytes.
+  4xx; the rest of the body is never read.
+
+Slow clients cannot lock the others out:
+- the first `upload_preread_bytes` of a body (64 KiB by default: ~25 of the models' 28-32 px
+  PNGs) are read without an upload slot; a body that ends within them (nearly every request)
+  never takes one, and a client that trickles its body waits there, holding no slot, until
+  request_timeout_s ends it (408, app/main.py);
+- only a longer body waits for one of the `upload_slots` (asyncio's semaphore serves waiters in
+  order), and while it holds one its bytes must keep coming at `min_upload_rate` bytes/s or more,
+  measured over each `upload_rate_window_s` of time spent waiting for the client (time spent on
+  this side, decoding, does not count; the first window is the grace); a slower one ends with 408
+  and `Connection: close`, freeing the slot for the next request waiting.
+
+Memory: the raw bytes held for uploads stay bounded by about upload_slots x (decode_slots + 2) x
+max_upload_bytes for the requests holding a slot (the others wait, and their bodies wait in the
+network buffers), plus up to upload_preread_bytes (and the network read that crosses it) for
+each request reading without one: at most one per open connection, so max_connections x
+upload_preread_bytes in all (128 MiB at the defaults, beside the up to 64 KiB that uvicorn
+buffers for each connection in any case).
 
 A body that ends before the multipart closing boundary (a truncated upload) is 400: no file of
 it is used.
@@ -21,11 +36,10 @@ it is used.
 A request is refused with 422 when it is not multipart/form-data, names a field the route does
 not take, or lacks one it needs.
 """
-
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +59,54 @@ class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     data: bytearray = field(default_factory=bytearray)
     slot: int = -1  # its index among the files of its field
+
+
+class _UploadRate:
+    """Reads a body's chunks, ending it with 408 when they come slower than `min_rate` bytes/s.
+
+    The rate is bytes over the time spent waiting for them, checked each time `window_s` of
+    waiting has added up (time the caller spends between reads, e.g. decoding, does not count);
+    a body that ends within a window is not checked. min_rate = 0 turns the check off.
+    """
+
+    def __init__(self, min_rate: int, window_s: float) -> None:
+        self.min_rate, self.window_s = min_rate, window_s
+        self.waited = 0.0  # seconds spent waiting in the current window
+        self.bytes = 0  # bytes received in it
+
+    async def next(self, body: AsyncIterator[bytes]) -> bytes | None:
+        """The next chunk of `body`, or None at its end; raises HTTPException(408) when too slow."""
+        if self.min_rate <= 0:
+            return await anext(body, None)
+        loop = asyncio.get_running_loop()
+        read = asyncio.ensure_future(anext(body, None))
+        try:
+            while True:
+                start = loop.time()
+                # Wait without cancelling the read (that would end the body's stream) until the window is full.
+                done, _ = await asyncio.wait({read}, timeout=max(0.0, self.window_s - self.waited))
+                self.waited += loop.time() - start
+                if done:
+                    chunk = read.result()
+                    if chunk is not None:
+                        self.bytes += len(chunk)
+                        if self.waited >= self.window_s:
+                            self._check()
+                    return chunk
+                self._check()
+        finally:
+            read.cancel()  # a no-op once done
+
+    def _check(self) -> None:
+        rate = self.bytes / self.waited if self.waited > 0 else float("inf")
+        if rate < self.min_rate:
+            raise HTTPException(
+                408,
+                f"the upload arrived at {rate:.0f} bytes/s, below the minimum of {self.min_rate} bytes/s "
+                "(min_upload_rate) for a request holding an upload slot",
+                headers={"Connection": "close"},
+            )
+        self.waited, self.bytes = 0.0, 0
 
 
 def upload_body(fields: dict[str, str], multiple: str | None = None) -> dict:
@@ -153,29 +215,42 @@ async def read_upload_images(
         "on_part_end": on_part_end,
         "on_end": on_end,
     }
-    async with service.upload_slots:
+    body = request.stream().__aiter__()
+    received = 0
+    holding_slot = False
+    rate: _UploadRate | None = None  # set once the request holds a slot
+    try:
         try:
-            try:
-                parser = MultipartParser(boundary, callbacks)
-                async for chunk in request.stream():
-                    parser.write(chunk)
-                    for p in finished:
-                        pending.append(asyncio.ensure_future(decode(p)))
-                    finished.clear()
-                    # The first bad file ends the request; and no more than decode_slots files wait.
-                    while pending and (pending[0].done() or len(pending) > s.decode_slots):
-                        await pending.pop(0)
-                parser.finalize()
-            except FormParserError as err:
-                raise HTTPException(422, f"malformed multipart body: {err}") from None
-            if not ended:
-                raise HTTPException(400, "the multipart body ends before its closing boundary: the upload is incomplete")
-            while pending:
-                await pending.pop(0)
-        finally:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)  # retrieve what they raised
+            parser = MultipartParser(boundary, callbacks)
+            while True:
+                chunk = await (rate.next(body) if rate is not None else anext(body, None))
+                if chunk is None:
+                    break
+                received += len(chunk)
+                parser.write(chunk)
+                for p in finished:
+                    pending.append(asyncio.ensure_future(decode(p)))
+                finished.clear()
+                # The first bad file ends the request; and no more than decode_slots files wait.
+                while pending and (pending[0].done() or len(pending) > s.decode_slots):
+                    await pending.pop(0)
+                if not holding_slot and received >= s.upload_preread_bytes and not ended:
+                    await service.upload_slots.acquire()  # a long body: the rest is read under a slot
+                    holding_slot = True
+                    rate = _UploadRate(s.min_upload_rate, s.upload_rate_window_s)
+            parser.finalize()
+        except FormParserError as err:
+            raise HTTPException(422, f"malformed multipart body: {err}") from None
+        if not ended:
+            raise HTTPException(400, "the multipart body ends before its closing boundary: the upload is incomplete")
+        while pending:
+            await pending.pop(0)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # retrieve what they raised
+        if holding_slot:
+            service.upload_slots.release()
     files = {name: [item for item in items if item is not None] for name, items in results.items()}
     missing = [name for name in fields if not files[name]]
     if missing:
