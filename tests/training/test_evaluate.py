@@ -24,7 +24,9 @@ def test_vae_bound_is_the_mean_iwae_bound_in_nats_and_bits_per_dim():
     g = torch.Generator().manual_seed(5)
     x = d.images.float() / 255
     expected = -torch.cat([model.iwae_bound(x[:4], 7, generator=g), model.iwae_bound(x[4:], 7, generator=g)]).mean().item()
-    assert out["nll_nats"] == pytest.approx(expected, rel=1e-9)
+    # rel 1e-7, not 1e-9: nll_bound draws its k samples in chunks of 3, the reference in one call of 7,
+    # and float32 kernels round those shapes differently (2.4e-9 apart on one x86-64 CPU, 0 on another)
+    assert out["nll_nats"] == pytest.approx(expected, rel=1e-7)
     assert out["bits_per_dim"] == pytest.approx(expected / (784 * math.log(2)), rel=1e-6)
 
 
