@@ -142,10 +142,14 @@ class Batcher:
     max_batch_size: int = 64
     max_wait_s: float = 0.0  # opt-in: how long a pass waits for company, from its oldest request
     max_queue: int = 1024
+    queue_wait_s: float = 0.0  # how long a request that finds the queue full waits for room before QueueFullError
     # Pass sizes: a pass of n rows is padded to the smallest bucket >= n. None: no padding (the
     # pass has exactly n rows, and a row may change in its last bits with its batch-mates).
     buckets: tuple[int, ...] | None = None
     max_inflight: int = 1  # passes of this batcher running at once (the executor needs as many threads)
+    # A request of at most this many items that finds every pass busy runs in a pass of its own beside
+    # them, one such pass at a time (the executor needs a thread more); 0: never.
+    express_items: int = 0
     autocast_dtype: torch.dtype | None = None  # CUDA only
     on_batch: Callable[[str, int, float, bool], None] | None = None  # (name, items, seconds, ok) for metrics
     scheduler: ComputeScheduler | None = None  # shares the CPU with other batchers (app/scheduling.py)
@@ -162,6 +166,7 @@ class Batcher:
         self._queue: list[_Entry] = []  # a heap, by virtual finish time (_Entry.__lt__)
         self._queued_items = 0
         self._vtime = 0.0  # virtual time: items served, each divided by the requests then competing
+        self._room_waiters: list[asyncio.Future] = []  # requests waiting for room in a full queue
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -201,6 +206,7 @@ class Batcher:
         """Refuse new requests, finish the queued ones (up to drain_timeout_s), then end the worker."""
         self._stopping = True
         self._wakeup.set()
+        self._made_room()
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
@@ -214,6 +220,12 @@ class Batcher:
             if not entry.future.done():
                 entry.future.set_exception(NotRunningError("the service is shutting down"))
         self._queued_items = 0
+
+    @property
+    def large_limit(self) -> int:
+        """How full a request of more than max_batch_size items may make the queue: three quarters
+        of max_queue (at least max_batch_size); the last quarter is for requests of one pass."""
+        return max(self.max_batch_size, self.max_queue - self.max_queue // 4)
 
     @property
     def queued_items(self) -> int:
@@ -236,13 +248,17 @@ class Batcher:
             raise ValueError(f"every input needs the same positive number of rows, got {[tuple(t.shape) for t in inputs]}")
         if self._stopping or self._task is None:
             raise NotRunningError("the service is shutting down" if self._stopping else "the service is not running")
-        # A request that would overflow the queue is refused, unless the queue is empty:
-        # then even a request bigger than max_queue is taken, so every request can make progress.
-        if self._queued_items and self._queued_items + n > self.max_queue:
+        # A request that would overflow the queue is refused, unless the queue is empty: then even
+        # a request bigger than max_queue is taken, so every request can make progress. A request
+        # of several passes may fill it only to `large_limit`: the rest is kept for requests of one
+        # pass, so that clients looping on large requests cannot lock small ones out with 503s.
+        limit = self.max_queue if n <= self.max_batch_size else self.large_limit
+        if self._queued_items and self._queued_items + n > limit and not await self._room_for(n, limit):
             self.stats.rejected += 1
             retry = max(1, math.ceil(self._queued_items / self.max_batch_size * max(self.stats.mean_latency_s, 0.1)))
+            which = "" if limit == self.max_queue else f" for requests of more than {self.max_batch_size} items"
             raise QueueFullError(
-                f"{self.name}: queue full ({self._queued_items} items waiting, limit {self.max_queue}); retry later",
+                f"{self.name}: queue full ({self._queued_items} items waiting, limit {limit}{which}); retry later",
                 headers={"Retry-After": str(retry)},
             )
         loop = asyncio.get_running_loop()
@@ -274,62 +290,94 @@ class Batcher:
                     withdrawn = True
             if withdrawn:
                 heapq.heapify(self._queue)
+                self._made_room()
             raise
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(outs) for outs in zip(*parts))
 
+    async def _room_for(self, n: int, limit: int) -> bool:
+        """Wait up to queue_wait_s for the queue to have room for n more items under `limit`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_wait_s
+        while self._queued_items and self._queued_items + n > limit:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._stopping:
+                return False
+            waiter = loop.create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                return False
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._room_waiters.remove(waiter)
+        if self._stopping or self._task is None:
+            raise NotRunningError("the service is shutting down")
+        return True
+
+    def _made_room(self) -> None:
+        """Items left the queue: every request waiting for room looks again, in the order they came."""
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._room_waiters.clear()
+
     # -- worker --------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        slots = asyncio.Semaphore(self.max_inflight)
-        running: set[asyncio.Task] = set()
+        running: set[asyncio.Task] = set()  # passes collected as usual, at most max_inflight
+        express: set[asyncio.Task] = set()  # at most one pass of small requests beside them
         try:
             while True:
-                await slots.acquire()
-                while not self._queue:
-                    if self._stopping:
+                while True:  # until there is work and a pass may start
+                    if self._stopping and not self._queue:
                         return
+                    usual = len(running) < self.max_inflight
+                    small = not express and 0 < self._queue_head_items() <= self.express_items
+                    if self._queue and (usual or small):
+                        break
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 batch: list[_Entry] = []
                 try:
-                    await self._collect(batch)
+                    await (self._collect(batch) if usual else self._collect(batch, self.express_items))
                 except Exception as err:  # fails the batch in hand, never the worker
-                    slots.release()
                     self._fail_unexpected(batch, err, "collecting a batch")
+                    await asyncio.sleep(0)  # never a busy loop that starves the event loop
                     continue
                 if not batch:
-                    slots.release()
                     continue
                 self._deaths_in_a_row = 0
-                if self.max_inflight == 1:
-                    try:
-                        await self._run(batch)
-                    finally:
-                        slots.release()
-                    continue
+                passes = running if usual else express
                 task = asyncio.get_running_loop().create_task(self._run(batch))
-                running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                passes.add(task)
+                task.add_done_callback(lambda t, passes=passes: (passes.discard(t), self._wakeup.set()))
         except asyncio.CancelledError:  # stop() ran out of time: the passes in flight fail their requests
-            for task in running:
+            for task in (*running, *express):
                 task.cancel()
             raise
         finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            if running or express:
+                await asyncio.gather(*running, *express, return_exceptions=True)
 
-    async def _collect(self, batch: list[_Entry]) -> None:
-        """Move what is queued into `batch`, up to max_batch_size items; with max_wait_s > 0, wait
-        that long from the oldest request for the batch to fill."""
+    def _queue_head_items(self) -> int:
+        """The items of the queued chunk that the next pass takes first (0: none queued)."""
+        return self._queue[0].n if self._queue else 0
+
+    async def _collect(self, batch: list[_Entry], limit: int | None = None) -> None:
+        """Move what is queued into `batch`, up to `limit` (default max_batch_size) items; with
+        max_wait_s > 0, wait that long from the oldest request for the batch to fill."""
+        limit = limit or self.max_batch_size
         loop = asyncio.get_running_loop()
         end = min(e.enqueued_at for e in self._queue) + self.max_wait_s
         items = 0
         while True:
-            while self._queue and items + self._queue[0].n <= self.max_batch_size:
+            while self._queue and items + self._queue[0].n <= limit:
                 entry = heapq.heappop(self._queue)
                 self._queued_items -= entry.n
+                self._made_room()
                 if entry.future.done():  # cancelled while waiting
                     continue
                 batch.append(entry)
@@ -340,7 +388,7 @@ class Batcher:
                 self._vtime += entry.n / flows
             if self.max_wait_s <= 0 or self._stopping:
                 return
-            full = items >= self.max_batch_size or bool(self._queue)  # the next one does not fit
+            full = items >= limit or bool(self._queue)  # the next one does not fit
             remaining = end - loop.time()
             if full or remaining <= 0:
                 return

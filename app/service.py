@@ -120,7 +120,7 @@ class Service:
         # Each model thread sets its own intra-op thread count (OpenMP's nthreads-var and MKL's are per
         # thread), so the count holds whatever other threads of the process set.
         executor = ThreadPoolExecutor(
-            max_workers=s.max_inflight,
+            max_workers=s.max_inflight + (1 if s.express_items else 0),  # a thread for the express pass
             thread_name_prefix=f"genserve-{name}",
             initializer=torch.set_num_threads,
             initargs=(torch_threads(s),),
@@ -134,7 +134,9 @@ class Service:
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,
             max_queue=s.max_queue,
+            queue_wait_s=s.queue_wait_s,
             max_inflight=s.max_inflight,
+            express_items=min(s.express_items, s.max_batch_size),
             autocast_dtype=AUTOCAST_DTYPES[s.precision],
             on_batch=self.metrics.observe_batch,
             scheduler=self.scheduler,

@@ -55,7 +55,15 @@ class Settings(BaseSettings):
     # request at once when its model is idle; under load, what arrives during a pass forms the next.
     max_wait_ms: float = Field(0.0, ge=0)
     max_queue: int = Field(1024, ge=1)  # items waiting per batcher before requests get 503
+    # A request that finds its batcher's queue full waits this long for room before its 503, so that
+    # clients that resend refused requests at once (ignoring Retry-After) are held, not answered in a
+    # storm that takes the CPU from the passes. Requests of several passes may fill only 3/4 of max_queue.
+    queue_wait_s: float = Field(2.0, ge=0)
     max_inflight: int = Field(1, ge=1, le=8)  # forward passes of one batcher running at once
+    # A request of at most this many items that arrives while every pass of its batcher is busy runs
+    # in a pass of its own beside them (one such pass at a time, in a thread more), so a one-image
+    # request never waits for a 64-image pass to end; 0: it joins the next pass instead.
+    express_items: int = Field(16, ge=0)
     request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
     # Shutdown (SIGTERM, SIGINT): GET /ready turns 503 at once, the server keeps serving for

@@ -91,6 +91,59 @@ async def test_a_full_queue_refuses_with_retry_after_and_stop_drains(executor):
     assert [float(f.result()[0]) for f in queued] == [0.0, 1.0] and first.done()
 
 
+async def test_large_requests_cannot_fill_the_queue_for_small_ones(executor):
+    # Eight clients looping on 256-image requests filled the queue (1024 items), and a one-image
+    # request got 503 as often as theirs. Requests of several passes may fill only three quarters.
+    entered, gate = threading.Event(), threading.Event()
+    batcher = make_batcher(executor, lambda x: (entered.set(), gate.wait(10), x)[2], max_batch_size=4, max_queue=16,
+                           max_wait_s=0)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    assert await asyncio.to_thread(entered.wait, 5)
+    large = [asyncio.ensure_future(batcher.submit(torch.zeros(6, 1))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert batcher.queued_items == 12 == batcher.large_limit
+    with pytest.raises(QueueFullError, match="limit 12 for requests of more than 4 items"):
+        await batcher.submit(torch.zeros(5, 1))
+    small = [asyncio.ensure_future(batcher.submit(torch.ones(2, 1))) for _ in range(2)]  # up to max_queue
+    await asyncio.sleep(0.01)
+    assert batcher.queued_items == 16
+    with pytest.raises(QueueFullError, match=r"limit 16\)"):
+        await batcher.submit(torch.zeros(1, 1))
+    gate.set()
+    await asyncio.gather(first, *large, *small)
+    await batcher.stop()
+
+
+async def test_a_request_that_finds_the_queue_full_waits_for_room_before_its_503(executor):
+    # Refused at once, clients that resend at once (ignoring Retry-After) answered thousands of 503s a
+    # second, and that storm took the CPU from the passes. A request now waits up to queue_wait_s.
+    entered, gate = threading.Event(), threading.Event()
+    batcher = make_batcher(executor, lambda x: (entered.set(), gate.wait(10), x)[2], max_batch_size=1, max_queue=1,
+                           max_wait_s=0, queue_wait_s=5.0)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    assert await asyncio.to_thread(entered.wait, 5)
+    queued = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(batcher.submit(torch.full((1, 1), 2.0)))  # the queue is full: it waits
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and batcher.stats.rejected == 0
+    gate.set()  # the first pass ends, `queued` is taken into the next: room for `waiting`
+    assert [float(t[0]) for t in await asyncio.gather(first, queued, waiting)] == [0.0, 1.0, 2.0]
+    batcher.queue_wait_s = 0.05
+    entered.clear(), gate.clear()
+    held = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    assert await asyncio.to_thread(entered.wait, 5)
+    filler = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFullError):  # no room within queue_wait_s
+        await batcher.submit(torch.zeros(1, 1))
+    gate.set()
+    await asyncio.gather(held, filler)
+    await batcher.stop()
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6), wait=st.sampled_from([0.0, 0.02]))
 def test_batched_output_equals_per_item_output(executor, sizes, wait):
@@ -181,6 +234,34 @@ async def test_a_small_request_overtakes_the_queued_chunks_of_large_ones(executo
     assert passes[:2] == [[1.0], [9.0]]  # the small one next, on its own (a chunk of 4 would not fit beside it)
     # and the two large ones take turns, a chunk at a time, rather than one after the other
     assert passes[2:] == [[2.0], [1.0], [2.0], [1.0], [2.0]]
+
+
+async def test_a_small_request_runs_beside_a_busy_pass_not_after_it():
+    # express_items: a one-row request that finds the only pass slot busy gets a pass of its own at
+    # once (one at a time), instead of waiting for the 64-row pass to end.
+    gate, passes = threading.Event(), []
+
+    def fn(x):
+        passes.append(x.shape[0])
+        if x.shape[0] > 2:
+            assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8, express_items=2)
+        batcher.start()
+        large = asyncio.ensure_future(batcher.submit(torch.zeros(8, 1)))
+        while not passes:
+            await asyncio.sleep(0.005)
+        small = await asyncio.wait_for(batcher.submit(torch.ones(1, 1)), 10)  # answered while the large pass runs
+        assert torch.equal(small[0], torch.ones(1, 1)) and not large.done()
+        too_big = asyncio.ensure_future(batcher.submit(torch.ones(3, 1)))  # over express_items: it waits
+        await asyncio.sleep(0.05)
+        assert not too_big.done()
+        gate.set()
+        await asyncio.gather(large, too_big)
+        await batcher.stop()
+    assert passes == [8, 1, 3]
 
 
 async def test_a_stream_of_small_requests_does_not_starve_a_large_one(executor):
@@ -385,7 +466,7 @@ async def test_a_request_bigger_than_the_batch_is_chunked_and_equals_single_deco
 
 
 async def test_a_full_queue_is_503_with_retry_after(serve):
-    async with serve(max_batch_size=1, max_queue=2, max_wait_ms=0) as (app, client):
+    async with serve(max_batch_size=1, max_queue=2, max_wait_ms=0, queue_wait_s=0, express_items=0) as (app, client):
         batcher, entered, gate = block(app, OpKey("vae", Op.SAMPLE))
         try:
             tasks = [asyncio.ensure_future(client.get("/sample", params={"model": "vae", "n": 1, "seed": 0}))]

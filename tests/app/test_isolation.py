@@ -52,7 +52,7 @@ def test_check_wanted_outside_a_pass_does_nothing():
 
 
 async def test_a_client_that_disconnects_withdraws_its_queued_work_and_counts_as_499(serve):
-    async with serve() as (app, client):
+    async with serve(express_items=0) as (app, client):  # the second request queues behind the blocked pass
         batcher, entered, gate = block(app, OpKey("vae", Op.SAMPLE))
         first = asyncio.ensure_future(client.get("/sample", params={"model": "vae", "n": 1, "seed": 1}))
         assert await asyncio.to_thread(entered.wait, 5)  # the worker holds the first request
@@ -76,8 +76,11 @@ async def test_a_client_that_disconnects_withdraws_its_queued_work_and_counts_as
             "headers": [(b"host", b"test")], "client": ("127.0.0.1", 1), "server": ("test", 80), "app": app,
         }
         gone = asyncio.ensure_future(app(scope, receive, send))
-        while batcher.queued_items != 3:  # queued behind the blocked pass
+        for _ in range(1000):
+            if batcher.queued_items == 3:  # queued behind the blocked pass
+                break
             await asyncio.sleep(0.01)
+        assert batcher.queued_items == 3
         disconnect.set()
         await gone
         assert batcher.queued_items == 0 and sent == []  # withdrawn; nobody to answer
