@@ -167,6 +167,7 @@ class Batcher:
         self._queued_items = 0
         self._vtime = 0.0  # virtual time: items served, each divided by the requests then competing
         self._room_waiters: list[asyncio.Future] = []  # requests waiting for room in a full queue
+        self._pass_seconds: dict[int, float] = {}  # pass rows -> moving average of its time
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -412,10 +413,9 @@ class Batcher:
             return
         n = sum(e.n for e in batch)
         start = time.perf_counter()
+        args = [e.inputs for e in batch], [e.n for e in batch], [e.future for e in batch]
         try:
-            answers = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._forward_entries, [e.inputs for e in batch], [e.n for e in batch], [e.future for e in batch]
-            )
+            answers = await asyncio.get_running_loop().run_in_executor(self.executor, self._forward_entries, *args)
         except PassAbandoned:
             self.stats.abandoned += 1
             log.info("%s: pass over %d items stopped: none of its requests waits any more", self.name, n)
@@ -477,9 +477,15 @@ class Batcher:
         n = sum(sizes)
         stacked = tuple(parts[0] if len(inputs) == 1 else torch.cat(parts) for parts in zip(*inputs))  # (n, ...)
         _current.wanted = wanted = lambda: not all(f.done() for f in futures)
+        rows = self.pass_rows(n)
         try:
-            with self.scheduler.computing(self.name, wanted) if self.scheduler else contextlib.nullcontext():
+            with self.scheduler.computing(self.name, wanted, self._pass_seconds.get(rows)) if self.scheduler else contextlib.nullcontext():
+                start = time.perf_counter()
                 outputs = self._forward(stacked, n)
+                seconds = time.perf_counter() - start
+            # what a pass of this size takes (the last 8 weigh most), for the scheduler
+            previous = self._pass_seconds.get(rows, seconds)
+            self._pass_seconds[rows] = previous + (seconds - previous) / 8
         finally:
             _current.wanted = None
         answers, offset = [], 0

@@ -17,7 +17,8 @@ of compute time**, per batcher (start-time fair queuing, as operating systems sh
 
 So a cheap model's pass waits at most for the next step of a running pass (milliseconds), not for
 whole passes of heavy requests, and busy models share the cores equally, whatever their pass
-sizes. A pass with no steps (one forward) keeps its slot to the end. Waiting costs no CPU; a pass
+sizes. A pass expected to take under `short_s` (1 ms; the batcher tells it the moving average of
+its passes of that size) does not wait for a turn at all: it cannot hold anyone up. A pass with no steps (one forward) keeps its slot to the end. Waiting costs no CPU; a pass
 whose requests have all gone away stops waiting (PassAbandoned).
 
 Outside a batcher's pass (warm-up, the start-up checks, tests calling models directly) nothing
@@ -56,6 +57,7 @@ class ComputeScheduler:
     switch_s: float = 0.002  # a running pass yields to a group with at least this much less compute
     idle_bonus_s: float = 0.005  # an idle group comes back this far below the least-served competitor
     poll_s: float = 0.05  # how often a waiting pass asks whether it is still wanted
+    short_s: float = 0.001  # a pass expected to take at most this long needs no turn
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
     _running: set[_Ticket] = field(default_factory=set, init=False, repr=False)
     _waiting: list[_Ticket] = field(default_factory=list, init=False, repr=False)
@@ -67,9 +69,12 @@ class ComputeScheduler:
             raise ValueError(f"slots must be at least 1 (or None for no scheduling), got {self.slots}")
 
     @contextmanager
-    def computing(self, group: str, wanted: Callable[[], bool] | None = None) -> Iterator[None]:
-        """Around one pass, in the thread that computes it: wait for a turn, compute, give the slot back."""
-        if self.slots is None:
+    def computing(self, group: str, wanted: Callable[[], bool] | None = None, expected_s: float | None = None) -> Iterator[None]:
+        """Around one pass, in the thread that computes it: wait for a turn, compute, give the slot back.
+
+        A pass expected to take at most `short_s` (from the passes of its size so far) runs at once,
+        beside the slots: waiting for a turn would cost it more than it can delay anyone."""
+        if self.slots is None or (expected_s is not None and expected_s <= self.short_s):
             yield
             return
         ticket = _Ticket(group, next(self._seq))

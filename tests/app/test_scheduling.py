@@ -99,3 +99,40 @@ def test_outside_a_pass_checkpoint_does_nothing_and_none_schedules_nothing():
         checkpoint()
     with pytest.raises(ValueError, match="slots must be at least 1"):
         ComputeScheduler(0)
+
+
+def test_a_pass_expected_to_be_short_runs_at_once_beside_the_slots():
+    scheduler, started, release = ComputeScheduler(1), threading.Event(), threading.Event()
+
+    def hold():
+        with scheduler.computing("heavy"):
+            started.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    started.wait(10)
+    ran = []
+
+    def short():
+        with scheduler.computing("light", expected_s=0.0002):
+            ran.append(1)
+
+    quick = threading.Thread(target=short)
+    quick.start()
+    quick.join(2)
+    assert ran == [1]  # did not wait for the held slot
+    slow_ran = []
+
+    def slow():
+        with scheduler.computing("light", expected_s=0.01):
+            slow_ran.append(1)
+
+    waiting = threading.Thread(target=slow)
+    waiting.start()
+    waiting.join(0.2)
+    assert slow_ran == []  # a pass expected to take longer waits for its turn
+    release.set()
+    holder.join(5)
+    waiting.join(5)
+    assert slow_ran == [1]
