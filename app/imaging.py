@@ -48,6 +48,17 @@ ALPHA_BACKGROUND = 0  # composite transparent pixels over black (see the module 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
 
+SNIFF_BYTES = 16  # what Pillow's plugins look at to recognise their format
+
+
+def sniff(prefix: bytes) -> bool:
+    """Whether a file starting with `prefix` (its first SNIFF_BYTES, or all of a shorter file) can be
+    one of FORMATS, by the same test Pillow's plugins use; so an upload of another kind can be
+    refused from its first bytes, before the rest of it is read."""
+    Image.init()
+    return any(Image.OPEN[fmt][1] is None or Image.OPEN[fmt][1](prefix) for fmt in FORMATS if fmt in Image.OPEN)
+
+
 def set_pixel_limit(max_pixels: int) -> None:
     """Hold Pillow's own decompression-bomb check, process-wide, to `max_pixels`: it warns above it
     and raises DecompressionBombError above twice it, wherever a plugin checks a size of its own."""

@@ -60,6 +60,10 @@ class _Part:
     data: bytearray = field(default_factory=bytearray)
     slot: int = -1  # its index among the files of its field
 
+    @property
+    def label(self) -> str:
+        return f"file {self.filename!r}" if self.filename else f"the file in {self.name!r}"
+
 
 class _UploadRate:
     """Reads a body's chunks, ending it with 408 when they come slower than `min_rate` bytes/s.
@@ -191,12 +195,21 @@ async def read_upload_images(
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if len(part.data) + (end - start) > s.max_upload_bytes:
-            label = f"file {part.filename!r}" if part.filename else f"the file in {part.name!r}"
-            raise HTTPException(413, f"{label} has more bytes than max_upload_bytes ({s.max_upload_bytes})")
+            raise HTTPException(413, f"{part.label} has more bytes than max_upload_bytes ({s.max_upload_bytes})")
+        before = len(part.data)
         part.data.extend(data[start:end])
+        if before < imaging.SNIFF_BYTES <= len(part.data):
+            check_kind(part)
 
     def on_part_end() -> None:
+        if len(part.data) < imaging.SNIFF_BYTES:
+            check_kind(part)
         finished.append(part)
+
+    def check_kind(p: _Part) -> None:
+        """A file that cannot be an accepted image is refused from its first bytes, not its last."""
+        if p.data and not imaging.sniff(bytes(p.data[: imaging.SNIFF_BYTES])):
+            raise HTTPException(400, f"{p.label} is not a decodable image (not one of {', '.join(imaging.FORMATS)})")
 
     async def decode(p: _Part) -> None:
         async with service.decode_slots:

@@ -271,3 +271,25 @@ async def test_the_encode_answer_is_the_json_fastapi_would_write(client):
         r = await client.post("/encode", params=params, files=files)
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
         assert r.content == JSONResponse(r.json()).body  # compact, key order kept, one object
+
+
+async def test_a_file_that_is_no_accepted_image_is_refused_from_its_first_bytes(client):
+    # An ICO (the review's bomb carried a 12000x12000 PNG in one) is refused as soon as its first 16
+    # bytes have come: the rest of its body is never read, let alone decoded.
+    boundary = "sniffsniff"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"bomb.ico\"\r\n"
+            "Content-Type: image/x-icon\r\n\r\n").encode() + b"\x00\x00\x01\x00\x01\x00\x10\x10" + b"\x00" * 56
+    sent = []
+
+    async def body():
+        sent.append(head)
+        yield head
+        for _ in range(200):  # 200 x 32 KiB more would follow
+            sent.append(b"")
+            yield b"\x00" * 32768
+
+    r = await client.post("/reconstruct", params={"model": "vae"}, content=body(),
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 400 and r.json()["detail"] == (
+        "file 'bomb.ico' is not a decodable image (not one of PNG, JPEG, GIF, WEBP, BMP, TIFF)")
+    assert len(sent) < 10  # refused after the first chunks, not after 6 MiB
