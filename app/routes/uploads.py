@@ -7,9 +7,9 @@ file fails only its own request, and at its first bad file.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
+import orjson
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
@@ -74,25 +74,23 @@ def _encoding_response(
 ) -> Response:
     """The /encode answer (EncodeResponse): VAE mu, logvar (B, D); VQ-VAE z_e (B, D, h, w), codes (B, h, w).
 
-    Written item by item: one `json.dumps` of a whole 5 MB answer holds the GIL for tens of
-    milliseconds, and with it the event loop; between items the loop gets its turn. The bytes are
-    those of FastAPI's JSONResponse (compact separators, no NaN).
+    orjson writes the arrays straight from NumPy, item by item: FastAPI's json.dumps of the lists
+    of a 64-file answer held the GIL, and with it the event loop, for 170 ms of float formatting;
+    this takes 14 ms, in the PNG pool. Each float32 is written as the shortest decimal that reads
+    back as the same float32 (json.dumps wrote the float64 it widens to: the same value, in twice
+    the digits). A non-finite value is written as null.
     """
     def item(i: int) -> dict[str, Any]:
         if kind == "vae":
-            return {"file": names[i], "mu": first[i].tolist(), "logvar": second[i].tolist()}
-        out: dict[str, Any] = {"file": names[i], "codes": second[i].tolist()}
+            return {"file": names[i], "mu": first[i].numpy(), "logvar": second[i].numpy()}
+        out: dict[str, Any] = {"file": names[i], "codes": second[i].numpy()}
         if include_z_e:
-            out["z_e"] = first[i].tolist()
+            out["z_e"] = first[i].numpy()
         return out
 
-    head = _json_bytes({"model": model, "kind": kind})[:-1]  # without its closing brace
-    items = b",".join(_json_bytes(item(i)) for i in range(len(names)))
+    head = orjson.dumps({"model": model, "kind": kind})[:-1]  # without its closing brace
+    items = b",".join(orjson.dumps(item(i), option=orjson.OPT_SERIALIZE_NUMPY) for i in range(len(names)))
     return Response(head + b',"items":[' + items + b"]}", media_type="application/json")
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 @router.post("/interpolate", response_class=Response, responses=UPLOAD_RESPONSES, openapi_extra=ENDS)

@@ -5,6 +5,7 @@ import base64
 import threading
 
 import numpy as np
+import torch
 import pytest
 from starlette.responses import JSONResponse
 
@@ -235,7 +236,7 @@ async def test_interpolation_needs_both_files(client):
 
 
 @pytest.mark.parametrize("path, params, headers, owner, name, files", [
-    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}, upload_routes, "_json_bytes", 3),
+    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}, upload_routes, "_encoding_response", 3),
     # 60 images of 8x8: above SMALL_IMAGE_ELEMENTS, which are encoded on the event loop (the next test)
     ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}, JSONResponse, "render", 60),
 ])
@@ -249,6 +250,47 @@ async def test_large_json_answers_are_written_off_the_event_loop(client, monkeyp
     r = await client.post(path, params=params, files=uploads, headers=headers)
     assert r.status_code == 200 and len(r.json()["items" if path == "/encode" else "images"]) == files
     assert threads and all(name.startswith("genserve-io") for name in threads), threads
+
+
+async def test_a_small_answer_is_encoded_at_once_not_queued_behind_big_ones(client, monkeypatch):
+    # One image is encoded on the event loop (a fraction of a millisecond), so it never waits in the
+    # PNG pool behind the 256-image grids of other requests; a grid still goes to the pool.
+    from app import imaging
+
+    threads = []
+    original = imaging.grid_png
+    monkeypatch.setattr(imaging, "grid_png", lambda *a: threads.append(threading.current_thread().name) or original(*a))
+    one = await client.get("/sample", params={"model": "vae", "n": 1, "seed": 1})
+    many = await client.get("/sample", params={"model": "vae", "n": 64, "seed": 1})
+    assert one.status_code == many.status_code == 200
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("genserve-io"), threads
+
+
+async def test_the_encode_answer_holds_the_encoders_float32_values_in_the_documented_schema(serve):
+    from app import imaging
+    from app.schemas import EncodeResponse
+
+    files = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(2)]
+    async with serve() as (app, client):
+        registry = app.state.service.registry
+        for params in ({"model": "vqvae", "include_z_e": "true"}, {"model": "vqvae"}, {"model": "vae"}):
+            r = await client.post("/encode", params=params, files=files)
+            assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+            answer = EncodeResponse.model_validate(r.json())
+            entry = registry.get(params["model"])
+            x = torch.stack([imaging.decode_upload(data, name, image_shape=entry.image_shape, max_pixels=10**6)
+                             for _, (name, data) in files])
+            with torch.inference_mode():
+                expected = entry.model.encode(x)
+            for i, item in enumerate(answer.items):
+                assert item.file == f"{i}.png"
+                if params["model"] == "vae":
+                    assert torch.allclose(torch.tensor(item.mu), expected[0][i], atol=1e-5)
+                elif "include_z_e" in params:
+                    z_e = torch.tensor(item.z_e)
+                    assert z_e.shape == expected[i].shape and torch.allclose(z_e, expected[i], atol=1e-5)
+                else:
+                    assert item.z_e is None and "z_e" not in r.json()["items"][i]
 
 
 async def test_a_small_answer_is_encoded_at_once_not_queued_behind_big_ones(client, monkeypatch):
