@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -167,6 +168,7 @@ class Batcher:
         self._queued_items = 0
         self._vtime = 0.0  # virtual time: items served, each divided by the requests then competing
         self._room_waiters: list[asyncio.Future] = []  # requests waiting for room in a full queue
+        self._flows: dict[int, int] = {}  # request (flow) -> its chunks still queued
         self._pass_seconds: dict[int, float] = {}  # pass rows -> moving average of its time
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -218,6 +220,7 @@ class Batcher:
             self._task = None
         while self._queue:  # only when draining ran out of time
             entry = self._queue.pop()
+            self._dequeued(entry)
             if not entry.future.done():
                 entry.future.set_exception(NotRunningError("the service is shutting down"))
         self._queued_items = 0
@@ -255,6 +258,8 @@ class Batcher:
         # pass, so that clients looping on large requests cannot lock small ones out with 503s.
         limit = self.max_queue if n <= self.max_batch_size else self.large_limit
         if self._queued_items and self._queued_items + n > limit and not await self._room_for(n, limit):
+            if self._stopping:
+                raise NotRunningError("the service is shutting down")
             self.stats.rejected += 1
             retry = max(1, math.ceil(self._queued_items / self.max_batch_size * max(self.stats.mean_latency_s, 0.1)))
             which = "" if limit == self.max_queue else f" for requests of more than {self.max_batch_size} items"
@@ -275,6 +280,7 @@ class Batcher:
             entries.append(_Entry(chunk, size, loop.create_future(), now, rid, finish, next(self._seq), flow))
         for e in entries:
             heapq.heappush(self._queue, e)
+        self._flows[flow] = len(entries)
         self._queued_items += n
         self._wakeup.set()
         try:
@@ -288,6 +294,7 @@ class Batcher:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(e)
                     self._queued_items -= e.n
+                    self._dequeued(e)
                     withdrawn = True
             if withdrawn:
                 heapq.heapify(self._queue)
@@ -317,6 +324,14 @@ class Batcher:
         if self._stopping or self._task is None:
             raise NotRunningError("the service is shutting down")
         return True
+
+    def _dequeued(self, entry: _Entry) -> None:
+        """Count one chunk of entry's request out of the queue (`_flows`: request -> chunks queued)."""
+        left = self._flows.get(entry.flow, 0) - 1
+        if left > 0:
+            self._flows[entry.flow] = left
+        else:
+            self._flows.pop(entry.flow, None)
 
     def _made_room(self) -> None:
         """Items left the queue: every request waiting for room looks again, in the order they came."""
@@ -352,7 +367,7 @@ class Batcher:
                     continue
                 self._deaths_in_a_row = 0
                 passes = running if usual else express
-                task = asyncio.get_running_loop().create_task(self._run(batch))
+                task = asyncio.get_running_loop().create_task(self._run(batch, urgent=not usual))
                 passes.add(task)
                 task.add_done_callback(lambda t, passes=passes: (passes.discard(t), self._wakeup.set()))
         except asyncio.CancelledError:  # stop() ran out of time: the passes in flight fail their requests
@@ -378,6 +393,7 @@ class Batcher:
             while self._queue and items + self._queue[0].n <= limit:
                 entry = heapq.heappop(self._queue)
                 self._queued_items -= entry.n
+                self._dequeued(entry)
                 self._made_room()
                 if entry.future.done():  # cancelled while waiting
                     continue
@@ -385,8 +401,8 @@ class Batcher:
                 items += entry.n
                 # The virtual time advances as a fluid share would: by the items served over the
                 # requests competing for them (so tags of later arrivals grow, and none starves).
-                flows = len({e.flow for e in self._queue} | {e.flow for e in batch})
-                self._vtime += entry.n / flows
+                competing = len(self._flows) + len({e.flow for e in batch if e.flow not in self._flows})
+                self._vtime += entry.n / competing
             if self.max_wait_s <= 0 or self._stopping:
                 return
             full = items >= limit or bool(self._queue)  # the next one does not fit
@@ -397,17 +413,18 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    async def _run(self, batch: list[_Entry]) -> None:
-        """One pass over batch; if it raises, each half again, so only a failing request fails."""
+    async def _run(self, batch: list[_Entry], urgent: bool = False) -> None:
+        """One pass over batch; if it raises, each half again, so only a failing request fails.
+        An urgent (express) pass computes without waiting for a turn of the compute scheduler."""
         try:
-            await self._run_pass(batch)
+            await self._run_pass(batch, urgent)
         except asyncio.CancelledError:  # stop() ran out of time: nobody waits forever
             self._fail(batch, NotRunningError("the service is shutting down"))
             raise
         except Exception as err:  # a bug outside the forward pass: this batch only
             self._fail_unexpected(batch, err, "running a pass")
 
-    async def _run_pass(self, batch: list[_Entry]) -> None:
+    async def _run_pass(self, batch: list[_Entry], urgent: bool = False) -> None:
         batch = [e for e in batch if not e.future.done()]  # a retried half may have lost requests meanwhile
         if not batch:
             return
@@ -415,7 +432,8 @@ class Batcher:
         start = time.perf_counter()
         args = [e.inputs for e in batch], [e.n for e in batch], [e.future for e in batch]
         try:
-            answers = await asyncio.get_running_loop().run_in_executor(self.executor, self._forward_entries, *args)
+            forward = functools.partial(self._forward_entries, urgent=True) if urgent else self._forward_entries
+            answers = await asyncio.get_running_loop().run_in_executor(self.executor, forward, *args)
         except PassAbandoned:
             self.stats.abandoned += 1
             log.info("%s: pass over %d items stopped: none of its requests waits any more", self.name, n)
@@ -426,8 +444,8 @@ class Batcher:
             if len(batch) > 1:  # find the culprit: each half on its own
                 log.warning("%s: a pass over %d requests failed (%s); running each half again", self.name, len(batch), type(err).__name__)
                 half = len(batch) // 2
-                await self._run_pass(batch[:half])
-                await self._run_pass(batch[half:])
+                await self._run_pass(batch[:half], urgent)
+                await self._run_pass(batch[half:], urgent)
                 return
             entry = batch[0]
             self.stats.failed_requests += 1
@@ -468,7 +486,9 @@ class Batcher:
 
     # -- in the worker thread ------------------------------------------------------------------
 
-    def _forward_entries(self, inputs: list[Inputs], sizes: list[int], futures: list[asyncio.Future]) -> list[Inputs]:
+    def _forward_entries(
+        self, inputs: list[Inputs], sizes: list[int], futures: list[asyncio.Future], urgent: bool = False
+    ) -> list[Inputs]:
         """Stack the requests' rows, run one padded pass, split the outputs back per request.
 
         While the pass runs, `check_wanted()` in this thread asks whether any of `futures` is
@@ -479,7 +499,8 @@ class Batcher:
         _current.wanted = wanted = lambda: not all(f.done() for f in futures)
         rows = self.pass_rows(n)
         try:
-            with self.scheduler.computing(self.name, wanted, self._pass_seconds.get(rows)) if self.scheduler else contextlib.nullcontext():
+            expected = 0.0 if urgent else self._pass_seconds.get(rows)  # an express pass needs no turn
+            with self.scheduler.computing(self.name, wanted, expected) if self.scheduler else contextlib.nullcontext():
                 start = time.perf_counter()
                 outputs = self._forward(stacked, n)
                 seconds = time.perf_counter() - start

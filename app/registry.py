@@ -148,7 +148,7 @@ class Registry:
             try:
                 model, info = load_model(path, device)
             except Exception as err:  # WeightFileError, or anything a foreign file provokes
-                registry._reject(path, f"cannot load: {err}")
+                registry.reject(path, f"cannot load: {err}")
                 continue
             registry._isolated(path, registry._add, path, model, info, priors)
         for path, model, info in priors:
@@ -165,21 +165,21 @@ class Registry:
             step(*args)
         except Exception as err:  # a bug or a file nobody foresaw: this file is skipped, the service starts
             log.exception("unexpected error on weight file %s", path)
-            self._reject(path, f"cannot be used: {type(err).__name__}: {_clip(err)}")
+            self.reject(path, f"cannot be used: {type(err).__name__}: {_clip(err)}")
 
     def _add(self, path: Path, model: nn.Module, info: ModelInfo, priors: list[tuple[Path, nn.Module, ModelInfo]]) -> None:
         """A loaded file: a prior waits for pairing, a VAE or VQ-VAE is served once its description validates."""
         if info.kind in PRIOR_API_NAMES:
             priors.append((path, model, info))
         elif info.kind not in SERVED_KINDS:
-            self._reject(path, f"kind {info.kind!r} is not served")
+            self.reject(path, f"kind {info.kind!r} is not served")
         elif info.name in self.entries:
-            self._reject(path, f"a model named {info.name!r} is already loaded from {self.entries[info.name].info.path}")
+            self.reject(path, f"a model named {info.name!r} is already loaded from {self.entries[info.name].info.path}")
         else:
             entry = Entry(model, info, device=self.device)
             invalid = _invalid(ModelEntry, _describe(entry))
             if invalid:
-                return self._reject(path, f"its GET /models description is invalid: {invalid}")
+                return self.reject(path, f"its GET /models description is invalid: {invalid}")
             self.entries[info.name] = entry
 
     def _check_description(self, entry: Entry) -> None:
@@ -188,11 +188,11 @@ class Registry:
         if invalid:
             del self.entries[entry.name]
             path = Path(entry.info.path or entry.name)
-            self._reject(path, f"its GET /models description is invalid: {invalid}")
+            self.reject(path, f"its GET /models description is invalid: {invalid}")
             for prior in entry.priors.values():
-                self._reject(Path(prior.info.path or prior.info.name), f"its VQ-VAE {entry.name!r} was refused")
+                self.reject(Path(prior.info.path or prior.info.name), f"its VQ-VAE {entry.name!r} was refused")
 
-    def _reject(self, path: Path, reason: str, vqvae: str | None = None) -> None:
+    def reject(self, path: Path, reason: str, vqvae: str | None = None) -> None:
         log.error("skipping weight file %s: %s", path, reason)
         problem = Problem(path.name, reason, vqvae)
         self.problems.append(problem)
@@ -203,18 +203,18 @@ class Registry:
         api_name = PRIOR_API_NAMES[info.kind]
         vq_name = info.extra.get("vqvae") if isinstance(info.extra, dict) else None
         if vq_name is None or vq_name == "":
-            return self._reject(path, "the prior does not record its VQ-VAE (extra.vqvae)")
+            return self.reject(path, "the prior does not record its VQ-VAE (extra.vqvae)")
         if not isinstance(vq_name, str) or not NAME_PATTERN.fullmatch(vq_name):
-            return self._reject(path, f"extra.vqvae {reprlib.repr(vq_name)} is not a model name")
+            return self.reject(path, f"extra.vqvae {reprlib.repr(vq_name)} is not a model name")
         entry = self.entries.get(vq_name)
         if entry is None:
-            return self._reject(path, f"its VQ-VAE {vq_name!r} is not loaded", vq_name)
+            return self.reject(path, f"its VQ-VAE {vq_name!r} is not loaded", vq_name)
         if entry.kind != "vqvae":
-            return self._reject(path, f"it names {vq_name!r} as its VQ-VAE, but that model is a {entry.kind}")
+            return self.reject(path, f"it names {vq_name!r} as its VQ-VAE, but that model is a {entry.kind}")
         vq = entry.model
         digest = vq.codebook_digest()
         if info.extra.get("codebook_sha256") != digest:
-            return self._reject(
+            return self.reject(
                 path,
                 f"codebook digest {_clip(repr(info.extra.get('codebook_sha256')), 100)} differs from VQ-VAE {vq_name!r}'s {digest!r}: "
                 "the prior was trained on another codebook",
@@ -222,24 +222,24 @@ class Registry:
             )
         cfg = model.config
         if cfg.codebook_size != vq.config.codebook_size:
-            return self._reject(
+            return self.reject(
                 path, f"codebook_size {cfg.codebook_size} differs from VQ-VAE {vq_name!r}'s {vq.config.codebook_size}", vq_name
             )
         if tuple(cfg.code_shape) != tuple(vq.code_shape):
-            return self._reject(
+            return self.reject(
                 path, f"code_shape {tuple(cfg.code_shape)} differs from VQ-VAE {vq_name!r}'s {tuple(vq.code_shape)}", vq_name
             )
         names = info.class_names
         if cfg.num_classes and names and len(names) != cfg.num_classes:
-            return self._reject(path, f"it records {len(names)} class names for its {cfg.num_classes} classes", vq_name)
+            return self.reject(path, f"it records {len(names)} class names for its {cfg.num_classes} classes", vq_name)
         if api_name in entry.priors:
             other = entry.priors[api_name].info.path
-            return self._reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
+            return self.reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
         names, conflict = _prior_class_names(info, cfg.num_classes, entry.info)
         prior = Prior(api_name, model, info, names, conflict)
         invalid = _invalid(PriorInfo, _describe_prior(prior, default=False))
         if invalid:
-            return self._reject(path, f"its GET /models description is invalid: {invalid}", vq_name)
+            return self.reject(path, f"its GET /models description is invalid: {invalid}", vq_name)
         if conflict:
             log.warning("prior %s (%s) of %s: %s", info.name, path.name, vq_name, conflict)
         entry.priors[api_name] = prior

@@ -9,8 +9,9 @@ of compute time**, per batcher (start-time fair queuing, as operating systems sh
 
 - each batcher (a *group*) has a virtual time, the seconds of compute its passes have had;
 - a pass that wants to compute waits until a slot is free and no waiting group has a lower
-  virtual time; a group that was idle is placed at the lowest virtual time of the groups now
-  competing, less `idle_bonus_s`, so it goes first once but saves no credit while idle;
+  virtual time; a group that was idle comes back at the system's virtual time (the lowest of the
+  competing groups', which never goes back), less `idle_bonus_s`: it goes first once, saves no
+  credit while idle, and carries no debt from the time it ran alone;
 - a multi-step pass (a prior's draws, an autoregressive decoder's pixels) offers its slot at
   every step (`checkpoint`, called from app/batching.py's `check_wanted`): when a waiting group
   has had at least `switch_s` less compute, the pass waits and that group's pass runs.
@@ -63,6 +64,7 @@ class ComputeScheduler:
     _waiting: list[_Ticket] = field(default_factory=list, init=False, repr=False)
     _vtime: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _seq: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
+    _system: float = field(default=0.0, init=False, repr=False)  # the system virtual time (_advance)
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:
@@ -114,13 +116,20 @@ class ComputeScheduler:
     # -- under self._cond ----------------------------------------------------------------------
 
     def _place(self, group: str) -> None:
-        """A group with no pass running or waiting comes back at the competitors' lowest virtual time."""
+        """A group with no pass running or waiting comes back at the system's virtual time (the lowest
+        of the active groups', which only grows), less idle_bonus_s: whatever it had before, so it
+        neither saves credit while idle nor carries a debt from the time it ran alone."""
         active = {t.group for t in (*self._running, *self._waiting)}
         if group in active:
             return
-        others = [self._vtime[g] for g in active]
-        floor = (min(others) - self.idle_bonus_s) if others else self._vtime.get(group, 0.0)
-        self._vtime[group] = max(self._vtime.get(group, 0.0), floor)
+        self._advance(active)
+        self._vtime[group] = self._system - self.idle_bonus_s
+
+    def _advance(self, active: set[str] | None = None) -> None:
+        """The system virtual time: the lowest virtual time of the active groups, never going back."""
+        active = {t.group for t in (*self._running, *self._waiting)} if active is None else active
+        if active:
+            self._system = max(self._system, min(self._vtime[g] for g in active))
 
     def _charge(self, ticket: _Ticket) -> None:
         """Add the compute since the ticket's last charge to its group (only while it holds a slot)."""
@@ -129,6 +138,7 @@ class ComputeScheduler:
         now = time.perf_counter()
         self._vtime[ticket.group] = self._vtime.get(ticket.group, 0.0) + (now - ticket.since)
         ticket.since = now
+        self._advance()
 
     def _best(self) -> _Ticket:
         return min(self._waiting, key=lambda t: (self._vtime[t.group], t.seq))

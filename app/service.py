@@ -23,6 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -31,7 +32,7 @@ from app import imaging
 from app.batching import Batcher
 from app.metrics import Metrics
 from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
-from app.registry import Registry
+from app.registry import Entry, Registry
 from app.scheduling import ComputeScheduler
 from app.settings import Settings
 
@@ -101,10 +102,7 @@ class Service:
                 for entry in registry.entries.values():
                     for model in [entry.model, *(p.model for p in entry.priors.values())]:
                         pad_linear_rows(model, settings.linear_min_rows)
-            ops = [op for entry in registry.entries.values() for op in operations(entry)]
-            async with asyncio.TaskGroup() as group:  # one failure cancels the others
-                for op in ops:
-                    group.create_task(service._start_batcher(op))
+            await asyncio.gather(*(service._start_model(entry) for entry in list(registry.entries.values())))
         except BaseException:
             await service.stop()
             raise
@@ -118,6 +116,25 @@ class Service:
             "ready on %s: %s", device, ", ".join(f"{e.name} ({e.kind}, priors {sorted(e.priors)})" for e in registry.entries.values())
         )
         return service
+
+    async def _start_model(self, entry: Entry) -> None:
+        """Warm up, check and start every batcher of one model. A model that fails any of it (a
+        file whose config loads but cannot run) is dropped and listed in GET /models/problems,
+        like a file that cannot be loaded: one bad file never stops the service."""
+        try:
+            results = await asyncio.gather(*(self._start_batcher(op) for op in operations(entry)), return_exceptions=True)
+            error = next((r for r in results if isinstance(r, BaseException)), None)
+        except Exception as err:  # operations() itself
+            error = err
+        if error is None:
+            return
+        if not isinstance(error, Exception):
+            raise error  # cancellation, KeyboardInterrupt: not the file's fault
+        log.error("%s: cannot be served, its start-up pass failed", entry.name, exc_info=error)
+        for key in [k for k in self.batchers if k.model == entry.name]:
+            await self.batchers.pop(key).stop(0)
+        self.registry.entries.pop(entry.name, None)
+        self.registry.reject(Path(entry.info.path or entry.name), f"warming it up failed: {type(error).__name__}: {str(error)[:300]}")
 
     async def _start_batcher(self, operation: Operation) -> None:
         """Warm the operation up and check its pass sizes in its own thread, then start its batcher."""

@@ -26,9 +26,13 @@ Slow clients cannot lock the others out:
 Memory: the raw bytes held for uploads stay bounded by about upload_slots x (decode_slots + 2) x
 max_upload_bytes for the requests holding a slot (the others wait, and their bodies wait in the
 network buffers), plus up to upload_preread_bytes (and the network read that crosses it) for
-each request reading without one: at most one per open connection, so max_connections x
-upload_preread_bytes in all (128 MiB at the defaults, beside the up to 64 KiB that uvicorn
-buffers for each connection in any case).
+each request reading without one: at most one per open connection. Measured (a hostile review,
+200 connections each sending 60 KiB and then 2 MB while the slots were held), the server grew
+about 0.8 MB per such connection, not the 128 KiB these two buffers suggest: asyncio reads 256 KiB
+at a time, uvicorn buffers beyond its 64 KiB high-water mark before it pauses reading, and the
+request's reader (app/main.py) holds a message ahead. So max_connections (2048) of them could
+hold about 1.6 GB: behind a proxy that buffers uploads (README, "Behind a proxy") none of this
+reaches the service; exposed directly, lower GENSERVE_MAX_CONNECTIONS to what the memory allows.
 
 A body that ends before the multipart closing boundary (a truncated upload) is 400: no file of
 it is used.

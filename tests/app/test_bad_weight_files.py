@@ -82,3 +82,22 @@ def test_an_error_while_pairing_a_prior_rejects_that_prior_only(good_files, tmp_
     assert problem.reason == "cannot be used: AttributeError: 'list' object has no attribute 'get'"
     assert "unexpected error on weight file" in caplog.text  # with its traceback, for whoever fixes the bug
     assert len(registry.describe()) == 2
+
+
+async def test_a_model_whose_warm_up_fails_is_dropped_and_the_rest_is_served(good_files, tmp_path, serve):
+    # Loads (a valid config) but cannot run: the autoregressive decoder's reconstruct_seed overflows a
+    # torch seed, so its start-up pass raises. Before, that stopped the whole start-up.
+    good_weights(good_files, tmp_path, names=("vae",))
+    bad = VAE(VAEConfig(arch="conv", image_size=8, latent_dim=4, channels=(4, 8), fc_dim=16, decoder="autoregressive",
+                        ar_channels=4, ar_kernel=3, ar_layers=1, likelihood="logistic", num_mixtures=2,
+                        reconstruct_seed=2**70))
+    write_crafted(tmp_path / "bad_seed.safetensors", bad, (1, 8, 8))
+    async with serve(weights_dir=tmp_path) as (app, client):
+        ready = await client.get("/ready")
+        served = [m["name"] for m in (await client.get("/models")).json()]
+        problems = (await client.get("/models/problems")).json()
+        sample = await client.get("/sample", params={"model": "bad_seed", "n": 1})
+        batchers = {key.model for key in app.state.service.batchers}
+    assert ready.status_code == 200 and served == ["vae"] and batchers == {"vae"}
+    assert [p["file"] for p in problems] == ["bad_seed.safetensors"] and "warming it up failed" in problems[0]["reason"]
+    assert sample.status_code == 404

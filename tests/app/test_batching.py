@@ -596,3 +596,28 @@ async def test_prior_samples_are_float_identical_alone_and_in_a_shared_pass(serv
         assert batcher.stats.batches == 1  # the three shared one pass of 8
         alone = [batcher._forward(inputs, len(inputs[0])) for inputs in requests]  # a lone request's pass
     assert all(torch.equal(a[0], b[0]) for a, b in zip(together, alone))
+
+
+async def test_an_express_pass_does_not_wait_for_a_compute_turn():
+    # With every compute slot held by another model, an express pass (a small request beside its own
+    # model's busy pass) would wait for a turn behind its own model's pass (same group): it needs none.
+    from app.scheduling import ComputeScheduler
+
+    scheduler, gate, started = ComputeScheduler(1), threading.Event(), threading.Event()
+
+    def fn(x):
+        if x.shape[0] > 2:
+            started.set()
+            assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8, express_items=2, scheduler=scheduler)
+        batcher.start()
+        large = asyncio.ensure_future(batcher.submit(torch.zeros(8, 1)))  # holds the only slot
+        assert await asyncio.to_thread(started.wait, 5)
+        small = await asyncio.wait_for(batcher.submit(torch.ones(1, 1)), 10)
+        assert torch.equal(small[0], torch.ones(1, 1)) and not large.done()
+        gate.set()
+        await large
+        await batcher.stop()

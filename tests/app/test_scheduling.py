@@ -136,3 +136,19 @@ def test_a_pass_expected_to_be_short_runs_at_once_beside_the_slots():
     holder.join(5)
     waiting.join(5)
     assert slow_ran == [1]
+
+
+def test_a_group_that_ran_alone_carries_no_debt_when_others_arrive():
+    # "a" computes alone for 0.3 s and goes idle; "b" starts a long stepped pass. A new pass of "a"
+    # must get in at one of b's next steps, not wait until b has caught up a's 0.3 s.
+    scheduler, log = ComputeScheduler(1), []
+    run_steps(scheduler, "a", 30, 0.01, [])
+    heavy = threading.Thread(target=run_steps, args=(scheduler, "b", 40, 0.01, log))
+    heavy.start()
+    while len(log) < 3:
+        time.sleep(0.001)
+    light = threading.Thread(target=run_steps, args=(scheduler, "a", 1, 0.0, log))
+    light.start()
+    light.join(10)
+    heavy.join(10)
+    assert log.index(("a", 0)) < 10, log[:12]

@@ -388,6 +388,20 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, key, value):
         load_model(bad)
 
 
+def test_a_float64_value_that_overflows_float32_is_refused(tmp_path):
+    # 1e300 is finite as float64, and infinity in the float32 model that load_state_dict casts it into
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "f64.safetensors"
+
+    def widen(tensors):
+        tensors["fc_mu.bias"] = tensors["fc_mu.bias"].double()
+        tensors["fc_mu.bias"][0] = 1e300
+
+    _rewrite_signed(tmp_path / "m.safetensors", bad, change_tensors=widen)
+    with pytest.raises(WeightFileError, match=r"tensor 'fc_mu.bias' holds non-finite values"):
+        load_model(bad)
+
+
 BIG_OBJECT = json.dumps({f"k{i}": i for i in range(MAX_JSON_CHARS // 10)})  # ~ 90 kB
 
 
