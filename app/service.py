@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -106,11 +105,6 @@ class Service:
         except BaseException:
             await service.stop()
             raise
-        # Everything loaded so far (modules, tensors' wrappers, FastAPI's and pydantic's schemas) lives
-        # as long as the process: moved out of the collector's sight, so that a full collection, which
-        # a large JSON answer's many lists can set off, does not walk it while holding the GIL.
-        gc.collect()
-        gc.freeze()
         service.ready = True
         log.info(
             "ready on %s: %s", device, ", ".join(f"{e.name} ({e.kind}, priors {sorted(e.priors)})" for e in registry.entries.values())
