@@ -235,35 +235,34 @@ async def test_interpolation_needs_both_files(client):
 
 
 
-@pytest.mark.parametrize("path, params, headers, owner, name, files", [
-    ("/encode", {"model": "vqvae", "include_z_e": "true"}, {}, upload_routes, "_encoding_response", 3),
-    # 60 images of 8x8: above SMALL_IMAGE_ELEMENTS, which are encoded on the event loop (the next test)
-    ("/reconstruct", {"model": "vae"}, {"accept": "application/json"}, JSONResponse, "render", 60),
-])
-async def test_large_json_answers_are_written_off_the_event_loop(client, monkeypatch, path, params, headers, owner, name, files):
+async def test_large_answers_are_written_off_the_event_loop_and_a_small_one_at_once(client, monkeypatch):
     # A 64-file /encode with z_e is megabytes of JSON: FastAPI validated and wrote it on the event
-    # loop, stalling /health by half a second. Now the JSON is written in the PNG pool's threads.
-    threads = []
-    original = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *args: threads.append(threading.current_thread().name) or original(*args))
-    uploads = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(files)]
-    r = await client.post(path, params=params, files=uploads, headers=headers)
-    assert r.status_code == 200 and len(r.json()["items" if path == "/encode" else "images"]) == files
-    assert threads and all(name.startswith("genserve-io") for name in threads), threads
-
-
-async def test_a_small_answer_is_encoded_at_once_not_queued_behind_big_ones(client, monkeypatch):
-    # One image is encoded on the event loop (a fraction of a millisecond), so it never waits in the
-    # PNG pool behind the 256-image grids of other requests; a grid still goes to the pool.
+    # loop, stalling /health by half a second; now it is written in the PNG pool's threads, as are
+    # JSON image answers over SMALL_IMAGE_ELEMENTS (60 images of 8x8 here). One image is encoded on
+    # the event loop (a fraction of a millisecond), never queued in the pool behind other grids.
     from app import imaging
 
-    threads = []
-    original = imaging.grid_png
-    monkeypatch.setattr(imaging, "grid_png", lambda *a: threads.append(threading.current_thread().name) or original(*a))
+    threads: dict[str, list[str]] = {"encode": [], "json": [], "png": []}
+
+    def spy(kind, original):
+        return lambda *args: threads[kind].append(threading.current_thread().name) or original(*args)
+
+    monkeypatch.setattr(upload_routes, "_encoding_response", spy("encode", upload_routes._encoding_response))
+    monkeypatch.setattr(JSONResponse, "render", spy("json", JSONResponse.render))
+    monkeypatch.setattr(imaging, "grid_png", spy("png", imaging.grid_png))
+    three = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(3)]
+    r = await client.post("/encode", params={"model": "vqvae", "include_z_e": "true"}, files=three)
+    assert r.status_code == 200 and len(r.json()["items"]) == 3
+    sixty = [("file", (f"{i}.png", image_bytes(seed=i))) for i in range(60)]
+    r = await client.post("/reconstruct", params={"model": "vae"}, files=sixty, headers={"accept": "application/json"})
+    assert r.status_code == 200 and len(r.json()["images"]) == 60
     one = await client.get("/sample", params={"model": "vae", "n": 1, "seed": 1})
     many = await client.get("/sample", params={"model": "vae", "n": 64, "seed": 1})
     assert one.status_code == many.status_code == 200
-    assert threads[0] == threading.main_thread().name and threads[1].startswith("genserve-io"), threads
+    assert threads["encode"] and all(name.startswith("genserve-io") for name in threads["encode"]), threads
+    assert threads["json"] and all(name.startswith("genserve-io") for name in threads["json"]), threads
+    assert threads["png"][0] == threading.main_thread().name and threads["png"][1].startswith("genserve-io"), threads
+
 
 
 async def test_the_encode_answer_holds_the_encoders_float32_values_in_the_documented_schema(serve):
