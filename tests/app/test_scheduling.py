@@ -16,6 +16,21 @@ def run_steps(scheduler, group, steps, step_s, log, wanted=None):
             checkpoint(wanted)
 
 
+def hold_the_slot(scheduler, group):
+    """A thread that takes `group`'s turn and keeps it until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        with scheduler.computing(group):
+            started.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert started.wait(10)
+    return holder, release
+
+
 def test_a_newcomer_runs_at_the_next_step_of_a_heavy_pass_not_after_it():
     # One slot: a heavy pass of 40 steps runs; a light pass of 1 step arrives. Without the scheduler
     # (or first come, first served) it would wait for all 40 steps; here it runs within a step or two.
@@ -61,16 +76,8 @@ def test_busy_groups_share_the_slot_by_compute_time_and_only_one_computes_at_onc
 
 
 def test_a_pass_whose_requests_went_away_stops_waiting():
-    scheduler, started, release = ComputeScheduler(1), threading.Event(), threading.Event()
-
-    def hold():
-        with scheduler.computing("holder"):
-            started.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    started.wait(10)
+    scheduler = ComputeScheduler(1)
+    holder, release = hold_the_slot(scheduler, "holder")
     wanted = [True]
     outcome = []
 
@@ -102,16 +109,8 @@ def test_outside_a_pass_checkpoint_does_nothing_and_none_schedules_nothing():
 
 
 def test_a_pass_expected_to_be_short_runs_at_once_beside_the_slots():
-    scheduler, started, release = ComputeScheduler(1), threading.Event(), threading.Event()
-
-    def hold():
-        with scheduler.computing("heavy"):
-            started.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    started.wait(10)
+    scheduler = ComputeScheduler(1)
+    holder, release = hold_the_slot(scheduler, "heavy")
     ran = []
 
     def short():
