@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from app.batching import check_wanted
+from app.graphs import CapturedPasses, CapturedPriorSteps
 from app.registry import Entry, Prior
 from models.vqvae import squared_distances
 
@@ -52,6 +53,10 @@ class Operation:
     # precedes each discrete step (VQ distances, a prior's logits), one row per item, for the
     # batch-invariance check (Batcher.check_buckets). None: fn's outputs are checked.
     probe: Callable[..., Sequence[torch.Tensor]] | None = None
+    # With GENSERVE_CUDA_GRAPHS (app/graphs.py): (pass sizes, device, autocast dtype, record) -> a function
+    # of fn's signature that replays CUDA graphs recorded for those sizes and runs fn for any other.
+    # None: the operation runs eagerly (an encoder, an autoregressive decoder's pixel steps).
+    capture: Callable[[Sequence[int], torch.device, torch.dtype | None, bool], Callable[..., Inputs]] | None = None
 
 
 def operations(entry: Entry) -> list[Operation]:
@@ -88,12 +93,20 @@ def operations(entry: Entry) -> list[Operation]:
                 (images,) = generate(z, uniforms, temperature, on_params=lambda params: steps.append(params.flatten(1)))
                 return images, torch.cat(steps, 1)  # (B, all parameters of every step)
 
+        reconstruct = lambda x: generate(m.encode(x)[0])  # noqa: E731
+        # A factorized decoder is one pass: recorded whole. An autoregressive one draws pixel after
+        # pixel, reading values back between steps: it runs eagerly.
+        graphs = not m.config.autoregressive
         return [
-            Operation(OpKey(name, Op.RECONSTRUCT), lambda x: generate(m.encode(x)[0]), images,
-                      None if probe is None else lambda x: probe(m.encode(x)[0])),
+            Operation(OpKey(name, Op.RECONSTRUCT), reconstruct, images,
+                      None if probe is None else lambda x: probe(m.encode(x)[0]),
+                      _passes(lambda x: (m.generate(m.encode(x)[0]),), reconstruct, images) if graphs else None),
             Operation(OpKey(name, Op.ENCODE), lambda x: m.encode(x), images),
-            Operation(OpKey(name, Op.DECODE), generate, latents, probe),
-            Operation(OpKey(name, Op.SAMPLE), generate, draws, probe),
+            Operation(OpKey(name, Op.DECODE), generate, latents, probe,
+                      _passes(lambda z: (m.generate(z),), generate, latents) if graphs else None),
+            # a factorized decoder's sample is its mean image of z: the uniforms and temperatures go unused
+            Operation(OpKey(name, Op.SAMPLE), generate, draws, probe,
+                      _passes(lambda z, u, t: (m.generate(z),), generate, draws) if graphs else None),
         ]
 
     quantizer = m.quantizer
@@ -121,16 +134,73 @@ def operations(entry: Entry) -> list[Operation]:
     def decode_nearest(z_e: torch.Tensor) -> Inputs:
         return (m.decode_indices(quantizer.nearest(z_e)),)
 
+    def reconstruct(x: torch.Tensor) -> Inputs:
+        return (m.reconstruct(x),)
+
+    def decode(z: torch.Tensor) -> Inputs:
+        return (m.decode_indices(z),)
+
+    # recorded bodies: the codes are in range by construction (nearest, a draw) or checked by the route
+    # (parse_codes), so the range check, which reads values back to the host, is left out
     ops = [
-        Operation(OpKey(name, Op.RECONSTRUCT), lambda x: (m.reconstruct(x),), images, reconstruct_probe),
+        Operation(OpKey(name, Op.RECONSTRUCT), reconstruct, images, reconstruct_probe,
+                  _passes(lambda x: (m.decode_indices(quantizer.nearest(m.encode(x)), check=False),), reconstruct, images)),
         Operation(OpKey(name, Op.ENCODE), encode, images, lambda x: (*encode(x), distances(m.encode(x)))),
-        Operation(OpKey(name, Op.DECODE), lambda z: (m.decode_indices(z),), codes),
-        Operation(OpKey(name, Op.DECODE_NEAREST), decode_nearest, encoder_outputs, lambda z_e: (*decode_nearest(z_e), distances(z_e))),
+        Operation(OpKey(name, Op.DECODE), decode, codes, None,
+                  _passes(lambda z: (m.decode_indices(z, check=False),), decode, codes)),
+        Operation(OpKey(name, Op.DECODE_NEAREST), decode_nearest, encoder_outputs, lambda z_e: (*decode_nearest(z_e), distances(z_e)),
+                  _passes(lambda z_e: (m.decode_indices(quantizer.nearest(z_e), check=False),), decode_nearest, encoder_outputs)),
     ]
     for prior in entry.priors.values():
         sample, probe = _prior_sample(prior, m)
-        ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), sample, _prior_example(prior), probe))
+        ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), sample, _prior_example(prior), probe,
+                             _prior_steps(prior, m, sample)))
     return ops
+
+
+def _passes(body: Callable[..., Inputs], eager: Callable[..., Inputs], example: Callable[[int, torch.Generator], Inputs]):
+    """An Operation's `capture` for a one-pass function: `body` (graph-safe: no value read back to the
+    host) recorded per pass size, `eager` for the sizes without a recording."""
+
+    def capture(sizes: Sequence[int], device: torch.device, autocast: torch.dtype | None, record: bool = True) -> CapturedPasses:
+        return CapturedPasses(body, example, sizes, device, record=record, autocast=autocast, eager=eager)
+
+    return capture
+
+
+def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inputs]):
+    """The `capture` of a prior's SAMPLE: the per-position step recorded per pass size (app/graphs.py),
+    then the codes decoded by a recorded decoder; `eager` for the sizes without a recording."""
+
+    def capture(sizes: Sequence[int], device: torch.device, autocast: torch.dtype | None, record: bool = True):
+        steps = CapturedPriorSteps(prior.model, sizes, device, record=record, autocast=autocast)
+        h, w = prior.model.config.code_shape
+        k = prior.model.config.codebook_size
+
+        def codes(n: int, g: torch.Generator) -> Inputs:
+            return (torch.randint(k, (n, h, w), generator=g),)  # (n, h, w)
+
+        decoder = CapturedPasses(lambda z: (vqvae.decode_indices(z, check=False),), codes, steps.sizes or sizes,
+                                 device, record=record, autocast=autocast)
+
+        def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
+                   on_logits=None) -> Inputs:
+            drawn = steps.sample(uniforms, temperature, labels,
+                                 on_logits or (lambda r, c, logits: check_wanted()))  # noqa: E731
+            if drawn is None:
+                return eager(uniforms, temperature, labels, on_logits)
+            return decoder(drawn)
+
+        def reference(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
+            """What the recorded steps compute, eagerly: sampling mode "stepped", then the decoder."""
+            codes = prior.model.sample(uniforms.shape[0], labels=labels, temperature=temperature.float(),
+                                       uniforms=uniforms.float(), mode="stepped")
+            return (vqvae.decode_indices(codes),)
+
+        sample.steps, sample.decoder, sample.reference = steps, decoder, reference  # app/graphs.py's describe, checks
+        return sample
+
+    return capture
 
 
 def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> tuple[Callable[..., Inputs], Callable[..., Inputs]]:

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from typing import Any, TypeVar
 import torch
 
 from app import imaging
-from app.batching import Batcher
+from app.batching import Batcher, bucket_candidates
+from app.graphs import describe, recorded_sizes
 from app.metrics import Metrics
 from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
 from app.registry import Entry, Registry
@@ -76,6 +78,7 @@ class Service:
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     upload_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # requests reading uploads
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
+    operations: dict[OpKey, Operation] = field(default_factory=dict)  # what each batcher runs (for cuda_graphs)
     scheduler: ComputeScheduler | None = None  # shares the CPU between the batchers
     executors: list[ThreadPoolExecutor] = field(default_factory=list)
     ready: bool = False  # True from the end of start() until stop()
@@ -102,6 +105,7 @@ class Service:
                     for model in [entry.model, *(p.model for p in entry.priors.values())]:
                         pad_linear_rows(model, settings.linear_min_rows)
             await asyncio.gather(*(service._start_model(entry) for entry in list(registry.entries.values())))
+            await service._record_graphs()
         except BaseException:
             await service.stop()
             raise
@@ -127,6 +131,7 @@ class Service:
         log.error("%s: cannot be served, its start-up pass failed", entry.name, exc_info=error)
         for key in [k for k in self.batchers if k.model == entry.name]:
             await self.batchers.pop(key).stop(0)
+            self.operations.pop(key, None)
         self.registry.entries.pop(entry.name, None)
         self.registry.reject(Path(entry.info.path or entry.name), f"warming it up failed: {type(error).__name__}: {str(error)[:300]}")
 
@@ -165,6 +170,35 @@ class Service:
             log.info("%s: pass sizes %s (batch-invariant against %d rows)", name, list(batcher.buckets), s.max_batch_size)
         batcher.start()
         self.batchers[operation.key] = batcher
+        self.operations[operation.key] = operation
+
+    async def _record_graphs(self, record: bool = True) -> None:
+        """With cuda_graphs on a CUDA device: record each operation that offers it (app/operations.py's
+        `capture`) at its batcher's pass sizes. One at a time, after every warm-up and check, before
+        the service is ready: a recording must not overlap another thread's synchronising call.
+        `record=False` (tests, on the CPU) sets up the same static buffers without recording graphs."""
+        s = self.settings
+        if not s.cuda_graphs:
+            return
+        if record and self.device.type != "cuda":
+            log.info("cuda_graphs is set, but the device is %s: nothing to record, every pass runs eagerly", self.device)
+            return
+        loop = asyncio.get_running_loop()
+        for key, batcher in self.batchers.items():
+            operation = self.operations.get(key)
+            if operation is None or operation.capture is None:
+                continue
+            sizes = batcher.buckets or bucket_candidates(s.max_batch_size)
+            start = time.perf_counter()
+            fn = await loop.run_in_executor(
+                batcher.executor, operation.capture, sizes, self.device, AUTOCAST_DTYPES[s.precision], record
+            )
+            batcher.fn = fn
+            log.info("%s: %s in %.2f s", key, describe(fn), time.perf_counter() - start)
+
+    def graph_sizes(self) -> dict[str, list[int] | None]:
+        """Batcher name -> the pass sizes it replays from CUDA graphs (None: eager); shown by GET /config."""
+        return {str(key): recorded_sizes(b.fn) for key, b in self.batchers.items()}
 
     @property
     def state(self) -> str:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     express_items: int = Field(16, ge=0)
     request_timeout_s: float = Field(30.0, gt=0)  # per request, then 504
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype; applied on CUDA only
+    # CUDA only: record the decoders and the priors' per-position step as CUDA graphs at start-up, one
+    # per pass size (app/graphs.py), and replay them instead of launching each kernel. Off by default
+    # until benchmarks/gpu/check.sh has measured it on a GPU (benchmarks/RESULTS.md). Ignored on the CPU.
+    cuda_graphs: bool = False
     # Shutdown (SIGTERM, SIGINT): GET /ready turns 503 at once, the server keeps serving for
     # drain_delay_s so a load balancer can take it out of rotation, then stops accepting and gives
     # the requests in hand up to graceful_timeout_s. A container's stop grace period (compose

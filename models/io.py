@@ -180,9 +180,39 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as contiguous CPU tensors (safetensors refuses shared storage)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+def state_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors (safetensors refuses shared storage), its
+    floating tensors in `dtype` when given (integer and bool tensors keep theirs)."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def round_to_storage(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """Round every floating parameter and buffer of `model` to `dtype` and back, in place, so that the
+    model computes (in its own dtype) exactly what it computes once saved in `dtype` and loaded again
+    (`load_model` casts a float16 file into the float32 model). Refuses a value out of `dtype`'s range
+    (it would become infinity). Returns {"values": floating values, "flushed_to_zero": nonzero values
+    that became 0, "changed": values that changed}."""
+    limit = torch.finfo(dtype).max
+    counts = {"values": 0, "flushed_to_zero": 0, "changed": 0}
+    with torch.no_grad():
+        for key, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            peak = tensor.abs().max().item() if tensor.numel() else 0.0
+            if peak > limit:
+                raise ValueError(f"{key} holds {peak:g}, beyond {dtype}'s largest value {limit:g}: store it in float32")
+            rounded = tensor.to(dtype).to(tensor.dtype)
+            counts["values"] += tensor.numel()
+            counts["flushed_to_zero"] += int(((rounded == 0) & (tensor != 0)).sum())
+            counts["changed"] += int((rounded != tensor).sum())
+            tensor.copy_(rounded)
+    return counts
 
 
 def save_model(
@@ -196,8 +226,13 @@ def save_model(
     extra: dict[str, Any] | None = None,
     image_shape: tuple[int, int, int] | None = None,
     class_names: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write `model` and everything needed to rebuild it into one safetensors file.
+
+    `dtype` (torch.float16, say) stores the floating tensors in that dtype (as diffusers' fp16
+    variants); `load_model` casts them back into the model's own dtype, which computes. Metrics
+    that describe the stored file must be measured after `round_to_storage(model, dtype)`.
 
     `image_shape` defaults to `model.image_shape`; a prior passes its VQ-VAE's.
     `class_names` are the training data's classes in label order (empty for unlabelled data).
@@ -212,7 +247,7 @@ def save_model(
     over_cap = _class_names_over_cap(class_names)
     if over_cap:
         raise ValueError(f"class_names: {over_cap}")
-    tensors = state_tensors(model)
+    tensors = state_tensors(model, dtype)
     metadata = {
         "format_version": FORMAT_VERSION,
         "kind": kind,

@@ -129,7 +129,7 @@ def temperature_column(temperature: float | torch.Tensor, n: int, device: torch.
     return t[:, None]
 
 
-SAMPLING_MODES = ("cached", "cropped", "naive")
+SAMPLING_MODES = ("cached", "cropped", "naive", "stepped")
 
 
 @torch.no_grad()
@@ -159,6 +159,8 @@ def sample_codes(
       `_sampling_cache(n, labels)` and computes each layer only where the new position
       changes it (Ramachandran et al. 2017): `cache.logits(r, c)` -> (n, K), then
       `cache.record(r, c, code)` once the code at (r, c) is drawn.
+    - "stepped" computes what "naive" computes, one `position_step` per position: fixed shapes
+      and the position in a tensor, what a CUDA graph records once for every position (app/graphs.py).
 
     `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw
     (the server uses it to check that a pass's size does not change them).
@@ -184,6 +186,14 @@ def sample_codes(
     was_training = model.training
     model.eval()
     try:
+        if mode == "stepped":
+            pos = torch.zeros(1, dtype=torch.long, device=device)
+            for p in range(h * w):
+                pos.fill_(p)
+                logits = model.position_step(codes, labels, temp, uniforms, pos)  # (n, K), the code drawn
+                if on_logits is not None:
+                    on_logits(p // w, p % w, logits)
+            return codes
         cache = model._sampling_cache(n, labels) if mode == "cached" else None
         for r in range(h):
             rows = r + 1 if mode == "cropped" else h
@@ -216,6 +226,22 @@ class AutoregressivePrior(nn.Module):
     def _sampling_cache(self, n: int, labels: torch.Tensor | None) -> Any:
         """The activations of n grids being sampled: `.logits(r, c)` -> (n, K), `.record(r, c, code)`."""
         raise NotImplementedError
+
+    def position_step(
+        self, codes: torch.Tensor, labels: torch.Tensor | None, temp: torch.Tensor, uniforms: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """One draw of ancestral sampling at the raster position `pos` ((1,) long, r * w + c), in place:
+        the network on the whole grid codes (n, h, w) (labels (n,) or None), the logits there (n, K)
+        divided by temp (n, 1), the code inverse_cdf draws with uniforms (n, h, w) at that position
+        written into codes. Returns the logits. Shapes never change and the position is a tensor,
+        with no value read back to the host, so a CUDA graph records it once for every position."""
+        n = codes.shape[0]
+        logits = self._logits(codes, labels).flatten(2).index_select(2, pos).squeeze(2)  # (n, K, h*w) -> (n, K)
+        u = uniforms.flatten(1).index_select(1, pos).squeeze(1)  # (n,)
+        code = inverse_cdf(torch.softmax(logits.float() / temp, dim=-1), u)  # (n,)
+        codes.view(n, -1).index_copy_(1, pos, code[:, None])
+        return logits
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """codes (B, h', w), h' <= h -> logits (B, K, h', w); position i sees only codes before i."""
@@ -255,6 +281,7 @@ class AutoregressivePrior(nn.Module):
           kept to compare.
         - "naive": the reference; caches nothing, runs the whole network on the whole grid once
           per position.
+        - "stepped": what "naive" computes, as `position_step` (what a CUDA graph records).
         `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw.
         Runs in eval mode (dropout off) and restores the training flag afterwards."""
         return sample_codes(self, n, labels, temperature, generator, uniforms, mode=mode, on_logits=on_logits)

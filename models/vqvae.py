@@ -183,12 +183,13 @@ class VectorQuantizer(nn.Module):
         flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, D)
         return squared_distances(flat, self.embedding.detach().float()).argmin(1).view(b, h, w)
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codebook vectors of indices (B, H, W) -> (B, D, H, W)."""
+    def lookup(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Codebook vectors of indices (B, H, W) -> (B, D, H, W). `check=False` skips the range check
+        (which reads values back to the host) for indices already checked, as a CUDA graph needs."""
         if indices.dtype not in (torch.long, torch.int):
             raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
         k = self.config.codebook_size
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+        if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise ValueError(
                 f"indices must lie in [0, {k - 1}], got values in [{int(indices.min())}, {int(indices.max())}]"
             )
@@ -432,9 +433,9 @@ class VQVAE(nn.Module):
         return self.quantizer.nearest(self.encode(x))
 
     @torch.no_grad()
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, C, H, W) in [0, 1] (see `image`)."""
-        return self.image(self.decode(self.quantizer.lookup(indices)))
+    def decode_indices(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """codes (B, h, w) -> images (B, C, H, W) in [0, 1] (see `image`); `check`: see `lookup`."""
+        return self.image(self.decode(self.quantizer.lookup(indices, check)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Command line: python -m training {vae,vqvae,prior,card} [options]. See README.md, "Training your own model"."""
+"""Command line: python -m training {vae,vqvae,prior,card,convert} [options]. See README.md, "Training your own model"."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.data import DATASETS, DataError, load_dataset
+from training.data import DATASETS, DataError, ImageData, load_dataset
 from training.loop import LR_SCHEDULES, cleanup_distributed, setup_distributed
 
 
@@ -45,8 +45,19 @@ def _common(p: argparse.ArgumentParser, default_name: str, default_epochs: int, 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def load_splits(args: argparse.Namespace) -> tuple[ImageData, ImageData, ImageData]:
+    """(train, validation, test) as a run's arguments name them: validation is the last --val-size
+    training images (default min(5000, a tenth)), so a run's command always rebuilds the same split."""
+    kwargs = dict(root=args.data_root, download=args.download, image_size=args.image_size, channels=args.image_channels)
+    train = load_dataset(args.data, "train", **kwargs).subset(args.limit_train)
+    test = load_dataset(args.data, "test", **kwargs).subset(args.limit_test)
+    val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
+    train, val = train.split_last(val_size)
+    return train, val, test
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from training import card, prior, vae, vqvae
+    from training import card, convert, prior, vae, vqvae
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="family", required=True)
@@ -61,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_arguments(p)
     p = sub.add_parser("card", help="write weights/README.md from the weight files' metadata")
     card.add_arguments(p)
+    p = sub.add_parser("convert", help="store weight files in another dtype (float16) and re-measure their metrics")
+    convert.add_arguments(p)
     return parser
 
 
@@ -72,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
         card.run(args)
         return 0
+    if args.family == "convert":
+        from training import convert
+
+        return convert.run(args)
     if not (math.isfinite(args.lr) and args.lr > 0) or not 0 <= args.min_lr <= args.lr:
         print(f"error: need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}", file=sys.stderr)
         return 2
@@ -94,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        kwargs = dict(root=args.data_root, download=args.download, image_size=args.image_size, channels=args.image_channels)
-        train = load_dataset(args.data, "train", **kwargs).subset(args.limit_train)
-        test = load_dataset(args.data, "test", **kwargs).subset(args.limit_test)
-        val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
-        train, val = train.split_last(val_size)
+        train, val, test = load_splits(args)
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from models.io import load_model
+from models.io import ModelInfo, load_model
 from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
 from models.vqvae import VQVAE
@@ -83,13 +83,7 @@ def unigram_cross_entropy_bits(train_counts: torch.Tensor, test_codes: torch.Ten
 def run(
     args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, device: torch.device, rank: int, world: int
 ) -> None:
-    vqvae, vq_info = load_model(args.vqvae, device)
-    if vq_info.kind != "vqvae":
-        raise ValueError(f"--vqvae {args.vqvae} holds a {vq_info.kind!r} model, not a VQ-VAE")
-    if tuple(train.image_shape) != tuple(vqvae.image_shape):
-        raise ValueError(f"the data's image shape {train.image_shape} differs from the VQ-VAE's {vqvae.image_shape}")
-    for p in vqvae.parameters():
-        p.requires_grad_(False)
+    vqvae, vq_info = load_vqvae(args.vqvae, train, device)
     conditional = not args.unconditional and train.labels is not None and train.num_classes > 0
     cls, config_cls = ARCHS[args.arch]
     overrides = {k: v for k, v in (("hidden_channels", args.hidden_channels), ("n_layers", args.n_layers),
@@ -103,13 +97,7 @@ def run(
     train_codes, val_codes, test_codes = (encode_codes(vqvae, d) for d in (train, val, test))  # (N, h, w)
     train_labels = train.labels if conditional else None
     val_labels = val.labels if conditional else None
-    test_labels = test.labels if conditional else None
-    train_counts = torch.bincount(train_codes.flatten(), minlength=config.codebook_size)
-    baseline = {
-        "log2_K": math.log2(config.codebook_size),
-        "unigram_entropy_bits": usage_stats(torch.bincount(test_codes.flatten(), minlength=config.codebook_size))["entropy_bits"],
-        "unigram_cross_entropy_bits": unigram_cross_entropy_bits(train_counts, test_codes),
-    }
+    baseline = baseline_metrics(train_codes, test_codes, config.codebook_size)
     label_gen = torch.Generator().manual_seed(args.seed)
     fixed_labels = torch.arange(GRID) % config.num_classes if conditional else None
     fixed_uniforms = torch.rand(GRID, *config.code_shape, generator=label_gen)
@@ -120,9 +108,9 @@ def run(
         return loss, {"nats_per_code": loss.detach()}
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:  # selection never looks at test
-        return {"val_bits_per_code": nll_bits_per_code(m, val_codes, val_labels)}
+        return val_metrics(m, val_codes, val_labels)
 
-    extra = {"vqvae": vq_info.name, "codebook_sha256": vqvae.codebook_digest()}  # what the service pairs priors by
+    extra = pairing(vqvae, vq_info)
 
     save_to_file = best_saver(args, train.name, extra=extra, image_shape=vqvae.image_shape,
                               class_names=train.class_names)
@@ -141,35 +129,88 @@ def run(
                 on_epoch_end=pictures, rank=rank, world=world, desc=f"prior-{args.arch}")
     if rank != 0 or stopped_early(args, state):
         return
-    freqs = torch.bincount(train.labels, minlength=config.num_classes) if conditional else None
-
-    def test_metrics(best: torch.nn.Module) -> dict:
-        # each test grid's -log P(z) once: given its label, and (conditional) with the label marginalised
-        # out over the training set's class frequencies; the image bounds reuse them (see below)
-        nats_of = code_nats(best, test_codes, test_labels, freqs)  # {"given": (N,), "marginal": (N,) if conditional}
-        per_code = test_codes[0].numel() * math.log(2)
-        metrics = {"test_bits_per_code": nats_of["given"].mean().item() / per_code,
-                   "conditional": conditional, "train_codes": int(train_codes.numel()), "test_images": len(test)}
-        if conditional:
-            metrics["test_marginal_bits_per_code"] = nats_of["marginal"].mean().item() / per_code
-        if vqvae.config.likelihood == "logistic":
-            # -log p(x|z_q(x)) - log P(z(x)), a bound on -log p(x) (on -log p(x|y) with the label given):
-            # nll_bound's uniform-prior bound on the same code grids, less its log K per code, is the
-            # decoder's term, to which each prior's code term adds (the mean of a sum is the sum of the means)
-            uniform = nll_bound(vqvae, test, codes=test_codes)["nll_nats"]
-            rec_nats = uniform - test_codes[0].numel() * math.log(vqvae.config.codebook_size)
-            dims = test.images[0].numel()
-            for key, prefix in (("given", "test_"), ("marginal", "test_marginal_")):
-                if key in nats_of:
-                    nats = rec_nats + nats_of[key].mean().item()
-                    metrics[f"{prefix}nll_nats"] = nats
-                    metrics[f"{prefix}bits_per_dim"] = nats / (dims * math.log(2))
-        return metrics
-
-    _, metrics = finish(args, state, device, train.name, test_metrics, extra=extra, image_shape=vqvae.image_shape,
+    _, metrics = finish(args, state, device, train.name,
+                        lambda best: measure_test(best, vqvae, train, test, train_codes, test_codes, conditional), extra=extra, image_shape=vqvae.image_shape,
                         class_names=train.class_names)
     shown = f" ({metrics['test_marginal_bits_per_code']:.3f} with the label marginalised out)" if conditional else ""
     if "test_bits_per_dim" in metrics:
         shown += f"; image NLL bound {metrics['test_bits_per_dim']:.4f} bits/dim"
     print(f"{args.out}: test NLL {metrics['test_bits_per_code']:.3f} bits/code{shown}; unigram entropy "
           f"{baseline['unigram_entropy_bits']:.3f}, log2 K {baseline['log2_K']:.3f}")
+
+
+def load_vqvae(path: str, data: ImageData, device: torch.device) -> tuple[VQVAE, ModelInfo]:
+    """The frozen VQ-VAE a prior models, checked against the data's image shape."""
+    vqvae, info = load_model(path, device)
+    if info.kind != "vqvae":
+        raise ValueError(f"--vqvae {path} holds a {info.kind!r} model, not a VQ-VAE")
+    if tuple(data.image_shape) != tuple(vqvae.image_shape):
+        raise ValueError(f"the data's image shape {data.image_shape} differs from the VQ-VAE's {vqvae.image_shape}")
+    for p in vqvae.parameters():
+        p.requires_grad_(False)
+    return vqvae, info
+
+
+def pairing(vqvae: VQVAE, info: ModelInfo) -> dict[str, str]:
+    """A prior file's `extra`: the VQ-VAE it models, by name and codebook digest (how the service pairs them)."""
+    return {"vqvae": info.name, "codebook_sha256": vqvae.codebook_digest()}
+
+
+def baseline_metrics(train_codes: torch.Tensor, test_codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """What a prior must beat: log2 K, the test codes' unigram entropy and the train histogram's cross-entropy."""
+    train_counts = torch.bincount(train_codes.flatten(), minlength=codebook_size)
+    return {
+        "log2_K": math.log2(codebook_size),
+        "unigram_entropy_bits": usage_stats(torch.bincount(test_codes.flatten(), minlength=codebook_size))["entropy_bits"],
+        "unigram_cross_entropy_bits": unigram_cross_entropy_bits(train_counts, test_codes),
+    }
+
+
+def val_metrics(prior: torch.nn.Module, val_codes: torch.Tensor, val_labels: torch.Tensor | None) -> dict[str, float]:
+    """What picks the best epoch: validation bits per code (selection never looks at test)."""
+    return {"val_bits_per_code": nll_bits_per_code(prior, val_codes, val_labels)}
+
+
+def measure_test(
+    prior: torch.nn.Module, vqvae: VQVAE, train: ImageData, test: ImageData, train_codes: torch.Tensor,
+    test_codes: torch.Tensor, conditional: bool,
+) -> dict:
+    """Every test-split metric a prior's file reports. Each test grid's -log P(z) is computed once: given
+    its label, and (conditional) with the label marginalised out over the training set's class
+    frequencies; the image bounds reuse them."""
+    test_labels = test.labels if conditional else None
+    freqs = torch.bincount(train.labels, minlength=prior.config.num_classes) if conditional else None
+    nats_of = code_nats(prior, test_codes, test_labels, freqs)  # {"given": (N,), "marginal": (N,) if conditional}
+    per_code = test_codes[0].numel() * math.log(2)
+    metrics = {"test_bits_per_code": nats_of["given"].mean().item() / per_code,
+               "conditional": conditional, "train_codes": int(train_codes.numel()), "test_images": len(test)}
+    if conditional:
+        metrics["test_marginal_bits_per_code"] = nats_of["marginal"].mean().item() / per_code
+    if vqvae.config.likelihood == "logistic":
+        # -log p(x|z_q(x)) - log P(z(x)), a bound on -log p(x) (on -log p(x|y) with the label given):
+        # nll_bound's uniform-prior bound on the same code grids, less its log K per code, is the
+        # decoder's term, to which each prior's code term adds (the mean of a sum is the sum of the means)
+        uniform = nll_bound(vqvae, test, codes=test_codes)["nll_nats"]
+        rec_nats = uniform - test_codes[0].numel() * math.log(vqvae.config.codebook_size)
+        dims = test.images[0].numel()
+        for key, prefix in (("given", "test_"), ("marginal", "test_marginal_")):
+            if key in nats_of:
+                nats = rec_nats + nats_of[key].mean().item()
+                metrics[f"{prefix}nll_nats"] = nats
+                metrics[f"{prefix}bits_per_dim"] = nats / (dims * math.log(2))
+    return metrics
+
+
+def remeasure(prior: torch.nn.Module, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+    """Every metric measured on data that a prior's file reports (`python -m training convert`): the
+    baselines, its best epoch's validation bits per code and the test metrics, on the codes of the
+    VQ-VAE file `args.vqvae`."""
+    device = next(prior.parameters()).device
+    vqvae, _ = load_vqvae(args.vqvae, train, device)
+    conditional = prior.config.num_classes > 0
+    train_codes, val_codes, test_codes = (encode_codes(vqvae, d) for d in (train, val, test))  # (N, h, w)
+    return {
+        **baseline_metrics(train_codes, test_codes, prior.config.codebook_size),
+        **val_metrics(prior, val_codes, val.labels if conditional else None),
+        **measure_test(prior, vqvae, train, test, train_codes, test_codes, conditional),
+    }

@@ -79,7 +79,7 @@ def run(
         return m.loss(x, free_bits=args.free_bits)
 
     def evaluate(m: VAE) -> dict[str, float]:
-        return {"val_neg_elbo": vae_neg_elbo(m, val)["neg_elbo"]}  # selection never looks at test
+        return val_metrics(m, val)
 
     def pictures(m: VAE, epoch: int) -> None:
         with torch.inference_mode():
@@ -93,25 +93,9 @@ def run(
                 rank=rank, world=world, desc=f"vae-{args.arch}")
     if rank != 0 or stopped_early(args, state):
         return
+    _, metrics = finish(args, state, device, train.name, lambda best: measure_test(best, args, train, val, test),
+                        class_names=train.class_names)
     iwae_data = test.subset(args.iwae_images)
-
-    def test_metrics(best: VAE) -> dict:
-        elbo = vae_neg_elbo(best, test)
-        metrics = {
-            "test_neg_elbo": elbo["neg_elbo"], "test_rec": elbo["rec"], "test_kl": elbo["kl"],
-            "iwae_k": args.iwae_k, "iwae_images": len(iwae_data),
-            "active_units": active_units(best, test), "latent_dim": config.latent_dim,
-            "train_images": len(train), "val_images": len(val), "test_images": len(test),
-            **{f"test_{k}": v for k, v in reconstruction_quality(best, test).items()},
-        }
-        if config.likelihood == "logistic":
-            bound = nll_bound(best, iwae_data, k=args.iwae_k)
-            metrics.update(test_nll_nats=bound["nll_nats"], test_bits_per_dim=bound["bits_per_dim"])
-        else:  # grey-pixel BCE: the tutorial's loss, not a likelihood of 8-bit images
-            metrics["test_iwae_grey_bce"] = vae_iwae(best, iwae_data, k=args.iwae_k)
-        return metrics
-
-    _, metrics = finish(args, state, device, train.name, test_metrics, class_names=train.class_names)
     if config.likelihood == "logistic":
         bound = f"IWAE-{args.iwae_k} bound {metrics['test_bits_per_dim']:.4f} bits/dim ({metrics['test_nll_nats']:.2f} nats)"
     else:
@@ -120,3 +104,33 @@ def run(
         f"{args.out}: test -ELBO {metrics['test_neg_elbo']:.2f} nats, {bound} on {len(iwae_data)} test images, "
         f"active units {metrics['active_units']}/{config.latent_dim}, best epoch {state['best_epoch']}"
     )
+
+
+def remeasure(model: VAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+    """Every metric measured on data that a VAE's file reports: its best epoch's validation metric and
+    the test metrics (`python -m training convert` re-measures a file with it)."""
+    return {**val_metrics(model, val), **measure_test(model, args, train, val, test)}
+
+
+def val_metrics(model: VAE, val: ImageData) -> dict[str, float]:
+    """What picks the best epoch: the validation negative ELBO (selection never looks at test)."""
+    return {"val_neg_elbo": vae_neg_elbo(model, val)["neg_elbo"]}
+
+
+def measure_test(model: VAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+    """Every test-split metric a VAE's file reports (`args`: the run's --iwae-k and --iwae-images)."""
+    iwae_data = test.subset(args.iwae_images)
+    elbo = vae_neg_elbo(model, test)
+    metrics = {
+        "test_neg_elbo": elbo["neg_elbo"], "test_rec": elbo["rec"], "test_kl": elbo["kl"],
+        "iwae_k": args.iwae_k, "iwae_images": len(iwae_data),
+        "active_units": active_units(model, test), "latent_dim": model.config.latent_dim,
+        "train_images": len(train), "val_images": len(val), "test_images": len(test),
+        **{f"test_{k}": v for k, v in reconstruction_quality(model, test).items()},
+    }
+    if model.config.likelihood == "logistic":
+        bound = nll_bound(model, iwae_data, k=args.iwae_k)
+        metrics.update(test_nll_nats=bound["nll_nats"], test_bits_per_dim=bound["bits_per_dim"])
+    else:  # grey-pixel BCE: the tutorial's loss, not a likelihood of 8-bit images
+        metrics["test_iwae_grey_bce"] = vae_iwae(model, iwae_data, k=args.iwae_k)
+    return metrics

@@ -77,24 +77,14 @@ def run(
         epoch_counts.add_(m.quantizer.last_counts.long().cpu())
         return loss, stats
 
-    def quality(m: VQVAE, data: ImageData, split: str) -> dict[str, float]:
-        q, usage = reconstruction_quality(m, data), usage_stats(code_histogram(m, data))
-        return {f"{split}_mse": q["mse"], f"{split}_psnr_db": q["psnr_db"],
-                f"{split}_perplexity": usage["perplexity"], f"{split}_codes_used": usage["codes_used"]}
-
     def evaluate(m: VQVAE) -> dict[str, float]:  # on validation images: selection never looks at test
         metrics = {
-            **quality(m, val, "val"),
-            **({"val_rec_bits_per_dim": nll_bound(m, val)["bits_per_dim"] - uniform_code_bits}
-               if config.likelihood == "logistic" else {}),
+            **val_metrics(m, val),
             "train_epoch_codes_used_share": int((epoch_counts > 0).sum()) / config.codebook_size,
             "restarts_total": int(m.quantizer.restarts.item()),
         }
         epoch_counts.zero_()
         return metrics
-
-    codes_per_image = model.code_shape[0] * model.code_shape[1]
-    uniform_code_bits = codes_per_image * math.log2(config.codebook_size) / train.images[0].numel()
 
     def pictures(m: VQVAE, epoch: int) -> None:
         with torch.inference_mode():
@@ -114,21 +104,51 @@ def run(
     if rank != 0 or stopped_early(args, state):
         return
 
-    def test_metrics(best: VQVAE) -> dict:
-        metrics = {**quality(best, test, "test"), "codebook_size": config.codebook_size,
-                   "code_shape": list(best.code_shape), "train_images": len(train), "val_images": len(val),
-                   "test_images": len(test)}
-        if config.likelihood == "logistic":  # -log p(x|z_q) - log P(z) with a uniform P: log K nats per code
-            bound = nll_bound(best, test)
-            metrics.update(test_uniform_prior_nll_nats=bound["nll_nats"],
-                           test_uniform_prior_bits_per_dim=bound["bits_per_dim"],
-                           test_rec_bits_per_dim=bound["bits_per_dim"] - uniform_code_bits)
-        return metrics
-
-    _, metrics = finish(args, state, device, train.name, test_metrics, class_names=train.class_names)
+    _, metrics = finish(args, state, device, train.name, lambda best: measure_test(best, train, val, test),
+                        class_names=train.class_names)
     shown = (f", NLL bound with a uniform prior {metrics['test_uniform_prior_bits_per_dim']:.4f} bits/dim"
              if config.likelihood == "logistic" else "")
     print(
         f"{args.out}: test MSE {metrics['test_mse']:.5f}, PSNR {metrics['test_psnr_db']:.2f} dB, perplexity "
         f"{metrics['test_perplexity']:.1f}, codes used {metrics['test_codes_used']}/{config.codebook_size}{shown}"
     )
+
+
+def quality(model: VQVAE, data: ImageData, split: str) -> dict[str, float]:
+    """Reconstruction error and codebook use on `data`, keys prefixed by `split`."""
+    q, usage = reconstruction_quality(model, data), usage_stats(code_histogram(model, data))
+    return {f"{split}_mse": q["mse"], f"{split}_psnr_db": q["psnr_db"],
+            f"{split}_perplexity": usage["perplexity"], f"{split}_codes_used": usage["codes_used"]}
+
+
+def uniform_code_bits(model: VQVAE) -> float:
+    """Bits per image dimension that a uniform prior over the codes costs: log2 K per code."""
+    h, w = model.code_shape
+    return h * w * math.log2(model.config.codebook_size) / math.prod(model.image_shape)
+
+
+def val_metrics(model: VQVAE, val: ImageData) -> dict[str, float]:
+    """What picks the best epoch (val_rec_bits_per_dim or val_mse), with the rest of the validation quality."""
+    metrics = quality(model, val, "val")
+    if model.config.likelihood == "logistic":
+        metrics["val_rec_bits_per_dim"] = nll_bound(model, val)["bits_per_dim"] - uniform_code_bits(model)
+    return metrics
+
+
+def measure_test(model: VQVAE, train: ImageData, val: ImageData, test: ImageData) -> dict:
+    """Every test-split metric a VQ-VAE's file reports."""
+    metrics = {**quality(model, test, "test"), "codebook_size": model.config.codebook_size,
+               "code_shape": list(model.code_shape), "train_images": len(train), "val_images": len(val),
+               "test_images": len(test)}
+    if model.config.likelihood == "logistic":  # -log p(x|z_q) - log P(z) with a uniform P: log K nats per code
+        bound = nll_bound(model, test)
+        metrics.update(test_uniform_prior_nll_nats=bound["nll_nats"],
+                       test_uniform_prior_bits_per_dim=bound["bits_per_dim"],
+                       test_rec_bits_per_dim=bound["bits_per_dim"] - uniform_code_bits(model))
+    return metrics
+
+
+def remeasure(model: VQVAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+    """Every metric measured on data that a VQ-VAE's file reports, its best epoch's validation metrics
+    and the test metrics (`python -m training convert`)."""
+    return {**val_metrics(model, val), **measure_test(model, train, val, test)}

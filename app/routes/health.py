@@ -33,7 +33,8 @@ async def config(request: Request) -> dict[str, Any]:
     """The settings in effect (GENSERVE_* environment variables), the device they resolved to, and
     per batcher the pass sizes it pads to (`pass_sizes`: the batch-invariant sizes found at
     start-up with pad_batches; null where passes are unpadded), and the passes that compute at once
-    (`resolved_compute_slots`: null when nothing is scheduled, app/scheduling.py)."""
+    (`resolved_compute_slots`: null when nothing is scheduled, app/scheduling.py), and per batcher
+    the pass sizes it replays from CUDA graphs (`graph_sizes`: null where it runs eagerly, app/graphs.py)."""
     settings = request.app.state.settings
     if settings is None:
         return JSONResponse({"detail": "starting"}, status_code=503, headers={"Retry-After": "1"})
@@ -43,6 +44,7 @@ async def config(request: Request) -> dict[str, Any]:
         "resolved_device": str(service.device) if service is not None else None,
         "pass_sizes": service.pass_sizes() if service is not None else None,
         "resolved_compute_slots": service.scheduler.slots if service is not None and service.scheduler else None,
+        "graph_sizes": service.graph_sizes() if service is not None else None,
     }
 
 

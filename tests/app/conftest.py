@@ -11,6 +11,7 @@ bits/dim (the page's bits/dim table). Class names (CLASS_NAMES) are recorded by
 from __future__ import annotations
 
 import io
+import os
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(weights: Path, **overrides) -> Settings:
-    values = dict(weights_dir=weights, device="cpu", max_batch_size=8, max_wait_ms=1.0, request_timeout_s=30.0)
+    # GENSERVE_DEVICE=cuda runs the app's tests on a GPU (benchmarks/gpu/check.sh); the CPU otherwise
+    device = os.environ.get("GENSERVE_DEVICE", "cpu")
+    values = dict(weights_dir=weights, device=device, max_batch_size=8, max_wait_ms=1.0, request_timeout_s=30.0)
     return Settings(**{**values, **overrides})
 
 

@@ -1,0 +1,248 @@
+"""CUDA graphs (app/graphs.py, GENSERVE_CUDA_GRAPHS): the static buffers, pass sizes, padding and
+fallbacks on the CPU (record=False runs each function eagerly on the very buffers a graph would
+be recorded on), the recorded graphs themselves where CUDA is available."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from app.graphs import CapturedPasses, CapturedPriorSteps, describe, graph_sizes, pad_rows, recorded_sizes, size_for
+from app.operations import operations
+from app.registry import Registry
+from app.settings import Settings
+from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
+from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
+
+CPU = torch.device("cpu")
+SIZES = (1, 2, 4)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="recording a CUDA graph needs a CUDA device")
+
+
+def test_sizes_and_padding():
+    assert graph_sizes([4, 1, 2, 4]) == (1, 2, 4)
+    with pytest.raises(ValueError, match="positive"):
+        graph_sizes([0, 2])
+    with pytest.raises(ValueError, match="positive"):
+        graph_sizes([])
+    assert [size_for(n, (1, 2, 4)) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, None]
+    t = torch.arange(6).reshape(3, 2)
+    padded = pad_rows(t, 5)
+    assert padded.shape == (5, 2) and torch.equal(padded[:3], t) and torch.equal(padded[3:], t[-1:].expand(2, 2))
+    assert pad_rows(t, 2) is t
+
+
+@pytest.fixture(scope="module")
+def registry(weights_dir) -> Registry:
+    return Registry.load(weights_dir, CPU)
+
+
+def padded_eager(fn, inputs, size):
+    """What fn computes for `inputs` inside a pass of `size` rows (the last row repeated), first rows."""
+    rows = inputs[0].shape[0]
+    with torch.inference_mode():
+        out = fn(*(pad_rows(t, size) for t in inputs))
+    return tuple(o[:rows] for o in out)
+
+
+def captured_operations(registry: Registry):
+    return [op for entry in registry.entries.values() for op in operations(entry) if op.capture is not None]
+
+
+def test_which_operations_offer_graphs(registry):
+    names = {str(op.key) for op in captured_operations(registry)}
+    # the factorized VAE's one-pass decoders and the VQ-VAE's, and every prior's sampling
+    assert names == {
+        "vae:reconstruct", "vae:decode", "vae:sample",
+        "vqvae:reconstruct", "vqvae:decode", "vqvae:decode_nearest",
+        "vqvae:sample:pixelcnn", "vqvae:sample:gated", "vqvae:sample:pixelcnnpp",
+    }
+    # an autoregressive decoder draws pixel after pixel, reading values back: it stays eager
+    assert not any(op.key.model == "vae_rgb" and op.capture for entry in registry.entries.values()
+                   for op in operations(entry))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_captured_operation_computes_what_eager_computes(registry, rows):
+    """Each operation through its static buffers (record=False) equals the eager function on the
+    same rows padded to the same pass size; above the largest size (6 > 4) it runs eagerly."""
+    for op in captured_operations(registry):
+        fn = op.capture(SIZES, CPU, None, False)
+        inputs = op.example(rows, torch.Generator().manual_seed(rows))
+        with torch.inference_mode():
+            got = fn(*inputs)
+        size = size_for(rows, SIZES) or rows
+        want = padded_eager(fn.reference if size in SIZES else op.fn, inputs, size)
+        assert len(got) == len(want), op.key
+        for g, w in zip(got, want):
+            assert g.shape[0] == rows and torch.equal(g, w), (op.key, rows)
+        assert recorded_sizes(fn) == list(SIZES)
+
+
+def test_one_pass_bodies_compute_what_the_operations_compute(registry):
+    """A recorded body leaves out only what cannot be recorded (the codes' range check): on valid
+    inputs it computes exactly what the operation computes."""
+    for op in captured_operations(registry):
+        if op.key.prior:
+            continue  # a prior's recorded step is sampling mode "stepped", the service's eager one "cached"
+        fn = op.capture(SIZES, CPU, None, False)
+        inputs = op.example(4, torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            assert all(torch.equal(a, b) for a, b in zip(fn.reference(*inputs), op.fn(*inputs))), op.key
+
+
+def test_buffers_are_not_returned(registry):
+    """A pass's outputs are copies: the next pass through the same buffers leaves them alone."""
+    op = next(op for op in captured_operations(registry) if str(op.key) == "vqvae:decode")
+    fn = op.capture(SIZES, CPU, None, False)
+    a_in, b_in = (op.example(2, torch.Generator().manual_seed(s)) for s in (1, 2))
+    with torch.inference_mode():
+        (a,) = fn(*a_in)
+        kept = a.clone()
+        fn(*b_in)
+    assert torch.equal(a, kept)
+
+
+def test_concurrent_passes_share_buffers_safely(registry):
+    """The batcher's pass and its express pass may run at once in two threads: each recording's
+    buffers are held by one pass at a time, so every pass gets its own rows' results."""
+    op = next(op for op in captured_operations(registry) if str(op.key) == "vqvae:decode")
+    fn = op.capture((4,), CPU, None, False)
+    inputs = [op.example(3, torch.Generator().manual_seed(s)) for s in range(8)]
+    want = [padded_eager(op.fn, x, 4)[0] for x in inputs]
+    got: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(20):
+                got[i] = fn(*inputs[i])[0]
+                assert torch.equal(got[i], want[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[i], want[i]) for i in range(8))
+
+
+def tiny_priors():
+    common = dict(codebook_size=16, code_shape=(3, 4), hidden_channels=8)
+    return [PixelCNN(PixelCNNConfig(**common, n_layers=2, num_classes=3)),
+            GatedPixelCNN(GatedPixelCNNConfig(**common, n_layers=2)),
+            PixelCNNpp(PixelCNNppConfig(**common, n_layers=1, num_classes=3))]
+
+
+@pytest.mark.parametrize("prior", tiny_priors(), ids=lambda m: type(m).__name__)
+def test_prior_steps_draw_what_sampling_draws(prior):
+    """The per-position step, replayed at every position from the static buffers, draws the codes
+    that sampling mode "stepped" (and "naive", the reference) draws from the same uniforms in a pass
+    of the same size; on_logits sees every position, in raster order, with copies of its logits."""
+    torch.manual_seed(0)
+    prior.eval()
+    steps = CapturedPriorSteps(prior, (2, 8), CPU, record=False)
+    assert steps.sizes == (2, 8) and not steps.failures
+    n, (h, w) = 5, prior.config.code_shape
+    g = torch.Generator().manual_seed(1)
+    u, t = torch.rand(n, h, w, generator=g), 0.5 + torch.rand(n, generator=g)
+    y = torch.randint(3, (n,), generator=g) if prior.config.num_classes else None
+    seen = []
+    with torch.inference_mode():
+        codes = steps.sample(u, t, y, on_logits=lambda r, c, logits: seen.append((r, c, logits)))
+        padded = dict(labels=None if y is None else pad_rows(y, 8), temperature=pad_rows(t, 8), uniforms=pad_rows(u, 8))
+        want = prior.sample(8, mode="stepped", **padded)[:n]
+        naive = prior.sample(8, mode="naive", **padded)[:n]
+    assert codes.shape == (n, h, w) and torch.equal(codes, want) and torch.equal(codes, naive)
+    assert [(r, c) for r, c, _ in seen] == [(r, c) for r in range(h) for c in range(w)]
+    assert all(logits.shape == (n, 16) for *_, logits in seen)
+    assert seen[0][2].data_ptr() != seen[1][2].data_ptr()  # copies, not the static buffer
+    assert steps.sample(torch.rand(9, h, w), torch.ones(9), None if y is None else torch.zeros(9, dtype=torch.long)) is None
+
+
+def test_recording_on_the_cpu_falls_back_to_eager(registry):
+    """Asked to record where there is no CUDA, every size fails with the reason, and every pass runs eagerly."""
+    op = next(op for op in captured_operations(registry) if str(op.key) == "vae:decode")
+    fn = op.capture(SIZES, CPU, None, True)
+    assert fn.sizes == () and set(fn.failures) == set(SIZES)
+    assert all("CUDA graphs need a CUDA device" in why for why in fn.failures.values())
+    assert "not recorded" in describe(fn) and recorded_sizes(fn) == []
+    inputs = op.example(3, torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(fn(*inputs)[0], op.fn(*inputs)[0])
+
+
+def test_a_function_that_cannot_be_recorded_runs_eagerly():
+    def body(x: torch.Tensor) -> tuple[torch.Tensor]:
+        if x.sum().item() > 1e9:  # a value read back to the host
+            raise AssertionError
+        raise RuntimeError("not recordable")
+
+    calls = []
+
+    def eager(x):
+        calls.append(x.shape[0])
+        return (x * 2,)
+
+    fn = CapturedPasses(body, lambda n, g: (torch.rand(n, 3, generator=g),), (1, 2), CPU, record=False, eager=eager)
+    assert fn.sizes == () and set(fn.failures) == {1, 2} and "RuntimeError: not recordable" in fn.failures[1]
+    assert torch.equal(fn(torch.ones(2, 3))[0], torch.full((2, 3), 2.0)) and calls == [2]
+
+
+async def test_the_service_records_nothing_on_the_cpu(serve, caplog):
+    """cuda_graphs on a CPU service: it starts, says why nothing is recorded, and GET /config shows
+    every batcher eager (graph_sizes null)."""
+    caplog.set_level("INFO")
+    async with serve(cuda_graphs=True) as (app, client):
+        config = (await client.get("/config")).json()
+    assert config["cuda_graphs"] is True and set(config["graph_sizes"].values()) == {None}
+    assert "nothing to record" in caplog.text
+
+
+async def test_the_service_serves_through_the_buffers(serve):
+    """The service's wiring, on the CPU: the batchers' functions replaced by their static-buffer
+    runs (record=False) answer every graphed endpoint with the bytes the eager service gives."""
+    requests = [("GET", "/sample?model=vae&n=3&seed=5"), ("GET", "/sample?model=vqvae&prior=gated&n=3&seed=5&label=1"),
+                ("GET", "/sample?model=vqvae&prior=pixelcnn&n=2&seed=7"),
+                ("POST", "/decode", {"model": "vqvae", "codes": [[[1, 2], [3, 4]], [[0, 15], [7, 7]]]}),
+                ("POST", "/decode", {"model": "vae", "z": [[0.1, -0.2, 0.3, 0.0]]})]
+
+    async def answers(client) -> list[bytes]:
+        out = []
+        for method, url, *body in requests:
+            r = await client.request(method, url, json=body[0] if body else None)
+            assert r.status_code == 200, (url, r.text)
+            out.append(r.content)
+        return out
+
+    async with serve() as (_app, client):
+        eager = await answers(client)
+    async with serve(cuda_graphs=True) as (app, client):
+        service = app.state.service
+        await service._record_graphs(record=False)
+        sizes = service.graph_sizes()
+        assert sizes["vqvae:sample:gated"] == list(service.batchers[next(k for k in service.batchers
+                                                                         if str(k) == "vqvae:sample:gated")].buckets)
+        assert sizes["vae_rgb:decode"] is None and sizes["vqvae:encode"] is None
+        assert await answers(client) == eager
+
+
+@needs_cuda
+def test_recorded_graphs_replay_what_eager_computes(weights_dir):
+    """On a GPU: every graphed operation's replay equals its eager call on the same device, bit for bit."""
+    device = torch.device("cuda")
+    registry = Registry.load(weights_dir, device)
+    for op in [op for entry in registry.entries.values() for op in operations(entry) if op.capture is not None]:
+        fn = op.capture(SIZES, device, None, True)
+        assert recorded_sizes(fn) == list(SIZES), describe(fn)
+        for rows in (1, 3, 4):
+            inputs = tuple(t.to(device) for t in op.example(rows, torch.Generator().manual_seed(rows)))
+            with torch.inference_mode():
+                got = fn(*inputs)
+            want = padded_eager(fn.reference, inputs, size_for(rows, SIZES))
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (op.key, rows)
+
+
+def test_settings_default_off():
+    assert Settings().cuda_graphs is False
