@@ -9,7 +9,9 @@ after each batcher's pass sizes are known, one graph per pass size:
 - `CapturedPasses`: a whole one-pass function (a VAE's factorized decoder, a VQ-VAE's decoder)
   on static input and output tensors: a pass copies its rows in, replays, and clones the
   outputs out. A pass of a size without a graph is padded to the next size with one (the pass
-  rows repeat the last row, as Batcher._pass pads), or runs eagerly above the largest.
+  rows repeat the last row, as Batcher._pass pads), or runs eagerly above the largest. A pass
+  that finds its size's buffers taken by another (the batcher's express pass runs beside its
+  main pass) runs the recorded function eagerly on the same padded rows rather than wait.
 - `CapturedPriorSteps`: a prior's draw of one code (`AutoregressivePrior.position_step`: the
   network on the whole grid, the logits at one position, the draw written back), with the
   position held in a device tensor, so one graph per pass size serves every position: a sample
@@ -34,6 +36,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from models.prior import check_sampling_inputs
 
 log = logging.getLogger("genserve")
 
@@ -142,14 +146,24 @@ class CapturedPasses:
         rows = inputs[0].shape[0]
         size = size_for(rows, self.sizes)
         if size is None:
-            out = self.eager(*inputs)
-            return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            return _tuple(self.eager(*inputs))
         recording = self.recordings[size]
-        with recording.lock:
+        if not recording.lock.acquire(blocking=False):
+            # another pass (the express one) holds these buffers: the recorded function, eagerly, on the
+            # same padded rows computes what the replay would, so the answer does not depend on which ran
+            padded = _tuple(self.fn(*(pad_rows(t, size) for t in inputs)))
+            return tuple(o[:rows] for o in padded)
+        try:
             for static, t in zip(recording.inputs, inputs):
                 static.copy_(pad_rows(t, size))
             recording.replay()
             return tuple(o[:rows].clone() for o in recording.outputs)
+        finally:
+            recording.lock.release()
+
+
+def _tuple(out: Any) -> Inputs:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
 
 class CapturedPriorSteps:
@@ -193,25 +207,34 @@ class CapturedPriorSteps:
         self, uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
         on_logits: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | None:
+        """The codes (rows, h, w), or None where no recording can take this pass: no size holds its
+        rows, or another pass (the express one) holds the buffers of its size, so this one does not
+        wait through a whole sample (the caller then samples eagerly, in the same "stepped" mode).
+        The inputs are checked as every sampler checks them (models/prior.py), before any is copied."""
         rows = uniforms.shape[0]
+        labels, temp_column = check_sampling_inputs(self.model.config, rows, labels, temperature, uniforms, uniforms.device)
         size = size_for(rows, self.sizes)
         if size is None:
             return None
         recording = self.recordings[size]
-        codes, static_labels, temp, static_uniforms, pos = recording.inputs
-        (logits,) = recording.outputs
-        with recording.lock:
+        if not recording.lock.acquire(blocking=False):
+            return None
+        try:
+            codes, static_labels, temp, static_uniforms, pos = recording.inputs
+            (logits,) = recording.outputs
             codes.zero_()
             static_uniforms.copy_(pad_rows(uniforms.float(), size))
-            temp.copy_(pad_rows(temperature.float().reshape(-1, 1), size))
+            temp.copy_(pad_rows(temp_column.float(), size))
             if labels is not None:
-                static_labels.copy_(pad_rows(labels.long(), size))
+                static_labels.copy_(pad_rows(labels, size))
             for p in range(self.h * self.w):
                 pos.fill_(p)
                 recording.replay()
                 if on_logits is not None:
                     on_logits(p // self.w, p % self.w, logits[:rows].clone())
             return codes[:rows].clone()
+        finally:
+            recording.lock.release()
 
 
 def describe(fn: Any) -> str:

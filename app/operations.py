@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from app.batching import check_wanted
-from app.graphs import CapturedPasses, CapturedPriorSteps
+from app.graphs import CapturedPasses, CapturedPriorSteps, pad_rows, size_for
 from app.registry import Entry, Prior
 from models.vqvae import squared_distances
 
@@ -183,21 +183,36 @@ def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inpu
         decoder = CapturedPasses(lambda z: (vqvae.decode_indices(z, check=False),), codes, steps.sizes or sizes,
                                  device, record=record, autocast=autocast)
 
-        def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
-                   on_logits=None) -> Inputs:
-            drawn = steps.sample(uniforms, temperature, labels,
-                                 on_logits or (lambda r, c, logits: check_wanted()))  # noqa: E731
-            if drawn is None:
-                return eager(uniforms, temperature, labels, on_logits)
-            return decoder(drawn)
-
-        def reference(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
+        def reference(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
+                      on_logits=None) -> Inputs:
             """What the recorded steps compute, eagerly: sampling mode "stepped", then the decoder."""
             codes = prior.model.sample(uniforms.shape[0], labels=labels, temperature=temperature.float(),
-                                       uniforms=uniforms.float(), mode="stepped")
+                                       uniforms=uniforms.float(), mode="stepped", on_logits=on_logits)
             return (vqvae.decode_indices(codes),)
 
-        sample.steps, sample.decoder, sample.reference = steps, decoder, reference  # app/graphs.py's describe, checks
+        def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
+                   on_logits=None) -> Inputs:
+            on_logits = on_logits or (lambda r, c, logits: check_wanted())  # noqa: E731
+            drawn = steps.sample(uniforms, temperature, labels, on_logits)
+            if drawn is not None:
+                return decoder(drawn)
+            if size_for(uniforms.shape[0], steps.sizes) is None:
+                return eager(uniforms, temperature, labels, on_logits)  # no recording of this size
+            # the buffers of its size are taken by another pass: the same arithmetic, eagerly, so the
+            # answer does not depend on which ran
+            rows, size = uniforms.shape[0], size_for(uniforms.shape[0], steps.sizes)
+            padded = reference(pad_rows(uniforms, size), pad_rows(temperature, size),
+                               None if labels is None else pad_rows(labels, size), on_logits)
+            return tuple(o[:rows] for o in padded)
+
+        def probe(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
+            """sample's images and the logits of every draw (B, h*w, K), for the batch-invariance check."""
+            logits: list[torch.Tensor] = []
+            (images,) = sample(uniforms, temperature, labels, on_logits=lambda r, c, step: logits.append(step.float()))
+            return images, torch.stack(logits, 1)
+
+        # app/graphs.py's describe, the service's check of the recorded passes, benchmarks/gpu/graphs.py
+        sample.steps, sample.decoder, sample.reference, sample.probe = steps, decoder, reference, probe
         return sample
 
     return capture

@@ -195,6 +195,16 @@ class Service:
             )
             batcher.fn = fn
             log.info("%s: %s in %.2f s", key, describe(fn), time.perf_counter() - start)
+            if s.pad_batches and getattr(fn, "probe", None) is not None:
+                # the pass sizes were checked on the eager function. A one-pass recording replays the
+                # kernels of that function, but a prior's recorded step is another computation (sampling
+                # mode "stepped"), so its check runs again on what now runs, over the recorded sizes
+                checked = await loop.run_in_executor(batcher.executor, batcher.check_buckets, operation.example, fn.probe)
+                checked = tuple(b for b in checked if b in batcher.buckets)
+                if checked != batcher.buckets:
+                    log.info("%s: pass sizes %s with CUDA graphs (batch-invariant against %d rows)", key, list(checked),
+                             s.max_batch_size)
+                batcher.buckets = checked
 
     def graph_sizes(self) -> dict[str, list[int] | None]:
         """Batcher name -> the pass sizes it replays from CUDA graphs (None: eager); shown by GET /config."""

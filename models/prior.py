@@ -129,6 +129,23 @@ def temperature_column(temperature: float | torch.Tensor, n: int, device: torch.
     return t[:, None]
 
 
+def check_sampling_inputs(
+    config: Any, n: int, labels: torch.Tensor | None, temperature: float | torch.Tensor, uniforms: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What every sampler checks before drawing n grids: labels (check_labels), the temperatures
+    (one float or (n,), positive and finite), the uniforms (n, h, w) in [0, 1). Returns the labels
+    (long, or None) and the temperatures as an (n, 1) column."""
+    h, w = config.code_shape
+    labels = check_labels(labels, config.num_classes, n)
+    temp = temperature_column(temperature, n, device)  # (n, 1)
+    if tuple(uniforms.shape) != (n, h, w):
+        raise ValueError(f"uniforms must have shape ({n}, {h}, {w}), one per position, got {tuple(uniforms.shape)}")
+    if not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+        raise ValueError("uniforms must lie in [0, 1)")
+    return labels, temp
+
+
 SAMPLING_MODES = ("cached", "cropped", "naive", "stepped")
 
 
@@ -174,14 +191,9 @@ def sample_codes(
     device = next(model.parameters()).device
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    labels = check_labels(labels, config.num_classes, n)
-    temp = temperature_column(temperature, n, device)  # (n, 1)
     if uniforms is None:
         uniforms = torch.rand(n, h, w, generator=generator, device=device)
-    elif tuple(uniforms.shape) != (n, h, w):
-        raise ValueError(f"uniforms must have shape ({n}, {h}, {w}), one per position, got {tuple(uniforms.shape)}")
-    elif not bool(((uniforms >= 0) & (uniforms < 1)).all()):
-        raise ValueError("uniforms must lie in [0, 1)")
+    labels, temp = check_sampling_inputs(config, n, labels, temperature, uniforms, device)  # temp (n, 1)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()

@@ -19,6 +19,7 @@ measured on the codes the shipped VQ-VAE gives.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from models.io import STORAGE_DTYPES, WeightFileError, load_model, read_metadata, round_to_storage, save_model
+from training.data import DataError
 
 TRAINING_FAMILIES = ("vae", "vqvae", "prior")
 KIND_FAMILY = {"vae": "vae", "vqvae": "vqvae", "pixelcnn": "prior", "gated_pixelcnn": "prior", "pixelcnnpp": "prior"}
@@ -36,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", type=Path, help="weight files, rewritten in place")
     p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), required=True,
                    help="the dtype the floating tensors are stored in (the model still computes in float32)")
+    p.add_argument("--data", default=None, help="override the data set (or image folder) the training command used")
     p.add_argument("--data-root", default=None, help="override the data root the training command used")
     p.add_argument("--vqvae", type=Path, default=None,
                    help="priors: the VQ-VAE file whose codes they model (default: EXTRA_VQVAE.safetensors beside each)")
@@ -62,6 +65,29 @@ def _order(files: list[Path]) -> list[Path]:
     return sorted(files, key=lambda f: KIND_FAMILY.get(read_metadata(f)["kind"]) == "prior")
 
 
+def left_behind(files: list[Path]) -> list[str]:
+    """Priors beside a VQ-VAE being converted that name it (by name and codebook digest) but are not
+    being converted: the service would refuse them once their VQ-VAE's codebook changes."""
+    chosen = {f.resolve() for f in files}
+    missing = []
+    for f in files:
+        meta = read_metadata(f)
+        if meta["kind"] != "vqvae":
+            continue
+        vqvae, _ = load_model(f)
+        digest = vqvae.codebook_digest()
+        for other in sorted(f.parent.glob("*.safetensors")):
+            if other.resolve() in chosen:
+                continue
+            try:
+                extra = json.loads(read_metadata(other).get("extra", "{}"))
+            except (WeightFileError, ValueError):
+                continue
+            if isinstance(extra, dict) and extra.get("codebook_sha256") == digest:
+                missing.append(f"{other} (a prior of {f})")
+    return missing
+
+
 def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """One line per numeric metric whose value changed: `key: before -> after (difference)`."""
     lines = []
@@ -82,12 +108,16 @@ def convert(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from training.__main__ import load_splits
 
     dtype = STORAGE_DTYPES[args.dtype]
-    invocation = shlex.join(["python", "-m", "training", "convert", "--dtype", args.dtype, str(path)]
-                            + (["--data-root", args.data_root] if args.data_root else []))
+    overrides = [(flag, value) for flag, value in (("--data", args.data), ("--data-root", args.data_root),
+                                                    ("--vqvae", args.vqvae)) if value is not None]
+    invocation = shlex.join(["python", "-m", "training", "convert", "--dtype", args.dtype,
+                             *(str(x) for pair in overrides for x in pair), str(path)])
     device = torch.device(args.device)
     model, info = load_model(path, device)
     family = KIND_FAMILY[info.kind]
     run_args = training_args(info.command)
+    if args.data is not None:
+        run_args.data = args.data
     if args.data_root is not None:
         run_args.data_root = args.data_root
     extra = dict(info.extra)
@@ -96,7 +126,9 @@ def convert(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     train, val, test = load_splits(run_args)
     counts = round_to_storage(model, dtype)
     module = {"vae": vae, "vqvae": vqvae, "prior": prior}[family]
-    measured = module.remeasure(model, run_args, train, val, test)
+    # a file stopped early (--stop-after) has validation metrics only: its run has not touched the test split
+    with_test = any(key.startswith("test_") for key in info.metrics)
+    measured = module.remeasure(model, run_args, train, val, test, with_test=with_test)
     if family == "prior":
         vq_model, vq_info = prior.load_vqvae(run_args.vqvae, train, device)
         extra.update(prior.pairing(vq_model, vq_info))
@@ -116,13 +148,19 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     try:
         files = _order(list(args.files))
+        missing = left_behind(files)
     except WeightFileError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if missing:
+        print(f"error: convert a VQ-VAE together with its priors, or the service refuses them: add {', '.join(missing)}",
+              file=sys.stderr)
         return 2
     for path in files:
         try:
             convert(path, args)
-        except (WeightFileError, ValueError, FileNotFoundError) as err:
+        except (WeightFileError, ValueError, FileNotFoundError, DataError) as err:
+            # this file is left as it was; a prior of a VQ-VAE that failed is measured on it unconverted
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0

@@ -201,10 +201,13 @@ def measure_test(
     return metrics
 
 
-def remeasure(prior: torch.nn.Module, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+def remeasure(
+    prior: torch.nn.Module, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, with_test: bool = True
+) -> dict:
     """Every metric measured on data that a prior's file reports (`python -m training convert`): the
     baselines, its best epoch's validation bits per code and the test metrics, on the codes of the
-    VQ-VAE file `args.vqvae`."""
+    VQ-VAE file `args.vqvae`; with_test=False for a file stopped early, whose run has not touched the
+    test split yet."""
     device = next(prior.parameters()).device
     vqvae, _ = load_vqvae(args.vqvae, train, device)
     conditional = prior.config.num_classes > 0
@@ -212,5 +215,5 @@ def remeasure(prior: torch.nn.Module, args: argparse.Namespace, train: ImageData
     return {
         **baseline_metrics(train_codes, test_codes, prior.config.codebook_size),
         **val_metrics(prior, val_codes, val.labels if conditional else None),
-        **measure_test(prior, vqvae, train, test, train_codes, test_codes, conditional),
+        **(measure_test(prior, vqvae, train, test, train_codes, test_codes, conditional) if with_test else {}),
     }

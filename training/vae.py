@@ -106,10 +106,13 @@ def run(
     )
 
 
-def remeasure(model: VAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+def remeasure(
+    model: VAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, with_test: bool = True
+) -> dict:
     """Every metric measured on data that a VAE's file reports: its best epoch's validation metric and
-    the test metrics (`python -m training convert` re-measures a file with it)."""
-    return {**val_metrics(model, val), **measure_test(model, args, train, val, test)}
+    the test metrics (`python -m training convert` re-measures a file with it); with_test=False for a
+    file stopped early, whose run has not touched the test split yet."""
+    return {**val_metrics(model, val), **(measure_test(model, args, train, val, test) if with_test else {})}
 
 
 def val_metrics(model: VAE, val: ImageData) -> dict[str, float]:

@@ -148,7 +148,10 @@ def measure_test(model: VQVAE, train: ImageData, val: ImageData, test: ImageData
     return metrics
 
 
-def remeasure(model: VQVAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData) -> dict:
+def remeasure(
+    model: VQVAE, args: argparse.Namespace, train: ImageData, val: ImageData, test: ImageData, with_test: bool = True
+) -> dict:
     """Every metric measured on data that a VQ-VAE's file reports, its best epoch's validation metrics
-    and the test metrics (`python -m training convert`)."""
-    return {**val_metrics(model, val), **measure_test(model, train, val, test)}
+    and the test metrics (`python -m training convert`); with_test=False for a file stopped early, whose
+    run has not touched the test split yet."""
+    return {**val_metrics(model, val), **(measure_test(model, train, val, test) if with_test else {})}

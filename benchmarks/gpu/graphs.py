@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, sizes {args.sizes}, median of {args.repeats}")
     rows = ["| operation | rows | replay ms | eager ms | eager / replay | same as recorded | same as eager |",
             "|---|---|---|---|---|---|---|"]
+    print(f"## {header}\n\n" + "\n".join(rows), flush=True)
     notes, broken = [], []
     for entry in registry.entries.values():
         if args.models and entry.name not in args.models:
@@ -109,14 +110,23 @@ def main(argv: list[str] | None = None) -> int:
                 r, e = statistics.median(replay_s), statistics.median(eager_s)
                 rows.append(f"| {op.key} | {size}{'' if graphed else ' (eager)'} | {r * 1000:.3f} | {e * 1000:.3f} | "
                             f"{e / r:.2f}x | {'yes' if same else '**no**'} | {'yes' if share == 0 else f'{share:.3%} differ'} |")
+                print(rows[-1], flush=True)
+                write(args.out, header, rows, notes, broken)  # after every row: a timeout keeps what was measured
+    write(args.out, header, rows, notes, broken)
+    print("\n".join(notes))
+    if broken:
+        print(f"Replays that differ from their recorded function: {', '.join(broken)}")
+    return 1 if broken else 0
+
+
+def write(out: Path | None, header: str, rows: list[str], notes: list[str], broken: list[str]) -> None:
+    if out is None:
+        return
     text = "\n".join([f"## {header}", "", *rows, "", *notes, ""])
     if broken:
         text += f"\n**Replays that differ from their recorded function:** {', '.join(broken)}\n"
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "graphs.md").write_text(text)
-    return 1 if broken else 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "graphs.md").write_text(text)
 
 
 if __name__ == "__main__":

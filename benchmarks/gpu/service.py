@@ -70,7 +70,7 @@ class Calls:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
-        self.answers: dict[str, bytes] = {}
+        self.answers: dict[str, list[bytes]] = {}
 
     def run(self, name: str, fn: Any) -> Any:
         began = time.perf_counter()
@@ -96,11 +96,14 @@ def _note(result: Any) -> str:
     return type(result).__name__
 
 
-def pngs(images: list[Image.Image]) -> bytes:
-    out = io.BytesIO()
+def pngs(images: list[Image.Image]) -> list[bytes]:
+    """Each image as PNG bytes (the answers are compared image by image)."""
+    out = []
     for img in images:
-        img.save(out, format="PNG")
-    return out.getvalue()
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
 
 
 def every_endpoint(url: str, models: list[Any], upload: bytes, calls: Calls) -> None:
@@ -133,23 +136,18 @@ def every_endpoint(url: str, models: list[Any], upload: bytes, calls: Calls) -> 
             calls.run(f"interpolate {m.name}", lambda: client.interpolate(m.name, image, image, steps=4))
 
 
-def image_difference(a: bytes, b: bytes) -> str:
-    """How two runs of PNGs differ: the share of differing pixel values and the largest difference."""
-    def arrays(data: bytes) -> np.ndarray:
-        out, stream = [], io.BytesIO(data)
-        while stream.tell() < len(data):
-            img = Image.open(stream)
-            img.load()
-            out.append(np.asarray(img, dtype=np.int16))
-        return np.concatenate([x.reshape(-1) for x in out])
-
+def image_difference(a: list[bytes], b: list[bytes]) -> str:
+    """How two answers (PNGs, image by image) differ: the share of differing pixel values and the largest difference."""
+    if len(a) != len(b):
+        return f"{len(a)} images vs {len(b)}"
     try:
-        x, y = arrays(a), arrays(b)
+        x = [np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in a]
+        y = [np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in b]
     except Exception as err:  # noqa: BLE001
         return f"not comparable ({err})"
-    if x.shape != y.shape:
-        return f"different sizes {x.shape} vs {y.shape}"
-    diff = np.abs(x - y)
+    if any(p.shape != q.shape for p, q in zip(x, y)):
+        return "images of different sizes"
+    diff = np.concatenate([np.abs(p - q).reshape(-1) for p, q in zip(x, y)])
     return f"{(diff > 0).mean():.2%} of pixel values differ, largest by {int(diff.max())}/255"
 
 
@@ -166,8 +164,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"### The same questions to a service with GENSERVE_CUDA_GRAPHS=true (start-up {g['startup_s']:.2f} s)",
                   "", "| answer | same bytes | difference |", "|---|---|---|"]
         lines += [f"| {k} | {'yes' if v['same'] else 'no'} | {v['difference']} |" for k, v in sorted(g["compared"].items())]
+        lines += [f"| {r['call']} (failed with graphs) | no | {r['note']} |" for r in g["failed_calls"]]
         lines += ["", "Graph sizes per batcher: " + json.dumps(g["graph_sizes"])]
     return "\n".join(lines) + "\n"
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    (out / "service.json").write_text(json.dumps(report, indent=1))
+    (out / "service.md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             report["pass_sizes"] = config["pass_sizes"]
         finally:
             server.stop()
+        write(args.out, report)  # now, so that a later step running out of time loses nothing of this one
         if args.graphs:
             graphed, startup = start("graphs", args.device, args.weights, Path(tmp), {"GENSERVE_CUDA_GRAPHS": "true"},
                                      args.startup_timeout)
@@ -205,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 graphed.stop()
             compared = {k: {"same": other.answers.get(k) == v,
-                            "difference": "" if other.answers.get(k) == v else image_difference(v, other.answers.get(k, b""))}
+                            "difference": "" if other.answers.get(k) == v else image_difference(v, other.answers.get(k, []))}
                         for k, v in calls.answers.items()}
             report["graphs"] = {"startup_s": startup, "compared": compared, "graph_sizes": sizes,
                                 "failed_calls": [r for r in other.rows if not r["ok"]]}
-    (args.out / "service.json").write_text(json.dumps(report, indent=1))
-    (args.out / "service.md").write_text(markdown(report))
+    write(args.out, report)
     failed = [r["call"] for r in report["calls"] if not r["ok"]]
+    failed += [f"{r['call']} (with graphs)" for r in report.get("graphs", {}).get("failed_calls", [])]
     print(markdown(report))
     print(f"{len(report['calls']) - len(failed)} of {len(report['calls'])} calls answered"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

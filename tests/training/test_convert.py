@@ -79,6 +79,27 @@ def test_convert_to_float16_measures_again(trained, fashion_root, tmp_path):
     assert set(registry.entries["vqvae"].priors) == {"gated"} and not registry.problems
 
 
+def test_a_vqvae_is_not_converted_without_its_priors(trained, capsys):
+    """Its priors name its codebook by digest: converted alone, it would orphan them."""
+    before = (trained / "vqvae.safetensors").read_bytes()
+    assert main(["convert", "--dtype", "float16", str(trained / "vqvae.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "together with its priors" in err and "vqvae_gated.safetensors" in err
+    assert (trained / "vqvae.safetensors").read_bytes() == before
+
+
+def test_a_file_stopped_early_gets_no_test_metrics(fashion_root, tmp_path):
+    """--stop-after ends a run before its test evaluation; converting it must not touch the test split either."""
+    out = tmp_path / "vae.safetensors"
+    assert main(["vae", "--arch", "mlp", "--hidden-dims", "8", "--latent-dim", "2", "--epochs", "3", "--stop-after", "1",
+                 "--data-root", str(fashion_root), "--out", str(out), "--run-dir", str(tmp_path / "r"), *TINY]) == 0
+    assert not any(k.startswith("test_") for k in load_model(out)[1].metrics)
+    assert main(["convert", "--dtype", "float16", "--data", "fashion-mnist", "--data-root", str(fashion_root), str(out)]) == 0
+    _, info = load_model(out)
+    assert not any(k.startswith("test_") for k in info.metrics) and "val_neg_elbo" in info.metrics
+    assert f"convert --dtype float16 --data fashion-mnist --data-root {fashion_root} {out}" in info.command
+
+
 def test_a_file_that_cannot_be_measured_is_left_alone(tmp_path, capsys):
     path = tmp_path / "hand.safetensors"
     save_model(path, VAE(VAEConfig(image_size=8, latent_dim=2, hidden_dims=(4,))), name="hand", dataset="d",
