@@ -68,7 +68,9 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and dtype is not None:
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        # no cast cache: casts made while recording would be freed when autocast exits (PyTorch's advice
+        # for graphed callables); the casts are recorded into the graph instead
+        return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False)
     return contextlib.nullcontext()
 
 
