@@ -48,6 +48,9 @@ case "${1:?lane: vq, vae, prior-a, prior-b or ship}" in
     for m in vqvae_cifar10 vqvae_cifar10_gated vqvae_cifar10_pixelcnn vqvae_cifar10_pixelcnnpp vae_cifar10; do
       cp "$OUT/$m.safetensors" weights/
     done
+    # stored in float16, every metric measured again on the stored weights (issue 20; about 35 minutes on one thread)
+    "$PY" -m training convert --dtype float16 --threads 1 weights/vqvae_cifar10.safetensors weights/vqvae_cifar10_gated.safetensors \
+      weights/vqvae_cifar10_pixelcnn.safetensors weights/vqvae_cifar10_pixelcnnpp.safetensors weights/vae_cifar10.safetensors
     "$PY" - <<'PY'
 from training.visuals import small_gif
 for run, names in {"vqvae_cifar10": ("inputs", "reconstructions"), "vae_cifar10": ("reconstructions", "samples"),

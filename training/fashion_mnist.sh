@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The shipped Fashion-MNIST models, with the project's own commands, in two lanes of one CPU thread each
 # (issue 10). Files go to runs/ship/ and are copied to weights/ by hand once every run has finished,
-# so a half-finished retraining never leaves weights/ with a prior paired to another VQ-VAE.
+# so a half-finished retraining never leaves weights/ with a prior paired to another VQ-VAE. The shipped
+# files were then stored in float16, their metrics measured again (issue 20, in two lanes, about an hour):
+#   .venv/bin/python -m training convert --dtype float16 --threads 1 weights/vqvae*.safetensors
+#   .venv/bin/python -m training convert --dtype float16 --threads 1 weights/vae.safetensors weights/vae_context.safetensors ...
 # Usage: bash training/fashion_mnist.sh vae | vq     (one lane; run both at once on two cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
