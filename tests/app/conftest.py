@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 import torch
 from asgi_lifespan import LifespanManager
 from PIL import Image
@@ -95,13 +96,8 @@ def make_settings(weights: Path, **overrides) -> Settings:
 def serve(weights_dir: Path):
     """serve(**settings) -> async context manager yielding (app, client) around a started app."""
 
-    @asynccontextmanager
-    async def _serve(**overrides):
-        app = create_app(make_settings(weights_dir, **overrides))
-        async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
-            transport = httpx.ASGITransport(app=manager.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-                yield app, client
+    def _serve(**overrides):
+        return started(weights_dir, **overrides)
 
     return _serve
 
@@ -110,6 +106,25 @@ def serve(weights_dir: Path):
 async def client(serve):
     async with serve() as (_app, client):
         yield client
+
+
+@asynccontextmanager
+async def started(weights: Path, **overrides):
+    """(app, client) around an app started on `weights` with the test settings and `overrides`."""
+    app = create_app(make_settings(weights, **overrides))
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            yield app, client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_app(weights_dir: Path):
+    """One started app with the default test settings for a whole module, for tests that only ask it
+    questions (a start-up costs about 2 s). A module using it runs its tests in the module's event
+    loop (`pytestmark = pytest.mark.asyncio(loop_scope="module")`) and overrides `client` with it."""
+    async with started(weights_dir) as app_and_client:
+        yield app_and_client
 
 
 def image_bytes(fmt: str = "PNG", mode: str = "L", size: tuple[int, int] = (8, 8), seed: int = 0) -> bytes:
@@ -175,3 +190,4 @@ def live_server(weights: Path, wait_s: float = 120.0):
         server.should_exit = True
         thread.join(30)
         sock.close()
+

@@ -17,6 +17,16 @@ from app.operations import Op, OpKey
 from tests.app.conftest import LATENT_DIM, image_bytes
 from tests.app.test_batching import block, executor, make_batcher  # noqa: F401 (executor is a fixture)
 
+# One app for the module's questions (tests that need other settings start their own with `serve`): the
+# async tests run in the module's event loop, that of `module_app` (the mark's warning on sync tests is moot)
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'")]
+
+
+@pytest.fixture
+def client(module_app):
+    return module_app[1]
+
 
 # -- cancellation --------------------------------------------------------------------------------
 
@@ -169,11 +179,12 @@ async def test_request_ids_are_echoed_or_made(client):
     assert (await client.get("/nowhere", headers={"X-Request-ID": "x" * 129})).headers["X-Request-ID"] != "x" * 129
 
 
-async def test_metric_labels_come_from_a_fixed_set(client):
-    for i in range(20):
-        await client.request(f"M{i}", "/health")
-        await client.get(f"/unknown/{i}")
-    metrics = (await client.get("/metrics")).text
+async def test_metric_labels_come_from_a_fixed_set(serve):
+    async with serve() as (_app, client):  # its own app: the counts below start from zero
+        for i in range(20):
+            await client.request(f"M{i}", "/health")
+            await client.get(f"/unknown/{i}")
+        metrics = (await client.get("/metrics")).text
     lines = [line for line in metrics.splitlines() if line.startswith("genserve_requests_total{")]
     assert not any("M1" in line or "/unknown/" in line for line in lines)
     assert 'genserve_requests_total{endpoint="/health",method="other",status="405"} 20.0' in metrics

@@ -9,6 +9,16 @@ from PIL import Image
 
 from .conftest import cell, grid_size, image_bytes, png_array
 
+# One app for the module's questions (tests that need other settings start their own with `serve`): the
+# async tests run in the module's event loop, that of `module_app` (the mark's warning on sync tests is moot)
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'")]
+
+
+@pytest.fixture
+def client(module_app):
+    return module_app[1]
+
 
 async def sample(client, **params):
     return await client.get("/sample", params=params)

@@ -13,6 +13,16 @@ from app.routes import uploads as upload_routes
 
 from .conftest import CODEBOOK_SIZE, cell, grid_size, image_bytes, png_array
 
+# One app for the module's questions (tests that need other settings start their own with `serve`): the
+# async tests run in the module's event loop, that of `module_app` (the mark's warning on sync tests is moot)
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'")]
+
+
+@pytest.fixture
+def client(module_app):
+    return module_app[1]
+
 FORMAT_MODES = [
     ("PNG", "L"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "I;16"), ("PNG", "LA"),
     ("JPEG", "L"), ("JPEG", "RGB"),
