@@ -154,7 +154,7 @@ def operations(entry: Entry) -> list[Operation]:
     for prior in entry.priors.values():
         sample, probe = _prior_sample(prior, m)
         ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), sample, _prior_example(prior), probe,
-                             _prior_steps(prior, m, sample)))
+                             _prior_steps(prior, m, sample, codes)))
     return ops
 
 
@@ -168,18 +168,14 @@ def _passes(body: Callable[..., Inputs], eager: Callable[..., Inputs], example: 
     return capture
 
 
-def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inputs]):
+def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inputs],
+                 codes: Callable[[int, torch.Generator], Inputs]):
     """The `capture` of a prior's SAMPLE: the per-position step recorded per pass size (app/graphs.py),
-    then the codes decoded by a recorded decoder; `eager` for the sizes without a recording."""
+    then the codes decoded by a recorded decoder (recorded on `codes`, the VQ-VAE's example code
+    grids); `eager` for the sizes without a recording."""
 
     def capture(sizes: Sequence[int], device: torch.device, autocast: torch.dtype | None, record: bool = True):
         steps = CapturedPriorSteps(prior.model, sizes, device, record=record, autocast=autocast)
-        h, w = prior.model.config.code_shape
-        k = prior.model.config.codebook_size
-
-        def codes(n: int, g: torch.Generator) -> Inputs:
-            return (torch.randint(k, (n, h, w), generator=g),)  # (n, h, w)
-
         decoder = CapturedPasses(lambda z: (vqvae.decode_indices(z, check=False),), codes, steps.sizes or sizes,
                                  device, record=record, autocast=autocast)
 
@@ -196,23 +192,17 @@ def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inpu
             drawn = steps.sample(uniforms, temperature, labels, on_logits)
             if drawn is not None:
                 return decoder(drawn)
-            if size_for(uniforms.shape[0], steps.sizes) is None:
+            rows, size = uniforms.shape[0], size_for(uniforms.shape[0], steps.sizes)
+            if size is None:
                 return eager(uniforms, temperature, labels, on_logits)  # no recording of this size
             # the buffers of its size are taken by another pass: the same arithmetic, eagerly, so the
             # answer does not depend on which ran
-            rows, size = uniforms.shape[0], size_for(uniforms.shape[0], steps.sizes)
             padded = reference(pad_rows(uniforms, size), pad_rows(temperature, size),
                                None if labels is None else pad_rows(labels, size), on_logits)
             return tuple(o[:rows] for o in padded)
 
-        def probe(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
-            """sample's images and the logits of every draw (B, h*w, K), for the batch-invariance check."""
-            logits: list[torch.Tensor] = []
-            (images,) = sample(uniforms, temperature, labels, on_logits=lambda r, c, step: logits.append(step.float()))
-            return images, torch.stack(logits, 1)
-
         # app/graphs.py's describe, the service's check of the recorded passes, benchmarks/gpu/graphs.py
-        sample.steps, sample.decoder, sample.reference, sample.probe = steps, decoder, reference, probe
+        sample.steps, sample.decoder, sample.reference, sample.probe = steps, decoder, reference, _logits_probe(sample)
         return sample
 
     return capture
@@ -230,12 +220,18 @@ def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> tuple[Callable[..., I
         )
         return (vqvae.decode_indices(codes),)  # the codes themselves are not returned: /sample shows images
 
+    return sample, _logits_probe(sample)
+
+
+def _logits_probe(sample: Callable[..., Inputs]) -> Callable[..., Inputs]:
+    """A prior's probe: `sample`'s images and the logits of every draw (B, h*w, K), through its on_logits."""
+
     def probe(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
         steps: list[torch.Tensor] = []
         (images,) = sample(uniforms, temperature, labels, on_logits=lambda r, c, logits: steps.append(logits.float()))
         return images, torch.stack(steps, 1)  # (B, h*w, K)
 
-    return sample, probe
+    return probe
 
 
 def _prior_example(prior: Prior) -> Callable[[int, torch.Generator], Inputs]:
