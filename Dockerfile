@@ -4,8 +4,12 @@
 ARG BASE=genserve-base:bookworm
 FROM ${BASE}
 
+# The start-up checks' verdicts go under /tmp, not the default ~/.cache (the `genserve` user has no
+# home): under a read-only root filesystem, /tmp needs a writable volume anyway (deploy/k8s mounts an
+# emptyDir there, and another for the cache, which it names in GENSERVE_CHECK_CACHE_DIR).
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    GENSERVE_WEIGHTS_DIR=/srv/weights GENSERVE_HOST=0.0.0.0 GENSERVE_PORT=8000
+    GENSERVE_WEIGHTS_DIR=/srv/weights GENSERVE_HOST=0.0.0.0 GENSERVE_PORT=8000 \
+    GENSERVE_CHECK_CACHE_DIR=/tmp/genserve-checks
 WORKDIR /srv
 
 # Extra CA certificates for a TLS-intercepting proxy (docker/ca-certificates/*.crt; none by default).

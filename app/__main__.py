@@ -1,37 +1,29 @@
 """`python -m app`: serve with uvicorn on the configured host and port (GENSERVE_HOST, GENSERVE_PORT).
 
+The port is bound first, before torch is imported or any model loaded, so a port in use fails in a
+fraction of a second; then the app starts and loads its models in the background (GET /health is
+200 at once, GET /ready 503 "starting" until every model is loaded).
+
 On SIGTERM or SIGINT the service drains before it stops (app/server.py): GET /ready answers 503
 at once, requests are served for GENSERVE_DRAIN_DELAY_S more, then the listener closes and the
 requests in hand get up to GENSERVE_GRACEFUL_TIMEOUT_S. Logs are text lines or, with
 GENSERVE_LOG_FORMAT=json, one JSON object per line, each with its request id (app/logs.py).
 
-With GENSERVE_WORKERS=N > 1, uvicorn starts N worker processes on the same port, each loading
-every model (`app.main:app` reads its settings from the same environment) with its share of the
-cores as torch threads; their Prometheus metrics are merged through a shared directory
-(prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR).
+One process serves one replica; run more of them (Kubernetes, Ray Serve, compose) to scale out.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-from app.server import run
+from app.server import bind, run
 from app.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
-    if settings.workers == 1:
-        from app.main import create_app
+    sock = bind(settings)  # before the heavy imports below
+    from app.main import create_app  # torch, the models, FastAPI
 
-        run(create_app(settings), settings)
-        return
-    with tempfile.TemporaryDirectory(prefix="genserve-metrics-") as metrics_dir:
-        # A fresh directory each start (stale files would be merged in forever), set before any
-        # worker imports prometheus_client; a PROMETHEUS_MULTIPROC_DIR of the caller is replaced.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        run("app.main:app", settings)
+    run(create_app(settings), settings, sock)
 
 
 if __name__ == "__main__":

@@ -549,7 +549,9 @@ class Batcher:
             result.append(out.float() if out.is_floating_point() else out)
         return tuple(result)
 
-    def check_buckets(self, example: ExampleFn, probe: BatchFn | None = None, seed: int = 0) -> tuple[int, ...]:
+    def check_buckets(
+        self, example: ExampleFn, probe: BatchFn | None = None, seed: int = 0, group: str | None = None
+    ) -> tuple[int, ...]:
         """The pass sizes whose rows are bit-identical to the same rows in a pass of max_batch_size.
 
         Runs in the caller's thread (the service runs it in this batcher's executor). Seeded rows
@@ -560,18 +562,27 @@ class Batcher:
         An operation with a discrete step (an argmin, a draw) rounds small differences away on
         most rows and flips a result on a few, so for it `probe`, which computes the same as
         fn but also returns what precedes each discrete step (distances, logits), is compared.
+        With `group` and a scheduler, each of its passes waits for a turn of the compute scheduler
+        as that group (a check that runs while requests are served takes only its share of the CPU).
         Returns the passing sizes and max_batch_size; use it as `buckets`.
         """
         top = self.max_batch_size
+
+        def run(inputs: Sequence[torch.Tensor], rows: int) -> Inputs:
+            if self.scheduler is None or group is None:
+                return self._pass(inputs, rows, probe)
+            with self.scheduler.computing(group):
+                return self._pass(inputs, rows, probe)
+
         x = example(top, torch.Generator().manual_seed(seed))
-        reference = [o.cpu() for o in self._pass(x, top, probe)]
-        if not all(torch.equal(a, b.cpu()) for a, b in zip(reference, self._pass(x, top, probe))):
+        reference = [o.cpu() for o in run(x, top)]
+        if not all(torch.equal(a, b.cpu()) for a, b in zip(reference, run(x, top))):
             log.warning("%s: a pass of %d rows does not reproduce itself; every pass keeps that size", self.name, top)
             return (top,)
         passing = []
         for b in bucket_candidates(top)[:-1]:
-            head = self._pass(tuple(t[:b] for t in x), b, probe)
-            tail = self._pass(tuple(t[top - b :] for t in x), b, probe)
+            head = run(tuple(t[:b] for t in x), b)
+            tail = run(tuple(t[top - b :] for t in x), b)
             same = all(
                 torch.equal(h.cpu(), r[:b]) and torch.equal(t.cpu(), r[top - b :])
                 for h, t, r in zip(head, tail, reference)

@@ -17,10 +17,10 @@ from app.service import Service
 def service_state(app: FastAPI) -> str:
     """The one readiness check. "ready": GET /ready is 200. "draining" (shutdown has begun, requests
     are still served) and "recovering" (a batcher is being restarted) make /ready 503 but still
-    serve model routes; "starting" and "shutting down" refuse them too."""
+    serve model routes; "starting", "start-up failed" and "shutting down" refuse them too."""
     service: Service | None = getattr(app.state, "service", None)
     if service is None:
-        return "starting"
+        return "start-up failed" if getattr(app.state, "start_error", None) else "starting"
     return service.state
 
 

@@ -2,8 +2,13 @@
 
 Nothing is loaded at import: `app = create_app()` below only builds routes, so
 `uvicorn app.main:app` works and settings come from GENSERVE_* variables when the
-lifespan starts. The lifespan loads and warms every model (app/registry.py), starts one
-batcher per operation (app/operations.py, app/batching.py), and on shutdown drains and stops them.
+lifespan starts. The lifespan returns at once, so the server listens from the start (GET /health
+answers 200, GET /ready 503 "starting"), and starts the service in the background: it loads and
+warms every model (app/registry.py), starts one batcher per operation (app/operations.py,
+app/batching.py), and is ready; on shutdown it drains and stops them. `app.state.starting` is that
+start-up task (it resolves to the Service); `app.state.service` is set when it is done. A start-up
+that fails (no weights directory, a device that is missing) makes /health and /ready answer 503
+with the reason and calls `app.state.on_start_failure` (app/server.py stops the process with it).
 GET / is a page to try every model in a browser (app/routes/page.py, app/static/).
 
 Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
@@ -26,6 +31,7 @@ import logging
 import math
 import re
 import reprlib
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -93,12 +99,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings or get_settings()
-        service = await Service.start(app.state.settings, app.state.metrics)
-        app.state.service = service
+        app.state.start_error = None
+        starting = asyncio.get_running_loop().create_task(Service.start(app.state.settings, app.state.metrics),
+                                                          name="genserve-start")
+        starting.add_done_callback(lambda task: _started(app, task))
+        app.state.starting = starting
+        hangup = _on_hangup(app)
         try:
             yield
         finally:
-            await service.stop()
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            starting.cancel()  # a no-op once it is done
+            try:
+                service = await starting
+            except (Exception, asyncio.CancelledError):
+                service = None  # it stopped what it had started (Service.start); the error is logged
+            if service is not None:  # stays in app.state: /ready says "shutting down" from now on
+                await service.stop()
 
     app = FastAPI(
         title="genserve",
@@ -108,6 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.starting = None
+    app.state.start_error = None
+    app.state.on_start_failure = None  # called with the exception when start-up fails (app/server.py)
     app.state.metrics = Metrics()
 
     app.add_middleware(RequestSizeLimit)
@@ -143,6 +164,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.mount("/static", page.static_files(), name="static")  # the page's CSS, module and images (GET /)
     return app
+
+
+def _on_hangup(app: FastAPI) -> bool:
+    """SIGHUP rescans the weights directory at once (Service.reload); whether the handler could be
+    installed (only in the main thread of a process, as under `python -m app` or uvicorn)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def hangup() -> None:
+        service = getattr(app.state, "service", None)
+        if service is None:
+            log.info("SIGHUP: nothing to reload before start-up has finished")
+            return
+        log.info("SIGHUP: rescanning %s", service.settings.weights_dir)
+        task = loop.create_task(service.reload(force=True))
+        tasks.add(task)
+        task.add_done_callback(_reloaded)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):  # not the main thread; no SIGHUP
+        return False
+    return True
+
+
+def _reloaded(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reloading the weights directory failed; the models served so far keep serving", exc_info=task.exception())
+
+
+def _started(app: FastAPI, task: asyncio.Task) -> None:
+    """The start-up task's done callback: serve with its Service, or record why it failed."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is None:
+        app.state.service = task.result()
+        return
+    app.state.start_error = f"{type(error).__name__}: {error}"
+    log.error("start-up failed: %s", app.state.start_error, exc_info=error)
+    if app.state.on_start_failure is not None:
+        app.state.on_start_failure(error)
 
 
 class RequestSizeLimit:
@@ -251,6 +315,9 @@ class RequestContext:
                 response_done = True
             await send(message)
 
+        state.metrics.requests_in_progress.inc()
+        service = getattr(state, "service", None)
+        generation = service.request_started() if service is not None else None  # see Service.reload
         handler = asyncio.ensure_future(self.app(scope, inbox.get, send_with_id))
 
         async def pump() -> None:
@@ -306,6 +373,9 @@ class RequestContext:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             state.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
+            state.metrics.requests_in_progress.dec()
+            if generation is not None:
+                service.request_ended(generation)  # type: ignore[union-attr]
             request_id.reset(token)
 
     @staticmethod

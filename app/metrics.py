@@ -1,15 +1,15 @@
 """Prometheus metrics, one registry per app (so several apps in one process never collide).
 
-Under several worker processes (GENSERVE_WORKERS > 1, see app/__main__.py) every process writes
-its values to PROMETHEUS_MULTIPROC_DIR and `render` merges all of them, whichever worker answers.
+One process is one replica: each exports its own, and Prometheus sums over replicas. The gauges
+an autoscaler can follow (deploy/k8s/README.md): `genserve_queue_items` (items waiting per batcher,
+read at scrape time) and `genserve_requests_in_progress` (HTTP requests being handled).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other method counts as "other"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -41,6 +41,12 @@ class Metrics:
         self.batch_failures = Counter(
             "genserve_batch_failures", "forward passes that raised", ["batcher"], registry=self.registry
         )
+        self.queue_items = Gauge(
+            "genserve_queue_items", "items waiting in each batcher's queue", ["batcher"], registry=self.registry
+        )
+        self.requests_in_progress = Gauge(
+            "genserve_requests_in_progress", "HTTP requests being handled", registry=self.registry
+        )
 
     def observe_batch(self, batcher: str, items: int, seconds: float, ok: bool) -> None:
         if ok:
@@ -55,9 +61,11 @@ class Metrics:
         self.requests.labels(endpoint, method if method in METHODS else "other", str(status)).inc()
         self.request_seconds.labels(endpoint).observe(seconds)
 
-    def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged)
-            return generate_latest(merged)
+    def render(self, queues: Mapping[str, int] | None = None) -> bytes:
+        """The text format; `queues` (batcher -> items waiting) sets genserve_queue_items first,
+        dropping the batchers that are gone (a model removed while serving)."""
+        if queues is not None:
+            self.queue_items.clear()
+            for batcher, items in queues.items():
+                self.queue_items.labels(batcher).set(items)
         return generate_latest(self.registry)

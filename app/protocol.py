@@ -232,7 +232,7 @@ class GuardedH11Protocol(_Guarded, H11Protocol):
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # httptools is not installed (it comes with the `bench` extra)
+except ImportError:  # httptools is not installed (uvicorn[standard] brings it)
     GuardedHttpToolsProtocol: type[asyncio.Protocol] | None = None
 else:
 
@@ -240,6 +240,11 @@ else:
         """uvicorn's httptools protocol with the limits of app/protocol.py."""
 
 
-def protocol_class() -> type[asyncio.Protocol]:
-    """What uvicorn's `http="auto"` picks (httptools if installed, else h11), with the limits."""
+def protocol_class(http: str = "auto") -> type[asyncio.Protocol]:
+    """The HTTP parser to serve with, with the limits: "h11", "httptools" (a ValueError when it is not
+    installed), or "auto", what uvicorn's `http="auto"` picks (httptools if installed, else h11)."""
+    if http == "h11":
+        return GuardedH11Protocol
+    if http == "httptools" and GuardedHttpToolsProtocol is None:
+        raise ValueError("http='httptools' but httptools is not installed: pip install 'uvicorn[standard]', or use h11")
     return GuardedHttpToolsProtocol or GuardedH11Protocol

@@ -4,6 +4,12 @@ Served models are VAEs and VQ-VAEs, by their weight-file name. A prior (kinds pi
 gated_pixelcnn, pixelcnnpp) is served through its VQ-VAE under an API name taken from
 its kind: `pixelcnn`, `gated`, `pixelcnnpp`.
 
+`Registry.load` is also how new weights are picked up while serving (app/service.py): given the
+registry served so far, a file whose bytes are unchanged (same SHA-256) reuses the model already
+loaded, and a file that now fails to load keeps its last good version, listed in the problems with
+the reason. Pairing then runs again over the whole directory by the rules below, so a prior whose
+VQ-VAE changed is re-paired or refused as at start-up.
+
 A file that cannot be used is skipped, not fatal: the error is logged and listed in
 `Registry.problems` (GET /models/problems; a rejected prior also appears under its VQ-VAE
 in GET /models). So one bad file never takes the other models down: every step of loading
@@ -32,7 +38,9 @@ import json
 import logging
 import math
 import reprlib
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from app.checks import file_digest
 from app.schemas import ModelEntry, PriorInfo
 from models.io import NAME_PATTERN, ModelInfo, load_model
 
@@ -56,12 +65,24 @@ class Problem:
 
 
 @dataclass
+class LoadedFile:
+    """What one weight file gave: its model, what it says, its bytes' SHA-256, when it was loaded."""
+
+    model: nn.Module
+    info: ModelInfo
+    digest: str
+    loaded_at: float  # time.time()
+
+
+@dataclass
 class Prior:
     api_name: str
     model: nn.Module
     info: ModelInfo
     class_names: tuple[str, ...] = ()  # label i's name: the file's own, or its VQ-VAE's (module docstring)
     class_names_conflict: str | None = None  # how the VQ-VAE's names disagree with this conditional prior's
+    digest: str = ""  # SHA-256 of the weight file's bytes
+    loaded_at: float = 0.0  # time.time() when the file was loaded
 
     @property
     def kind(self) -> str:
@@ -97,6 +118,9 @@ class Entry:
     device: torch.device
     priors: dict[str, Prior] = field(default_factory=dict)
     rejected: list[Problem] = field(default_factory=list)
+    digest: str = ""  # SHA-256 of the weight file's bytes
+    loaded_at: float = 0.0  # time.time() when the file was loaded
+    batchers: dict[Any, Any] = field(default_factory=dict)  # OpKey -> Batcher, set by the Service (app/service.py)
 
     @property
     def name(self) -> str:
@@ -135,24 +159,33 @@ class Registry:
         self.device = device
         self.entries: dict[str, Entry] = {}
         self.problems: list[Problem] = []
+        self.files: dict[str, LoadedFile] = {}  # file name -> what it gave (served, or refused after loading)
 
     @classmethod
-    def load(cls, weights_dir: Path, device: torch.device) -> Registry:
-        """Load every *.safetensors file in weights_dir (sorted by name) onto device."""
+    def load(cls, weights_dir: Path, device: torch.device, previous: Registry | None = None) -> Registry:
+        """Load every *.safetensors file in weights_dir (sorted by name) onto device. With `previous`
+        (the registry served so far), unchanged files reuse its models and a file that fails to load
+        keeps its version from `previous` (module docstring)."""
         weights_dir = Path(weights_dir)
         if not weights_dir.is_dir():
             raise FileNotFoundError(f"weights directory {str(weights_dir)!r} does not exist (set GENSERVE_WEIGHTS_DIR)")
         registry = cls(device)
-        priors: list[tuple[Path, nn.Module, ModelInfo]] = []
+        priors: list[tuple[Path, LoadedFile]] = []
         for path in sorted(weights_dir.glob("*.safetensors")):
+            kept = previous.files.get(path.name) if previous is not None else None
             try:
-                model, info = load_model(path, device)
+                loaded = registry._read(path, kept)
             except Exception as err:  # WeightFileError, or anything a foreign file provokes
-                registry.reject(path, f"cannot load: {err}")
-                continue
-            registry._isolated(path, registry._add, path, model, info, priors)
-        for path, model, info in priors:
-            registry._isolated(path, registry._attach_prior, path, model, info)
+                if kept is None:
+                    registry.reject(path, f"cannot load: {err}")
+                    continue
+                registry.reject(path, f"cannot load: {err}; the version loaded at {iso_time(kept.loaded_at)} "
+                                      f"(sha256 {kept.digest}) is still served")
+                loaded = kept
+            registry.files[path.name] = loaded
+            registry._isolated(path, registry._add, path, loaded, priors)
+        for path, loaded in priors:
+            registry._isolated(path, registry._attach_prior, path, loaded)
         for entry in list(registry.entries.values()):  # each part was checked alone; now the whole item
             registry._isolated(Path(entry.info.path or entry.name), registry._check_description, entry)
         if not registry.entries:
@@ -167,16 +200,25 @@ class Registry:
             log.exception("unexpected error on weight file %s", path)
             self.reject(path, f"cannot be used: {type(err).__name__}: {_clip(err)}")
 
-    def _add(self, path: Path, model: nn.Module, info: ModelInfo, priors: list[tuple[Path, nn.Module, ModelInfo]]) -> None:
+    def _read(self, path: Path, kept: LoadedFile | None) -> LoadedFile:
+        """Load one file, or reuse `kept` (its earlier load) when the file's bytes are the same."""
+        digest = file_digest(path)
+        if kept is not None and kept.digest == digest:
+            return kept
+        model, info = load_model(path, self.device)
+        return LoadedFile(model, info, digest, time.time())
+
+    def _add(self, path: Path, loaded: LoadedFile, priors: list[tuple[Path, LoadedFile]]) -> None:
         """A loaded file: a prior waits for pairing, a VAE or VQ-VAE is served once its description validates."""
+        model, info = loaded.model, loaded.info
         if info.kind in PRIOR_API_NAMES:
-            priors.append((path, model, info))
+            priors.append((path, loaded))
         elif info.kind not in SERVED_KINDS:
             self.reject(path, f"kind {info.kind!r} is not served")
         elif info.name in self.entries:
             self.reject(path, f"a model named {info.name!r} is already loaded from {self.entries[info.name].info.path}")
         else:
-            entry = Entry(model, info, device=self.device)
+            entry = Entry(model, info, device=self.device, digest=loaded.digest, loaded_at=loaded.loaded_at)
             invalid = _invalid(ModelEntry, _describe(entry))
             if invalid:
                 return self.reject(path, f"its GET /models description is invalid: {invalid}")
@@ -199,7 +241,8 @@ class Registry:
         if vqvae in self.entries:
             self.entries[vqvae].rejected.append(problem)
 
-    def _attach_prior(self, path: Path, model: nn.Module, info: ModelInfo) -> None:
+    def _attach_prior(self, path: Path, loaded: LoadedFile) -> None:
+        model, info = loaded.model, loaded.info
         api_name = PRIOR_API_NAMES[info.kind]
         vq_name = info.extra.get("vqvae") if isinstance(info.extra, dict) else None
         if vq_name is None or vq_name == "":
@@ -236,7 +279,7 @@ class Registry:
             other = entry.priors[api_name].info.path
             return self.reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
         names, conflict = _prior_class_names(info, cfg.num_classes, entry.info)
-        prior = Prior(api_name, model, info, names, conflict)
+        prior = Prior(api_name, model, info, names, conflict, digest=loaded.digest, loaded_at=loaded.loaded_at)
         invalid = _invalid(PriorInfo, _describe_prior(prior, default=False))
         if invalid:
             return self.reject(path, f"its GET /models description is invalid: {invalid}", vq_name)
@@ -273,6 +316,8 @@ def _describe(entry: Entry) -> dict[str, Any]:
         "metrics": entry.info.metrics,
         "device": str(entry.device),
         "file": Path(entry.info.path).name if entry.info.path else None,
+        "sha256": entry.digest or None,
+        "loaded_at": iso_time(entry.loaded_at) if entry.loaded_at else None,
     }
     # "logistic": a discretized logistic mixture (a likelihood of 8-bit images); "bernoulli" or "mse" not
     item["likelihood"] = entry.model.config.likelihood
@@ -304,7 +349,33 @@ def _describe_prior(p: Prior, default: bool) -> dict[str, Any]:
         "class_names": list(p.class_names),
         "class_names_conflict": p.class_names_conflict,
         "file": Path(p.info.path).name if p.info.path else None,
+        "sha256": p.digest or None,
+        "loaded_at": iso_time(p.loaded_at) if p.loaded_at else None,
     }
+
+
+def signature(entry: Entry) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What a served model computes with: its file's bytes and its priors' (a reload keeps an entry
+    whose signature is unchanged, batchers and all)."""
+    return entry.digest, tuple(sorted((p.api_name, p.digest) for p in entry.priors.values()))
+
+
+def scan(weights_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """Every *.safetensors file in weights_dir: name -> (size, modification time in ns, inode). A
+    directory that has gone scans as empty (its models are then removed)."""
+    found = {}
+    for path in Path(weights_dir).glob("*.safetensors"):
+        try:
+            st = path.stat()
+        except OSError:  # removed while scanning
+            continue
+        found[path.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return found
+
+
+def iso_time(seconds: float) -> str:
+    """time.time() as ISO 8601 in UTC, to the millisecond (GET /models' loaded_at)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _clip(err: object, limit: int = 300) -> str:

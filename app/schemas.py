@@ -63,6 +63,8 @@ class PriorInfo(BaseModel):
         "of them: how they differ (the prior's class_names are used for its labels)"
     )
     file: str | None
+    sha256: str | None = Field(None, description="SHA-256 of the weight file's bytes (what sha256sum prints)")
+    loaded_at: str | None = Field(None, description="when this version of the file was loaded (ISO 8601, UTC)")
 
 
 class RejectedPrior(BaseModel):
@@ -83,6 +85,8 @@ class ModelEntry(BaseModel):
     metrics: dict[str, Any]
     device: str
     file: str | None
+    sha256: str | None = Field(None, description="SHA-256 of the weight file's bytes (what sha256sum prints)")
+    loaded_at: str | None = Field(None, description="when this version of the file was loaded (ISO 8601, UTC)")
     # "logistic" (discretized logistic mixture: a likelihood of 8-bit images), "bernoulli" (VAE) or "mse" (VQ-VAE)
     likelihood: str
     # VAE only: "mlp" or "conv"; "factorized" p(x|z) or "autoregressive" p(x_i|z, x_<i) (pixel by pixel)

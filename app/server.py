@@ -1,6 +1,14 @@
-"""uvicorn, with a shutdown a load balancer can follow: `run(app, settings)`.
+"""uvicorn, with a start-up and a shutdown an orchestrator can follow: `bind(settings)`, `run(app, settings, sock)`.
 
-On SIGTERM or SIGINT each serving process
+One process is one replica: scale by starting more (Kubernetes, Ray Serve, compose), each with
+its own port or behind a load balancer.
+
+Start-up: `python -m app` binds its port before it imports torch or loads a model (a port in use
+fails at once), then the app's lifespan returns at once and the models load in the background:
+GET /health answers 200 and GET /ready 503 "starting" until they are all loaded (app/main.py).
+A start-up that fails stops the process with uvicorn's start-up failure exit code (3).
+
+On SIGTERM or SIGINT the process
 1. marks its Service draining at once (`Service.begin_drain`: GET /ready answers 503, every other
    route keeps serving),
 2. keeps serving for `drain_delay_s`, so the load balancer sees /ready fail and takes it out of
@@ -10,24 +18,18 @@ On SIGTERM or SIGINT each serving process
    then the lifespan stops the batchers.
 A second signal during the delay ends the delay at once (a third SIGINT forces the exit, as in uvicorn).
 
-With workers > 1, uvicorn's supervisor sends each worker SIGTERM and each worker drains itself;
-`DrainingMultiprocess` runs `DrainingServer` in its workers, closes the supervisor's own copy of the
-listening socket (so the port refuses connections once the workers have closed theirs) and passes
-a further SIGINT or SIGTERM on to the workers while it waits for them.
-
 Every connection is held to a deadline for its request headers (header_timeout_s) and the
-open connections of each process to max_connections, as app/protocol.py describes; `run` first raises
+open connections to max_connections, as app/protocol.py describes; `bind` first raises
 the process's soft open file limit to its hard limit.
 
-Written against uvicorn 0.54: `Server.handle_exit` and `on_tick`, and the supervisor's `Process(config,
-sockets)` with its `server` property (uvicorn 0.35 and before built workers from a `target` instead).
+Written against uvicorn's `Server.handle_exit` and `on_tick` (0.54 and 0.55).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import resource
 import signal
 import socket
 import sys
@@ -38,17 +40,22 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from app.logs import log_config
-from app.protocol import RESERVED_FDS, ConnectionLimits, GuardedConfig, default_max_connections, raise_open_file_limit
+from app.protocol import (
+    RESERVED_FDS,
+    ConnectionLimits,
+    GuardedConfig,
+    default_max_connections,
+    protocol_class,
+    raise_open_file_limit,
+)
 from app.settings import Settings
 
 if TYPE_CHECKING:
     from app.service import Service
 
 log = logging.getLogger(__name__)
-uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn's supervisor logs
 
 
 class DrainingServer(uvicorn.Server):
@@ -61,6 +68,7 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
+        self.start_failed = False  # the app's start-up failed (start_failed): exit with STARTUP_FAILURE
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_signal: int | None = None  # the signal that started the drain
         self._drain_deadline: float | None = None  # time.monotonic() at which the drain delay ends
@@ -76,6 +84,11 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    def start_failed_with(self, error: BaseException) -> None:
+        """The app's `on_start_failure` (app/main.py), on the event loop: shut down at once, exit with 3."""
+        self.start_failed = True
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """The signal handler (main thread): start the drain, or end it early, or defer to uvicorn."""
@@ -107,107 +120,6 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-class DrainingProcess(Process):
-    """A uvicorn worker process that serves with DrainingServer."""
-
-    @property
-    def server(self) -> uvicorn.Server:
-        if self._server is None:
-            self._server = DrainingServer(config=self.config)
-        return self._server
-
-
-class DrainingMultiprocess(Multiprocess):
-    """uvicorn's supervisor, with DrainingProcess workers.
-
-    init_processes, keep_subprocess_alive, restart_all (SIGHUP) and handle_ttin are uvicorn 0.54's,
-    with Process replaced by DrainingProcess, so a worker started later drains like the first ones.
-    """
-
-    def init_processes(self) -> None:
-        for _ in range(self.processes_num):
-            process = DrainingProcess(self.config, self.sockets)
-            process.start()
-            self.processes.append(process)
-
-    def terminate_all(self) -> None:
-        """SIGTERM to every worker (each starts its drain), then close the supervisor's copy of the
-        listening socket: the port closes when the last worker closes its own after its delay."""
-        super().terminate_all()
-        for sock in self.sockets:
-            sock.close()
-
-    def join_all(self) -> None:
-        """Wait for the workers to finish, passing on a further SIGINT or SIGTERM (ending their drain delay)."""
-        while any(p.process.is_alive() for p in self.processes):
-            for sig in tuple(self.signal_queue):
-                self.signal_queue.remove(sig)
-                if sig not in (signal.SIGINT, signal.SIGTERM):
-                    continue
-                uvicorn_log.info("Received %s while stopping, passing it on to the workers.", signal.Signals(sig).name)
-                for p in self.processes:
-                    if p.process.is_alive() and p.pid is not None:
-                        os.kill(p.pid, sig)
-            time.sleep(0.1)
-        super().join_all()
-
-    def keep_subprocess_alive(self) -> None:
-        if self.should_exit.is_set():
-            return  # parent process is exiting, no need to keep subprocess alive
-
-        for idx, process in enumerate(self.processes):
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                continue
-
-            process.kill()  # process is hung, kill it
-            process.join()
-
-            if process.exitcode == STARTUP_FAILURE:
-                uvicorn_log.error(
-                    f"Child process [{process.pid}] failed to start, stopping the parent process."
-                )
-                self.should_exit.set()
-                return
-
-            if self.should_exit.is_set():
-                return
-
-            uvicorn_log.info(f"Child process [{process.pid}] died")
-            process = DrainingProcess(self.config, self.sockets)
-            process.start()
-            self.processes[idx] = process
-
-    def restart_all(self) -> None:
-        """Replaces each worker, bringing its replacement into service before retiring the old worker."""
-        for idx, old_process in enumerate(self.processes):
-            if self.should_exit.is_set():
-                return
-
-            new_process = DrainingProcess(self.config, self.sockets)
-            new_process.start()
-
-            if not new_process.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
-                new_process.kill()
-                new_process.join()
-                if not self.should_exit.is_set():
-                    uvicorn_log.error(
-                        f"New child process [{new_process.pid}] was not ready in time; "
-                        f"keeping worker [{old_process.pid}] and aborting the restart."
-                    )
-                return
-
-            old_process.terminate()
-            old_process.join()
-            self.processes[idx] = new_process
-
-    def handle_ttin(self) -> None:
-        uvicorn_log.info("Received SIGTTIN, increasing the number of processes.")
-        self.processes_num += 1
-        process = DrainingProcess(self.config, self.sockets)
-        process.start()
-        self.processes.append(process)
-
-
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """The per-connection limits of settings (max_connections=None: derived from the open file limit now)."""
     return ConnectionLimits(
@@ -217,45 +129,55 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
 
 
 def make_config(app: Any, settings: Settings, **overrides: Any) -> GuardedConfig:
-    """The uvicorn configuration `run` serves with: settings' address, workers, logs and shutdown
+    """The uvicorn configuration `run` serves with: settings' address, logs and shutdown
     timeout, and the connection limits of app/protocol.py. `overrides` go to uvicorn.Config as they are."""
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "workers": settings.workers,
         "access_log": settings.access_log,
         "log_config": log_config(settings.log_format),
         "timeout_graceful_shutdown": settings.graceful_timeout_s,  # a float works
+        "http": protocol_class(settings.http),
+        "loop": settings.loop,
     }
     return GuardedConfig(app, limits=connection_limits(settings), **{**options, **overrides})
 
 
-def run(app: Any, settings: Settings) -> None:
-    """Serve `app` with uvicorn on settings.host:port, draining on SIGTERM/SIGINT (see the module doc),
-    with the header deadline and connection cap of app/protocol.py (the soft open file limit raised
-    to the hard one first).
+def bind(settings: Settings) -> socket.socket:
+    """Raise the open file limit, then bind and listen on settings.host:port (uvicorn's own binding:
+    IPv4 or IPv6, SO_REUSEADDR). A port in use logs uvicorn's error and exits with 3 (STARTUP_FAILURE). Connections
+    that arrive before the app runs wait in the backlog rather than being refused."""
+    raise_open_file_limit()  # before the limits are derived from it
+    config = make_config(None, settings)
+    config.configure_logging()  # uvicorn's error line for a port in use goes through its loggers
+    sock = config.bind_socket()
+    sock.listen(config.backlog)
+    return sock
 
-    With settings.workers > 1, `app` must be an import string ("app.main:app"), which each worker imports.
-    """
-    if settings.workers > 1 and not isinstance(app, str):
-        raise ValueError(f"workers={settings.workers} needs the app as an import string, got {type(app).__name__}")
-    file_limit = raise_open_file_limit()  # before the limits are derived from it; worker processes inherit it
+
+def run(app: Any, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve `app` with uvicorn on `sock` (from `bind`; bound here when None), draining on
+    SIGTERM/SIGINT (see the module doc), with the header deadline and connection cap of
+    app/protocol.py. Exits with uvicorn's start-up failure code (3) when the app's start-up fails."""
+    if sock is None:
+        sock = bind(settings)
+    file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     config = make_config(app, settings)
     limits = config.connection_limits
     log.info(
-        "connections: at most %d open per process (max_connections; open file limit %d), request headers "
+        "connections: at most %d open (max_connections; open file limit %d), request headers "
         "within %g s (header_timeout_s)", limits.max_connections, file_limit, limits.header_timeout_s,
     )
     if limits.max_connections > file_limit - RESERVED_FDS:
         log.warning("max_connections=%d leaves fewer than %d of the %d open files for everything else: "
                     "accepting may fail with 'Too many open files'", limits.max_connections, RESERVED_FDS, file_limit)
-    if settings.workers > 1:
-        DrainingMultiprocess(config, sockets=[config.bind_socket()]).run()
-        return
     server = DrainingServer(config)
+    state = getattr(app, "state", None)
+    if state is not None:
+        state.on_start_failure = server.start_failed_with
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises a captured SIGINT once it has shut down
         pass
-    if not server.started:
+    if not server.started or server.start_failed:
         sys.exit(STARTUP_FAILURE)

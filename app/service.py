@@ -1,9 +1,20 @@
 """The running service: settings, the registry, one batcher per operation, the pools, metrics.
 
-`Service.start` is what the lifespan runs: resolve the device, load and validate the weights,
-then for every operation of every model (app/operations.py) warm it up, find its batch-invariant
-pass sizes (with `pad_batches`) and start its batcher. `stop` refuses new work, drains the
-queues and ends the workers.
+`Service.start` is what the lifespan runs, in the background while the listener already answers
+(app/main.py): resolve the device, load and validate the weights, then for every operation of
+every model (app/operations.py) warm it up and start its batcher. The service is ready then.
+
+Same seed, same bytes (`pad_batches`): every pass is padded to a size whose rows are bit-identical
+to a pass of max_batch_size. Which smaller sizes are so is a verdict of `Batcher.check_buckets`,
+which takes about a second per operation on a CPU. So each batcher starts with the verdict of an
+earlier start on an identical machine, code and weight file (app/checks.py's cache) or else with
+the one size that needs no check, max_batch_size, and the checks run after the service is ready,
+one at a time, sharing the CPU with requests through the scheduler; each verdict replaces its
+batcher's sizes when it is found and is stored for the next start. A row is computed in a pass of
+max_batch_size or in one proven equal to it, so its bytes do not depend on when it was served.
+GET /config shows each batcher's sizes and where they came from (`pass_size_sources`).
+
+`stop` refuses new work, drains the queues and ends the workers.
 
 Threads: every batcher has an executor of its own (`max_inflight` threads), so a slow model's
 passes never hold up a cheap model's: on the CPU a shared `ComputeScheduler` (app/scheduling.py)
@@ -16,12 +27,14 @@ decoded in one of their own (`decode_slots` threads, behind a semaphore of as ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,10 +43,11 @@ import torch
 
 from app import imaging
 from app.batching import Batcher, bucket_candidates
+from app.checks import VerdictCache, code_digest, machine_key
 from app.graphs import describe, recorded_sizes
 from app.metrics import Metrics
 from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
-from app.registry import Entry, Registry
+from app.registry import Entry, Registry, iso_time, scan, signature
 from app.scheduling import ComputeScheduler
 from app.settings import Settings
 
@@ -55,16 +69,48 @@ def compute_slots(settings: Settings, device: torch.device) -> int | None:
 
 
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (a container's
+    CPU limit, e.g. Kubernetes' `resources.limits.cpu`, which the affinity does not show), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 `cpu.max`, else v1's
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when there is none or it cannot be read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def torch_threads(settings: Settings) -> int:
-    """Intra-op threads of each model thread: the setting, else half the usable cores of each worker
+    """Intra-op threads of each model thread: the setting, else half the usable cores
     (the other half serve HTTP and the upload and PNG pools; tiny autoregressive steps lose more to
     thread synchronisation than they gain: on 2 cores, PixelCNN n=1 took 50 ms with 2 threads, 36 with 1)."""
     if settings.torch_threads:
         return settings.torch_threads
-    return max(1, usable_cores() // (2 * settings.workers))
+    return max(1, usable_cores() // 2)
+
+
+CHECKS_GROUP = "pass size checks"  # the scheduler's group for the checks that run after start-up
+
+
+class PassSizeSource:
+    """Where a batcher's pass sizes came from (GET /config's pass_size_sources)."""
+
+    CHECKED = "checked"  # this process's check found them
+    CACHE = "cache"  # an earlier start's verdict on the same machine, code and file (app/checks.py)
+    DEFAULT = "default"  # max_batch_size alone, which needs no check, until the check has run
+    UNPADDED = "unpadded"  # pad_batches is off
 
 
 @dataclass
@@ -81,11 +127,24 @@ class Service:
     operations: dict[OpKey, Operation] = field(default_factory=dict)  # what each batcher runs (for cuda_graphs)
     scheduler: ComputeScheduler | None = None  # shares the CPU between the batchers
     executors: list[ThreadPoolExecutor] = field(default_factory=list)
+    pass_size_sources: dict[OpKey, str] = field(default_factory=dict)  # PassSizeSource, per batcher
+    cache: VerdictCache = field(default_factory=lambda: VerdictCache(None))
+    checks: asyncio.Task | None = None  # the pass size checks still to run after start-up
+    check_executor: ThreadPoolExecutor | None = None  # they run here, one at a time
+    started_s: float | None = None  # seconds from Service.start to ready
+    generation: int = 0  # the version of the set of models; each reload that changes it adds one
+    scanned: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # the weights directory at the last scan
+    watcher: asyncio.Task | None = None  # scans the weights directory every reload_interval_s
+    _inflight: dict[int, int] = field(default_factory=dict)  # generation -> requests begun under it, not ended
+    _request_ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _retiring: dict[asyncio.Task, Entry] = field(default_factory=dict)  # versions waiting for their last requests
     ready: bool = False  # True from the end of start() until stop()
     draining: bool = False  # begin_drain(): shutdown has begun; /ready is 503, requests are still served
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Service:
+        begin = time.perf_counter()
         device = settings.resolve_device()
         torch.set_num_threads(torch_threads(settings))  # the loading thread; every model thread sets its own
         imaging.set_pixel_limit(settings.max_pixels)  # Pillow's own bomb check, process-wide (app/imaging.py)
@@ -97,80 +156,314 @@ class Service:
         service.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
         service.decode_slots = asyncio.Semaphore(settings.decode_slots)
         service.upload_slots = asyncio.Semaphore(settings.upload_slots)
+        service.check_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="genserve-checks", initializer=torch.set_num_threads,
+            initargs=(torch_threads(settings),),  # the threads of the passes it checks: a verdict depends on them
+        )
+        service.cache = VerdictCache(settings.check_cache_dir)
+        service.scanned = await asyncio.to_thread(scan, settings.weights_dir)
         slots = compute_slots(settings, device)
         service.scheduler = ComputeScheduler(slots) if slots else None
+        graphs = settings.cuda_graphs and device.type == "cuda"
         try:
-            if settings.pad_batches and settings.linear_min_rows > 1:
-                for entry in registry.entries.values():
-                    for model in [entry.model, *(p.model for p in entry.priors.values())]:
-                        pad_linear_rows(model, settings.linear_min_rows)
-            await asyncio.gather(*(service._start_model(entry) for entry in list(registry.entries.values())))
-            await service._record_graphs()
+            for entry in list(registry.entries.values()):
+                service._install(entry, service._make_batchers(entry))
+            if graphs:
+                # a recording is made at the proven sizes and must not overlap another thread's
+                # synchronising call: with CUDA graphs (GPU checks take well under a second) the warm-ups,
+                # the checks and the recordings run before the service is ready
+                await service._settle(list(registry.entries.values()))
+                await service._record_graphs()
+            elif settings.cuda_graphs:
+                await service._record_graphs()  # says why nothing is recorded
         except BaseException:
             await service.stop()
             raise
         service.ready = True
+        service.started_s = time.perf_counter() - begin
         log.info(
-            "ready on %s: %s", device, ", ".join(f"{e.name} ({e.kind}, priors {sorted(e.priors)})" for e in registry.entries.values())
+            "ready on %s in %.2f s: %s", device, service.started_s,
+            ", ".join(f"{e.name} ({e.kind}, priors {sorted(e.priors)})" for e in registry.entries.values()),
         )
+        if not graphs:
+            service._after_checks(service._settle(list(registry.entries.values())))
+        if settings.reload_interval_s > 0:
+            service.watcher = asyncio.get_running_loop().create_task(service._watch(), name="genserve-watch")
         return service
 
-    async def _start_model(self, entry: Entry) -> None:
-        """Warm up, check and start every batcher of one model. A model that fails any of it (a
-        file whose config loads but cannot run) is dropped and listed in GET /models/problems,
-        like a file that cannot be loaded: one bad file never stops the service."""
-        try:
-            results = await asyncio.gather(*(self._start_batcher(op) for op in operations(entry)), return_exceptions=True)
-            error = next((r for r in results if isinstance(r, BaseException)), None)
-        except Exception as err:  # operations() itself
-            error = err
-        if error is None:
-            return
-        if not isinstance(error, Exception):
-            raise error  # cancellation, KeyboardInterrupt: not the file's fault
-        log.error("%s: cannot be served, its start-up pass failed", entry.name, exc_info=error)
-        for key in [k for k in self.batchers if k.model == entry.name]:
-            await self.batchers.pop(key).stop(0)
-            self.operations.pop(key, None)
-        self.registry.entries.pop(entry.name, None)
-        self.registry.reject(Path(entry.info.path or entry.name), f"warming it up failed: {type(error).__name__}: {str(error)[:300]}")
+    def _after_checks(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background after the warm-ups and checks already under way (`checks`)."""
+        previous = self.checks
 
-    async def _start_batcher(self, operation: Operation) -> None:
-        """Warm the operation up and check its pass sizes in its own thread, then start its batcher."""
+        async def chained() -> None:
+            if previous is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await previous
+            await work
+
+        self.checks = asyncio.get_running_loop().create_task(chained(), name="genserve-checks")
+
+    async def _settle(self, entries: list[Entry]) -> None:
+        """After start-up: warm every operation of `entries` up (a model that cannot run is dropped,
+        as at loading), then run the pass size checks still to do."""
+        await asyncio.gather(*(self._warm_or_drop(entry) for entry in entries))
+        await self.check_pass_sizes()
+
+    def _make_batchers(self, entry: Entry) -> list[tuple[Operation, Batcher, str]]:
+        """A batcher (not started) for each operation of a model, with its executor and pass sizes:
+        the cached verdict of its check, else max_batch_size alone (PassSizeSource)."""
         s = self.settings
-        name = str(operation.key)
-        # Each model thread sets its own intra-op thread count (OpenMP's nthreads-var and MKL's are per
-        # thread), so the count holds whatever other threads of the process set.
-        executor = ThreadPoolExecutor(
-            max_workers=s.max_inflight + (1 if s.express_items else 0),  # a thread for the express pass
-            thread_name_prefix=f"genserve-{name}",
-            initializer=torch.set_num_threads,
-            initargs=(torch_threads(s),),
-        )
-        self.executors.append(executor)
-        batcher = Batcher(
-            name=name,
-            fn=operation.fn,
-            executor=executor,
-            device=self.device,
-            max_batch_size=s.max_batch_size,
-            max_wait_s=s.max_wait_ms / 1000,
-            max_queue=s.max_queue,
-            queue_wait_s=s.queue_wait_s,
-            max_inflight=s.max_inflight,
-            express_items=min(s.express_items, s.max_batch_size),
-            autocast_dtype=AUTOCAST_DTYPES[s.precision],
-            on_batch=self.metrics.observe_batch,
-            scheduler=self.scheduler,
-        )
+        if s.pad_batches and s.linear_min_rows > 1:
+            for model in [entry.model, *(p.model for p in entry.priors.values())]:
+                pad_linear_rows(model, s.linear_min_rows)
+        made = []
+        for operation in operations(entry):
+            name = str(operation.key)
+            # Each model thread sets its own intra-op thread count (OpenMP's nthreads-var and MKL's are per
+            # thread), so the count holds whatever other threads of the process set.
+            executor = ThreadPoolExecutor(
+                max_workers=s.max_inflight + (1 if s.express_items else 0),  # a thread for the express pass
+                thread_name_prefix=f"genserve-{name}",
+                initializer=torch.set_num_threads,
+                initargs=(torch_threads(s),),
+            )
+            batcher = Batcher(
+                name=name,
+                fn=operation.fn,
+                executor=executor,
+                device=self.device,
+                max_batch_size=s.max_batch_size,
+                max_wait_s=s.max_wait_ms / 1000,
+                max_queue=s.max_queue,
+                queue_wait_s=s.queue_wait_s,
+                max_inflight=s.max_inflight,
+                express_items=min(s.express_items, s.max_batch_size),
+                autocast_dtype=AUTOCAST_DTYPES[s.precision],
+                on_batch=self.metrics.observe_batch,
+                scheduler=self.scheduler,
+            )
+            source = PassSizeSource.UNPADDED
+            if s.pad_batches:
+                cached = self.cache.get(self.check_key(operation, entry))
+                batcher.buckets, source = (cached, PassSizeSource.CACHE) if cached else ((s.max_batch_size,), PassSizeSource.DEFAULT)
+                if cached:
+                    log.info("%s: pass sizes %s (the cached verdict of an earlier check)", name, list(cached))
+            made.append((operation, batcher, source))
+        return made
+
+    def _install(self, entry: Entry, made: list[tuple[Operation, Batcher, str]]) -> None:
+        """Start a model's batchers and serve with them (entry.batchers, and the service's tables)."""
+        for operation, batcher, source in made:
+            batcher.start()
+            entry.batchers[operation.key] = batcher
+            self.batchers[operation.key] = batcher
+            self.operations[operation.key] = operation
+            self.pass_size_sources[operation.key] = source
+
+    async def _warm(self, entry: Entry) -> Exception | None:
+        """One pass of one row of each of a model's operations, each in its batcher's executor, so the
+        first request does not pay for lazy initialisation; the first error, or None."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(executor, warm_up, operation, self.device)
-        if s.pad_batches:
-            batcher.buckets = await loop.run_in_executor(executor, batcher.check_buckets, operation.example, operation.probe)
-            log.info("%s: pass sizes %s (batch-invariant against %d rows)", name, list(batcher.buckets), s.max_batch_size)
-        batcher.start()
-        self.batchers[operation.key] = batcher
-        self.operations[operation.key] = operation
+        try:
+            ops = operations(entry)
+            results = await asyncio.gather(
+                *(loop.run_in_executor(entry.batchers[op.key].executor, warm_up, op, self.device) for op in ops),
+                return_exceptions=True,
+            )
+        except Exception as err:  # operations() itself
+            return err
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None and not isinstance(error, Exception):
+            raise error  # cancellation, KeyboardInterrupt: not the file's fault
+        return error
+
+    async def _warm_or_drop(self, entry: Entry) -> None:
+        """Warm a served model up; one that fails (a file whose config loads but cannot run) is dropped
+        and listed in GET /models/problems, like a file that cannot be loaded."""
+        error = await self._warm(entry)
+        if error is None or self.registry.entries.get(entry.name) is not entry:
+            return
+        log.error("%s: cannot be served, its first pass failed", entry.name, exc_info=error)
+        del self.registry.entries[entry.name]
+        self.registry.reject(Path(entry.info.path or entry.name), f"warming it up failed: {type(error).__name__}: {str(error)[:300]}")
+        self.generation += 1
+        self._forget(entry)
+        self._retire_later(entry)
+
+    def _retire_later(self, entry: Entry) -> None:
+        """`_retire` a version no longer served, in the background (stop() ends it early)."""
+        task = asyncio.get_running_loop().create_task(self._retire(entry, self.generation - 1), name=f"retire:{entry.name}")
+        self._retiring[task] = entry
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    def _forget(self, entry: Entry) -> None:
+        """Take a model's batchers out of the service's tables (where they are still its own)."""
+        for key, batcher in entry.batchers.items():
+            if self.batchers.get(key) is batcher:
+                del self.batchers[key]
+                self.operations.pop(key, None)
+                self.pass_size_sources.pop(key, None)
+
+    async def _retire(self, entry: Entry, generation: int) -> None:
+        """Once every request that began at `generation` or before has ended (so none can still hold
+        `entry`), stop its batchers and their threads."""
+        while any(g <= generation for g in self._inflight):
+            self._request_ended.clear()
+            await self._request_ended.wait()
+        await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in entry.batchers.values()))
+        for batcher in entry.batchers.values():
+            batcher.executor.shutdown(wait=False)  # type: ignore[attr-defined]
+
+    # -- requests and versions -------------------------------------------------------------------
+
+    def request_started(self) -> int:
+        """A request begins (app/main.py's RequestContext): it is counted under the current version of
+        the model set until `request_ended`, so a version it may hold is not retired under it."""
+        self._inflight[self.generation] = self._inflight.get(self.generation, 0) + 1
+        return self.generation
+
+    def request_ended(self, generation: int) -> None:
+        left = self._inflight.get(generation, 0) - 1
+        if left > 0:
+            self._inflight[generation] = left
+        else:
+            self._inflight.pop(generation, None)
+            self._request_ended.set()
+
+    # -- new weights while serving ---------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Scan the weights directory every reload_interval_s; reload when any file changed."""
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            try:
+                await self.reload()
+            except Exception:  # a bug here must not end the scanning
+                log.exception("reloading the weights directory failed; the models served so far keep serving")
+
+    async def reload(self, force: bool = False) -> bool:
+        """Pick up what changed in the weights directory (SIGHUP, or every reload_interval_s).
+
+        Nothing happens when no *.safetensors file was added, removed or rewritten since the last
+        scan (by name, size, modification time and inode), unless `force`. Otherwise the directory
+        is loaded again, reusing every model whose file's bytes are unchanged (app/registry.py);
+        each model that is new or changed (its file, or one of its priors' files) gets new batchers,
+        which warm up (a new version that cannot run is refused, and the version served before, if
+        any, keeps serving) before they are swapped in; the models' table changes at once, under a
+        new version number. Requests that began before keep the versions they found, whose batchers
+        stop once those requests have ended. The new batchers' pass sizes are checked afterwards, as
+        at start-up. Returns whether anything changed."""
+        async with self._reload_lock:
+            if not self.ready:
+                return False
+            scanned = await asyncio.to_thread(scan, self.settings.weights_dir)
+            if scanned == self.scanned and not force:
+                return False
+            old = self.registry
+            new = await asyncio.to_thread(Registry.load, self.settings.weights_dir, self.device, old)
+            self.scanned = scanned  # after the load: a directory that could not be read is scanned again
+            starting: dict[str, tuple[Entry, list[tuple[Operation, Batcher, str]]]] = {}
+            for name, entry in list(new.entries.items()):
+                previous = old.entries.get(name)
+                if previous is not None and signature(previous) == signature(entry):
+                    previous.rejected = entry.rejected  # the refusals are the new scan's
+                    new.entries[name] = previous  # the same files: keep serving with the same batchers
+                    continue
+                starting[name] = (entry, self._make_batchers(entry))
+            errors = await asyncio.gather(*(self._warm_made(made) for _, made in starting.values()))
+            for (name, (entry, made)), error in zip(list(starting.items()), errors):
+                if error is None:
+                    continue
+                await self._discard(made)
+                del starting[name]
+                reason = f"warming it up failed: {type(error).__name__}: {str(error)[:300]}"
+                previous = old.entries.get(name)
+                if previous is not None:
+                    new.entries[name] = previous
+                    reason += f"; the version loaded at {iso_time(previous.loaded_at)} is still served"
+                else:
+                    del new.entries[name]
+                new.reject(Path(entry.info.path or name), reason)
+            retired = [e for name, e in old.entries.items() if new.entries.get(name) is not e]
+            # the swap: from here on every lookup finds the new version
+            self.registry = new
+            self.generation += 1
+            for entry in retired:
+                self._forget(entry)
+            for entry, made in starting.values():
+                self._install(entry, made)
+            added = sorted(n for n in starting if n not in old.entries)
+            replaced = sorted(n for n in starting if n in old.entries)
+            removed = sorted(n for n in old.entries if n not in new.entries)
+            log.info("reloaded %s: added %s, replaced %s, removed %s; %d problem(s)", self.settings.weights_dir,
+                     added or "nothing", replaced or "nothing", removed or "nothing", len(new.problems))
+            for entry in retired:
+                self._retire_later(entry)
+            if starting:
+                self._after_checks(self.check_pass_sizes())
+            return bool(starting or retired)
+
+    async def _warm_made(self, made: list[tuple[Operation, Batcher, str]]) -> Exception | None:
+        """Warm up batchers not yet started (a new version of a model), in their executors."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(b.executor, warm_up, op, self.device) for op, b, _ in made), return_exceptions=True
+        )
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None and not isinstance(error, Exception):
+            raise error
+        return error
+
+    async def _discard(self, made: list[tuple[Operation, Batcher, str]]) -> None:
+        for _, batcher, _ in made:
+            batcher.executor.shutdown(wait=False)  # type: ignore[attr-defined]
+
+    def check_key(self, operation: Operation, entry: Entry) -> dict[str, Any]:
+        """Everything the verdict of `operation` (of `entry`)'s pass size check depends on (app/checks.py)."""
+        s = self.settings
+        key = operation.key
+        files = [entry.digest] + ([entry.priors[key.prior].digest] if key.prior is not None else [])
+        return {
+            "operation": str(key),
+            "files": files,
+            "code": code_digest(),
+            "machine": machine_key(self.device),
+            "torch_threads": torch_threads(s),
+            "max_batch_size": s.max_batch_size,
+            "candidates": bucket_candidates(s.max_batch_size),
+            "linear_min_rows": s.linear_min_rows,
+            "precision": s.precision,
+            "seed": 0,
+        }
+
+    async def check_pass_sizes(self) -> None:
+        """Run the pass size check of every batcher still on the default size, one at a time, in the
+        check thread, as a group of the compute scheduler (so requests keep their share of the CPU).
+        Each verdict replaces its batcher's sizes at once and goes into the cache. A check that
+        fails leaves its batcher on max_batch_size (still batch-invariant) and says so in the log."""
+        loop = asyncio.get_running_loop()
+        pending = [k for k, src in self.pass_size_sources.items() if src == PassSizeSource.DEFAULT]
+        begin = time.perf_counter()
+        for key in pending:
+            batcher, operation = self.batchers.get(key), self.operations.get(key)
+            entry = self.registry.entries.get(key.model)
+            if batcher is None or operation is None or entry is None or self.pass_size_sources.get(key) != PassSizeSource.DEFAULT:
+                continue  # gone (its model was removed or replaced) or settled meanwhile
+            check_key = self.check_key(operation, entry)
+            check = functools.partial(batcher.check_buckets, operation.example, operation.probe, group=CHECKS_GROUP)
+            try:
+                sizes = await loop.run_in_executor(self.check_executor, check)
+            except Exception:
+                log.exception("%s: the pass size check failed; every pass keeps %d rows", key, self.settings.max_batch_size)
+                continue
+            if self.batchers.get(key) is not batcher:
+                continue
+            batcher.buckets = sizes
+            self.pass_size_sources[key] = PassSizeSource.CHECKED
+            self.cache.put(check_key, sizes)
+            log.info("%s: pass sizes %s (batch-invariant against %d rows)", key, list(sizes), self.settings.max_batch_size)
+        if pending:
+            log.info("pass size checks done in %.2f s", time.perf_counter() - begin)
 
     async def _record_graphs(self, record: bool = True) -> None:
         """With cuda_graphs on a CUDA device: record each operation that offers it (app/operations.py's
@@ -229,16 +522,32 @@ class Service:
 
     async def stop(self) -> None:
         self.ready = False
-        await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in self.batchers.values()))
-        for executor in [*self.executors, self.io_pool, *([self.decode_pool] if self.decode_pool else [])]:
+        retired = list(self._retiring.values())
+        for task in [self.watcher, self.checks, *self._retiring]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        every = {id(b): b for e in [*self.registry.entries.values(), *retired] for b in e.batchers.values()}
+        every.update({id(b): b for b in self.batchers.values()})
+        await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in every.values()))
+        self.executors.extend(b.executor for b in every.values())  # type: ignore[misc]
+        pools = [self.io_pool, *(p for p in (self.decode_pool, self.check_executor) if p is not None)]
+        for executor in [*self.executors, *pools]:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def batcher(self, model: str, op: Op, prior: str | None = None) -> Batcher:
-        return self.batchers[OpKey(model, op, prior)]
+    def batcher(self, entry: Entry, op: Op, prior: str | None = None) -> Batcher:
+        """The batcher of `entry`'s operation: of the version of the model the request found, even
+        when a newer version has been swapped in since."""
+        return entry.batchers[OpKey(entry.name, op, prior)]
 
     def pass_sizes(self) -> dict[str, list[int] | None]:
         """Batcher name -> the pass sizes it pads to (None: unpadded); shown by GET /config."""
         return {str(key): list(b.buckets) if b.buckets is not None else None for key, b in self.batchers.items()}
+
+    def pass_size_source(self) -> dict[str, str]:
+        """Batcher name -> where its pass sizes came from (PassSizeSource); shown by GET /config."""
+        return {str(key): self.pass_size_sources.get(key, PassSizeSource.UNPADDED) for key in self.batchers}
 
     async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) in the PNG pool, off the event loop and off the model threads."""

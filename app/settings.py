@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.schemas import MAX_DECODE_ITEMS
 
+if TYPE_CHECKING:
+    import torch
+
 MB = 1024 * 1024
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # what `device` accepts besides "auto"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="ignore")
 
     weights_dir: Path = Path("weights")  # every *.safetensors in it is loaded at startup
+    # While serving, the weights directory is scanned this often (and at once on SIGHUP): a file
+    # added, replaced or removed is loaded, warmed up and swapped in without a restart (app/service.py,
+    # "New weights while serving"). 0: never scan (SIGHUP still rescans).
+    reload_interval_s: float = Field(5.0, ge=0)
+    # Where the verdicts of the pass size checks are kept between starts (app/checks.py): a start on
+    # the same machine, code and weight files reuses them instead of checking again. None: no cache.
+    check_cache_dir: Path | None = Path("~/.cache/genserve/checks")
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -84,14 +95,18 @@ class Settings(BaseSettings):
     # still covers three lost packets in a row (TCP retransmits after 1, 2, 4 s) on the slowest link.
     # (Idle keep-alive connections close sooner: uvicorn's 5 s timeout_keep_alive.)
     header_timeout_s: float = Field(10.0, gt=0)
-    # Open connections per worker process; one more is answered 503 (`Connection: close`) and closed at
+    # Open connections of the process; one more is answered 503 (`Connection: close`) and closed at
     # once, before it is read. None: 2048, or half of what the open file limit leaves after 256
     # descriptors when that is lower (python -m app first raises the soft limit to the hard one). A
     # proxy in front needs about one per request in flight (see the README).
     max_connections: int | None = Field(None, ge=1)
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with the request id
+    # `python -m app`'s HTTP parser and event loop (uvicorn's http and loop): "auto" takes httptools and
+    # uvloop where they are installed (uvicorn[standard], a runtime dependency), else h11 and asyncio.
+    http: Literal["auto", "h11", "httptools"] = "auto"
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     access_log: bool = True  # uvicorn's one line per request (python -m app); off saves a little under load
-    torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / (2 x workers), at least 1
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads of each model thread; None: cores / 2, at least 1
     # Passes that compute at once across all models (app/scheduling.py): the next turn goes to the
     # model that has had the least compute time, and a multi-step pass (a prior's draws, an
     # autoregressive decoder's pixels) offers its turn at every step, so a cheap model is not
@@ -99,10 +114,6 @@ class Settings(BaseSettings):
     # scheduling on CUDA (kernels run asynchronously there); 0: no scheduling.
     compute_slots: int | None = Field(None, ge=0, le=256)
     io_threads: int = Field(2, ge=1, le=64)  # the pool that encodes PNGs, beside the model threads (uploads: decode_slots)
-    # uvicorn worker processes for `python -m app`, each with every model. On a 2-core CPU 2 gave
-    # 1.3-1.4x the requests/s on the cheap models under load and no gain on the priors, for twice
-    # the memory and start-up time (benchmarks/RESULTS.md).
-    workers: int = Field(1, ge=1, le=64)
     # Same seed, same bytes under any load. BLAS and cuDNN pick kernels by shape and different
     # kernels round differently, so a row could change in its last bit with the size of its pass.
     # True pads each pass to the smallest size that a start-up check found bit-identical to a
@@ -117,18 +128,19 @@ class Settings(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
-        if value == "auto":
-            return value
-        try:
-            device = torch.device(value)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r} ({err})") from None
-        if device.type not in ("cpu", "cuda"):
+        if value != "auto" and not DEVICE.fullmatch(value):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
         return value
 
+    @field_validator("check_cache_dir", mode="before")
+    @classmethod
+    def _no_cache(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none", "off") else value
+
     def resolve_device(self) -> torch.device:
         """The torch device to load onto; raises RuntimeError when the requested one is missing."""
+        import torch  # here, not at import: `python -m app` binds its port before torch is imported
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)

@@ -35,6 +35,7 @@ edges only); benchmarks/sampling.py does the same in more detail.
     python benchmarks/load.py --quick                          # smoke run: 2 s per cell, C = 1 and 8
     python benchmarks/load.py --scenarios sample-vae sample-gated --concurrency 1 32 --threads 1
     python benchmarks/load.py --pad-batches false --markdown /tmp/load.md   # then paste into RESULTS.md
+    python benchmarks/load.py --vs GENSERVE_HTTP=h11 GENSERVE_LOOP=asyncio   # uvicorn[standard] vs plain
 """
 
 from __future__ import annotations
@@ -268,14 +269,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_servers(settings: dict[str, str], log_dir: Path, startup_timeout_s: float) -> Iterator[dict[str, Server]]:
-    """Start the "on" and "off" servers together, wait until both are ready, always stop both."""
+def running_servers(settings: dict[str, str], log_dir: Path, startup_timeout_s: float,
+                    vs: dict[str, str] | None = None) -> Iterator[dict[str, Server]]:
+    """Start the "on" and "off" servers together, wait until both are ready, always stop both.
+    With `vs`, "off" keeps the default batching and takes these settings instead (--vs)."""
     base = {k: v for k, v in os.environ.items() if k != "GENSERVE_MAX_BATCH_SIZE"}
     servers = {}
     for label, max_batch_size in MODES.items():
         port = free_port()
         env = {**base, **settings, "GENSERVE_HOST": "127.0.0.1", "GENSERVE_PORT": str(port)}
-        if max_batch_size is not None:
+        if vs and label == "off":
+            env.update(vs)
+        elif max_batch_size is not None:
             env["GENSERVE_MAX_BATCH_SIZE"] = str(max_batch_size)
         servers[label] = Server(label, port, env, log_dir / f"server-{label}.log")
     try:
@@ -621,6 +626,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown to this file")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for GET /ready")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per cell, 0.5 s warm-up, C = 1 and 8")
+    parser.add_argument("--vs", nargs="+", default=None, metavar="GENSERVE_KEY=VALUE",
+                        help='compare settings instead of batching: "off" is the same server (batching on) with these '
+                             "settings, e.g. --vs GENSERVE_HTTP=h11 GENSERVE_LOOP=asyncio")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/load.py", *(sys.argv[1:] if argv is None else argv)])
     defaults = QUICK if args.quick else {"duration": 10.0, "warmup": 2.0, "concurrency": list(CONCURRENCY)}
@@ -661,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     warning = busy_warning()
     with tempfile.TemporaryDirectory(prefix="genserve-load-") as log_dir:
-        with running_servers(server_settings(args), Path(log_dir), args.startup_timeout) as servers:
+        vs = dict(item.split("=", 1) for item in args.vs) if args.vs else None
+        with running_servers(server_settings(args), Path(log_dir), args.startup_timeout, vs) as servers:
             models = servers["on"].get_json("/models")
             targets, skipped = find_targets(models, args.scenarios, args.n)  # type: ignore[arg-type]
             window = f"{args.requests} requests" if args.requests else f"{args.duration:g} s"
@@ -685,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "req/s and img/s count 200 answers over the measured window; latencies are the 200s' as the client sees them",
         "batch: mean items per forward pass of the scenario's batcher (server's genserve_batch_size histogram)",
-        "on: the server's default batching (GENSERVE_MAX_BATCH_SIZE=64); off: GENSERVE_MAX_BATCH_SIZE=1",
+        "on: the server's default batching (GENSERVE_MAX_BATCH_SIZE=64); off: GENSERVE_MAX_BATCH_SIZE=1"
+        if not args.vs else f"on: the server's defaults; off: the same with {' '.join(args.vs)} (batching on in both)",
     ]
     problems = error_examples(results) + log_errors
     if args.sampler_n and not interrupted:

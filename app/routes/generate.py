@@ -72,11 +72,11 @@ async def sample(
             z = torch.randn(n, entry.model.config.latent_dim, generator=generator) * temperature  # (n, D)
             uniforms = torch.rand(entry.model.uniform_shape(n), generator=generator)  # (n, U, H, W); U = 0 if factorized
             temps = torch.full((n,), float(temperature))  # (n,)
-            (images,) = await service.batcher(entry.name, Op.SAMPLE).submit(z, uniforms, temps)
+            (images,) = await service.batcher(entry, Op.SAMPLE).submit(z, uniforms, temps)
         else:
             chosen = _choose_prior(entry, prior)
             inputs = _prior_inputs(chosen, n, temperature, label, generator)
-            (images,) = await service.batcher(entry.name, Op.SAMPLE, chosen.api_name).submit(*inputs)
+            (images,) = await service.batcher(entry, Op.SAMPLE, chosen.api_name).submit(*inputs)
         headers = {"X-Seed": str(seed)}
         if entry.kind == "vqvae":
             headers["X-Prior"] = chosen.api_name
@@ -159,7 +159,7 @@ async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> 
             raise HTTPException(422, f"model {entry.name!r} is a VQ-VAE: send 'codes', a list of code grids (and no 'z')")
         x = parse_codes(body.codes, tuple(entry.model.code_shape), int(entry.model.config.codebook_size), settings.max_n)
     async with deadline(settings.request_timeout_s):
-        (images,) = await service.batcher(entry.name, Op.DECODE).submit(x)
+        (images,) = await service.batcher(entry, Op.DECODE).submit(x)
         return await image_response(request, images)
 
 

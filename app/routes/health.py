@@ -13,15 +13,21 @@ from app.schemas import Error, Ready, Status
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=Status)
-async def health() -> dict[str, str]:
-    """Liveness: the process answers. Says nothing about the models."""
+@router.get("/health", response_model=Status, responses={503: {"model": Error}})
+async def health(request: Request) -> Any:
+    """Liveness: the process answers, from the moment it listens (while the models load too).
+    503 only when start-up has failed for good (the reason is in `detail` and the log): a process
+    that cannot serve should be restarted."""
+    error = getattr(request.app.state, "start_error", None)
+    if error:
+        return JSONResponse({"detail": f"start-up failed: {error}"}, status_code=503)
     return {"status": "ok"}
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Error}})
 async def ready(request: Request) -> Any:
-    """200 once every model is loaded and warmed up and the batchers run; 503 before and while shutting down."""
+    """200 once every model is loaded and warmed up and the batchers run; 503 before (`starting`),
+    while shutting down (`draining`), while a batcher restarts (`recovering`), or when start-up failed."""
     state = service_state(request.app)
     if state != "ready":
         return JSONResponse({"detail": state}, status_code=503, headers={"Retry-After": "1"})
@@ -32,7 +38,9 @@ async def ready(request: Request) -> Any:
 async def config(request: Request) -> dict[str, Any]:
     """The settings in effect (GENSERVE_* environment variables), the device they resolved to, and
     per batcher the pass sizes it pads to (`pass_sizes`: the batch-invariant sizes found at
-    start-up with pad_batches; null where passes are unpadded), and the passes that compute at once
+    start-up with pad_batches; null where passes are unpadded) and where they came from
+    (`pass_size_sources`: "checked" by this process, "cache" from an earlier start on the same machine,
+    code and file, "default" max_batch_size alone until its check has run, or "unpadded"), the passes that compute at once
     (`resolved_compute_slots`: null when nothing is scheduled, app/scheduling.py), and per batcher
     the pass sizes it replays from CUDA graphs (`graph_sizes`: null where it runs eagerly, app/graphs.py)."""
     settings = request.app.state.settings
@@ -43,6 +51,7 @@ async def config(request: Request) -> dict[str, Any]:
         **settings.model_dump(mode="json"),
         "resolved_device": str(service.device) if service is not None else None,
         "pass_sizes": service.pass_sizes() if service is not None else None,
+        "pass_size_sources": service.pass_size_source() if service is not None else None,
         "resolved_compute_slots": service.scheduler.slots if service is not None and service.scheduler else None,
         "graph_sizes": service.graph_sizes() if service is not None else None,
     }
@@ -50,6 +59,9 @@ async def config(request: Request) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: requests by endpoint and status, batch sizes, inference latency."""
+    """Prometheus text format: requests by endpoint and status, requests in progress, batch sizes,
+    inference latency, and the items waiting in each batcher's queue."""
     m = request.app.state.metrics
-    return Response(m.render(), media_type=m.content_type)
+    service = getattr(request.app.state, "service", None)
+    queues = {str(key): b.queued_items for key, b in service.batchers.items()} if service is not None else None
+    return Response(m.render(queues), media_type=m.content_type)

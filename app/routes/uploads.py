@@ -43,7 +43,7 @@ async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery) 
     entry = find_model(service, model)
     async with deadline(service.settings.request_timeout_s):
         _, x = await read_files(request, service, entry)  # (B, C, H, W)
-        (images,) = await service.batcher(entry.name, Op.RECONSTRUCT).submit(x)
+        (images,) = await service.batcher(entry, Op.RECONSTRUCT).submit(x)
         return await image_response(request, images)
 
 
@@ -62,7 +62,7 @@ async def encode(
         raise HTTPException(422, f"include_z_e applies to VQ-VAE models; {entry.name!r} is a {entry.kind}")
     async with deadline(service.settings.request_timeout_s):
         names, x = await read_files(request, service, entry)
-        first, second = await service.batcher(entry.name, Op.ENCODE).submit(x)
+        first, second = await service.batcher(entry, Op.ENCODE).submit(x)
         # A VQ-VAE's z_e for 64 files is megabytes of JSON: built and written in the PNG pool, off
         # the event loop (returning a Response skips FastAPI's validation against EncodeResponse,
         # which only documents the answer).
@@ -113,13 +113,13 @@ async def interpolate(
         ends = await read_upload_images(request, service, entry, ["a", "b"], max_per_field={"a": 1, "b": 1})
         x = torch.stack([ends["a"][0][1], ends["b"][0][1]])  # (2, C, H, W)
         if entry.kind == "vae":
-            mu, _logvar = await service.batcher(entry.name, Op.ENCODE).submit(x)  # (2, D)
+            mu, _logvar = await service.batcher(entry, Op.ENCODE).submit(x)  # (2, D)
             z = interpolate_latents(mu[0], mu[1], steps, method)  # (steps, D)
-            (images,) = await service.batcher(entry.name, Op.DECODE).submit(z)
+            (images,) = await service.batcher(entry, Op.DECODE).submit(z)
         else:
-            z_e, _codes = await service.batcher(entry.name, Op.ENCODE).submit(x)  # (2, D, h, w)
+            z_e, _codes = await service.batcher(entry, Op.ENCODE).submit(x)  # (2, D, h, w)
             z = interpolate_latents(z_e[0], z_e[1], steps, method)  # (steps, D, h, w)
-            (images,) = await service.batcher(entry.name, Op.DECODE_NEAREST).submit(z)
+            (images,) = await service.batcher(entry, Op.DECODE_NEAREST).submit(z)
         return await image_response(request, images, nrow=steps)
 
 

@@ -88,7 +88,9 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_settings(weights: Path, **overrides) -> Settings:
     # GENSERVE_DEVICE=cuda runs the app's tests on a GPU (benchmarks/gpu/check.sh); the CPU otherwise
     device = os.environ.get("GENSERVE_DEVICE", "cpu")
-    values = dict(weights_dir=weights, device=device, max_batch_size=8, max_wait_ms=1.0, request_timeout_s=30.0)
+    # no check cache (every test checks afresh unless it asks for one), no polling of the weights directory
+    values = dict(weights_dir=weights, device=device, max_batch_size=8, max_wait_ms=1.0, request_timeout_s=30.0,
+                  check_cache_dir=None, reload_interval_s=0)
     return Settings(**{**values, **overrides})
 
 
@@ -109,10 +111,15 @@ async def client(serve):
 
 
 @asynccontextmanager
-async def started(weights: Path, **overrides):
-    """(app, client) around an app started on `weights` with the test settings and `overrides`."""
+async def started(weights: Path, checked: bool = True, **overrides):
+    """(app, client) around an app started on `weights` with the test settings and `overrides`, once
+    its models are loaded (the lifespan returns before) and, with `checked`, its pass size checks
+    have run (they run after the service is ready)."""
     app = create_app(make_settings(weights, **overrides))
     async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
+        service = await app.state.starting
+        if checked:
+            await service.checks
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             yield app, client
@@ -175,13 +182,14 @@ def live_server(weights: Path, wait_s: float = 120.0):
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(weights)), log_config=None, log_level="warning"))
+    app = create_app(make_settings(weights))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     end = time.monotonic() + wait_s
-    while not server.started:
+    while not (server.started and server.config.loaded_app is not None and app.state.service is not None):
         assert thread.is_alive() and time.monotonic() < end, "the server did not start"
         time.sleep(0.05)
     try:

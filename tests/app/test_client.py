@@ -254,6 +254,7 @@ def test_invalid_parameters_are_an_api_error_422(api, pngs):
 async def test_async_client_has_the_same_methods_and_answers(weights_dir, server_url, pngs):
     app = create_app(make_settings(weights_dir))
     async with LifespanManager(app) as manager:
+        await app.state.starting
         transport = httpx.ASGITransport(app=manager.app)
         async with AsyncClient("http://test", transport=transport, timeout=60) as c:
             assert sorted(e.name for e in await c.models()) == ["vae", "vae_rgb", "vqvae"]

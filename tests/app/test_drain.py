@@ -60,21 +60,24 @@ class Server:
 
 
 @contextmanager
-def server_process(tmp_path: Path, weights: Path, **settings: object) -> Iterator[Server]:
-    """`python -m app` on a free port with GENSERVE_<KEY>=value for each setting; killed on the way out."""
-    port = free_port()
+def server_process(tmp_path: Path, weights: Path, wait_ready: bool = True, port: int | None = None,
+                   **settings: object) -> Iterator[Server]:
+    """`python -m app` on a free port (or `port`) with GENSERVE_<KEY>=value for each setting, once /ready
+    answers 200 (with `wait_ready`); killed on the way out."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
     env.update({"GENSERVE_WEIGHTS_DIR": str(weights), "GENSERVE_HOST": "127.0.0.1", "GENSERVE_PORT": str(port),
-                "GENSERVE_DEVICE": "cpu", "GENSERVE_MAX_WAIT_MS": "1"})
+                "GENSERVE_DEVICE": "cpu", "GENSERVE_MAX_WAIT_MS": "1", "GENSERVE_CHECK_CACHE_DIR": "none",
+                "GENSERVE_RELOAD_INTERVAL_S": "0"})
     env.update({f"GENSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=out, stderr=err,
-                                start_new_session=True)  # its own process group, so the finally reaches the workers
+                                start_new_session=True)  # its own process group, so the finally reaches its children
     server = Server(proc, f"http://127.0.0.1:{port}", stdout, stderr)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+        while wait_ready:
             assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{server.logs()}"
             assert time.monotonic() < deadline, f"not ready after {START_TIMEOUT_S} s:\n{server.logs()}"
             try:
@@ -219,23 +222,3 @@ def test_sigterm_drains_then_closes_and_answers_what_it_accepted(tmp_path: Path,
         assert all({"time", "level", "logger", "message", "request_id", "pid"} <= set(line) for line in lines)
         [held_access] = [line for line in lines if line["logger"] == "uvicorn.access" and line["request_id"] == "held-upload"]
         assert "POST /encode?model=vae" in held_access["message"] and held_access["pid"] == server.proc.pid
-
-
-def test_workers_drain_and_a_second_sigterm_ends_the_delay(tmp_path: Path, vae_weights: Path) -> None:
-    # A delay far longer than the test: only the second SIGTERM can bring the listener down in time.
-    with server_process(tmp_path, vae_weights, workers=2, drain_delay_s=600, graceful_timeout_s=20) as server:
-        with Load(server.base_url).running() as load:
-            load.wait(lambda: all(outcomes for outcomes in load.samples) and load.ready, "the first responses")
-            with held_upload(server.base_url) as (release, held):
-                signalled = time.monotonic()
-                server.proc.send_signal(signal.SIGTERM)  # to the supervisor, which passes it to each worker
-                load.wait(lambda: load.first_ready(lambda o: o.status == 503), "/ready to answer 503")
-                served = sum(o.status == 200 for outcomes in load.samples for o in outcomes)
-                load.wait(lambda: sum(o.status == 200 for outcomes in load.samples for o in outcomes) > served + CLIENTS,
-                          "requests served while draining")
-                assert load.refused() is None and server.proc.poll() is None  # still draining
-                server.proc.send_signal(signal.SIGTERM)
-                load.wait(load.refused, "the listener to close after the second SIGTERM", timeout_s=30)
-                release.set()
-                check_drain(server, load, held, signalled)
-        assert server.logs().count("Finished server process") == 2

@@ -37,6 +37,7 @@ class LiveApp:
         self.stop = asyncio.Event()
         try:
             async with LifespanManager(self.app) as manager:
+                await self.app.state.starting
                 transport = httpx.ASGITransport(app=manager.app)
                 async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
                     self.client = client

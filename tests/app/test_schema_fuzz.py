@@ -109,12 +109,34 @@ def live_app(weights_dir):
     app = create_app(
         make_settings(weights_dir, max_n=16, max_files=3, max_upload_bytes=50_000, max_pixels=256 * 256, request_timeout_s=10.0)
     )
+    app = WaitForStart(app)
     served = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)  # starts the lifespan
     try:
         assert served.raw_schema == schema.raw_schema, "the live app serves a different schema"
         yield app
     finally:
         shutdown_lifespans()
+
+
+class WaitForStart:
+    """The app, with a lifespan start-up that completes only once its models are loaded. Schemathesis
+    starts the lifespan on a test's first request and ends it after each test; the app's own start-up
+    returns at once and loads in the background (app/main.py), which would answer the first requests
+    of every test with 503 "starting"."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_when_started(message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await self.app.state.starting
+            await send(message)
+
+        await self.app(scope, receive, send_when_started)
 
 
 # Accept is a test parameter, not part of the case: image routes answer either, and the in-process

@@ -1,5 +1,6 @@
 """Settings come from GENSERVE_* variables; a bad device is a clear error at startup."""
 
+import httpx
 import pytest
 import torch
 from asgi_lifespan import LifespanManager
@@ -34,13 +35,48 @@ def test_auto_device_resolves_to_what_exists():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 async def test_cuda_without_cuda_fails_startup_with_a_clear_error(weights_dir):
     app = create_app(make_settings(weights_dir, device="cuda"))
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        async with LifespanManager(app):
-            pass
+    async with LifespanManager(app):
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            await app.state.starting
 
 
 async def test_a_missing_weights_dir_fails_startup(tmp_path):
+    """The listener is up before the models load, so a failed start-up is told by /health and /ready
+    (503, with the reason), and the app's on_start_failure hook is called (python -m app exits with 3)."""
     app = create_app(make_settings(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        async with LifespanManager(app):
-            pass
+    failures = []
+    app.state.on_start_failure = failures.append
+    async with LifespanManager(app) as manager:
+        with pytest.raises(FileNotFoundError, match="nowhere"):
+            await app.state.starting
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as client:
+            health, ready, models = [await client.get(p) for p in ("/health", "/ready", "/models")]
+            assert health.status_code == 503 and "nowhere" in health.json()["detail"]
+            assert health.json()["detail"].startswith("start-up failed: FileNotFoundError")
+            assert ready.status_code == 503 and ready.json() == {"detail": "start-up failed"}
+            assert models.status_code == 503
+    assert len(failures) == 1 and isinstance(failures[0], FileNotFoundError)
+
+
+def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path, monkeypatch):
+    """A container's CPU limit is not in the affinity mask: the threads follow the quota (rounded up)."""
+    from app import service
+
+    assert service.cgroup_cpu_limit(tmp_path) is None  # nothing to read
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert service.cgroup_cpu_limit(tmp_path) is None  # no limit
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert service.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert service.cgroup_cpu_limit(tmp_path) is None  # cgroup v1, no limit
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert service.cgroup_cpu_limit(tmp_path) == 2.0
+    monkeypatch.setattr(service, "cgroup_cpu_limit", lambda: 1.5)
+    monkeypatch.setattr(service.os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert service.usable_cores() == 2
+    assert service.torch_threads(Settings()) == 1
+    monkeypatch.setattr(service, "cgroup_cpu_limit", lambda: None)
+    assert service.usable_cores() == 32
