@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test install train-vae train-all bench clean
+.PHONY: serve test test-quick install train-vae train-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -11,13 +11,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# Ray Serve (the `ray` extra) for tests/deploy/test_ray_serve.py; `make test` only, so `make serve` stays light
+$(VENV)/.ray: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,ray]'
+	touch $@
+
 install: $(VENV)/.installed
 
 serve: $(VENV)/.installed
 	$(PY) -m app
 
-test: $(VENV)/.installed
+test: $(VENV)/.ray
 	$(PY) -m pytest
+
+test-quick: $(VENV)/.installed  # all but the tests marked slow (a real local Ray cluster)
+	$(PY) -m pytest -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/load.py

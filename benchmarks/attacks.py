@@ -82,7 +82,7 @@ warms up), and the ratio is of the p50s; "all 200" is part of the target.
         --fair-loopers 2 --fair-n 64 --fair-duration 2 --encode-duration 2   # smoke run of 5-10
         # (attack 7's attackers see an answer only past request_timeout_s: --slow-duration 35;
         # attack 8 judges the closing only when --idle-hold outlasts header_timeout_s + 1 s)
-    python benchmarks/attacks.py --env GENSERVE_DECODE_SLOTS=1 GENSERVE_WORKERS=2 --markdown /tmp/attacks.md
+    python benchmarks/attacks.py --env GENSERVE_DECODE_SLOTS=1 --markdown /tmp/attacks.md
     python benchmarks/attacks.py --url http://127.0.0.1:8000 --pid 12345   # a running server (RSS of --pid's group)
     python benchmarks/attacks.py --url http://127.0.0.1:8000 --pid 12345 --server-log /tmp/server.log --attacks 8
 

@@ -560,9 +560,10 @@ def busy_warning() -> str | None:
     return None
 
 
-def write_markdown(path: Path, command: str, header: list[str], rows: list[list[str]], notes: list[str]) -> None:
+def write_markdown(path: Path, command: str, header: list[str], rows: list[list[str]], notes: list[str],
+                   title: str = "dynamic batching on vs off") -> None:
     text = [
-        "## Load test: dynamic batching on vs off",
+        f"## Load test: {title}",
         "",
         "```",
         f"$ {command}",
@@ -706,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("\nerrors (first of each kind):\n" + "\n".join(f"  {line}" for line in problems))
     if args.markdown:
-        write_markdown(args.markdown, args.command, header, rows, notes + problems)
+        title = f"the defaults (on) vs {' '.join(args.vs)} (off)" if args.vs else "dynamic batching on vs off"
+        write_markdown(args.markdown, args.command, header, rows, notes + problems, title)
         print(f"\nmarkdown written to {args.markdown}")
     return 130 if interrupted else 0
 

@@ -49,7 +49,7 @@ then the ratios against the targets:
 
     python benchmarks/peers.py                                   # 3 workloads x C 1, 32 x 4 servers, 8 s cells
     python benchmarks/peers.py --duration 2 --warmup 0.5 --concurrency 1 4     # smoke run
-    python benchmarks/peers.py --servers ours plain --workloads sample-pixelcnn-1 --service-env GENSERVE_WORKERS=2
+    python benchmarks/peers.py --servers ours plain --workloads sample-pixelcnn-1 --service-env GENSERVE_TORCH_THREADS=2
     python benchmarks/peers.py --markdown /tmp/peers.md          # then paste into RESULTS.md
 
 Every server is stopped at the end, on Ctrl-C (a second one SIGKILLs) and on errors: SIGTERM,
@@ -169,7 +169,7 @@ def make_servers(args: argparse.Namespace, log_dir: Path) -> dict[str, Server]:
                 "GENSERVE_HOST": "127.0.0.1",
                 "GENSERVE_ACCESS_LOG": "false",
                 # No GENSERVE_TORCH_THREADS: ours divides the cores among its workers itself
-                # (torch threads = cores / GENSERVE_WORKERS); --service-env can set it.
+                # (torch threads = cores / 2); --service-env can set it.
                 "GENSERVE_DEVICE": args.device,
                 **args.service_env,
             }
@@ -546,7 +546,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment for ours, e.g. GENSERVE_WORKERS=2 GENSERVE_PAD_BATCHES=false",
+        help="extra environment for ours, e.g. GENSERVE_TORCH_THREADS=2 GENSERVE_PAD_BATCHES=false",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="the seed of the same-bytes check; requests use the next ones"

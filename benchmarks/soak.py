@@ -18,8 +18,7 @@ every endpoint and every served model (GET /models) and limit (GET /config):
 
 First every good deterministic request (a seeded /sample, /decode, /reconstruct, /encode,
 /interpolate) is sent alone, one after another with nothing else running. Then the server's RSS
-is read (VmRSS of /proc/<pid>/status, summed over the server's process group, so every worker
-counts with GENSERVE_WORKERS > 1), and the whole mix goes out in a closed loop of --concurrency
+is read (VmRSS of /proc/<pid>/status, summed over the server's process group), and the whole mix goes out in a closed loop of --concurrency
 workers, one keep-alive connection each (load.py's `worker_client`). After a --settle pause the
 RSS is read again. Each deterministic answer under load must equal its answer alone byte for byte.
 
@@ -31,7 +30,7 @@ client sees it) per endpoint and overall, examples of each finding, and ERROR li
 
     python benchmarks/soak.py                                   # 10,000 requests at C=64 (several minutes)
     python benchmarks/soak.py --requests 300                    # smoke run
-    python benchmarks/soak.py --env GENSERVE_WORKERS=2 GENSERVE_MAX_QUEUE=256 --markdown /tmp/soak.md
+    python benchmarks/soak.py --env GENSERVE_MAX_QUEUE=256 --markdown /tmp/soak.md
     python benchmarks/soak.py --url http://127.0.0.1:8000 --pid 12345   # a running server (RSS of --pid's group)
 
 The server is stopped at the end, on Ctrl-C and on errors: SIGTERM, SIGKILL after 30 s, then
@@ -880,7 +879,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its RSS")
     parser.add_argument("--env", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the server we start, e.g. GENSERVE_WORKERS=2")
+                        help="extra environment for the server we start, e.g. GENSERVE_MAX_QUEUE=256")
     parser.add_argument("--weights", type=Path, default=ROOT / "weights", help="GENSERVE_WEIGHTS_DIR (default weights/)")
     parser.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT_S,
                         help=f"client timeout per request in s (default {CLIENT_TIMEOUT_S:g}); past it, a response is lost")
