@@ -39,7 +39,7 @@ Ray 2.60, whose source says how a replica runs the app:
   which the client may retry (app/client.py does, for repeatable requests); it runs in the proxy when
   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray_serve:proxy_middlewares is set where Ray starts.
 
-Not applied under Ray: host, port and workers (Ray's proxy listens), header_timeout_s and
+Not applied under Ray: host and port (Ray's proxy listens), header_timeout_s and
 max_connections (app/protocol.py guards `python -m app`'s uvicorn, not Ray's proxy), log_format and
 access_log (Ray writes each replica's logs and the proxy's access log). /metrics is the metrics of
 the replica that answered.
