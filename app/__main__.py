@@ -14,11 +14,12 @@ One process serves one replica; run more of them (Kubernetes, Ray Serve, compose
 
 from __future__ import annotations
 
-from app.server import bind, run
+from app.server import bind, catch_hangup_early, run
 from app.settings import get_settings
 
 
 def main() -> None:
+    catch_hangup_early()  # a SIGHUP while starting is remembered, not fatal
     settings = get_settings()
     sock = bind(settings)  # before the heavy imports below
     from app.main import create_app  # torch, the models, FastAPI

@@ -8,16 +8,22 @@ found once is reused by every later start whose key is equal, and never where an
   prior's sampler decodes with its VQ-VAE: both files);
 - the code that computes it: a digest of models/*.py and of the app modules that build and run
   the passes (CODE_FILES);
-- the machine: torch's version and the kernels it picks (`torch.backends.cpu.get_cpu_capability`,
-  the CPU's model name and flags from /proc/cpuinfo; on CUDA the device's name, compute
-  capability, and the CUDA and cuDNN versions);
+- the machine: torch's version, its build configuration (BLAS, oneDNN) and the switches that pick
+  kernels (`torch.backends`), every environment variable that steers the kernel libraries
+  (KERNEL_ENV_PREFIXES: ONEDNN_MAX_CPU_ISA and the like), the CPU (`get_cpu_capability`, its model
+  name and flags from /proc/cpuinfo) or, on CUDA, the device's name, compute capability, and the
+  CUDA and cuDNN versions;
 - the settings that change what runs: device type, torch threads per pass, max_batch_size,
   linear_min_rows, precision, and the candidate sizes and the check's seed. (With CUDA graphs
   the eager verdict is cached, and each start checks the recorded steps against it again.)
 
 One JSON file per key, named by the key's SHA-256, holding the key itself (compared in full on
-reading, so a collision or a hand-edited file is never trusted) and the verdict. A cache that
-cannot be read or written costs only time: the check runs and the service serves as without it.
+reading, so a file stored under another key is never trusted) and the verdict, which must be a
+list of the key's candidate sizes ending with max_batch_size. The verdict itself is not signed: the
+cache directory must be as trusted as the code (whoever can write it can make passes pad to sizes
+that were never checked). A cache that cannot be read or written costs only time: the check runs
+and the service serves as without it. Files are small (about 1 KB) and one is added per operation
+and key, so the directory grows only with new weight files, code or machines.
 """
 
 from __future__ import annotations
@@ -70,9 +76,32 @@ def _cpu() -> dict[str, str]:
     return info
 
 
+# Environment variables that change which kernels run or how they round (oneDNN's ISA cap, MKL's code
+# path, OpenMP, ATen's CPU capability, cuBLAS workspaces, TF32 overrides...): every one set is in the key.
+KERNEL_ENV_PREFIXES = ("ONEDNN_", "DNNL_", "MKL_", "KMP_", "OMP_", "GOMP_", "ATEN_", "TORCH_", "PYTORCH_",
+                       "CUBLAS_", "CUBLASLT_", "CUDNN_", "NVIDIA_TF32", "CUDA_VISIBLE_DEVICES")
+
+
+def _backends() -> dict[str, Any]:
+    """torch's switches that pick kernels or their precision."""
+    return {
+        "build": hashlib.sha256(torch.__config__.show().encode()).hexdigest(),  # BLAS, oneDNN, their versions
+        "mkldnn": torch.backends.mkldnn.enabled,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn": [torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark],
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
 def machine_key(device: torch.device) -> dict[str, Any]:
     """What the kernels a pass runs depend on, besides the code and the settings."""
-    key: dict[str, Any] = {"torch": torch.__version__, "device_type": device.type}
+    key: dict[str, Any] = {
+        "torch": torch.__version__,
+        "device_type": device.type,
+        "backends": _backends(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV_PREFIXES)},
+    }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         key.update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import torch
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from app import imaging
 from app.errors import NotRunningError
 from app.registry import Entry
-from app.service import Service
+from app.service import Service, holding
 
 
 def service_state(app: FastAPI) -> str:
@@ -38,9 +39,19 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def find_model(service: Service, name: str) -> Entry:
+async def find_model(service: Service, name: str) -> Entry:
+    """The served model `name`, held for the rest of the request (Service.hold: a reload that swaps it
+    out keeps this version for the request). Right after start-up, it waits for the model's first pass."""
     entry = service.registry.get(name)
+    if entry is not None and entry.warmed is not None and not entry.warmed.done():
+        await asyncio.shield(entry.warmed)
+        if service.registry.get(name) is not entry:
+            raise NotRunningError(f"model {name!r} failed its first pass and is not served; see GET /models/problems")
     if entry is not None:
+        held = holding.get()
+        if held is not None:
+            service.hold(entry)
+            held.append(entry)
         return entry
     owner = service.registry.prior_owner(name)
     if owner is not None:

@@ -49,7 +49,8 @@ from app.imaging import ImageError
 from app.logs import request_id
 from app.metrics import Metrics
 from app.routes import generate, health, models, page, uploads
-from app.service import Service
+from app.server import hangup_pending
+from app.service import Service, holding
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            for task in list(app.state.rescans):
+                task.cancel()
             starting.cancel()  # a no-op once it is done
             try:
                 service = await starting
@@ -129,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.starting = None
     app.state.start_error = None
     app.state.on_start_failure = None  # called with the exception when start-up fails (app/server.py)
+    app.state.rescans = set()  # SIGHUP's reloads in progress
     app.state.metrics = Metrics()
 
     app.add_middleware(RequestSizeLimit)
@@ -170,18 +174,14 @@ def _on_hangup(app: FastAPI) -> bool:
     """SIGHUP rescans the weights directory at once (Service.reload); whether the handler could be
     installed (only in the main thread of a process, as under `python -m app` or uvicorn)."""
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task] = set()
 
     def hangup() -> None:
         service = getattr(app.state, "service", None)
         if service is None:
-            log.info("SIGHUP: nothing to reload before start-up has finished")
+            log.info("SIGHUP: the weights directory is rescanned once start-up has finished")
+            hangup_pending.set()
             return
-        log.info("SIGHUP: rescanning %s", service.settings.weights_dir)
-        task = loop.create_task(service.reload(force=True))
-        tasks.add(task)
-        task.add_done_callback(_reloaded)
-        task.add_done_callback(tasks.discard)
+        rescan(app, service)
 
     try:
         loop.add_signal_handler(signal.SIGHUP, hangup)
@@ -190,9 +190,14 @@ def _on_hangup(app: FastAPI) -> bool:
     return True
 
 
-def _reloaded(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("reloading the weights directory failed; the models served so far keep serving", exc_info=task.exception())
+def rescan(app: FastAPI, service: Service) -> None:
+    """Rescan the weights directory now (SIGHUP), in a task the app keeps until it ends."""
+    log.info("SIGHUP: rescanning %s", service.settings.weights_dir)
+    hangup_pending.clear()
+    tasks: set[asyncio.Task] = app.state.rescans
+    task = asyncio.get_running_loop().create_task(service.reload_logged(force=True), name="genserve-rescan")
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _started(app: FastAPI, task: asyncio.Task) -> None:
@@ -202,6 +207,8 @@ def _started(app: FastAPI, task: asyncio.Task) -> None:
     error = task.exception()
     if error is None:
         app.state.service = task.result()
+        if hangup_pending.is_set():  # a SIGHUP came while starting: the files may have changed since
+            rescan(app, app.state.service)
         return
     app.state.start_error = f"{type(error).__name__}: {error}"
     log.error("start-up failed: %s", app.state.start_error, exc_info=error)
@@ -316,9 +323,10 @@ class RequestContext:
             await send(message)
 
         state.metrics.requests_in_progress.inc()
-        service = getattr(state, "service", None)
-        generation = service.request_started() if service is not None else None  # see Service.reload
+        held: list = []  # the models this request finds (Service.hold), released when it ends
+        holding_token = holding.set(held)
         handler = asyncio.ensure_future(self.app(scope, inbox.get, send_with_id))
+        holding.reset(holding_token)
 
         async def pump() -> None:
             nonlocal client_gone, body_done
@@ -374,8 +382,9 @@ class RequestContext:
             endpoint = getattr(route, "path", None) or "unmatched"
             state.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
             state.metrics.requests_in_progress.dec()
-            if generation is not None:
-                service.request_ended(generation)  # type: ignore[union-attr]
+            service = getattr(state, "service", None)
+            for entry in held:
+                service.release(entry)
             request_id.reset(token)
 
     @staticmethod

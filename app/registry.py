@@ -50,7 +50,7 @@ from torch import nn
 
 from app.checks import file_digest
 from app.schemas import ModelEntry, PriorInfo
-from models.io import NAME_PATTERN, ModelInfo, load_model
+from models.io import NAME_PATTERN, ModelInfo, WeightFileError, load_model
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class Entry:
     digest: str = ""  # SHA-256 of the weight file's bytes
     loaded_at: float = 0.0  # time.time() when the file was loaded
     batchers: dict[Any, Any] = field(default_factory=dict)  # OpKey -> Batcher, set by the Service (app/service.py)
+    holders: int = 0  # requests that found this version and have not ended (Service.hold)
+    warmed: Any = None  # an asyncio.Future while its first pass runs after start-up (Service._warm_or_drop)
 
     @property
     def name(self) -> str:
@@ -200,13 +202,28 @@ class Registry:
             log.exception("unexpected error on weight file %s", path)
             self.reject(path, f"cannot be used: {type(err).__name__}: {_clip(err)}")
 
-    def _read(self, path: Path, kept: LoadedFile | None) -> LoadedFile:
-        """Load one file, or reuse `kept` (its earlier load) when the file's bytes are the same."""
-        digest = file_digest(path)
-        if kept is not None and kept.digest == digest:
-            return kept
-        model, info = load_model(path, self.device)
-        return LoadedFile(model, info, digest, time.time())
+    def _read(self, path: Path, kept: LoadedFile | None, tries: int = 3) -> LoadedFile:
+        """Load one file, or reuse `kept` (its earlier load) when the file's bytes are the same. The
+        file is hashed, then loaded: when it changed in between (a rename or a write: its stat
+        differs before and after), both are done again, so a digest always names the bytes loaded."""
+        for _ in range(tries):
+            before = _stat(path)
+            digest = file_digest(path)
+            if kept is not None and kept.digest == digest:
+                loaded = kept
+            else:
+                model, info = load_model(path, self.device)
+                loaded = LoadedFile(model, info, digest, time.time())
+            if _stat(path) == before:
+                return loaded
+        raise WeightFileError(f"{path}: it kept changing while being read ({tries} tries); it is read again at the next scan")
+
+    def drop_stale_problems(self) -> None:
+        """Forget the refusals of files that are served after all (a reload that kept the version
+        served before, priors included), except those saying so ("still served")."""
+        served = {Path(f).name for e in self.entries.values() for f in
+                  [e.info.path, *(p.info.path for p in e.priors.values())] if f}
+        self.problems = [p for p in self.problems if p.file not in served or "still served" in p.reason]
 
     def _add(self, path: Path, loaded: LoadedFile, priors: list[tuple[Path, LoadedFile]]) -> None:
         """A loaded file: a prior waits for pairing, a VAE or VQ-VAE is served once its description validates."""
@@ -360,17 +377,23 @@ def signature(entry: Entry) -> tuple[str, tuple[tuple[str, str], ...]]:
     return entry.digest, tuple(sorted((p.api_name, p.digest) for p in entry.priors.values()))
 
 
-def scan(weights_dir: Path) -> dict[str, tuple[int, int, int]]:
-    """Every *.safetensors file in weights_dir: name -> (size, modification time in ns, inode). A
-    directory that has gone scans as empty (its models are then removed)."""
+def scan(weights_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every *.safetensors file in weights_dir: name -> its stat (`_stat`). A directory that has gone
+    scans as empty, and Registry.load then fails: the models served keep serving."""
     found = {}
     for path in Path(weights_dir).glob("*.safetensors"):
         try:
-            st = path.stat()
+            found[path.name] = _stat(path)
         except OSError:  # removed while scanning
             continue
-        found[path.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
     return found
+
+
+def _stat(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written, replaced or renamed over: size, modification and change
+    times, inode and device (a copy that keeps the size and restores the mtime still changes ctime)."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 def iso_time(seconds: float) -> str:

@@ -33,6 +33,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,18 @@ if TYPE_CHECKING:
     from app.service import Service
 
 log = logging.getLogger(__name__)
+
+
+# A SIGHUP (rescan the weights directory) that came before the app could act on it: from the bind
+# on (`catch_hangup_early`: its default action would end the process) until the service is ready.
+# app/main.py rescans once the service is ready when it is set.
+hangup_pending = threading.Event()
+
+
+def catch_hangup_early() -> None:
+    """Until the app installs its own handler, a SIGHUP is remembered instead of ending the process."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: hangup_pending.set())
 
 
 class DrainingServer(uvicorn.Server):

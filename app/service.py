@@ -34,6 +34,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,10 @@ def torch_threads(settings: Settings) -> int:
     return max(1, usable_cores() // 2)
 
 
+# The models the current request holds (Service.hold): set by app/main.py's RequestContext, filled
+# by app/dependencies.py's find_model, each released when the request ends. None outside a request.
+holding: ContextVar[list[Entry] | None] = ContextVar("holding", default=None)
+
 CHECKS_GROUP = "pass size checks"  # the scheduler's group for the checks that run after start-up
 
 
@@ -133,10 +138,11 @@ class Service:
     check_executor: ThreadPoolExecutor | None = None  # they run here, one at a time
     started_s: float | None = None  # seconds from Service.start to ready
     generation: int = 0  # the version of the set of models; each reload that changes it adds one
-    scanned: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # the weights directory at the last scan
+    scanned: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the weights directory at the last scan
     watcher: asyncio.Task | None = None  # scans the weights directory every reload_interval_s
-    _inflight: dict[int, int] = field(default_factory=dict)  # generation -> requests begun under it, not ended
-    _request_ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)  # a request let go of a model (release)
+    _reload_error: str | None = None  # the last scan's failure, logged once until it changes
+    _machine: dict[str, Any] | None = None  # machine_key, once
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _retiring: dict[asyncio.Task, Entry] = field(default_factory=dict)  # versions waiting for their last requests
     ready: bool = False  # True from the end of start() until stop()
@@ -150,9 +156,11 @@ class Service:
         imaging.set_pixel_limit(settings.max_pixels)  # Pillow's own bomb check, process-wide (app/imaging.py)
         if settings.precision != "fp32" and device.type != "cuda":
             log.warning("precision=%s applies on CUDA only; %s runs in fp32", settings.precision, device)
+        scanned = await asyncio.to_thread(scan, settings.weights_dir)  # before loading: a change during it is seen later
         registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device)
         io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
         service = cls(settings, device, registry, io_pool, metrics)
+        service.scanned = scanned
         service.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
         service.decode_slots = asyncio.Semaphore(settings.decode_slots)
         service.upload_slots = asyncio.Semaphore(settings.upload_slots)
@@ -161,7 +169,6 @@ class Service:
             initargs=(torch_threads(settings),),  # the threads of the passes it checks: a verdict depends on them
         )
         service.cache = VerdictCache(settings.check_cache_dir)
-        service.scanned = await asyncio.to_thread(scan, settings.weights_dir)
         slots = compute_slots(settings, device)
         service.scheduler = ComputeScheduler(slots) if slots else None
         graphs = settings.cuda_graphs and device.type == "cuda"
@@ -186,20 +193,19 @@ class Service:
             ", ".join(f"{e.name} ({e.kind}, priors {sorted(e.priors)})" for e in registry.entries.values()),
         )
         if not graphs:
-            service._after_checks(service._settle(list(registry.entries.values())))
+            service._after_checks(functools.partial(service._settle, list(registry.entries.values())))
         if settings.reload_interval_s > 0:
             service.watcher = asyncio.get_running_loop().create_task(service._watch(), name="genserve-watch")
         return service
 
-    def _after_checks(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` in the background after the warm-ups and checks already under way (`checks`)."""
+    def _after_checks(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `work()` in the background after the warm-ups and checks already under way (`checks`)."""
         previous = self.checks
 
         async def chained() -> None:
             if previous is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await previous
-            await work
+                await asyncio.wait({previous})  # its outcome is its own; a cancellation of this task still ends it
+            await work()
 
         self.checks = asyncio.get_running_loop().create_task(chained(), name="genserve-checks")
 
@@ -279,8 +285,13 @@ class Service:
 
     async def _warm_or_drop(self, entry: Entry) -> None:
         """Warm a served model up; one that fails (a file whose config loads but cannot run) is dropped
-        and listed in GET /models/problems, like a file that cannot be loaded."""
-        error = await self._warm(entry)
+        and listed in GET /models/problems, like a file that cannot be loaded. Until its warm-up has
+        ended, a request for it waits (app/dependencies.py's find_model awaits `entry.warmed`)."""
+        entry.warmed = asyncio.get_running_loop().create_future()
+        try:
+            error = await self._warm(entry)
+        finally:
+            entry.warmed.set_result(None)
         if error is None or self.registry.entries.get(entry.name) is not entry:
             return
         log.error("%s: cannot be served, its first pass failed", entry.name, exc_info=error)
@@ -292,7 +303,7 @@ class Service:
 
     def _retire_later(self, entry: Entry) -> None:
         """`_retire` a version no longer served, in the background (stop() ends it early)."""
-        task = asyncio.get_running_loop().create_task(self._retire(entry, self.generation - 1), name=f"retire:{entry.name}")
+        task = asyncio.get_running_loop().create_task(self._retire(entry), name=f"retire:{entry.name}")
         self._retiring[task] = entry
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
@@ -304,31 +315,35 @@ class Service:
                 self.operations.pop(key, None)
                 self.pass_size_sources.pop(key, None)
 
-    async def _retire(self, entry: Entry, generation: int) -> None:
-        """Once every request that began at `generation` or before has ended (so none can still hold
-        `entry`), stop its batchers and their threads."""
-        while any(g <= generation for g in self._inflight):
-            self._request_ended.clear()
-            await self._request_ended.wait()
+    async def _retire(self, entry: Entry) -> None:
+        """Once no request holds `entry` (`hold`), or request_timeout_s after it was swapped out (a
+        request still holding it then has had its 504, or is stuck writing an answer already
+        computed), stop its batchers and their threads."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        while entry.holders > 0:
+            self._released.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("%s: %d request(s) still hold the version swapped out %g s ago; stopping it anyway",
+                            entry.name, entry.holders, self.settings.request_timeout_s)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), left)
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in entry.batchers.values()))
         for batcher in entry.batchers.values():
             batcher.executor.shutdown(wait=False)  # type: ignore[attr-defined]
 
     # -- requests and versions -------------------------------------------------------------------
 
-    def request_started(self) -> int:
-        """A request begins (app/main.py's RequestContext): it is counted under the current version of
-        the model set until `request_ended`, so a version it may hold is not retired under it."""
-        self._inflight[self.generation] = self._inflight.get(self.generation, 0) + 1
-        return self.generation
+    def hold(self, entry: Entry) -> None:
+        """A request found `entry` (app/dependencies.py's find_model): a version swapped out by a
+        reload keeps its batchers until every request that holds it has let go (`release`)."""
+        entry.holders += 1
 
-    def request_ended(self, generation: int) -> None:
-        left = self._inflight.get(generation, 0) - 1
-        if left > 0:
-            self._inflight[generation] = left
-        else:
-            self._inflight.pop(generation, None)
-            self._request_ended.set()
+    def release(self, entry: Entry) -> None:
+        """The request that held `entry` has ended (app/main.py's RequestContext)."""
+        entry.holders -= 1
+        self._released.set()
 
     # -- new weights while serving ---------------------------------------------------------------
 
@@ -336,10 +351,23 @@ class Service:
         """Scan the weights directory every reload_interval_s; reload when any file changed."""
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
-            try:
-                await self.reload()
-            except Exception:  # a bug here must not end the scanning
-                log.exception("reloading the weights directory failed; the models served so far keep serving")
+            await self.reload_logged()
+
+    async def reload_logged(self, force: bool = False) -> None:
+        """`reload`, with a failure (a weights directory gone or unreadable) logged once until it
+        changes or clears, not at every scan; the models served so far keep serving."""
+        try:
+            await self.reload(force)
+        except Exception as err:  # a bug here must not end the scanning either
+            reason = f"{type(err).__name__}: {err}"
+            if reason != self._reload_error:
+                log.error("reloading %s failed (%s); the models served so far keep serving", self.settings.weights_dir,
+                          reason, exc_info=not isinstance(err, OSError))
+            self._reload_error = reason
+        else:
+            if self._reload_error is not None:
+                log.info("reloading %s works again", self.settings.weights_dir)
+            self._reload_error = None
 
     async def reload(self, force: bool = False) -> bool:
         """Pick up what changed in the weights directory (SIGHUP, or every reload_interval_s).
@@ -362,6 +390,8 @@ class Service:
             old = self.registry
             new = await asyncio.to_thread(Registry.load, self.settings.weights_dir, self.device, old)
             self.scanned = scanned  # after the load: a directory that could not be read is scanned again
+            if not self.ready:  # stopped meanwhile
+                return False
             starting: dict[str, tuple[Entry, list[tuple[Operation, Batcher, str]]]] = {}
             for name, entry in list(new.entries.items()):
                 previous = old.entries.get(name)
@@ -371,6 +401,10 @@ class Service:
                     continue
                 starting[name] = (entry, self._make_batchers(entry))
             errors = await asyncio.gather(*(self._warm_made(made) for _, made in starting.values()))
+            if not self.ready:
+                for _, made in starting.values():
+                    await self._discard(made)
+                return False
             for (name, (entry, made)), error in zip(list(starting.items()), errors):
                 if error is None:
                     continue
@@ -384,6 +418,7 @@ class Service:
                 else:
                     del new.entries[name]
                 new.reject(Path(entry.info.path or name), reason)
+            new.drop_stale_problems()  # a fallback to an old version serves files the new scan refused
             retired = [e for name, e in old.entries.items() if new.entries.get(name) is not e]
             # the swap: from here on every lookup finds the new version
             self.registry = new
@@ -400,7 +435,7 @@ class Service:
             for entry in retired:
                 self._retire_later(entry)
             if starting:
-                self._after_checks(self.check_pass_sizes())
+                self._after_checks(self.check_pass_sizes)
             return bool(starting or retired)
 
     async def _warm_made(self, made: list[tuple[Operation, Batcher, str]]) -> Exception | None:
@@ -427,7 +462,7 @@ class Service:
             "operation": str(key),
             "files": files,
             "code": code_digest(),
-            "machine": machine_key(self.device),
+            "machine": self._machine_key(),
             "torch_threads": torch_threads(s),
             "max_batch_size": s.max_batch_size,
             "candidates": bucket_candidates(s.max_batch_size),
@@ -435,6 +470,12 @@ class Service:
             "precision": s.precision,
             "seed": 0,
         }
+
+    def _machine_key(self) -> dict[str, Any]:
+        """app/checks.py's machine_key, taken once per service (the machine does not change under it)."""
+        if self._machine is None:
+            self._machine = machine_key(self.device)
+        return self._machine
 
     async def check_pass_sizes(self) -> None:
         """Run the pass size check of every batcher still on the default size, one at a time, in the

@@ -62,7 +62,7 @@ async def sample(
     settings = service.settings
     if n > settings.max_n:
         raise HTTPException(422, f"n must be between 1 and {settings.max_n}, got {n}")
-    entry = find_model(service, model)
+    entry = await find_model(service, model)
     seed = secrets.randbits(63) if seed is None else seed
     generator = torch.Generator().manual_seed(seed)
     async with deadline(settings.request_timeout_s):
@@ -149,7 +149,7 @@ async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> 
     "codes": [[[h x w ints in [0, K)]], ...]}. A wrong shape, a non-finite value or a code out
     of range is 422, naming its index."""
     settings = service.settings
-    entry = find_model(service, body.model)
+    entry = await find_model(service, body.model)
     if entry.kind == "vae":
         if body.codes is not None or body.z is None:
             raise HTTPException(422, f"model {entry.name!r} is a VAE: send 'z', a list of latent vectors (and no 'codes')")

@@ -148,6 +148,17 @@ def test_an_unwritable_cache_costs_only_the_check(tmp_path, caplog):
     assert "cannot write" in caplog.text
 
 
+def test_the_machine_key_holds_what_steers_the_kernels(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA changes oneDNN's kernels but not torch's CPU capability: it is in the key."""
+    plain = machine_key(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    capped = machine_key(torch.device("cpu"))
+    assert capped != plain and capped["env"] == {"ONEDNN_MAX_CPU_ISA": "SSE41"}
+    monkeypatch.setenv("UNRELATED_SETTING", "1")
+    assert machine_key(torch.device("cpu")) == capped
+    assert plain["backends"]["build"] and plain["backends"]["mkldnn"] in (True, False)
+
+
 def test_the_machine_key_names_the_cpu_and_torch():
     k = machine_key(torch.device("cpu"))
     assert k["torch"] == torch.__version__ and k["device_type"] == "cpu"
@@ -172,3 +183,33 @@ async def test_the_checks_share_the_cpu_through_the_scheduler(weights_dir, held_
         await service.checks
         assert "pass size checks" in service.scheduler.virtual_times()
     await asyncio.sleep(0)
+
+
+async def test_a_request_right_after_start_up_waits_for_its_models_first_pass(weights_dir, monkeypatch):
+    """Warm-ups run after /ready: a request for a model whose first pass has not ended waits for it,
+    and one whose first pass failed gets a 503 naming the problem, not a 500 from the model."""
+    import app.service as service_module
+
+    release = threading.Event()
+    real = service_module.warm_up
+
+    def slow(operation, device):
+        if operation.key.model in ("vae", "vae_rgb"):
+            assert release.wait(60)
+            if operation.key.model == "vae_rgb":
+                raise RuntimeError("cannot run")
+        return real(operation, device)
+
+    monkeypatch.setattr(service_module, "warm_up", slow)
+    async with started(weights_dir, checked=False) as (app, client):
+        assert (await client.get("/ready")).status_code == 200
+        waiting = asyncio.ensure_future(client.get("/sample", params={"model": "vae", "seed": 1}))
+        broken = asyncio.ensure_future(client.get("/sample", params={"model": "vae_rgb", "seed": 1}))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and not broken.done()
+        release.set()
+        assert (await waiting).status_code == 200
+        r = await broken
+        assert r.status_code == 503 and "failed its first pass" in r.json()["detail"]
+        problems = (await client.get("/models/problems")).json()
+        assert [p["file"] for p in problems] == ["vae_rgb.safetensors"] and "warming it up failed" in problems[0]["reason"]

@@ -122,12 +122,23 @@ async def test_a_replacement_under_load_answers_every_request_with_one_version(w
         assert (await models(client))["vae"]["sha256"] == sha256(replacement)
 
 
+async def wait_until(predicate, what: str, tries: int = 400) -> None:
+    for _ in range(tries):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 async def test_an_old_version_stops_only_once_its_requests_have_ended(weights, tmp_path):
+    """A request holding the old version (as find_model holds it) keeps its batchers; a request holding
+    another model does not (one stuck client cannot pin every retired version)."""
     other_vae(tmp_path / "vae.safetensors")
     async with started(weights) as (app, client):
         service = app.state.service
-        old = service.registry.entries["vae"]
-        token = service.request_started()  # a request that began before the swap and may hold `old`
+        old, other = service.registry.entries["vae"], service.registry.entries["vae_rgb"]
+        service.hold(old)  # a request that found `old` before the swap
+        service.hold(other)  # and one stuck on another model
         shutil.copy(tmp_path / "vae.safetensors", weights / "vae.safetensors")
         assert await service.reload() is True
         assert service.registry.entries["vae"] is not old
@@ -136,13 +147,117 @@ async def test_an_old_version_stops_only_once_its_requests_have_ended(weights, t
         x = torch.rand(1, 1, 8, 8)
         (images,) = await service.batcher(old, _op("reconstruct")).submit(x)  # and it still answers
         assert images.shape == (1, 1, 8, 8)
-        service.request_ended(token)
-        for _ in range(200):
-            if not any(b.alive for b in old.batchers.values()):
-                break
-            await asyncio.sleep(0.05)
-        assert not any(b.alive for b in old.batchers.values())
+        service.release(old)
+        await wait_until(lambda: not any(b.alive for b in old.batchers.values()), "the old version to stop")
         assert all(b.alive for b in service.registry.entries["vae"].batchers.values())
+        service.release(other)
+
+
+async def test_a_version_held_too_long_is_stopped_after_the_request_timeout(weights, tmp_path):
+    other_vae(tmp_path / "vae.safetensors")
+    async with started(weights, request_timeout_s=0.5) as (app, client):
+        service = app.state.service
+        old = service.registry.entries["vae"]
+        service.hold(old)  # never released: a client that stopped reading its answer
+        shutil.copy(tmp_path / "vae.safetensors", weights / "vae.safetensors")
+        assert await service.reload() is True
+        await wait_until(lambda: not any(b.alive for b in old.batchers.values()), "the held version to stop")
+        assert not service._retiring
+
+
+async def test_requests_hold_the_version_they_found_until_they_end(weights):
+    """Through HTTP: while a request runs, the entry it found counts it (app/main.py, dependencies.py)."""
+    async with started(weights) as (app, client):
+        service = app.state.service
+        entry = service.registry.entries["vae"]
+        seen = []
+        real = service.batcher
+
+        def spy(e, op, prior=None):
+            seen.append(e.holders)
+            return real(e, op, prior)
+
+        service.batcher = spy
+        assert (await client.get("/sample", params=SEEDED)).status_code == 200
+        assert seen == [1] and entry.holders == 0
+
+
+async def test_a_file_changed_while_loading_at_start_up_is_picked_up(weights, tmp_path, monkeypatch):
+    """The directory is scanned before the files are read, so a change during the load is seen later."""
+    import app.registry as registry_module
+
+    aside = tmp_path / "vae_rgb.safetensors"
+    shutil.move(weights / "vae_rgb.safetensors", aside)
+    real = registry_module.Registry.load.__func__
+    added = []
+
+    def load_then_add(cls, weights_dir, device, previous=None):
+        registry = real(cls, weights_dir, device, previous)
+        if not added:  # the first load, at start-up: a file arrives just after it
+            shutil.copy(aside, weights / "vae_rgb.safetensors")
+            added.append(True)
+        return registry
+
+    monkeypatch.setattr(registry_module.Registry, "load", classmethod(load_then_add))
+    async with started(weights) as (app, client):
+        assert "vae_rgb" not in await models(client)
+        assert await app.state.service.reload() is True
+        assert "vae_rgb" in await models(client)
+
+
+async def test_a_rewrite_that_keeps_size_and_mtime_is_seen(weights, tmp_path):
+    other_vae(tmp_path / "vae.safetensors")
+    target = weights / "vae.safetensors"
+    assert target.stat().st_size == (tmp_path / "vae.safetensors").stat().st_size
+    async with started(weights) as (app, client):
+        before = target.stat()
+        target.write_bytes((tmp_path / "vae.safetensors").read_bytes())  # in place: same inode and size
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime restored, as cp -p does
+        assert await app.state.service.reload() is True
+        assert (await models(client))["vae"]["sha256"] == sha256(target)
+
+
+async def test_stop_does_not_wait_for_the_checks_still_queued(weights, tmp_path, monkeypatch):
+    """Checks queued behind others (a reload during the start-up checks) end with the service."""
+    import threading
+
+    from app.batching import Batcher
+
+    release, ran = threading.Event(), []
+    real = Batcher.check_buckets
+
+    def held(self, *args, **kwargs):
+        ran.append(self.name)
+        release.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Batcher, "check_buckets", held)
+    aside = tmp_path / "vae_rgb.safetensors"
+    shutil.move(weights / "vae_rgb.safetensors", aside)
+    async with started(weights, checked=False) as (app, client):
+        service = app.state.service
+        await wait_until(lambda: ran, "the first check")
+        shutil.copy(aside, weights / "vae_rgb.safetensors")
+        assert await service.reload() is True  # its checks queue behind the running ones
+        checks = service.checks
+        release.set()
+    assert checks.done()
+    assert len(ran) <= 2  # the one running when stop() came (15 batchers, and 4 more queued by the reload)
+
+
+async def test_a_weights_directory_that_goes_away_keeps_the_models_and_logs_once(weights, caplog):
+    caplog.set_level("INFO", logger="app.service")
+    async with started(weights) as (app, client):
+        service = app.state.service
+        moved = weights.with_name("moved")
+        weights.rename(moved)
+        for _ in range(3):
+            await service.reload_logged(force=True)
+        assert set(await models(client)) == {"vae", "vae_rgb", "vqvae"}
+        assert caplog.text.count("failed (FileNotFoundError") == 1
+        moved.rename(weights)
+        await service.reload_logged(force=True)
+        assert "works again" in caplog.text
 
 
 def _op(name: str):
@@ -192,6 +307,30 @@ async def test_a_replacement_that_cannot_run_keeps_the_version_served(weights, t
         assert (await client.get("/sample", params=SEEDED)).content == before
 
 
+async def test_a_new_vqvae_that_cannot_run_keeps_the_old_one_and_its_priors(weights, monkeypatch):
+    """The old VQ-VAE keeps serving with its priors, and /models/problems does not call them refused."""
+    import app.service as service_module
+
+    async with started(weights) as (app, client):
+        service = app.state.service
+        real = service_module.warm_up
+
+        def failing(operation, device):
+            if operation.key.model == "vqvae":
+                raise RuntimeError("cannot run")
+            return real(operation, device)
+
+        monkeypatch.setattr(service_module, "warm_up", failing)
+        torch.manual_seed(3)
+        save_model(weights / "vqvae.safetensors", tiny_vqvae(), name="vqvae", dataset="unit-test", command="pytest")
+        await service.reload()
+        listed = await models(client)
+        assert sorted(p["name"] for p in listed["vqvae"]["priors"]) == ["gated", "pixelcnn", "pixelcnnpp"]
+        problems = (await client.get("/models/problems")).json()
+        assert [p["file"] for p in problems] == ["vqvae.safetensors"] and "still served" in problems[0]["reason"]
+        assert (await client.get("/sample", params={"model": "vqvae", "prior": "gated", "seed": 1, "label": 0})).status_code == 200
+
+
 async def test_a_new_vqvae_codebook_refuses_the_priors_trained_on_the_old(weights):
     async with started(weights) as (app, client):
         service = app.state.service
@@ -218,6 +357,36 @@ async def test_the_directory_is_polled(weights, tmp_path):
                 break
             await asyncio.sleep(0.05)
         assert "vae_rgb" in await models(client)
+
+
+def test_a_sighup_while_starting_is_kept_for_when_the_service_is_ready(tmp_path: Path, weights_dir: Path) -> None:
+    """Between the bind and the app's own handler, SIGHUP's default action would end the process;
+    a SIGHUP before the service is ready rescans once it is."""
+    d = tmp_path / "weights"
+    d.mkdir()
+    shutil.copy(weights_dir / "vae.safetensors", d)
+    os.mkfifo(d / "zz_held.safetensors")  # the loader blocks on it until the test writes
+    with server_process(tmp_path, d, wait_ready=False) as server:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGHUP)  # during the load
+        shutil.copy(weights_dir / "vae_rgb.safetensors", d)  # after the scan: the load does not see it
+        with open(d / "zz_held.safetensors", "wb"):  # release the loader
+            pass
+        while time.monotonic() < deadline:
+            assert server.proc.poll() is None, server.logs()
+            r = httpx.get(f"{server.base_url}/models", timeout=5)
+            if r.status_code == 200 and len(r.json()) == 2:
+                break
+            time.sleep(0.05)
+        assert sorted(m["name"] for m in httpx.get(f"{server.base_url}/models").json()) == ["vae", "vae_rgb"]
+        assert "rescanned once start-up has finished" in server.logs()
 
 
 def test_sighup_rescans_at_once(tmp_path: Path, weights_dir: Path) -> None:
