@@ -191,8 +191,8 @@ async def test_a_file_changed_while_loading_at_start_up_is_picked_up(weights, tm
     real = registry_module.Registry.load.__func__
     added = []
 
-    def load_then_add(cls, weights_dir, device, previous=None):
-        registry = real(cls, weights_dir, device, previous)
+    def load_then_add(cls, weights_dir, device, previous=None, progress=None):
+        registry = real(cls, weights_dir, device, previous, progress)
         if not added:  # the first load, at start-up: a file arrives just after it
             shutil.copy(aside, weights / "vae_rgb.safetensors")
             added.append(True)
@@ -377,8 +377,10 @@ def test_a_sighup_while_starting_is_kept_for_when_the_service_is_ready(tmp_path:
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGHUP)  # during the load
         shutil.copy(weights_dir / "vae_rgb.safetensors", d)  # after the scan: the load does not see it
-        with open(d / "zz_held.safetensors", "wb"):  # release the loader
-            pass
+        # release the loader (a writer opens the FIFO), and take the FIFO away before the rescan reads it
+        fd = os.open(d / "zz_held.safetensors", os.O_WRONLY)
+        os.unlink(d / "zz_held.safetensors")
+        os.close(fd)
         while time.monotonic() < deadline:
             assert server.proc.poll() is None, server.logs()
             r = httpx.get(f"{server.base_url}/models", timeout=5)
