@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app import imaging
 from app.errors import NotRunningError
-from app.registry import Entry
+from app.registry import LATENT, PRIOR, Entry
 from app.service import Service, holding
 
 
@@ -39,9 +39,32 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-async def find_model(service: Service, name: str) -> Entry:
+# Why a model cannot do an operation, by what it lacks (Entry.lacks)
+LACKING = {
+    LATENT: "it has no latent (its decoder ignores z: it was trained with use_latent=False, as a context-only baseline)",
+    PRIOR: "no prior is loaded for it (a prior's weight file names its VQ-VAE; see GET /models/problems)",
+}
+
+
+async def find_model(service: Service, name: str, operation: str) -> Entry:
     """The served model `name`, held for the rest of the request (Service.hold: a reload that swaps it
-    out keeps this version for the request). Right after start-up, it waits for the model's first pass."""
+    out keeps this version for the request), once it is known to offer `operation` (an API operation,
+    app/schemas.py's ApiOperation). Right after start-up, it waits for the model's first pass.
+
+    A model that cannot do `operation` is refused, naming what it lacks and what it offers: 422 when
+    it has no latent (the request is well-formed, but these weights can never answer it: the same code
+    as every other parameter that does not fit the model, e.g. include_z_e for a VAE), 404 when a
+    VQ-VAE has no prior to sample with (as for a prior named but not loaded: a reload may add one)."""
+    entry = await _find(service, name)
+    lacking = entry.lacks(operation)
+    if lacking is not None:
+        offers = ", ".join(entry.operations) or "nothing"
+        detail = f"model {entry.name!r} cannot {operation}: {LACKING[lacking]}; it offers: {offers}"
+        raise HTTPException(404 if lacking == PRIOR else 422, detail)
+    return entry
+
+
+async def _find(service: Service, name: str) -> Entry:
     entry = service.registry.get(name)
     if entry is not None and entry.warmed is not None and not entry.warmed.done():
         await asyncio.shield(entry.warmed)

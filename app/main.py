@@ -9,7 +9,8 @@ app/batching.py), and is ready; on shutdown it drains and stops them. `app.state
 start-up task (it resolves to the Service); `app.state.service` is set when it is done. A start-up
 that fails (no weights directory, a device that is missing) makes /health and /ready answer 503
 with the reason and calls `app.state.on_start_failure` (app/server.py stops the process with it).
-GET / is a page to try every model in a browser (app/routes/page.py, app/static/).
+GET / is a page to try every model in a browser (app/routes/page.py, app/static/); /docs and /redoc
+document the API without fetching anything from another host (app/routes/docs.py).
 
 Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
 upload, 413 too large, 422 invalid parameters, 503 (+ Retry-After) queue full or not
@@ -48,7 +49,8 @@ from app.errors import ServiceError
 from app.imaging import ImageError
 from app.logs import request_id
 from app.metrics import Metrics
-from app.routes import generate, health, models, page, uploads
+from app.registry import LoadProgress
+from app.routes import docs, generate, health, models, page, uploads
 from app.server import hangup_pending
 from app.service import Service, holding
 from app.settings import Settings, get_settings
@@ -101,8 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings or get_settings()
         app.state.start_error = None
-        starting = asyncio.get_running_loop().create_task(Service.start(app.state.settings, app.state.metrics),
-                                                          name="genserve-start")
+        app.state.progress = LoadProgress()  # how far loading has got: GET /ready's 503 while starting
+        starting = asyncio.get_running_loop().create_task(
+            Service.start(app.state.settings, app.state.metrics, app.state.progress), name="genserve-start")
         starting.add_done_callback(lambda task: _started(app, task))
         app.state.starting = starting
         hangup = _on_hangup(app)
@@ -126,11 +129,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Batched inference for VAEs and VQ-VAEs with PixelCNN priors",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from app/routes/docs.py, with their assets served here (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.service = None
     app.state.starting = None
     app.state.start_error = None
+    app.state.progress = None  # a LoadProgress from the lifespan's start on
     app.state.on_start_failure = None  # called with the exception when start-up fails (app/server.py)
     app.state.rescans = set()  # SIGHUP's reloads in progress
     app.state.metrics = Metrics()
@@ -164,9 +170,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=500,
         )
 
-    for module in (health, models, generate, uploads, page):
+    for module in (health, models, generate, uploads, page, docs):
         app.include_router(module.router)
     app.mount("/static", page.static_files(), name="static")  # the page's CSS, module and images (GET /)
+    app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")  # Swagger UI's and ReDoc's files (/docs, /redoc)
     return app
 
 

@@ -1,7 +1,9 @@
 """The batchable operations of every served model, by name, and their example inputs.
 
 Each served model offers a fixed set of `Op`s; a VQ-VAE offers `Op.SAMPLE` once per attached
-prior. `operations(entry)` returns one `Operation` per (model, op[, prior]): the batch function
+prior. A batcher is built only where a route may submit to it (ROUTES): for the API operations the
+model offers (app/registry.py's `Entry.operations`), so a VAE without a latent gets its SAMPLE batcher
+alone. `operations(entry)` returns one `Operation` per (model, op[, prior]): the batch function
 the batcher runs, which takes and returns tensors with one row per item, and `example`, which
 makes seeded valid inputs of any number of rows. The service uses the examples to warm each
 operation up and to check which pass sizes are batch-invariant (app/batching.py).
@@ -32,6 +34,18 @@ class Op(enum.StrEnum):
     SAMPLE = "sample"  # VAE: z (B, D) scaled by temperature, uniforms (B, U, H, W), temperature (B,) -> images; VQ-VAE: see _prior_sample
 
 
+# The API operations (routes) that submit to each Op's batcher: a model gets the batchers of the
+# operations it offers. /interpolate encodes both ends, then decodes with DECODE (VAE) or
+# DECODE_NEAREST (VQ-VAE).
+ROUTES: dict[Op, frozenset[str]] = {
+    Op.RECONSTRUCT: frozenset({"reconstruct"}),
+    Op.ENCODE: frozenset({"encode", "interpolate"}),
+    Op.DECODE: frozenset({"decode", "interpolate"}),
+    Op.DECODE_NEAREST: frozenset({"interpolate"}),
+    Op.SAMPLE: frozenset({"sample"}),
+}
+
+
 @dataclass(frozen=True)
 class OpKey:
     """Names one batcher: a model's operation, and for a VQ-VAE's SAMPLE the prior's API name."""
@@ -60,7 +74,13 @@ class Operation:
 
 
 def operations(entry: Entry) -> list[Operation]:
-    """Every batchable operation of a served model (see the module docstring)."""
+    """The batchable operations of a served model that its routes use (see the module docstring)."""
+    offered = set(entry.operations)
+    return [op for op in _every_operation(entry) if ROUTES[op.key.op] & offered]
+
+
+def _every_operation(entry: Entry) -> list[Operation]:
+    """Every batchable operation a model of its kind has, whether or not it offers it."""
     m = entry.model
     name = entry.name
     c, hh, ww = entry.image_shape

@@ -29,7 +29,14 @@ class_names[i], else by its VQ-VAE file's when that records one name per class, 
 Where the VQ-VAE's names disagree with a conditional prior's (other names, or another count), the
 prior keeps its own and says so in `class_names_conflict` (and the log).
 
-What each served model can compute, and how it is batched, lives in app/operations.py.
+Which routes a served model answers is `Entry.operations` (GET /models' `operations`): a model
+without a latent (models/vae.py's `has_latent`: a VAE trained with use_latent=False, whose decoder
+ignores z) only samples, and a VQ-VAE samples once a prior is paired with it. How each operation is
+computed and batched lives in app/operations.py, which builds batchers for those operations only.
+
+`Registry.load` logs one INFO line per weight file it reads, with the count so far and its time, and
+one when it is done; it counts the files in a `LoadProgress`, which GET /ready reads (from the event
+loop, while the load runs in a worker thread) to say how far start-up has got.
 """
 
 from __future__ import annotations
@@ -38,24 +45,52 @@ import json
 import logging
 import math
 import reprlib
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from app.checks import file_digest
-from app.schemas import ModelEntry, PriorInfo
+from app.schemas import ApiOperation, ModelEntry, PriorInfo
 from models.io import NAME_PATTERN, ModelInfo, WeightFileError, load_model
 
 log = logging.getLogger(__name__)
 
 PRIOR_API_NAMES = {"pixelcnn": "pixelcnn", "gated_pixelcnn": "gated", "pixelcnnpp": "pixelcnnpp"}
 SERVED_KINDS = ("vae", "vqvae")
+OPERATIONS: tuple[str, ...] = get_args(ApiOperation)  # reconstruct, encode, decode, interpolate, sample
+LATENT_OPERATIONS = ("reconstruct", "encode", "decode", "interpolate")  # images to z, z to images: need a latent
+LATENT, PRIOR = "latent", "prior"  # what a model may lack for an operation (Entry.lacks)
+
+
+class LoadProgress:
+    """How far a start-up has got: files read of files to read, and since when. Registry.load counts
+    in a worker thread while GET /ready reads it on the event loop: every access takes the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._began = time.perf_counter()
+        self._files: int | None = None  # None until the weights directory is listed
+        self._loaded = 0
+
+    def found(self, files: int) -> None:
+        with self._lock:
+            self._files, self._loaded = files, 0
+
+    def read_one(self) -> None:
+        with self._lock:
+            self._loaded += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """GET /ready's fields while starting (app/schemas.py's NotReady)."""
+        with self._lock:
+            return {"loaded": self._loaded, "files": self._files, "elapsed_s": round(time.perf_counter() - self._began, 3)}
 
 @dataclass
 class Problem:
@@ -144,6 +179,21 @@ class Entry:
         recorded = {p.info.class_names for p in self.priors.values() if p.info.class_names}
         return recorded.pop() if len(recorded) == 1 else ()
 
+    def lacks(self, operation: str) -> str | None:
+        """What this model lacks for an API operation (OPERATIONS): LATENT (its model's `has_latent` is
+        False: an image does not depend on z), PRIOR (a VQ-VAE samples through a prior and none is
+        paired with it), or None when it offers the operation."""
+        if operation in LATENT_OPERATIONS and not self.model.has_latent:
+            return LATENT
+        if operation == "sample" and self.kind == "vqvae" and not self.priors:
+            return PRIOR
+        return None
+
+    @property
+    def operations(self) -> list[str]:
+        """The API operations this model offers, in OPERATIONS' order (GET /models' `operations`)."""
+        return [op for op in OPERATIONS if self.lacks(op) is None]
+
     @property
     def default_prior(self) -> Prior | None:
         """The prior with the lowest validation NLL (selection_bits_per_code; one without it comes last)."""
@@ -164,26 +214,44 @@ class Registry:
         self.files: dict[str, LoadedFile] = {}  # file name -> what it gave (served, or refused after loading)
 
     @classmethod
-    def load(cls, weights_dir: Path, device: torch.device, previous: Registry | None = None) -> Registry:
+    def load(cls, weights_dir: Path, device: torch.device, previous: Registry | None = None,
+             progress: LoadProgress | None = None) -> Registry:
         """Load every *.safetensors file in weights_dir (sorted by name) onto device. With `previous`
         (the registry served so far), unchanged files reuse its models and a file that fails to load
-        keeps its version from `previous` (module docstring)."""
+        keeps its version from `previous` (module docstring). Each file read is counted in `progress`
+        and logged (a file reused from `previous` at DEBUG only)."""
         weights_dir = Path(weights_dir)
         if not weights_dir.is_dir():
             raise FileNotFoundError(f"weights directory {str(weights_dir)!r} does not exist (set GENSERVE_WEIGHTS_DIR)")
         registry = cls(device)
         priors: list[tuple[Path, LoadedFile]] = []
-        for path in sorted(weights_dir.glob("*.safetensors")):
+        paths = sorted(weights_dir.glob("*.safetensors"))
+        if progress is not None:
+            progress.found(len(paths))
+        begin = time.perf_counter()
+        read = 0
+        for i, path in enumerate(paths, 1):
             kept = previous.files.get(path.name) if previous is not None else None
+            start = time.perf_counter()
             try:
                 loaded = registry._read(path, kept)
             except Exception as err:  # WeightFileError, or anything a foreign file provokes
+                if progress is not None:
+                    progress.read_one()
                 if kept is None:
                     registry.reject(path, f"cannot load: {err}")
                     continue
                 registry.reject(path, f"cannot load: {err}; the version loaded at {iso_time(kept.loaded_at)} "
                                       f"(sha256 {kept.digest}) is still served")
                 loaded = kept
+            else:
+                if progress is not None:
+                    progress.read_one()
+                reused = loaded is kept
+                read += not reused
+                log.log(logging.DEBUG if reused else logging.INFO, "%s %d/%d files (%s, %s %r) in %.2f s",
+                        "kept" if reused else "loaded", i, len(paths), path.name, loaded.info.kind, loaded.info.name,
+                        time.perf_counter() - start)
             registry.files[path.name] = loaded
             registry._isolated(path, registry._add, path, loaded, priors)
         for path, loaded in priors:
@@ -192,6 +260,9 @@ class Registry:
             registry._isolated(Path(entry.info.path or entry.name), registry._check_description, entry)
         if not registry.entries:
             log.warning("no servable model in %s", weights_dir)
+        log.info("weights directory %s: %d file(s), %d read, %d model(s) and %d prior(s) served, %d refused, in %.2f s",
+                 weights_dir, len(paths), read, len(registry.entries),
+                 sum(len(e.priors) for e in registry.entries.values()), len(registry.problems), time.perf_counter() - begin)
         return registry
 
     def _isolated(self, path: Path, step: Any, *args: Any) -> None:
@@ -326,6 +397,7 @@ def _describe(entry: Entry) -> dict[str, Any]:
     item: dict[str, Any] = {
         "name": entry.name,
         "kind": entry.kind,
+        "operations": entry.operations,
         "image_shape": list(entry.image_shape),
         "latent_shape": list(entry.model.latent_shape),
         "dataset": entry.info.dataset,

@@ -24,6 +24,9 @@ MAX_LATENT_DIM = 4096
 MAX_CODE_SIDE = 256
 
 InterpolationMethod = Literal["slerp", "lerp"]
+# The model operations of the HTTP API, one route each, in the order GET /models lists them
+# (app/registry.py's Entry.operations says which a model offers)
+ApiOperation = Literal["reconstruct", "encode", "decode", "interpolate", "sample"]
 
 
 class Status(BaseModel):
@@ -37,6 +40,15 @@ class Ready(BaseModel):
 
 class Error(BaseModel):
     detail: Any
+
+
+class NotReady(BaseModel):
+    """GET /ready's 503. While starting, how far loading has got (the other states have `detail` alone)."""
+
+    detail: str = Field(description='"starting", "draining", "recovering", "shutting down" or "start-up failed"')
+    loaded: int | None = Field(None, description="starting: the weight files read so far (loaded or refused)")
+    files: int | None = Field(None, description="starting: the weight files to read; null until the directory is listed")
+    elapsed_s: float | None = Field(None, description="starting: seconds since start-up began")
 
 
 class PriorInfo(BaseModel):
@@ -75,6 +87,11 @@ class RejectedPrior(BaseModel):
 class ModelEntry(BaseModel):
     name: str
     kind: Literal["vae", "vqvae"]
+    operations: list[ApiOperation] = Field(
+        description="the routes this model answers: a model without a latent (a VAE trained with use_latent=False, "
+        "whose decoder ignores z) only samples, a VQ-VAE samples once a prior is loaded for it; "
+        "any other is refused with 422 (404 for a VQ-VAE's missing prior)"
+    )
     image_shape: list[int]
     latent_shape: list[int]
     dataset: str

@@ -48,7 +48,7 @@ from app.checks import VerdictCache, code_digest, machine_key
 from app.graphs import describe, recorded_sizes
 from app.metrics import Metrics
 from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
-from app.registry import Entry, Registry, iso_time, scan, signature
+from app.registry import Entry, LoadProgress, Registry, iso_time, scan, signature
 from app.scheduling import ComputeScheduler
 from app.settings import Settings
 
@@ -149,7 +149,8 @@ class Service:
     draining: bool = False  # begin_drain(): shutdown has begun; /ready is 503, requests are still served
 
     @classmethod
-    async def start(cls, settings: Settings, metrics: Metrics) -> Service:
+    async def start(cls, settings: Settings, metrics: Metrics, progress: LoadProgress | None = None) -> Service:
+        """Load, validate and serve (module docstring); `progress` counts the weight files read (GET /ready)."""
         begin = time.perf_counter()
         device = settings.resolve_device()
         torch.set_num_threads(torch_threads(settings))  # the loading thread; every model thread sets its own
@@ -157,7 +158,7 @@ class Service:
         if settings.precision != "fp32" and device.type != "cuda":
             log.warning("precision=%s applies on CUDA only; %s runs in fp32", settings.precision, device)
         scanned = await asyncio.to_thread(scan, settings.weights_dir)  # before loading: a change during it is seen later
-        registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device)
+        registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device, None, progress)
         io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
         service = cls(settings, device, registry, io_pool, metrics)
         service.scanned = scanned
@@ -211,8 +212,20 @@ class Service:
 
     async def _settle(self, entries: list[Entry]) -> None:
         """After start-up: warm every operation of `entries` up (a model that cannot run is dropped,
-        as at loading), then run the pass size checks still to do."""
-        await asyncio.gather(*(self._warm_or_drop(entry) for entry in entries))
+        as at loading), then run the pass size checks still to do. Logs a line per model warmed."""
+        begin = time.perf_counter()
+        done = 0
+
+        async def warm(entry: Entry) -> None:
+            nonlocal done
+            await self._warm_or_drop(entry)
+            done += 1
+            served = self.registry.entries.get(entry.name) is entry
+            outcome = f"{len(entry.batchers)} batcher(s) warm" if served else "failed: not served"
+            log.info("warm-ups: %d/%d models done (%s: %s) in %.2f s", done, len(entries), entry.name, outcome,
+                     time.perf_counter() - begin)
+
+        await asyncio.gather(*(warm(entry) for entry in entries))
         await self.check_pass_sizes()
 
     def _make_batchers(self, entry: Entry) -> list[tuple[Operation, Batcher, str]]:
@@ -253,7 +266,7 @@ class Service:
                 cached = self.cache.get(self.check_key(operation, entry))
                 batcher.buckets, source = (cached, PassSizeSource.CACHE) if cached else ((s.max_batch_size,), PassSizeSource.DEFAULT)
                 if cached:
-                    log.info("%s: pass sizes %s (the cached verdict of an earlier check)", name, list(cached))
+                    log.debug("%s: pass sizes %s (the cached verdict of an earlier check)", name, list(cached))
             made.append((operation, batcher, source))
         return made
 
@@ -481,30 +494,42 @@ class Service:
         """Run the pass size check of every batcher still on the default size, one at a time, in the
         check thread, as a group of the compute scheduler (so requests keep their share of the CPU).
         Each verdict replaces its batcher's sizes at once and goes into the cache. A check that
-        fails leaves its batcher on max_batch_size (still batch-invariant) and says so in the log."""
+        fails leaves its batcher on max_batch_size (still batch-invariant) and says so in the log.
+        Each batcher's sizes are logged at DEBUG; at INFO a line when a model's checks are done (with
+        the count so far) and one when all are."""
         loop = asyncio.get_running_loop()
         pending = [k for k, src in self.pass_size_sources.items() if src == PassSizeSource.DEFAULT]
         begin = time.perf_counter()
-        for key in pending:
-            batcher, operation = self.batchers.get(key), self.operations.get(key)
-            entry = self.registry.entries.get(key.model)
-            if batcher is None or operation is None or entry is None or self.pass_size_sources.get(key) != PassSizeSource.DEFAULT:
-                continue  # gone (its model was removed or replaced) or settled meanwhile
-            check_key = self.check_key(operation, entry)
-            check = functools.partial(batcher.check_buckets, operation.example, operation.probe, group=CHECKS_GROUP)
-            try:
-                sizes = await loop.run_in_executor(self.check_executor, check)
-            except Exception:
-                log.exception("%s: the pass size check failed; every pass keeps %d rows", key, self.settings.max_batch_size)
-                continue
-            if self.batchers.get(key) is not batcher:
-                continue
+        failed = 0
+        for i, key in enumerate(pending, 1):
+            if not await self._check_one(key, loop):
+                failed += 1
+            if i == len(pending) or pending[i].model != key.model:  # the table lists a model's batchers together
+                log.info("pass size checks: %d/%d done (%s finished) in %.2f s", i, len(pending), key.model,
+                         time.perf_counter() - begin)
+        if pending:
+            log.info("pass size checks done: %d batcher(s) in %.2f s, %d failed (they keep %d rows)",
+                     len(pending), time.perf_counter() - begin, failed, self.settings.max_batch_size)
+
+    async def _check_one(self, key: OpKey, loop: asyncio.AbstractEventLoop) -> bool:
+        """One batcher's pass size check (check_pass_sizes); False when it failed."""
+        batcher, operation = self.batchers.get(key), self.operations.get(key)
+        entry = self.registry.entries.get(key.model)
+        if batcher is None or operation is None or entry is None or self.pass_size_sources.get(key) != PassSizeSource.DEFAULT:
+            return True  # gone (its model was removed or replaced) or settled meanwhile
+        check_key = self.check_key(operation, entry)
+        check = functools.partial(batcher.check_buckets, operation.example, operation.probe, group=CHECKS_GROUP)
+        try:
+            sizes = await loop.run_in_executor(self.check_executor, check)
+        except Exception:
+            log.exception("%s: the pass size check failed; every pass keeps %d rows", key, self.settings.max_batch_size)
+            return False
+        if self.batchers.get(key) is batcher:
             batcher.buckets = sizes
             self.pass_size_sources[key] = PassSizeSource.CHECKED
             self.cache.put(check_key, sizes)
-            log.info("%s: pass sizes %s (batch-invariant against %d rows)", key, list(sizes), self.settings.max_batch_size)
-        if pending:
-            log.info("pass size checks done in %.2f s", time.perf_counter() - begin)
+            log.debug("%s: pass sizes %s (batch-invariant against %d rows)", key, list(sizes), self.settings.max_batch_size)
+        return True
 
     async def _record_graphs(self, record: bool = True) -> None:
         """With cuda_graphs on a CUDA device: record each operation that offers it (app/operations.py's
@@ -536,7 +561,7 @@ class Service:
                 checked = await loop.run_in_executor(batcher.executor, batcher.check_buckets, operation.example, fn.probe)
                 checked = tuple(b for b in checked if b in batcher.buckets)
                 if checked != batcher.buckets:
-                    log.info("%s: pass sizes %s with CUDA graphs (batch-invariant against %d rows)", key, list(checked),
+                    log.debug("%s: pass sizes %s with CUDA graphs (batch-invariant against %d rows)", key, list(checked),
                              s.max_batch_size)
                 batcher.buckets = checked
 

@@ -181,6 +181,13 @@ class VAE(nn.Module):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.config.latent_dim,)
 
+    @property
+    def has_latent(self) -> bool:
+        """Whether an image depends on z. False for the context-only baseline (use_latent=False): its
+        decoder is fed z = 0, so encoding, decoding a given z, reconstructing and interpolating mean
+        nothing for it; it only samples (every draw then comes from the pixel context alone)."""
+        return self.config.use_latent
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D), the Gaussian q(z|x)."""
         h = self.encoder(x)

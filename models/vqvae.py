@@ -368,6 +368,11 @@ class VQVAE(nn.Module):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.config.embedding_dim, *self.code_shape)
 
+    @property
+    def has_latent(self) -> bool:
+        """Always: the code grid is all the decoder sees (models/vae.py's VAE.has_latent may be False)."""
+        return True
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [0, 1] -> z_e (B, D, H/4, W/4)."""
         return self.encoder(x - 0.5)  # centre the pixels; a fixed data convention, not a tunable

@@ -58,11 +58,12 @@ async def sample(
     draws = rand(n, U, H, W) (each pixel drawn at the same temperature); prior uniforms =
     rand(n, h, w), then (a conditional prior without `label`) one random label per image =
     randint(num_classes, (n,)). So the answer never depends on which requests shared the batch.
+    A VQ-VAE without a prior is 404 (GET /models' `operations` lists "sample" where it is offered).
     """
     settings = service.settings
     if n > settings.max_n:
         raise HTTPException(422, f"n must be between 1 and {settings.max_n}, got {n}")
-    entry = await find_model(service, model)
+    entry = await find_model(service, model, "sample")
     seed = secrets.randbits(63) if seed is None else seed
     generator = torch.Generator().manual_seed(seed)
     async with deadline(settings.request_timeout_s):
@@ -84,9 +85,7 @@ async def sample(
 
 
 def _choose_prior(entry: Entry, name: str | None) -> Prior:
-    if not entry.priors:
-        raise HTTPException(404, f"no prior is loaded for VQ-VAE {entry.name!r}, so it cannot sample")
-    if name is None:
+    if name is None:  # find_model has refused a VQ-VAE without priors
         return entry.default_prior  # type: ignore[return-value]
     if name not in entry.priors:
         raise HTTPException(404, f"prior {name!r} is not available for {entry.name!r}; available: {sorted(entry.priors)}")
@@ -147,9 +146,10 @@ async def decode(request: Request, service: ServiceDep, body: DecodeRequest) -> 
     decoder's pixels are drawn with the model's fixed reconstruct seed, as /reconstruct does, so the
     same z gives the same image); VQ-VAE: {"model",
     "codes": [[[h x w ints in [0, K)]], ...]}. A wrong shape, a non-finite value or a code out
-    of range is 422, naming its index."""
+    of range is 422, naming its index. A model without a latent is 422: its decoder ignores z, so
+    every z would give the same image (its /sample draws those)."""
     settings = service.settings
-    entry = await find_model(service, body.model)
+    entry = await find_model(service, body.model, "decode")
     if entry.kind == "vae":
         if body.codes is not None or body.z is None:
             raise HTTPException(422, f"model {entry.name!r} is a VAE: send 'z', a list of latent vectors (and no 'codes')")

@@ -39,8 +39,9 @@ async def read_files(request: Request, service: ServiceDep, entry) -> tuple[list
 
 @router.post("/reconstruct", response_class=Response, responses=UPLOAD_RESPONSES, openapi_extra=FILES)
 async def reconstruct(request: Request, service: ServiceDep, model: ModelQuery) -> Response:
-    """Reconstructions at the model's resolution: one grid, ceil(sqrt(n)) per row (one file: just its image)."""
-    entry = await find_model(service, model)
+    """Reconstructions at the model's resolution: one grid, ceil(sqrt(n)) per row (one file: just its image).
+    A model without a latent (GET /models' `operations`) is 422."""
+    entry = await find_model(service, model, "reconstruct")
     async with deadline(service.settings.request_timeout_s):
         _, x = await read_files(request, service, entry)  # (B, C, H, W)
         (images,) = await service.batcher(entry, Op.RECONSTRUCT).submit(x)
@@ -56,8 +57,9 @@ async def encode(
     model: ModelQuery,
     include_z_e: Annotated[bool, Query(description="VQ-VAE: also return the continuous encoder output z_e")] = False,
 ) -> Response:
-    """VAE: mu and logvar of q(z|x) per image. VQ-VAE: the (h, w) code grid per image (and z_e on request)."""
-    entry = await find_model(service, model)
+    """VAE: mu and logvar of q(z|x) per image. VQ-VAE: the (h, w) code grid per image (and z_e on request).
+    A model without a latent (GET /models' `operations`) is 422."""
+    entry = await find_model(service, model, "encode")
     if include_z_e and entry.kind != "vqvae":
         raise HTTPException(422, f"include_z_e applies to VQ-VAE models; {entry.name!r} is a {entry.kind}")
     async with deadline(service.settings.request_timeout_s):
@@ -106,9 +108,9 @@ async def interpolate(
     VAE: interpolate the posterior means mu_a, mu_b and decode; the ends are exactly the
     reconstructions of a and b. VQ-VAE: interpolate the continuous encoder outputs z_e (as
     one flattened vector), replace every vector of each step by its nearest code, decode; the
-    ends are again the reconstructions.
+    ends are again the reconstructions. A model without a latent (GET /models' `operations`) is 422.
     """
-    entry = await find_model(service, model)
+    entry = await find_model(service, model, "interpolate")
     async with deadline(service.settings.request_timeout_s):
         ends = await read_upload_images(request, service, entry, ["a", "b"], max_per_field={"a": 1, "b": 1})
         x = torch.stack([ends["a"][0][1], ends["b"][0][1]])  # (2, C, H, W)

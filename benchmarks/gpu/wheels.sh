@@ -46,6 +46,7 @@ typing-inspection -
 python-multipart -
 orjson -
 python-json-logger -
+fastapi-offline -
 opentelemetry-api -
 pytest-asyncio -
 asgi-lifespan -

@@ -2,24 +2,26 @@
 
 The app serves the tiny models of conftest.py (or the folder in GENSERVE_BROWSER_WEIGHTS, which must
 hold a VAE `vae` and a VQ-VAE `vqvae` with a class-conditional prior `gated`, as weights/ does: the
-README's screenshots come from it). Skips when selenium, chromium (or chromium-browser) or chromedriver is
-missing; CI's .ci/run tries to install them. Screenshots at desktop (1280x900) and phone
-(390x844) width go to GENSERVE_SCREENSHOTS (default: the test's tmp_path).
+README's screenshots come from it, with
+`GENSERVE_BROWSER_WEIGHTS=weights GENSERVE_SCREENSHOTS=app/static/screenshots pytest tests/app/test_browser.py -k screenshots`).
+Skips when selenium, chromium (or chromium-browser) or chromedriver is missing; CI's .ci/run tries to
+install them. Screenshots at desktop (1280x900) and phone (390x844) width go to GENSERVE_SCREENSHOTS
+(default: the test's tmp_path).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from app.routes.page import STATIC_DIR
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.browser
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -65,18 +68,44 @@ def driver():
     browser.quit()
 
 
+PANELS = ("#reconstruct", "#sample", "#interpolate")  # each shows a result made on load, without a click
+
+
 @pytest.fixture
 def page(driver, server_url):
-    """The page loaded at desktop size with its model list in; afterwards, no script error in its console."""
-    viewport(driver, *DESKTOP)
-    driver.get(server_url + "/")
-    models = httpx.get(server_url + "/models", timeout=60).json()
-    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-cards .card")) == len(models), "model cards")
+    """The page loaded at desktop size, its model list in and the results it makes on load shown;
+    afterwards, no script error in its console."""
+    load(driver, server_url)
     driver.get_log("browser")  # drop what came before
     yield driver
     errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     # A failed request logs "Failed to load resource: ... status of 422"; the tests cause those on purpose.
     assert [m for m in errors if "Failed to load resource" not in m] == []
+
+
+def load(driver, server_url: str, models: list[dict] | None = None) -> None:
+    """Open the page at desktop size and wait for its model cards and the results it makes on load.
+    With `models`, the page reads that list from GET /models instead of the server's (window.fetch
+    wrapped before the page's module runs)."""
+    viewport(driver, *DESKTOP)
+    script = None
+    if models is not None:
+        script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+            const fetchFromServer = window.fetch, models = MODELS;
+            window.fetch = async (resource, init) => {
+              const response = await fetchFromServer(resource, init);
+              if (new URL(String(resource), location.href).pathname !== "/models") return response;
+              return new Response(JSON.stringify(models), { headers: { "Content-Type": "application/json" } });
+            };""".replace("MODELS", json.dumps(models))})["identifier"]
+    try:
+        driver.get(server_url + "/")
+        count = len(models if models is not None else httpx.get(server_url + "/models", timeout=60).json())
+        wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-cards .card")) == count, "model cards")
+        for panel in PANELS:
+            settled(driver, panel)
+    finally:
+        if script is not None:
+            driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
 
 
 def viewport(driver, width: int, height: int) -> None:
@@ -126,6 +155,28 @@ def fill(element, value: str) -> None:
     element.send_keys(value)
 
 
+def url_pixels(driver, url: str) -> np.ndarray:
+    """The pixels of an image the page links to (a download's blob: URL), as image_pixels reads them."""
+    img = driver.execute_async_script("""
+        const [url, done] = arguments, img = new Image();
+        img.onload = () => { document.body.append(img); done(img); };
+        img.onerror = () => done(null);
+        img.src = url;""", url)
+    assert img is not None, url
+    pixels = image_pixels(driver, img)
+    driver.execute_script("arguments[0].remove()", img)
+    return pixels
+
+
+def text(driver, selector: str) -> str:
+    """An element's text, shown or not (Selenium's .text is empty for what is hidden)."""
+    return driver.find_element(By.CSS_SELECTOR, selector).get_attribute("textContent")
+
+
+def shown(driver, selector: str) -> list:
+    return [e for e in driver.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()]
+
+
 def run_sample(driver, **fields: str) -> None:
     form = driver.find_element(By.ID, "sample-form")
     for name, value in fields.items():
@@ -138,6 +189,90 @@ def upload(driver, picker: str, path: Path) -> None:
     driver.find_element(By.CSS_SELECTOR, f"{picker} input[type=file]").send_keys(str(path))
 
 
+def reconstructed(driver, name: str) -> list:
+    """Wait until `name` is the image reconstructed (its curl names it) and every model has answered; the cells."""
+    wait_for(driver, lambda d: f"file=@{name}" in text(d, "#reconstruct pre.curl"), f"{name} to be picked")
+    settled(driver, "#reconstruct")
+    return driver.find_elements(By.CSS_SELECTOR, "#recon-results .pair")
+
+
+def offered(models: list[dict], operation: str) -> list[str]:
+    """The models that offer `operation` (all of them from a server whose /models has no `operations`)."""
+    return [m["name"] for m in models if operation in m.get("operations", [operation])]
+
+
+def open_cards(driver) -> None:
+    for card in driver.find_elements(By.CSS_SELECTOR, "#model-cards details.card:not([open])"):
+        driver.execute_script("arguments[0].open = true", card)
+
+
+def test_the_page_opens_on_results(page, server_url) -> None:
+    """Without a click: a bundled image reconstructed by every model that can, a sample grid with its seed and
+    an interpolation; the model cards and their metric tables collapsed below them."""
+    models = httpx.get(server_url + "/models", timeout=60).json()
+    cells = page.find_elements(By.CSS_SELECTOR, "#recon-results .pair")
+    assert [c.get_attribute("data-model") for c in cells] == offered(models, "reconstruct")
+    for cell in cells:
+        assert cell.get_attribute("data-state") == "done" and cell.find_element(By.CSS_SELECTOR, ".slot.output img").is_displayed()
+    # the grey image where most models are grey (conftest.py's and weights/'s are)
+    assert page.find_element(By.CSS_SELECTOR, '#recon-picker .bundled [aria-pressed="true"]').get_attribute("data-file") == "tshirt.png"
+    assert page.find_element(By.ID, "sample-grid").is_displayed() and page.find_element(By.ID, "sample-seed").text.isdigit()
+    assert len(shown(page, "#interp-strip img")) == 8 and page.find_element(By.ID, "interp-frame").is_displayed()
+    assert all(page.find_element(By.CSS_SELECTOR, p).get_attribute("data-state") == "done" for p in PANELS)
+
+    order = page.execute_script("return [...document.querySelectorAll('main > section')].map(s => s.id)")
+    assert order == ["reconstruct", "sample", "interpolate", "models"]
+    cards = page.find_elements(By.CSS_SELECTOR, "#model-cards details.card")
+    assert len(cards) == len(models) and not any(c.get_attribute("open") for c in cards)
+    assert shown(page, "#model-cards table") == [] and shown(page, "#model-cards dl") == []
+    vqvae = page.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vqvae"]')
+    vqvae.find_element(By.TAG_NAME, "summary").click()  # opens on demand
+    assert vqvae.get_attribute("open") and vqvae.find_element(By.CSS_SELECTOR, "table.bits").is_displayed()
+
+    for width, height in (DESKTOP, PHONE):  # the first reconstruction is on the first screen
+        viewport(page, width, height)
+        page.execute_script("window.scrollTo(0, 0)")
+        first = page.find_element(By.CSS_SELECTOR, "#recon-results .pair .slot.output img")
+        assert page.execute_script("return arguments[0].getBoundingClientRect().bottom", first) <= height, width
+    viewport(page, *DESKTOP)
+
+
+def test_the_page_offers_each_model_only_what_it_lists(driver, server_url) -> None:
+    """GET /models' `operations`: `vae` made to list only decode and sample (as a model without a latent, like
+    the shipped vae_context) is not offered for reconstruct or interpolate; a model whose entry has no
+    `operations` (an older server) is offered everything."""
+    models = httpx.get(server_url + "/models", timeout=60).json()
+    for m in models:
+        m.pop("operations", None)
+    next(m for m in models if m["name"] == "vae")["operations"] = ["decode", "sample"]
+    load(driver, server_url, models)
+    names = [m["name"] for m in models]
+    others = [n for n in names if n != "vae"]
+
+    assert [c.get_attribute("data-model") for c in driver.find_elements(By.CSS_SELECTOR, "#recon-results .pair")] == others
+    assert driver.find_element(By.ID, "recon-skipped").text == "Not shown: vae, which does not reconstruct (no encoder latent)."
+    assert "model=vae\"" not in text(driver, "#reconstruct pre.curl") and "for m in " + " ".join(others) + "; do" in text(driver, "#reconstruct pre.curl")
+
+    def options(form: str) -> list[str]:
+        return [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, f"#{form} [name=model] option")]
+
+    assert options("sample-form") == names and options("interp-form") == others
+    assert "model=vae&" not in text(driver, "#interpolate pre.curl")
+
+    open_cards(driver)
+    def offers(name: str) -> str:
+        card = driver.find_element(By.CSS_SELECTOR, f'#model-cards .card[data-model="{name}"]')
+        terms = [t.text for t in card.find_elements(By.CSS_SELECTOR, "dl > dt")]
+        return card.find_elements(By.CSS_SELECTOR, "dl > dd")[terms.index("Offers")].text
+
+    assert offers("vae") == "decode, sample"
+    assert offers("vqvae") == "reconstruct, encode, decode, interpolate, sample"
+    button = driver.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vae"] button')
+    assert button.text == "Use for sample"
+    button.click()
+    assert Select(driver.find_element(By.CSS_SELECTOR, "#sample-form [name=model]")).first_selected_option.get_attribute("value") == "vae"
+
+
 def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -> None:
     models = httpx.get(server_url + "/models", timeout=60).json()
     path = tmp_path / "stripes.png"
@@ -145,27 +280,83 @@ def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -
     arr[::4] = 255
     Image.fromarray(arr, "L").save(path)
     upload(page, "#recon-picker", path)
-    cells = settled(page, "#recon-results .pair")
-    assert sorted(c.get_attribute("data-model") for c in cells) == sorted(m["name"] for m in models)
-    for cell, model in zip(cells, models):
+    cells = reconstructed(page, "stripes.png")
+    recon = [m for m in models if m["name"] in offered(models, "reconstruct")]
+    assert [c.get_attribute("data-model") for c in cells] == [m["name"] for m in recon]
+    for cell, model in zip(cells, recon):
         assert cell.get_attribute("data-state") == "done", cell.text
         c, h, w = model["image_shape"]
-        shown = cell.find_element(By.CSS_SELECTOR, ".slot.input canvas")  # the input as the model sees it
-        assert (int(shown.get_attribute("width")), int(shown.get_attribute("height"))) == (w, h)
+        shown_input = cell.find_element(By.CSS_SELECTOR, ".slot.input canvas")  # the input as the model sees it
+        assert (int(shown_input.get_attribute("width")), int(shown_input.get_attribute("height"))) == (w, h)
         out = image_pixels(page, cell.find_element(By.CSS_SELECTOR, ".slot.output img"))
         expected = httpx.post(server_url + "/reconstruct", params={"model": model["name"]},
                               files={"file": ("stripes.png", path.read_bytes(), "image/png")}, timeout=60)
         assert Image.open(io.BytesIO(expected.content)).mode == ("L" if c == 1 else "RGB")
         assert out.shape == (h, w, 4) and np.array_equal(out, png_pixels(expected.content))
-    curl = page.find_element(By.CSS_SELECTOR, "#reconstruct pre.curl").text
-    assert "-F 'file=@stripes.png'" in curl and f"{server_url}/reconstruct?model=vae'" in curl
+    assert page.find_element(By.CSS_SELECTOR, "#recon-picker .drop .name").text == "stripes.png"
+    curl = text(page, "#reconstruct pre.curl").splitlines()
+    assert curl == [f"for m in {' '.join(m['name'] for m in recon)}; do",
+                    f"""  curl -sS -F 'file=@stripes.png' -o "$m.png" "{server_url}/reconstruct?model=$m\"""", "done"]
 
     page.find_element(By.CSS_SELECTOR, '#recon-picker .bundled button[data-file="sneaker.png"]').click()
-    wait_for(page, lambda d: "sneaker.png" in d.find_element(By.CSS_SELECTOR, "#reconstruct pre.curl").text, "the bundled image")
-    assert all(c.get_attribute("data-state") == "done" for c in settled(page, "#recon-results .pair"))
+    assert all(c.get_attribute("data-state") == "done" for c in reconstructed(page, "sneaker.png"))
+    assert not page.find_element(By.CSS_SELECTOR, "#recon-picker .drop .name").is_displayed()  # the button says it
 
 
-def test_the_same_seed_draws_the_same_grid(page, server_url) -> None:
+def test_a_bad_upload_is_one_message_at_the_picker_and_clears_the_results(page, tmp_path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    assert shown(page, "#recon-results .slot.output img")  # the results made on load
+    upload(page, "#recon-picker", path)
+    reconstructed(page, "notes.png")
+    message = "file 'notes.png' is not a decodable image (not one of PNG, JPEG, GIF, WEBP, BMP, TIFF) (HTTP 400, unusable image)"
+    errors = shown(page, "#reconstruct .error")
+    assert [e.text for e in errors] == [message]
+    # at the picker: the message follows it
+    assert page.execute_script("return arguments[0].previousElementSibling.id", errors[0]) == "recon-picker"
+    assert page.find_element(By.TAG_NAME, "body").text.count("is not a decodable image") == 1
+    assert all(c.get_attribute("data-state") == "error" for c in page.find_elements(By.CSS_SELECTOR, "#recon-results .pair"))
+    assert not page.find_element(By.ID, "recon-results").is_displayed()  # nothing of the tshirt's left under it
+    assert shown(page, "#recon-results img, #recon-results canvas") == []
+    assert "cannot" not in text(page, "#recon-results")
+    # the drop zone: no broken thumbnail, the file's name once
+    assert not page.find_element(By.CSS_SELECTOR, "#recon-picker .thumb").is_displayed()
+    assert page.find_element(By.CSS_SELECTOR, "#recon-picker .drop .name").text == "notes.png (your browser cannot show it)"
+    assert page.execute_script("return [...document.images].filter(i => i.complete && i.getAttribute('src') && !i.naturalWidth"
+                               " && i.checkVisibility()).length") == 0
+
+    page.find_element(By.CSS_SELECTOR, '#recon-picker .bundled button[data-file="bag.png"]').click()
+    reconstructed(page, "bag.png")
+    assert shown(page, "#reconstruct .error") == [] and page.find_element(By.ID, "recon-results").is_displayed()
+    assert page.find_element(By.CSS_SELECTOR, "#recon-picker .thumb").is_displayed()
+
+
+def test_a_failed_request_marks_the_result_it_did_not_replace_as_out_of_date(page) -> None:
+    sample, figure = page.find_element(By.ID, "sample"), page.find_element(By.CSS_SELECTOR, "#sample .result")
+    assert figure.is_displayed() and figure.get_attribute("data-stale") is None
+    run_sample(page, temperature="0")
+    error = page.find_element(By.CSS_SELECTOR, "#sample .error")
+    assert sample.get_attribute("data-state") == "error" and error.is_displayed()
+    assert error.text == "temperature: Input should be greater than or equal to 0.001 (HTTP 422, invalid parameter)"
+    assert figure.get_attribute("data-stale") == "true"
+    assert page.find_element(By.CSS_SELECTOR, "#sample .stale-note").text.startswith("Out of date: the last request failed.")
+    assert float(page.find_element(By.ID, "sample-grid").value_of_css_property("opacity")) < 0.5
+
+    run_sample(page, temperature="1", seed="soon")
+    assert error.text.startswith("seed: Input should be a valid integer") and figure.get_attribute("data-stale") == "true"
+    run_sample(page, seed="")
+    assert not error.is_displayed() and figure.get_attribute("data-stale") is None
+    assert not page.find_element(By.CSS_SELECTOR, "#sample .stale-note").is_displayed()
+
+    fill(page.find_element(By.CSS_SELECTOR, "#interp-form [name=steps]"), "1")
+    page.find_element(By.CSS_SELECTOR, "#interp-form button[type=submit]").click()
+    settled(page, "#interpolate")
+    assert page.find_element(By.CSS_SELECTOR, "#interpolate .error").text.startswith("steps: Input should be greater than or equal to 2")
+    assert page.find_element(By.CSS_SELECTOR, "#interpolate .result").get_attribute("data-stale") == "true"
+    assert page.find_element(By.CSS_SELECTOR, "#interpolate .stale-note").is_displayed()
+
+
+def test_sample_draws_a_new_seed_each_press_unless_one_is_typed(page, server_url) -> None:
     form = page.find_element(By.ID, "sample-form")
     Select(form.find_element(By.NAME, "model")).select_by_value("vqvae")
     Select(form.find_element(By.NAME, "prior")).select_by_value("gated")
@@ -175,31 +366,36 @@ def test_the_same_seed_draws_the_same_grid(page, server_url) -> None:
     names = next(p for p in vqvae["priors"] if p["name"] == "gated")["class_names"]  # the server resolves them
     Select(label).select_by_visible_text(f"{names[1]} (1)" if names else "label 1")  # by class name where recorded
     params = {"model": "vqvae", "prior": "gated", "label": "1", "n": "4", "temperature": "0.9"}
+    grid, seed_field = page.find_element(By.ID, "sample-grid"), form.find_element(By.NAME, "seed")
 
-    run_sample(page, n="4", temperature="0.9", seed="1234")
-    grid = page.find_element(By.ID, "sample-grid")
+    run_sample(page, n="4", temperature="0.9", seed="1234")  # a typed seed: the same grid on every press
     first = image_pixels(page, grid)
-    assert page.find_element(By.ID, "sample-seed").text == "1234"
+    assert page.find_element(By.ID, "sample-seed").text == "1234" and "(random)" not in page.find_element(By.ID, "sample-info").text
     expected = httpx.get(server_url + "/sample", params={**params, "seed": "1234"}, timeout=60).content
     assert np.array_equal(first, png_pixels(expected))
-    curl = page.find_element(By.CSS_SELECTOR, "#sample pre.curl").text
+    curl = text(page, "#sample pre.curl")
     assert "seed=1234" in curl and "label=1" in curl and "prior=gated" in curl
-
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     settled(page, "#sample")
-    assert np.array_equal(image_pixels(page, grid), first)
+    assert np.array_equal(image_pixels(page, grid), first) and seed_field.get_attribute("value") == "1234"
+    assert not page.find_element(By.ID, "sample-keep").is_displayed()
 
-    form.find_element(By.NAME, "new-seed").click()
-    wait_for(page, lambda d: d.find_element(By.ID, "sample-seed").text not in ("", "1234"), "a new seed")
-    settled(page, "#sample")
-    seed = form.find_element(By.NAME, "seed").get_attribute("value")
-    assert page.find_element(By.ID, "sample-seed").text == seed and 0 <= int(seed) < 2**63
-    expected = httpx.get(server_url + "/sample", params={**params, "seed": seed}, timeout=60).content
+    seeds = []
+    for _ in range(2):  # no seed: a new one on each press, shown under the grid and not written into the field
+        run_sample(page, seed="")
+        seeds.append(page.find_element(By.ID, "sample-seed").text)
+        assert seeds[-1].isdigit() and 0 <= int(seeds[-1]) < 2**63 and seed_field.get_attribute("value") == ""
+        assert "(random)" in page.find_element(By.ID, "sample-info").text and "seed=" not in text(page, "#sample pre.curl")
+    assert seeds[0] != seeds[1] and "1234" not in seeds
+    expected = httpx.get(server_url + "/sample", params={**params, "seed": seeds[1]}, timeout=60).content
     assert np.array_equal(image_pixels(page, grid), png_pixels(expected))
 
-    run_sample(page, seed="")  # no seed: the server draws one, and the page shows and keeps it
-    drawn = page.find_element(By.ID, "sample-seed").text
-    assert drawn.isdigit() and form.find_element(By.NAME, "seed").get_attribute("value") == drawn
+    page.find_element(By.ID, "sample-keep").click()  # "Keep this seed": the shown grid again
+    assert seed_field.get_attribute("value") == seeds[1] and f"seed={seeds[1]}" in text(page, "#sample pre.curl")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    settled(page, "#sample")
+    assert page.find_element(By.ID, "sample-seed").text == seeds[1]
+    assert np.array_equal(image_pixels(page, grid), png_pixels(expected))
 
 
 def test_an_interpolation_shows_its_strip_and_the_slider_walks_it(page, server_url) -> None:
@@ -218,7 +414,9 @@ def test_an_interpolation_shows_its_strip_and_the_slider_walks_it(page, server_u
     expected = httpx.post(server_url + "/interpolate", params={"model": "vae", "steps": 5, "method": "lerp"}, files=files,
                           headers={"Accept": "application/json"}, timeout=60).json()["images"]
     assert len(frames) == len(expected) == 5
-    assert all(np.array_equal(image_pixels(page, f), png_pixels(base64.b64decode(s))) for f, s in zip(frames, expected))
+    pixels = [png_pixels(base64.b64decode(s)) for s in expected]
+    assert all(np.array_equal(image_pixels(page, f), p) for f, p in zip(frames, pixels))
+    assert page.find_element(By.ID, "interp-about").text == "vae, lerp: tshirt.png → trouser.png"
 
     big = page.find_element(By.ID, "interp-frame")
     assert big.get_attribute("src") == frames[0].get_attribute("src")
@@ -227,65 +425,135 @@ def test_an_interpolation_shows_its_strip_and_the_slider_walks_it(page, server_u
     assert page.find_element(By.ID, "interp-info").text == "frame 5 of 5 · t = 1"
     page.find_element(By.ID, "interp-slider").send_keys(Keys.LEFT)
     assert "frame 4 of 5 · t = 0.75" == page.find_element(By.ID, "interp-info").text
-    assert "-F 'a=@tshirt.png' -F 'b=@trouser.png'" in page.find_element(By.CSS_SELECTOR, "#interpolate pre.curl").text
+    assert "-F 'a=@tshirt.png' -F 'b=@trouser.png'" in text(page, "#interpolate pre.curl")
+
+    # the download: the frames side by side, 2 black pixels apart
+    link = page.find_element(By.ID, "interp-download")
+    assert link.get_attribute("download") == "interpolate-vae-tshirt-trouser-lerp-5.png"
+    strip = url_pixels(page, link.get_attribute("href"))
+    h, w = pixels[0].shape[:2]
+    assert strip.shape == (h, 5 * w + 4 * 2, 4)
+    assert all(np.array_equal(strip[:, i * (w + 2):i * (w + 2) + w], p) for i, p in enumerate(pixels))
+    assert (strip[:, w:w + 2, :3] == 0).all()
 
 
-def test_api_errors_are_shown_as_messages(page, tmp_path) -> None:
-    run_sample(page, temperature="0")
-    error = page.find_element(By.CSS_SELECTOR, "#sample > .error")
-    assert page.find_element(By.ID, "sample").get_attribute("data-state") == "error" and error.is_displayed()
-    assert error.text == "temperature: Input should be greater than or equal to 0.001 (HTTP 422, invalid parameter)"
+def test_grids_enlarge_and_download(page) -> None:
+    """The sample grid, each reconstruction and the interpolation's frame open big in a lightbox (whole pixels)
+    with a download link named after what made them; the grid and the strip have their own download links."""
+    lightbox = page.find_element(By.ID, "lightbox")
+    grid = page.find_element(By.ID, "sample-grid")
+    seed = page.find_element(By.ID, "sample-seed").text
+    download = page.find_element(By.ID, "sample-download")
+    assert download.get_attribute("download") == f"sample-vae-seed{seed}.png"
+    assert download.get_attribute("href") == grid.get_attribute("src") and download.get_attribute("href").startswith("blob:")
 
-    run_sample(page, temperature="1", seed="soon")
-    assert error.text.startswith("seed: Input should be a valid integer")
+    def enlarged(button, src: str, name: str) -> None:
+        button.click()
+        assert lightbox.get_attribute("open") is not None
+        img = page.find_element(By.ID, "lightbox-img")
+        wait_for(page, lambda d: img.get_attribute("style"), "the enlarged size")
+        assert img.get_attribute("src") == src and img.size["width"] > button.size["width"]
+        assert page.execute_script("return arguments[0].width % arguments[0].naturalWidth", img) == 0  # whole pixels
+        link = page.find_element(By.ID, "lightbox-download")
+        assert link.get_attribute("download") == name and link.get_attribute("href") == src
+        page.find_element(By.ID, "lightbox-close").click()
+        assert lightbox.get_attribute("open") is None
 
-    path = tmp_path / "notes.png"
-    path.write_text("not an image")
-    upload(page, "#recon-picker", path)
-    for cell in settled(page, "#recon-results .pair"):
-        message = cell.find_element(By.CSS_SELECTOR, ".error")
-        assert cell.get_attribute("data-state") == "error" and message.is_displayed()
-        assert message.text == "file 'notes.png' is not a decodable image (not one of PNG, JPEG, GIF, WEBP, BMP, TIFF) (HTTP 400, unusable image)"
+    enlarged(page.find_element(By.ID, "sample-zoom"), grid.get_attribute("src"), f"sample-vae-seed{seed}.png")
+    recon = page.find_element(By.CSS_SELECTOR, '#recon-results .pair[data-model="vqvae"] .slot.output button.zoom')
+    enlarged(recon, recon.find_element(By.TAG_NAME, "img").get_attribute("src"), "reconstruct-vqvae-tshirt.png")
+    frame = page.find_element(By.ID, "interp-frame")
+    enlarged(page.find_element(By.ID, "interp-zoom"), frame.get_attribute("src"), "interpolate-vae-tshirt-trouser-slerp-8-frame1.png")
+    assert page.find_element(By.ID, "interp-download").get_attribute("download") == "interpolate-vae-tshirt-trouser-slerp-8.png"
+    page.find_element(By.ID, "sample-zoom").click()
+    ActionChains(page).send_keys(Keys.ESCAPE).perform()
+    assert lightbox.get_attribute("open") is None
 
 
 def test_screenshots_at_desktop_and_phone_width(page, tmp_path) -> None:
+    """The page as it opens (its results made on load), at both widths; a strip wider than a phone says so."""
     folder = Path(os.environ.get("GENSERVE_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
-    page.find_element(By.CSS_SELECTOR, '#recon-picker .bundled button[data-file="tshirt.png"]').click()
-    Select(page.find_element(By.CSS_SELECTOR, "#sample-form [name=model]")).select_by_value("vqvae")
-    run_sample(page, seed="7", n="16")
-    Select(page.find_element(By.CSS_SELECTOR, "#interp-form [name=model]")).select_by_value("vqvae")
-    page.find_element(By.CSS_SELECTOR, "#interp-form button[type=submit]").click()
-    settled(page, "#recon-results .pair")
-    settled(page, "#interpolate")
+    hint = page.find_element(By.ID, "interp-scroll")
     for name, (width, height) in (("desktop", DESKTOP), ("phone", PHONE)):
         viewport(page, width, height)
-        # nothing wider than the screen: the page scrolls only down
+        # nothing wider than the screen: the page scrolls only down; the interpolation's 8 frames scroll sideways
         assert page.execute_script("return document.documentElement.scrollWidth") <= width, name
-        page.execute_script("document.getElementById('reconstruct').scrollIntoView()")  # the results, not the cards
+        phone = name == "phone"
+        wait_for(page, lambda d, phone=phone: hint.is_displayed() == phone, f"the scroll hint at {name} width")
+        if phone:
+            strip = page.find_element(By.ID, "interp-strip")
+            assert hint.text == "scroll →"
+            assert page.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", strip)
+        page.execute_script("window.scrollTo(0, 0)")
         assert page.save_screenshot(str(folder / f"{name}.png"))
         full = page.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         (folder / f"{name}-full.png").write_bytes(base64.b64decode(full["data"]))
         with Image.open(folder / f"{name}.png") as shot:
             assert shot.size == (width, height)
+    viewport(page, *DESKTOP)
 
 
 def test_each_card_shows_its_bits_per_dim_table(page) -> None:
-    """conftest.py: vae_rgb records an IWAE bound; gated (class-conditional) and pixelcnnpp a prior's bound;
-    vae records none, so its card has no table."""
+    """conftest.py: vae_rgb records an IWAE bound (and its nats); gated (class-conditional) and pixelcnnpp a
+    prior's bound, whose nats/image the page derives: bits/dim × 64 dims × ln 2; vae records none, so its card
+    has no table. Bits/dim with 4 decimals, nats with 1."""
+    open_cards(page)
+
     def table(name: str) -> list[list[str]]:
         card = page.find_element(By.CSS_SELECTOR, f'#model-cards .card[data-model="{name}"]')
         return [[cell.text for cell in row.find_elements(By.CSS_SELECTOR, "th, td")]
                 for row in card.find_elements(By.CSS_SELECTOR, "table.bits tbody tr")]
 
-    assert table("vae_rgb") == [["IWAE-10: −log p(x)", "5.25", "698.7"]]
+    assert table("vae_rgb") == [["IWAE-10: −log p(x)", "5.2500", "698.7"]]
+    nats = [f"{bits * 64 * math.log(2):.1f}" for bits in (3.25, 3.4, 3.5)]
+    assert nats == ["144.2", "150.8", "155.3"]
     # the prior's bound is told each image's class: named as a bound on -log p(x | y), not -log p(x)
-    assert table("vqvae") == [["prior gated, class given: −log p(x | y)", "3.25", "–"],
-                              ["prior gated, class marginalised: −log p(x)", "3.4", "–"],
-                              ["prior pixelcnnpp: −log p(x)", "3.5", "–"]]
+    assert table("vqvae") == [["prior gated, class given: −log p(x | y)", "3.2500", nats[0]],
+                              ["prior gated, class marginalised: −log p(x)", "3.4000", nats[1]],
+                              ["prior pixelcnnpp: −log p(x)", "3.5000", nats[2]]]
     assert table("vae") == []
     vae = page.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vae"]')
     assert vae.find_elements(By.CSS_SELECTOR, "table.bits") == []
+
+
+def test_bits_per_dim_tables_tell_close_rows_apart_and_break_no_word(driver, server_url) -> None:
+    """Two bounds that agree to 4 decimals get as many more as tell them apart (the shipped priors' 3.4197 and
+    3.4225 already differ at 4); at phone width no header or number is broken mid-word ("bits/di m")."""
+    models = httpx.get(server_url + "/models", timeout=60).json()
+    vqvae = next(m for m in models if m["name"] == "vqvae")
+    gated = next(p for p in vqvae["priors"] if p["name"] == "gated")
+    gated["test_bits_per_dim"], gated["test_marginal_bits_per_dim"] = 3.419739, 3.419741
+    vqvae["metrics"].update(test_uniform_prior_bits_per_dim=3.7007215, test_uniform_prior_nll_nats=2011.0734)
+    load(driver, server_url, models)
+    open_cards(driver)
+    card = driver.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vqvae"]')
+    rows = [[c.text for c in r.find_elements(By.CSS_SELECTOR, "th, td")] for r in card.find_elements(By.CSS_SELECTOR, "table.bits tbody tr")]
+    assert [r[1] for r in rows] == ["3.700722", "3.419739", "3.419741", "3.500000"]
+    # nats/image likewise: the gated rows' 151.7045 and 151.7046 (bits/dim × 64 × ln 2) need 3 decimals
+    assert [r[2] for r in rows] == ["2011.073", "151.704", "151.705", "155.265"]
+
+    viewport(driver, *PHONE)
+    broken = driver.execute_script("""
+        const broken = [];
+        for (const cell of document.querySelectorAll("#model-cards table.bits th, #model-cards table.bits td")) {
+          const node = cell.firstChild;
+          let at = 0;
+          for (const word of node.textContent.split(" ")) {
+            const range = document.createRange();
+            range.setStart(node, at);
+            range.setEnd(node, at + word.length);
+            if (word && new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size > 1) broken.push(word);
+            at += word.length + 1;
+          }
+        }
+        return broken;""")
+    assert broken == []
+    headers = card.find_elements(By.CSS_SELECTOR, "table.bits thead th")
+    assert [h.text for h in headers] == ["bound", "bits/dim", "nats/image"]
+    assert len({h.size["height"] for h in headers}) == 1  # one line each
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= PHONE[0]
+    viewport(driver, *DESKTOP)
 
 
 def test_a_colour_model_samples_and_interpolates_in_colour(page, server_url) -> None:

@@ -46,7 +46,7 @@ async def test_page_and_its_assets_are_served_with_their_types(page_client) -> N
     assert page.text == (STATIC_DIR / "index.html").read_text()
 
     refs = [ref for ref in re.findall(r"""(?:src|href)="([^"]+)\"""", page.text) if not ref.startswith(("#", "data:"))]
-    assert {"static/app.css", "static/app.js", "openapi.json"} <= set(refs)
+    assert {"static/app.css", "static/app.js", "openapi.json", "docs"} <= set(refs)  # the API's schema and its docs
     for ref in refs:
         response = await page_client.get(f"/{ref}")
         assert response.status_code == 200, ref

@@ -50,8 +50,11 @@ def test_the_listener_answers_while_the_models_load(tmp_path: Path, held_weights
     with server_process(tmp_path, held_weights, wait_ready=False) as server:
         health = wait_for(lambda: httpx.get(f"{server.base_url}/health", timeout=5), "/health")
         assert health.status_code == 200 and health.json() == {"status": "ok"}
-        ready = httpx.get(f"{server.base_url}/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json() == {"detail": "starting"} and ready.headers["retry-after"] == "1"
+        # the loader counts the VAE, then blocks on the FIFO: /ready says how far it has got
+        ready = wait_for(lambda: (r := httpx.get(f"{server.base_url}/ready", timeout=5)).json().get("loaded") == 1 and r,
+                         "/ready to count the first file")
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+        assert {k: ready.json()[k] for k in ("detail", "loaded", "files")} == {"detail": "starting", "loaded": 1, "files": 2}
         models = httpx.get(f"{server.base_url}/models", timeout=5)
         assert models.status_code == 503 and "starting" in models.json()["detail"]
         sample = httpx.get(f"{server.base_url}/sample", params={"model": "vae"}, timeout=5)
