@@ -13,7 +13,8 @@ GET / is a page to try every model in a browser (app/routes/page.py, app/static/
 document the API without fetching anything from another host (app/routes/docs.py).
 
 Errors are always JSON `{"detail": ...}`: 404 unknown model or prior, 400 undecodable
-upload, 413 too large, 422 invalid parameters, 503 (+ Retry-After) queue full or not
+upload, 413 too large, 422 invalid parameters (an operation the model does not offer too: GET
+/models' `operations`, app/dependencies.py's find_model), 503 (+ Retry-After) queue full or not
 ready, 504 timed out, 500 only for a failure inside the service. A 5xx body says in words what
 failed and adds `request_id`; tracebacks and tensors go to the log only.
 

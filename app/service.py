@@ -508,8 +508,8 @@ class Service:
                 log.info("pass size checks: %d/%d done (%s finished) in %.2f s", i, len(pending), key.model,
                          time.perf_counter() - begin)
         if pending:
-            log.info("pass size checks done: %d batcher(s) in %.2f s, %d failed (they keep %d rows)",
-                     len(pending), time.perf_counter() - begin, failed, self.settings.max_batch_size)
+            log.info("pass size checks done: %d batcher(s) in %.2f s%s", len(pending), time.perf_counter() - begin,
+                     f"; {failed} failed (each keeps {self.settings.max_batch_size} rows a pass)" if failed else "")
 
     async def _check_one(self, key: OpKey, loop: asyncio.AbstractEventLoop) -> bool:
         """One batcher's pass size check (check_pass_sizes); False when it failed."""
