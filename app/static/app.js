@@ -1,7 +1,11 @@
 // The try-it page (GET /): one ES module, no dependencies, nothing from another host.
-// Every panel calls the API with fetch, shows a progress bar while the request runs, shows the API's
-// {"detail": ...} as a readable message when it fails, and shows the same request as a curl command.
-// Panels mark their state in data-state (idle | busy | done | error), which tests wait on.
+// It opens on results: once the model list is in, it reconstructs a bundled image with every model that
+// can, samples a grid and interpolates between two bundled images, without a click. Every panel calls the
+// API with fetch, shows a progress bar while the request runs, shows the API's {"detail": ...} as one
+// readable message when it fails (and marks the result it would have replaced as out of date, or clears
+// it), and shows the same request as a curl command. A model is offered only for what its `operations`
+// (GET /models) list; a server that sends none is taken to offer them all.
+// Panels and reconstruction cells mark their state in data-state (idle | busy | done | error), which tests wait on.
 
 const SAMPLES = [  // bundled images (app/static/samples/): test-split images, for grey and for colour models
   { name: "tshirt", title: "T-shirt/top (Fashion-MNIST, 28×28 grey)", channels: 1 },
@@ -14,10 +18,13 @@ const SAMPLES = [  // bundled images (app/static/samples/): test-split images, f
   { name: "horse", title: "Horse (CIFAR-10, 32×32 colour)", channels: 3 },
 ];
 const DEFAULT_ENDS = { 1: ["tshirt", "trouser"], 3: ["car", "horse"] };  // interpolation ends by the model's channels
+const DEFAULT_RECON = { 1: "tshirt", 3: "car" };  // the image reconstructed on load, by most models' channels
+const OPERATIONS = ["reconstruct", "encode", "decode", "interpolate", "sample"];
 const STATUS_WORDS = {
   400: "unusable image", 404: "not found", 408: "upload too slow", 413: "too large",
   422: "invalid parameter", 500: "server error", 503: "busy or starting, try again", 504: "timed out",
 };
+const UPLOAD_STATUSES = new Set([400, 408, 413, 415]);  // the upload itself is at fault: the same for every model
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -32,6 +39,12 @@ function el(tag, attrs = {}, ...children) {
   node.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
   return node;
 }
+
+/** What `model` offers: its `operations`, or all of them from a server that does not say. */
+const can = (model, operation) => (Array.isArray(model?.operations) ? model.operations : OPERATIONS).includes(operation);
+
+/** A safe piece of a download's file name. */
+const slug = (s) => String(s).replace(/\.[a-z]+$/i, "").replace(/[^\w+-]+/g, "_");
 
 // ---------------------------------------------------------------- requests and errors
 
@@ -78,25 +91,32 @@ async function describeError(response) {
   return `${detail} (${status}${id})`;
 }
 
+const describe = (err) => (err instanceof ApiError ? err.message : `Something went wrong in this page: ${err.message}`);
+
 const controllers = new WeakMap();  // panel -> the AbortController of its running request
 
-/** Run `work(signal)` for `panel`: progress bar, data-state, error message; a new run aborts the last. */
+/** Run `work(signal)` for `panel`: progress bar, data-state, error message; a new run aborts the last.
+ * A failure marks the panel's .result, if shown, as out of date (data-stale) until a run succeeds. */
 async function track(panel, work) {
   controllers.get(panel)?.abort();
   const controller = new AbortController();
   controllers.set(panel, controller);
-  const busy = $(":scope > .busy", panel), error = $(":scope > .error", panel);
+  const busy = $(".busy", panel), error = $(".error", panel), result = $(".result", panel);
   panel.dataset.state = "busy";
   panel.setAttribute("aria-busy", "true");
   busy.hidden = false;
   error.hidden = true;
   try {
     await work(controller.signal);
-    if (controllers.get(panel) === controller) panel.dataset.state = "done";
+    if (controllers.get(panel) === controller) {
+      panel.dataset.state = "done";
+      if (result) delete result.dataset.stale;
+    }
   } catch (err) {
     if (err.name === "AbortError" || controllers.get(panel) !== controller) return;
-    error.textContent = err instanceof ApiError ? err.message : `Something went wrong in this page: ${err.message}`;
+    error.textContent = describe(err);
     error.hidden = false;
+    if (result && !result.hidden) result.dataset.stale = "true";
     panel.dataset.state = "error";
     if (!(err instanceof ApiError)) console.error(err);
   } finally {
@@ -118,8 +138,34 @@ const endpoint = (path, params = {}) => {
 const fileName = (file) => (file?.name || "image.png").replace(/[^\w.+-]/g, "_");
 
 function showCurl(panel, lines) {
-  const pre = $(":scope > pre.curl", panel);
-  pre.textContent = lines.join("\n");
+  $(":scope > pre.curl", panel).textContent = lines.join("\n");
+}
+
+// ---------------------------------------------------------------- enlarging and downloading
+
+const lightbox = $("#lightbox");
+
+/** Show `src` as big as the window allows (in whole pixels unless that loses more than a sixth), with a
+ * download link named `filename`. */
+async function enlarge(src, caption, filename) {
+  const img = $("#lightbox-img");
+  img.src = src;
+  img.alt = caption;
+  $("#lightbox-caption").textContent = caption;
+  Object.assign($("#lightbox-download"), { href: src, download: filename });
+  if (!lightbox.open) lightbox.showModal();
+  await img.decode().catch(() => {});
+  const room = Math.min(window.innerWidth - 48, (window.innerHeight - 120) * (img.naturalWidth / img.naturalHeight));
+  const whole = Math.floor(room / img.naturalWidth) * img.naturalWidth;
+  img.style.width = `${Math.max(img.naturalWidth, whole >= room * (5 / 6) ? whole : Math.floor(room))}px`;
+}
+
+$("#lightbox-close").addEventListener("click", () => lightbox.close());
+lightbox.addEventListener("click", (e) => { if (e.target === lightbox) lightbox.close(); });  // the backdrop
+
+/** `img` in a button that enlarges it. */
+function zoomable(img, caption, filename) {
+  return el("button", { type: "button", class: "zoom", title: "Enlarge", onclick: () => enlarge(img.src, caption, filename) }, img);
 }
 
 // ---------------------------------------------------------------- the model list
@@ -142,8 +188,25 @@ function fmt(value) {
   return typeof value === "string" ? value : JSON.stringify(value);
 }
 
+/** Decimals for a column of numbers: `fewest`, or more (up to `most`) where fewer would print two different
+ * values the same (3.41974 and 3.41971 at 4 decimals). */
+function decimals(values, fewest, most) {
+  for (let d = fewest; d < most; d++) {
+    const printed = new Map();  // text -> the value printed as it
+    const clash = values.some((v) => {
+      const text = v.toFixed(d), before = printed.get(text);
+      printed.set(text, v);
+      return before !== undefined && before !== v;
+    });
+    if (!clash) return d;
+  }
+  return most;
+}
+
 const shape = (s) => s.join("×");
 const channels = (m) => (m.image_shape[0] === 1 ? "grey" : "RGB");
+const dims = (m) => m.image_shape.reduce((a, b) => a * b, 1);
+const kindName = (m) => (m.kind === "vae" ? "VAE" : "VQ-VAE");
 
 /** The prior /sample would use for `name` ("" is the default), or null for a VAE. */
 function priorOf(model, name) {
@@ -152,11 +215,12 @@ function priorOf(model, name) {
 }
 
 /** The card's bits/dim table, one row per test NLL bound recorded (as training/card.py's table), or null.
- * A class-conditional prior's bits/dim is told each image's class: a bound on -log p(x|y), not -log p(x). */
+ * A class-conditional prior's bits/dim is told each image's class: a bound on -log p(x|y), not -log p(x).
+ * nats/image is the recorded value where the model's file has one, else bits/dim × D × ln 2 (D = C·H·W: the
+ * definition of bits/dim), so the priors' rows, whose nats /models does not carry, show theirs too. */
 function bitsTable(model) {
   const m = model.metrics ?? {}, rows = [];
-  const row = (bound, bits, nats) => rows.push(el("tr", {},
-    el("th", { scope: "row" }, bound), el("td", {}, fmt(bits)), el("td", {}, typeof nats === "number" ? fmt(nats) : "–")));
+  const row = (bound, bits, nats) => rows.push({ bound, bits, nats: typeof nats === "number" ? nats : bits * dims(model) * Math.LN2 });
   if (model.kind === "vae" && typeof m.test_bits_per_dim === "number") {
     row(`${m.iwae_k ? `IWAE-${m.iwae_k}` : "bound"}: −log p(x)`, m.test_bits_per_dim, m.test_nll_nats);
   }
@@ -173,11 +237,13 @@ function bitsTable(model) {
     }
   }
   if (!rows.length) return null;
+  const bitsPlaces = decimals(rows.map((r) => r.bits), 4, 7), natsPlaces = decimals(rows.map((r) => r.nats), 1, 4);
   return el("table", { class: "bits" },
-    el("caption", {}, "Test NLL bound in bits/dim (lower is better)"),
+    el("caption", {}, "Test NLL bound (lower is better)"),
     el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "bound"), el("th", { scope: "col" }, "bits/dim"),
       el("th", { scope: "col" }, "nats/image"))),
-    el("tbody", {}, rows));
+    el("tbody", {}, rows.map((r) => el("tr", {},
+      el("th", { scope: "row" }, r.bound), el("td", {}, r.bits.toFixed(bitsPlaces)), el("td", {}, r.nats.toFixed(natsPlaces))))));
 }
 
 function card(model) {
@@ -192,6 +258,7 @@ function card(model) {
   } else {
     row("Codes", `${shape(model.code_shape)} grid, K = ${model.codebook_size}`, ` (${model.likelihood})`);
   }
+  row("Offers", OPERATIONS.filter((op) => can(model, op)).join(", ") || "nothing");
   row("Device", model.device);
   const shown = MAIN_METRICS.filter(([key]) => typeof m[key] === "number");
   row("Test", shown.length ? shown.map(([key, label, unit]) => `${label} ${fmt(m[key])}${unit}`).join(" · ") : "no metrics recorded");
@@ -206,24 +273,36 @@ function card(model) {
     for (const r of model.rejected_priors ?? []) row("Refused", `${r.file}: ${r.reason}`);
   }
   const all = Object.entries(m).map(([key, value]) => el("tr", {}, el("th", { scope: "row" }, key), el("td", {}, fmt(value))));
-  return el("article", { class: "card", "data-model": model.name },
-    el("h3", {}, model.name, " ", el("span", { class: "badge" }, model.kind === "vae" ? "VAE" : "VQ-VAE")),
-    el("dl", {}, rows),
-    bitsTable(model),
-    all.length ? el("details", {}, el("summary", {}, "all metrics"), el("table", {}, el("tbody", {}, all))) : "",
-    el("button", { type: "button", class: "secondary", onclick: () => useModel(model.name) }, "Use for sample and interpolate"));
+  const uses = ["sample", "interpolate"].filter((op) => can(model, op));
+  const about = model.kind === "vae"
+    ? [model.arch, model.decoder === "autoregressive" ? "autoregressive decoder" : null].filter(Boolean).join(", ")
+    : `${model.priors?.length ?? 0} prior${model.priors?.length === 1 ? "" : "s"}`;
+  return el("details", { class: "card", "data-model": model.name },
+    el("summary", {},
+      el("h3", {}, model.name, " ", el("span", { class: "badge" }, kindName(model))),
+      el("span", { class: "line" }, [model.dataset || "unknown data", `${shape(model.image_shape.slice(1))} ${channels(model)}`, about]
+        .filter(Boolean).join(" · "))),
+    el("div", { class: "body" },
+      el("dl", {}, rows),
+      bitsTable(model),
+      all.length ? el("details", { class: "all" }, el("summary", {}, "all metrics"), el("table", {}, el("tbody", {}, all))) : "",
+      uses.length ? el("button", { type: "button", class: "secondary", onclick: () => useModel(model.name) },
+        `Use for ${uses.join(" and ")}`) : ""));
 }
 
 function useModel(name) {
+  let first = null;
   for (const form of [sampleForm, interpForm]) {
+    if (![...form.elements.model.options].some((o) => o.value === name)) continue;
     form.elements.model.value = name;
     form.elements.model.dispatchEvent(new Event("change", { bubbles: true }));
+    first ??= form;
   }
-  $("#sample").scrollIntoView({ behavior: "smooth" });
+  first?.closest(".panel").scrollIntoView({ behavior: "smooth" });
 }
 
 async function loadModels() {
-  const panel = $("#models");
+  const panel = $("#models"), error = $(".error", panel);
   showCurl(panel, [`curl -sS ${quote(endpoint("models"))}`]);
   await track(panel, async (signal) => {
     for (;;) {
@@ -232,18 +311,21 @@ async function loadModels() {
         break;
       } catch (err) {
         if (!(err instanceof ApiError) || err.status !== 503) throw err;
-        $(":scope > .error", panel).textContent = `The service is starting; retrying… (${err.message})`;
-        $(":scope > .error", panel).hidden = false;
+        error.textContent = `The service is starting; retrying… (${err.message})`;
+        error.hidden = false;
         await new Promise((resolve) => setTimeout(resolve, 1000));
       }
     }
-    $(":scope > .error", panel).hidden = true;
+    error.hidden = true;
     $("#model-cards").replaceChildren(...(models.length ? models.map(card) : [el("p", {}, "No models are loaded.")]));
   });
-  for (const form of [sampleForm, interpForm]) {
-    const options = models.map((m) => el("option", { value: m.name }, `${m.name} (${m.kind === "vae" ? "VAE" : "VQ-VAE"})`));
-    form.elements.model.replaceChildren(...options);
+  for (const [form, operation] of [[sampleForm, "sample"], [interpForm, "interpolate"]]) {
+    const offered = models.filter((m) => can(m, operation));
+    form.elements.model.replaceChildren(...offered.map((m) => el("option", { value: m.name }, `${m.name} (${kindName(m)})`)));
+    form.hidden = !offered.length;
   }
+  $("#sample-none").hidden = !sampleForm.hidden;
+  $("#interp-none").hidden = !interpForm.hidden;
   updateSampleControls();
   sampleCurl();
   interpCurl();
@@ -252,22 +334,35 @@ async function loadModels() {
 
 // ---------------------------------------------------------------- image pickers
 
-/** A drop zone, a file input and the bundled images in `root`; calls onPick(file) with a File.
+/** A drop zone, a file input and the bundled images in `root`; calls onPick(file, preview), preview a promise
+ * of the browser's ImageBitmap of the file, or of null where the browser cannot decode it (the server may).
  * state.auto: the file was chosen by the page (state.bundled), not by the user, so the page may change it. */
 function picker(root, onPick) {
   root.append($("#picker").content.cloneNode(true));
-  const input = $("input[type=file]", root), drop = $(".drop", root), thumb = $(".thumb", root);
+  const input = $("input[type=file]", root), drop = $(".drop", root), thumb = $(".thumb", root), name = $(".name", root);
   const state = { file: null, auto: true, wanted: null };
-  const pick = (file, auto = false) => {
+  const pick = (file, auto = false, bundledFile = null) => {
     if (!file) return;
     state.file = file;
     state.auto = auto;
+    for (const b of root.querySelectorAll(".bundled button")) b.setAttribute("aria-pressed", String(b.dataset.file === bundledFile));
+    thumb.hidden = true;  // until it has decoded: never a broken image
     if (thumb.src) URL.revokeObjectURL(thumb.src);
-    thumb.src = URL.createObjectURL(file);
-    thumb.alt = file.name;
-    thumb.hidden = false;
-    for (const b of root.querySelectorAll(".bundled button")) b.setAttribute("aria-pressed", String(b.dataset.file === file.name));
-    onPick(file);
+    thumb.removeAttribute("src");
+    name.hidden = Boolean(bundledFile);  // a bundled image is marked by its button
+    name.textContent = file.name;
+    const preview = createImageBitmap(file).catch(() => null);  // applies the EXIF orientation, as the server does
+    preview.then(async (bitmap) => {
+      if (state.file !== file) return;
+      if (!bitmap) {
+        name.textContent = `${file.name} (your browser cannot show it)`;
+        return;
+      }
+      thumb.src = URL.createObjectURL(file);
+      thumb.alt = file.name;
+      if (await thumb.decode().then(() => true, () => false) && state.file === file) thumb.hidden = false;
+    });
+    onPick(file, preview);
   };
   input.addEventListener("change", () => { state.wanted = null; pick(input.files[0]); });
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -283,27 +378,21 @@ function picker(root, onPick) {
     const response = await fetch(`static/samples/${sample.name}.png`);
     const blob = await response.blob();
     if (state.wanted !== sample.name) return;  // another image was picked while this one loaded
-    pick(new File([blob], `${sample.name}.png`, { type: "image/png" }), auto);
+    pick(new File([blob], `${sample.name}.png`, { type: "image/png" }), auto, `${sample.name}.png`);
   };
   $(".bundled", root).append(...SAMPLES.map((s) => el("button", {
     type: "button", title: s.title, "data-file": `${s.name}.png`, "aria-pressed": "false", onclick: () => bundled(s),
   }, el("img", { src: `static/samples/${s.name}.png`, alt: s.title }))));
-  state.bundled = (name) => bundled(SAMPLES.find((s) => s.name === name), true);
+  state.bundled = (name) => bundled(SAMPLES.find((s) => s.name === name), true);  // the page's pick, the page's to change
   return state;
 }
 
 /** The upload as the model sees it (app/imaging.py): alpha over black, centre crop, resize, luma for grey. */
-async function modelView(file, [c, h, w]) {
+function modelView(bitmap, [c, h, w]) {
   const canvas = el("canvas", { width: w, height: h, class: "pixels", "aria-label": `input at ${h}×${w}` });
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.fillStyle = "#000";
   ctx.fillRect(0, 0, w, h);
-  let bitmap;
-  try {
-    bitmap = await createImageBitmap(file);  // applies the EXIF orientation, as the server does
-  } catch {
-    return el("p", { class: "note" }, "Your browser cannot preview this file; the server may still read it.");
-  }
   let cw = bitmap.width, ch = bitmap.height;
   if (cw * h > ch * w) cw = Math.max(1, Math.round((ch * w) / h));
   else ch = Math.max(1, Math.round((cw * h) / w));
@@ -318,50 +407,96 @@ async function modelView(file, [c, h, w]) {
   return canvas;
 }
 
-// ---------------------------------------------------------------- reconstruct
-
-let reconFile = null;
-
-function reconstructCells() {
-  $("#recon-results").replaceChildren(...models.map((m) => el("article", { class: "pair", "data-model": m.name, "data-state": "idle" },
-    el("h3", {}, m.name, " ", el("small", {}, `${shape(m.image_shape)} ${channels(m)}`)),
-    el("progress", { class: "busy", "aria-label": "working", hidden: true }),
-    el("p", { class: "error", role: "alert", hidden: true }),
-    el("div", { class: "images" },
-      el("figure", {}, el("div", { class: "slot input" }), el("figcaption", {}, `input ${m.image_shape[1]}×${m.image_shape[2]}`)),
-      el("figure", {}, el("div", { class: "slot output" }),
-        el("figcaption", {}, m.decoder === "autoregressive" ? "reconstruction (pixels drawn)" : "reconstruction"))))));
-  reconCurl();
-  if (reconFile) reconstructAll(reconFile);
-}
-
-function reconCurl() {
-  const file = fileName(reconFile);
-  showCurl($("#reconstruct"), models.map((m) =>
-    `curl -sS -F ${quote(`file=@${file}`)} -o ${quote(`${m.name}.png`)} ${quote(endpoint("reconstruct", { model: m.name }))}`));
-}
-
-function reconstructAll(file) {
-  reconFile = file;
-  reconCurl();
-  for (const m of models) {
-    const cell = $(`.pair[data-model="${CSS.escape(m.name)}"]`, $("#recon-results"));
-    modelView(file, m.image_shape).then((view) => $(".slot.input", cell).replaceChildren(view));
-    $(".slot.output", cell).replaceChildren();
-    track(cell, async (signal) => {
-      const body = new FormData();
-      body.append("file", file, file.name);
-      const blob = await (await api(endpoint("reconstruct", { model: m.name }), { method: "POST", body, signal })).blob();
-      $(".slot.output", cell).replaceChildren(await loadedImage(URL.createObjectURL(blob), `reconstruction by ${m.name}`));
-    });
-  }
-}
-
 /** An <img> that has finished decoding `src`. */
 async function loadedImage(src, alt) {
   const img = el("img", { src, alt, class: "pixels" });
   await img.decode();
   return img;
+}
+
+// ---------------------------------------------------------------- reconstruct
+
+let reconFile = null, reconPreview = null, reconRun = null;
+const reconModels = () => models.filter((m) => can(m, "reconstruct"));
+
+function reconstructCells() {
+  $("#recon-results").replaceChildren(...reconModels().map((m) => el("article", { class: "pair", "data-model": m.name, "data-state": "idle" },
+    el("h3", {}, el("span", { class: "name" }, m.name), " ", el("small", {}, `${shape(m.image_shape.slice(1))} ${channels(m)}`)),
+    el("div", { class: "images" },
+      el("div", { class: "slot input", title: "the input as the model sees it" }),
+      el("div", { class: "slot output", title: m.decoder === "autoregressive" ? "reconstruction (pixels drawn)" : "reconstruction" })),
+    el("p", { class: "error", role: "alert", hidden: true }))));
+  const skipped = models.filter((m) => !can(m, "reconstruct")).map((m) => m.name);
+  $("#recon-skipped").textContent = `Not shown: ${skipped.join(", ")}, which ${skipped.length > 1 ? "do" : "does"} not reconstruct (it has no latent).`;
+  $("#recon-skipped").hidden = !skipped.length;
+  reconCurl();
+  if (reconFile) reconstructAll(reconFile, reconPreview);
+}
+
+/** One curl per model; a shell loop over them where every name is a plain word (short at phone width). */
+function reconCurl() {
+  const file = quote(`file=@${fileName(reconFile)}`), names = reconModels().map((m) => m.name);
+  const url = endpoint("reconstruct", { model: "MODEL" }).replace(/MODEL$/, "$m");
+  showCurl($("#reconstruct"), names.length > 1 && names.every((n) => /^[\w.-]+$/.test(n))
+    ? [`for m in ${names.join(" ")}; do`, `  curl -sS -F ${file} -o "$m.png" "${url}"`, "done"]
+    : names.map((n) => `curl -sS -F ${file} -o ${quote(`${n}.png`)} ${quote(endpoint("reconstruct", { model: n }))}`));
+}
+
+/** Reconstruct `file` with every model that can. A problem with the file itself (or one that several models
+ * share) is said once, under the picker; a model's own problem in its cell. When no model returned an image,
+ * the cells go: nothing from the last image is left under the message. */
+async function reconstructAll(file, preview) {
+  reconFile = file;
+  reconPreview = preview;
+  reconCurl();
+  reconRun?.abort();
+  const run = (reconRun = new AbortController());
+  const panel = $("#reconstruct"), error = $(":scope > .error", panel), results = $("#recon-results");
+  const cells = reconModels().map((m) => [m, $(`.pair[data-model="${CSS.escape(m.name)}"]`, results)]);
+  panel.dataset.state = "busy";
+  panel.setAttribute("aria-busy", "true");
+  error.hidden = true;
+  results.hidden = false;
+  for (const [, cell] of cells) {
+    cell.dataset.state = "busy";
+    $(".slot.input", cell).replaceChildren();
+    $(".slot.output", cell).replaceChildren();
+    $(".error", cell).hidden = true;
+  }
+  const bitmap = await preview;
+  if (run !== reconRun) return;
+  const failures = (await Promise.all(cells.map(async ([m, cell]) => {
+    if (bitmap) $(".slot.input", cell).replaceChildren(modelView(bitmap, m.image_shape));
+    try {
+      const body = new FormData();
+      body.append("file", file, file.name);
+      const blob = await (await api(endpoint("reconstruct", { model: m.name }), { method: "POST", body, signal: run.signal })).blob();
+      const img = await loadedImage(URL.createObjectURL(blob), `reconstruction by ${m.name}`);
+      if (run !== reconRun) return null;
+      $(".slot.output", cell).replaceChildren(zoomable(img, `${file.name} reconstructed by ${m.name}`,
+        `reconstruct-${slug(m.name)}-${slug(file.name)}.png`));
+      cell.dataset.state = "done";
+      return null;
+    } catch (err) {
+      if (err.name === "AbortError" || run !== reconRun) return null;
+      if (!(err instanceof ApiError)) console.error(err);
+      cell.dataset.state = "error";
+      return { cell, err, message: describe(err) };
+    }
+  }))).filter(Boolean);
+  if (run !== reconRun) return;
+  const times = new Map();
+  for (const f of failures) times.set(f.message, (times.get(f.message) ?? 0) + 1);
+  const once = new Set();
+  for (const f of failures) {
+    if (UPLOAD_STATUSES.has(f.err.status) || times.get(f.message) > 1) once.add(f.message);
+    else Object.assign($(".error", f.cell), { textContent: f.message, hidden: false });
+  }
+  error.textContent = [...once].join("\n");
+  error.hidden = !once.size;
+  results.hidden = cells.length > 0 && failures.length === cells.length;
+  panel.dataset.state = failures.length ? "error" : "done";
+  panel.removeAttribute("aria-busy");
 }
 
 // ---------------------------------------------------------------- sample
@@ -408,36 +543,48 @@ function sampleCurl() {
   showCurl($("#sample"), [`curl -sS -D - -o grid.png ${quote(endpoint("sample", sampleParams()))}`]);
 }
 
-function newSeed() {  // 63 random bits, as the server's seeds
-  const [hi, lo] = crypto.getRandomValues(new Uint32Array(2));
-  return ((BigInt(hi & 0x7fffffff) << 32n) | BigInt(lo)).toString();
-}
-
+/** Sample with the form's settings. An empty Seed field asks the server for a new seed each time; the grid's
+ * caption shows the seed it used (and "Keep this seed" copies it into the field to draw the grid again). */
 async function sample() {
   const panel = $("#sample");
   sampleCurl();
   await track(panel, async (signal) => {
     const started = performance.now();
-    const response = await api(endpoint("sample", sampleParams()), { signal });
+    const params = sampleParams();
+    const response = await api(endpoint("sample", params), { signal });
     const blob = await response.blob();
     const seed = response.headers.get("X-Seed"), prior = response.headers.get("X-Prior");
     const img = $("#sample-grid");
-    if (img.src) URL.revokeObjectURL(img.src);
+    const old = img.src;
     img.src = URL.createObjectURL(blob);
     await img.decode();
-    sampleForm.elements.seed.value = seed;  // Sample again: the same grid
-    sampleCurl();
-    const n = sampleParams().n || "16";
-    $("#sample-info").replaceChildren("seed ", el("output", { id: "sample-seed" }, seed),
-      prior ? ` · prior ${prior}` : "", ` · ${n} image${n === "1" ? "" : "s"} · ${Math.round(performance.now() - started)} ms`);
+    if (old) URL.revokeObjectURL(old);
+    const n = params.n || "16", label = params.label ? sampleForm.elements.label.selectedOptions[0]?.text : "";
+    $("#sample-info").replaceChildren(params.model, prior ? ` · prior ${prior}` : "", label ? ` · class ${label}` : "",
+      " · seed ", el("output", { id: "sample-seed" }, seed), params.seed ? "" : " (random)",
+      ` · ${n} image${n === "1" ? "" : "s"} · ${Math.round(performance.now() - started)} ms`);
+    const name = `sample-${slug(params.model)}${prior ? `-${slug(prior)}` : ""}${params.label ? `-class${params.label}` : ""}-seed${seed}.png`;
+    Object.assign($("#sample-download"), { href: img.src, download: name });
+    img.dataset.download = name;
+    img.dataset.caption = $("#sample-info").textContent;
+    $("#sample-keep").hidden = Boolean(params.seed);
+    $("#sample-keep").dataset.seed = seed;
     $(".result", panel).hidden = false;
   });
 }
 
 sampleForm.addEventListener("submit", (e) => { e.preventDefault(); sample(); });
-sampleForm.elements["new-seed"].addEventListener("click", () => { sampleForm.elements.seed.value = newSeed(); sample(); });
 sampleForm.addEventListener("change", () => { updateSampleControls(); sampleCurl(); });
 sampleForm.addEventListener("input", sampleCurl);
+$("#sample-keep").addEventListener("click", (e) => {
+  sampleForm.elements.seed.value = e.currentTarget.dataset.seed;
+  e.currentTarget.hidden = true;
+  sampleCurl();
+});
+$("#sample-zoom").addEventListener("click", () => {
+  const img = $("#sample-grid");
+  enlarge(img.src, img.dataset.caption, img.dataset.download);
+});
 
 // ---------------------------------------------------------------- interpolate
 
@@ -455,43 +602,73 @@ function interpCurl() {
   showCurl($("#interpolate"), [`curl -sS -F ${quote(`a=@${a}`)} -F ${quote(`b=@${b}`)} -o strip.png ${quote(url)}`]);
 }
 
-/** Ends the user has not picked follow the model: grey test images for a grey model, colour ones for RGB. */
+/** Ends the user has not picked follow the model: grey test images for a grey model, colour ones for RGB.
+ * Resolves once both ends are loaded. */
 function defaultEnds() {
   const model = models.find((m) => m.name === interpForm.elements.model.value);
   const names = DEFAULT_ENDS[model?.image_shape[0] === 3 ? 3 : 1];
-  for (const [end, name] of [[ends.a, names[0]], [ends.b, names[1]]]) {
-    if (end.auto && (end.wanted ?? end.file?.name.replace(/\.png$/, "")) !== name) end.bundled(name);
-  }
+  return Promise.all([[ends.a, names[0]], [ends.b, names[1]]].map(([end, name]) =>
+    (end.auto && (end.wanted ?? end.file?.name.replace(/\.png$/, "")) !== name ? end.bundled(name) : null)));
 }
 
 function showFrame(i) {
   const frames = $("#interp-strip").children;
   const n = frames.length;
   for (const [j, frame] of Array.from(frames).entries()) frame.classList.toggle("current", j === i);
-  $("#interp-frame").src = frames[i].src;
+  const big = $("#interp-frame");
+  big.src = frames[i].src;
+  big.dataset.caption = `${$("#interp-about").textContent}, frame ${i + 1} of ${n}`;
+  big.dataset.download = `${$("#interp-download").download.replace(/\.png$/, "")}-frame${i + 1}.png`;
   $("#interp-info").textContent = `frame ${i + 1} of ${n} · t = ${fmt(n > 1 ? i / (n - 1) : 0)}`;
 }
+
+/** The frames side by side, 2 black pixels apart, as a PNG blob (the download). */
+function stripBlob(frames) {
+  const w = frames[0].naturalWidth, h = frames[0].naturalHeight, gap = 2;
+  const canvas = el("canvas", { width: frames.length * (w + gap) - gap, height: h });
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  frames.forEach((frame, i) => ctx.drawImage(frame, i * (w + gap), 0));
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+}
+
+/** "scroll →" beside a strip wider than its box (at phone width). */
+function updateScrollHint() {
+  const strip = $("#interp-strip");
+  $("#interp-scroll").hidden = strip.scrollWidth <= strip.clientWidth + 1;
+}
+new ResizeObserver(updateScrollHint).observe($("#interp-strip"));
 
 async function interpolate() {
   const panel = $("#interpolate");
   interpCurl();
   await track(panel, async (signal) => {
     if (!ends.a.file || !ends.b.file) throw new ApiError(0, "Pick both images, a and b, first.");
+    const params = interpParams(), a = ends.a.file.name, b = ends.b.file.name;
     const body = new FormData();
-    body.append("a", ends.a.file, ends.a.file.name);
-    body.append("b", ends.b.file, ends.b.file.name);
+    body.append("a", ends.a.file, a);
+    body.append("b", ends.b.file, b);
     const slider = $("#interp-slider");
     const request = { method: "POST", body, accept: "application/json", signal };
-    const { images } = await (await api(endpoint("interpolate", interpParams()), request)).json();
+    const { images } = await (await api(endpoint("interpolate", params), request)).json();
     const frames = images.map((b64, i) => el("img", {
       src: `data:image/png;base64,${b64}`, alt: `frame ${i + 1}`, class: "pixels", onclick: () => { slider.value = i; showFrame(i); },
     }));
     await Promise.all(frames.map((f) => f.decode()));
+    const download = $("#interp-download");
+    const strip = URL.createObjectURL(await stripBlob(frames));
+    if (download.href.startsWith("blob:")) URL.revokeObjectURL(download.href);
+    Object.assign(download, {
+      href: strip, download: `interpolate-${slug(params.model)}-${slug(a)}-${slug(b)}-${params.method}-${frames.length}.png`,
+    });
+    $("#interp-about").textContent = `${params.model}, ${params.method}: ${a} → ${b}`;
     $("#interp-strip").replaceChildren(...frames);
     slider.max = String(frames.length - 1);
     slider.value = "0";
     showFrame(0);
     $(".result", panel).hidden = false;
+    updateScrollHint();
   });
 }
 
@@ -499,10 +676,30 @@ interpForm.addEventListener("submit", (e) => { e.preventDefault(); interpolate()
 interpForm.addEventListener("input", interpCurl);
 interpForm.addEventListener("change", () => { defaultEnds(); interpCurl(); });
 $("#interp-slider").addEventListener("input", (e) => showFrame(Number(e.target.value)));
+$("#interp-zoom").addEventListener("click", () => {
+  const img = $("#interp-frame");
+  enlarge(img.src, img.dataset.caption, img.dataset.download);
+});
 
-// ---------------------------------------------------------------- start
+// ---------------------------------------------------------------- start: results before any question
 
-picker($("#recon-picker"), reconstructAll);
+const recon = picker($("#recon-picker"), reconstructAll);
 ends.a = picker($("#interp-a"), interpCurl);
 ends.b = picker($("#interp-b"), interpCurl);
-loadModels().then(defaultEnds);
+
+loadModels().then(async () => {
+  const grey = reconModels().filter((m) => m.image_shape[0] === 1).length;
+  if (recon.auto && !recon.file && reconModels().length) {
+    recon.bundled(DEFAULT_RECON[grey * 2 >= reconModels().length ? 1 : 3]);
+  } else if (!reconModels().length) {
+    $("#reconstruct").dataset.state = "done";
+  }
+  for (const [form, panel, run] of [[sampleForm, $("#sample"), sample], [interpForm, $("#interpolate"), null]]) {
+    if (form.hidden) panel.dataset.state = "done";
+    else if (run && panel.dataset.state === "idle") run();
+  }
+  if (!interpForm.hidden) {
+    await defaultEnds();
+    if ($("#interpolate").dataset.state === "idle") interpolate();  // unless the user has started one
+  }
+});

@@ -250,7 +250,7 @@ def test_the_page_offers_each_model_only_what_it_lists(driver, server_url) -> No
     others = [n for n in names if n != "vae"]
 
     assert [c.get_attribute("data-model") for c in driver.find_elements(By.CSS_SELECTOR, "#recon-results .pair")] == others
-    assert driver.find_element(By.ID, "recon-skipped").text == "Not shown: vae, which does not reconstruct (no encoder latent)."
+    assert driver.find_element(By.ID, "recon-skipped").text == "Not shown: vae, which does not reconstruct (it has no latent)."
     assert "model=vae\"" not in text(driver, "#reconstruct pre.curl") and "for m in " + " ".join(others) + "; do" in text(driver, "#reconstruct pre.curl")
 
     def options(form: str) -> list[str]:
@@ -453,7 +453,8 @@ def test_grids_enlarge_and_download(page) -> None:
         img = page.find_element(By.ID, "lightbox-img")
         wait_for(page, lambda d: img.get_attribute("style"), "the enlarged size")
         assert img.get_attribute("src") == src and img.size["width"] > button.size["width"]
-        assert page.execute_script("return arguments[0].width % arguments[0].naturalWidth", img) == 0  # whole pixels
+        # whole pixels (the tiny models' images fit the window many times over)
+        assert page.execute_script("return arguments[0].width % arguments[0].naturalWidth", img) == 0
         link = page.find_element(By.ID, "lightbox-download")
         assert link.get_attribute("download") == name and link.get_attribute("href") == src
         page.find_element(By.ID, "lightbox-close").click()
