@@ -137,6 +137,13 @@ const endpoint = (path, params = {}) => {
 };
 const fileName = (file) => (file?.name || "image.png").replace(/[^\w.+-]/g, "_");
 
+/** A curl line that downloads the bundled images among `files` into the working directory, so the
+ * commands after it run as shown wherever they are pasted; none for the user's own files. */
+function fetchBundled(...files) {
+  const urls = [...new Set(files.filter((f) => f?.bundled).map((f) => endpoint(`static/samples/${f.name}`)))];
+  return urls.length ? [`curl -sS ${urls.map((u) => `-O ${quote(u)}`).join(" ")}`] : [];
+}
+
 function showCurl(panel, lines) {
   $(":scope > pre.curl", panel).textContent = lines.join("\n");
 }
@@ -378,7 +385,9 @@ function picker(root, onPick) {
     const response = await fetch(`static/samples/${sample.name}.png`);
     const blob = await response.blob();
     if (state.wanted !== sample.name) return;  // another image was picked while this one loaded
-    pick(new File([blob], `${sample.name}.png`, { type: "image/png" }), auto, `${sample.name}.png`);
+    const file = new File([blob], `${sample.name}.png`, { type: "image/png" });
+    file.bundled = true;  // its curl line fetches it first (fetchBundled)
+    pick(file, auto, `${sample.name}.png`);
   };
   $(".bundled", root).append(...SAMPLES.map((s) => el("button", {
     type: "button", title: s.title, "data-file": `${s.name}.png`, "aria-pressed": "false", onclick: () => bundled(s),
@@ -437,9 +446,9 @@ function reconstructCells() {
 function reconCurl() {
   const file = quote(`file=@${fileName(reconFile)}`), names = reconModels().map((m) => m.name);
   const url = endpoint("reconstruct", { model: "MODEL" }).replace(/MODEL$/, "$m");
-  showCurl($("#reconstruct"), names.length > 1 && names.every((n) => /^[\w.-]+$/.test(n))
+  showCurl($("#reconstruct"), [...fetchBundled(reconFile), ...(names.length > 1 && names.every((n) => /^[\w.-]+$/.test(n))
     ? [`for m in ${names.join(" ")}; do`, `  curl -sS -F ${file} -o "$m.png" "${url}"`, "done"]
-    : names.map((n) => `curl -sS -F ${file} -o ${quote(`${n}.png`)} ${quote(endpoint("reconstruct", { model: n }))}`));
+    : names.map((n) => `curl -sS -F ${file} -o ${quote(`${n}.png`)} ${quote(endpoint("reconstruct", { model: n }))}`))]);
 }
 
 /** Reconstruct `file` with every model that can. A problem with the file itself (or one that several models
@@ -599,7 +608,8 @@ function interpParams() {
 function interpCurl() {
   const a = fileName(ends.a?.file), b = fileName(ends.b?.file);
   const url = endpoint("interpolate", interpParams());
-  showCurl($("#interpolate"), [`curl -sS -F ${quote(`a=@${a}`)} -F ${quote(`b=@${b}`)} -o strip.png ${quote(url)}`]);
+  showCurl($("#interpolate"), [...fetchBundled(ends.a?.file, ends.b?.file),
+    `curl -sS -F ${quote(`a=@${a}`)} -F ${quote(`b=@${b}`)} -o strip.png ${quote(url)}`]);
 }
 
 /** Ends the user has not picked follow the model: grey test images for a grey model, colour ones for RGB.

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -219,6 +220,13 @@ def test_the_page_opens_on_results(page, server_url) -> None:
     assert page.find_element(By.ID, "sample-grid").is_displayed() and page.find_element(By.ID, "sample-seed").text.isdigit()
     assert len(shown(page, "#interp-strip img")) == 8 and page.find_element(By.ID, "interp-frame").is_displayed()
     assert all(page.find_element(By.CSS_SELECTOR, p).get_attribute("data-state") == "done" for p in PANELS)
+
+    # the curl lines fetch the bundled images they upload first, so they run as shown in any directory
+    recon_curl, interp_curl = text(page, "#reconstruct pre.curl").splitlines(), text(page, "#interpolate pre.curl").splitlines()
+    assert recon_curl[0] == f"curl -sS -O '{server_url}/static/samples/tshirt.png'" and "file=@tshirt.png" in recon_curl[2]
+    assert interp_curl[0].startswith("curl -sS -O ") and interp_curl[0].count("/static/samples/") == 2
+    for url in re.findall(r"-O '([^']+)'", recon_curl[0] + interp_curl[0]):
+        assert httpx.get(url, timeout=10).headers["content-type"] == "image/png"
 
     order = page.execute_script("return [...document.querySelectorAll('main > section')].map(s => s.id)")
     assert order == ["reconstruct", "sample", "interpolate", "models"]
