@@ -62,7 +62,7 @@ def driver():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
                 "--disable-extensions", f"--window-size={DESKTOP[0]},{DESKTOP[1]}"):
         options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})  # performance: the network
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     browser.set_script_timeout(30)
     yield browser
@@ -601,3 +601,25 @@ def test_a_colour_model_samples_and_interpolates_in_colour(page, server_url) -> 
     wait_for(page, lambda d: pressed() == ["cat.png", "horse.png"], "the picked end")
     Select(interp.find_element(By.NAME, "model")).select_by_value("vae")
     wait_for(page, lambda d: pressed() == ["cat.png", "trouser.png"], "a grey end for the grey model")
+
+
+@pytest.mark.parametrize("path, rendered", [("/docs", ".opblock"), ("/redoc", "[role=menuitem]")])
+def test_the_documentation_renders_and_fetches_nothing_from_another_host(driver, server_url, path, rendered) -> None:
+    """Swagger UI and ReDoc render from this server's assets; a request for another host (ReDoc's bundle
+    asks cdn.redoc.ly for its footer logo) is blocked by the page's Content-Security-Policy."""
+    driver.get_log("performance")
+    driver.get(server_url + path)
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, rendered), f"{path} to render")
+    sent, failed, answered = {}, {}, set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = params["request"]["url"]
+        elif message["method"] == "Network.loadingFailed":
+            failed[params["requestId"]] = params.get("blockedReason")
+        elif message["method"] == "Network.responseReceived":
+            answered.add(params["requestId"])
+    external = {rid: url for rid, url in sent.items() if not url.startswith((server_url, "data:", "blob:"))}
+    assert all(failed.get(rid) == "csp" and rid not in answered for rid in external), (external, failed)
+    assert any(url.startswith(server_url + "/docs/assets/") for url in sent.values())

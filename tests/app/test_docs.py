@@ -53,6 +53,21 @@ async def test_a_documentation_page_references_only_this_server(raw, page):
         assert asset.headers["content-type"].split(";")[0] in ASSET_TYPES[suffix], (url, asset.headers["content-type"])
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc", "/docs/oauth2-redirect"])
+async def test_a_documentation_page_may_load_nothing_from_another_host(raw, page):
+    """ReDoc's bundle draws its footer logo from cdn.redoc.ly whatever its options say: the policy stops it."""
+    r = await raw.get(page)
+    policy = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
+    for directive in ("default-src", "script-src", "style-src", "img-src", "connect-src", "font-src"):
+        sources = policy[directive].split()
+        assert all(s in ("'self'", "'unsafe-inline'", "data:") for s in sources), (directive, sources)
+    assert policy["object-src"] == "'none'" and r.headers["x-content-type-options"] == "nosniff"
+    redoc = (await raw.get("/docs/assets/redoc.standalone.js")).text
+    assert "cdn.redoc.ly" in redoc or page != "/redoc"  # what the policy is there for (if the bundle ever drops it, so may this)
+    asset = await raw.get("/docs/assets/swagger-ui.css")
+    assert asset.headers["x-content-type-options"] == "nosniff"
+
+
 async def test_swagger_ui_has_its_script_stylesheet_and_oauth2_redirect(raw):
     urls = references((await raw.get("/docs")).text)
     assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css", "/docs/assets/favicon.png"} <= set(urls)
