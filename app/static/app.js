@@ -141,7 +141,7 @@ const fileName = (file) => (file?.name || "image.png").replace(/[^\w.+-]/g, "_")
  * commands after it run as shown wherever they are pasted; none for the user's own files. */
 function fetchBundled(...files) {
   const urls = [...new Set(files.filter((f) => f?.bundled).map((f) => endpoint(`static/samples/${f.name}`)))];
-  return urls.length ? [`curl -sS ${urls.map((u) => `-O ${quote(u)}`).join(" ")}`] : [];
+  return urls.length ? [`curl -fsS ${urls.map((u) => `-O ${quote(u)}`).join(" ")}`] : [];
 }
 
 function showCurl(panel, lines) {
@@ -308,31 +308,44 @@ function useModel(name) {
   first?.closest(".panel").scrollIntoView({ behavior: "smooth" });
 }
 
+const STARTING_TRIES = 180;  // a start-up takes seconds; after 3 minutes of 503s the page stops asking
+
+/** GET /models into `models`; true once it is in. A 503 while the service starts is retried each second; a
+ * failed start-up, any other error, or a start that never ends is shown in the Models panel with a Retry button. */
 async function loadModels() {
   const panel = $("#models"), error = $(".error", panel);
-  showCurl(panel, [`curl -sS ${quote(endpoint("models"))}`]);
+  showCurl(panel, [`curl -fsS ${quote(endpoint("models"))}`]);
+  let loaded = false;
   await track(panel, async (signal) => {
-    for (;;) {
+    for (let tries = 1; ; tries++) {
       try {
         models = await (await api("models", { signal })).json();
         break;
       } catch (err) {
-        if (!(err instanceof ApiError) || err.status !== 503) throw err;
+        const failed = err instanceof ApiError && /start-up failed/.test(err.message);
+        if (!(err instanceof ApiError) || err.status !== 503 || failed || tries >= STARTING_TRIES) throw err;
         error.textContent = `The service is starting; retrying… (${err.message})`;
         error.hidden = false;
         await new Promise((resolve) => setTimeout(resolve, 1000));
       }
     }
     error.hidden = true;
+    loaded = true;
     $("#model-cards").replaceChildren(...(models.length ? models.map(card) : [el("p", {}, "No models are loaded.")]));
   });
+  if (!loaded) {
+    error.append(" ", el("button", { type: "button", class: "retry", onclick: () => loadModels().then(showOnLoad) }, "Retry"));
+  }
   for (const [form, operation] of [[sampleForm, "sample"], [interpForm, "interpolate"]]) {
     const offered = models.filter((m) => can(m, operation));
     form.elements.model.replaceChildren(...offered.map((m) => el("option", { value: m.name }, `${m.name} (${kindName(m)})`)));
     form.hidden = !offered.length;
+    for (const control of form.elements) control.disabled = false;  // off until the list was in (index.html)
   }
-  $("#sample-none").hidden = !sampleForm.hidden;
-  $("#interp-none").hidden = !interpForm.hidden;
+  for (const [note, form, what] of [[$("#sample-none"), sampleForm, "sample"], [$("#interp-none"), interpForm, "interpolate"]]) {
+    note.textContent = loaded ? `No loaded model can ${what}.` : "The model list could not be loaded: see Models below.";
+    note.hidden = !form.hidden;
+  }
   updateSampleControls();
   sampleCurl();
   interpCurl();
@@ -436,7 +449,9 @@ function reconstructCells() {
       el("div", { class: "slot output", title: m.decoder === "autoregressive" ? "reconstruction (pixels drawn)" : "reconstruction" })),
     el("p", { class: "error", role: "alert", hidden: true }))));
   const skipped = models.filter((m) => !can(m, "reconstruct")).map((m) => m.name);
-  $("#recon-skipped").textContent = `Not shown: ${skipped.join(", ")}, which ${skipped.length > 1 ? "do" : "does"} not reconstruct (it has no latent).`;
+  $("#recon-skipped").textContent = skipped.length > 1
+    ? `Not shown: ${skipped.join(", ")}, which do not reconstruct (they have no latent).`
+    : `Not shown: ${skipped.join(", ")}, which does not reconstruct (it has no latent).`;
   $("#recon-skipped").hidden = !skipped.length;
   reconCurl();
   if (reconFile) reconstructAll(reconFile, reconPreview);
@@ -447,8 +462,8 @@ function reconCurl() {
   const file = quote(`file=@${fileName(reconFile)}`), names = reconModels().map((m) => m.name);
   const url = endpoint("reconstruct", { model: "MODEL" }).replace(/MODEL$/, "$m");
   showCurl($("#reconstruct"), [...fetchBundled(reconFile), ...(names.length > 1 && names.every((n) => /^[\w.-]+$/.test(n))
-    ? [`for m in ${names.join(" ")}; do`, `  curl -sS -F ${file} -o "$m.png" "${url}"`, "done"]
-    : names.map((n) => `curl -sS -F ${file} -o ${quote(`${n}.png`)} ${quote(endpoint("reconstruct", { model: n }))}`))]);
+    ? [`for m in ${names.join(" ")}; do`, `  curl -fsS -F ${file} -o "$m.png" "${url}"`, "done"]
+    : names.map((n) => `curl -fsS -F ${file} -o ${quote(`${n}.png`)} ${quote(endpoint("reconstruct", { model: n }))}`))]);
 }
 
 /** Reconstruct `file` with every model that can. A problem with the file itself (or one that several models
@@ -549,7 +564,7 @@ function sampleParams() {
 }
 
 function sampleCurl() {
-  showCurl($("#sample"), [`curl -sS -D - -o grid.png ${quote(endpoint("sample", sampleParams()))}`]);
+  showCurl($("#sample"), [`curl -fsS -D - -o grid.png ${quote(endpoint("sample", sampleParams()))}`]);
 }
 
 /** Sample with the form's settings. An empty Seed field asks the server for a new seed each time; the grid's
@@ -609,7 +624,7 @@ function interpCurl() {
   const a = fileName(ends.a?.file), b = fileName(ends.b?.file);
   const url = endpoint("interpolate", interpParams());
   showCurl($("#interpolate"), [...fetchBundled(ends.a?.file, ends.b?.file),
-    `curl -sS -F ${quote(`a=@${a}`)} -F ${quote(`b=@${b}`)} -o strip.png ${quote(url)}`]);
+    `curl -fsS -F ${quote(`a=@${a}`)} -F ${quote(`b=@${b}`)} -o strip.png ${quote(url)}`]);
 }
 
 /** Ends the user has not picked follow the model: grey test images for a grey model, colour ones for RGB.
@@ -697,7 +712,8 @@ const recon = picker($("#recon-picker"), reconstructAll);
 ends.a = picker($("#interp-a"), interpCurl);
 ends.b = picker($("#interp-b"), interpCurl);
 
-loadModels().then(async () => {
+/** What the page shows without a click, once the model list is in (or has failed). */
+async function showOnLoad() {
   const grey = reconModels().filter((m) => m.image_shape[0] === 1).length;
   if (recon.auto && !recon.file && reconModels().length) {
     recon.bundled(DEFAULT_RECON[grey * 2 >= reconModels().length ? 1 : 3]);
@@ -712,4 +728,7 @@ loadModels().then(async () => {
     await defaultEnds();
     if ($("#interpolate").dataset.state === "idle") interpolate();  // unless the user has started one
   }
-});
+}
+
+for (const form of [sampleForm, interpForm]) for (const control of form.elements) control.disabled = true;  // until the list is in
+loadModels().then(showOnLoad);

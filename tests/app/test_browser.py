@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -223,8 +224,8 @@ def test_the_page_opens_on_results(page, server_url) -> None:
 
     # the curl lines fetch the bundled images they upload first, so they run as shown in any directory
     recon_curl, interp_curl = text(page, "#reconstruct pre.curl").splitlines(), text(page, "#interpolate pre.curl").splitlines()
-    assert recon_curl[0] == f"curl -sS -O '{server_url}/static/samples/tshirt.png'" and "file=@tshirt.png" in recon_curl[2]
-    assert interp_curl[0].startswith("curl -sS -O ") and interp_curl[0].count("/static/samples/") == 2
+    assert recon_curl[0] == f"curl -fsS -O '{server_url}/static/samples/tshirt.png'" and "file=@tshirt.png" in recon_curl[2]
+    assert interp_curl[0].startswith("curl -fsS -O ") and interp_curl[0].count("/static/samples/") == 2
     for url in re.findall(r"-O '([^']+)'", recon_curl[0] + interp_curl[0]):
         assert httpx.get(url, timeout=10).headers["content-type"] == "image/png"
 
@@ -304,7 +305,7 @@ def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -
     assert page.find_element(By.CSS_SELECTOR, "#recon-picker .drop .name").text == "stripes.png"
     curl = text(page, "#reconstruct pre.curl").splitlines()
     assert curl == [f"for m in {' '.join(m['name'] for m in recon)}; do",
-                    f"""  curl -sS -F 'file=@stripes.png' -o "$m.png" "{server_url}/reconstruct?model=$m\"""", "done"]
+                    f"""  curl -fsS -F 'file=@stripes.png' -o "$m.png" "{server_url}/reconstruct?model=$m\"""", "done"]
 
     page.find_element(By.CSS_SELECTOR, '#recon-picker .bundled button[data-file="sneaker.png"]').click()
     assert all(c.get_attribute("data-state") == "done" for c in reconstructed(page, "sneaker.png"))
@@ -623,3 +624,44 @@ def test_the_documentation_renders_and_fetches_nothing_from_another_host(driver,
     external = {rid: url for rid, url in sent.items() if not url.startswith((server_url, "data:", "blob:"))}
     assert all(failed.get(rid) == "csp" and rid not in answered for rid in external), (external, failed)
     assert any(url.startswith(server_url + "/docs/assets/") for url in sent.values())
+
+
+def test_a_model_list_that_cannot_be_had_is_said_once_with_a_retry(driver, server_url) -> None:
+    """Before the list is in, the forms are off (a press cannot send a request without a model); a failed
+    start-up is not retried for ever; the panels say the list is missing (not that no model can sample),
+    and Retry loads it once the server answers."""
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const fetchFromServer = window.fetch;
+        window.modelsCalls = 0;
+        window.modelsAnswer = "held";  // held until the test says: "failed", then "server"
+        window.fetch = async (resource, init) => {
+          if (new URL(String(resource), location.href).pathname !== "/models") return fetchFromServer(resource, init);
+          window.modelsCalls += 1;
+          while (window.modelsAnswer === "held") await new Promise((resolve) => setTimeout(resolve, 50));
+          if (window.modelsAnswer === "server") return fetchFromServer(resource, init);
+          return new Response(JSON.stringify({ detail: "the service is not ready (start-up failed)" }),
+                              { status: 503, headers: { "Content-Type": "application/json", "Retry-After": "1" } });
+        };"""})["identifier"]
+    try:
+        viewport(driver, *DESKTOP)
+        driver.get(server_url + "/")
+        wait_for(driver, lambda d: d.execute_script("return window.modelsCalls") == 1, "the page to ask for the models")
+        for form in ("sample-form", "interp-form"):
+            assert not driver.find_element(By.CSS_SELECTOR, f"#{form} button[type=submit]").is_enabled()
+        driver.execute_script("window.modelsAnswer = 'failed'")
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#models .error button.retry"), "the Retry button")
+        assert "start-up failed" in driver.find_element(By.CSS_SELECTOR, "#models .error").text
+        assert driver.find_element(By.ID, "sample-none").text == "The model list could not be loaded: see Models below."
+        calls = driver.execute_script("return window.modelsCalls")
+        time.sleep(1.5)  # a retrying page would have asked again by now (it waits 1 s)
+        assert driver.execute_script("return window.modelsCalls") == calls == 1
+        driver.execute_script("window.modelsAnswer = 'server'")
+        driver.find_element(By.CSS_SELECTOR, "#models .error button.retry").click()
+        count = len(httpx.get(server_url + "/models", timeout=60).json())
+        wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-cards .card")) == count, "model cards")
+        for panel in PANELS:
+            settled(driver, panel)
+        assert driver.find_element(By.ID, "sample-none").get_attribute("hidden")
+        assert driver.find_element(By.CSS_SELECTOR, "#sample-form button[type=submit]").is_enabled()
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
