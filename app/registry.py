@@ -399,7 +399,8 @@ def _describe(entry: Entry) -> dict[str, Any]:
         "kind": entry.kind,
         "operations": entry.operations,
         "image_shape": list(entry.image_shape),
-        "latent_shape": list(entry.model.latent_shape),
+        # null for a model whose images do not depend on z (the context-only baseline): it has no latent to speak of
+        "latent_shape": list(entry.model.latent_shape) if entry.model.has_latent else None,
         "dataset": entry.info.dataset,
         "class_names": list(entry.class_names),
         "metrics": entry.info.metrics,

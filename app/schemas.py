@@ -93,7 +93,8 @@ class ModelEntry(BaseModel):
         "any other is refused with 422 (404 for a VQ-VAE's missing prior)"
     )
     image_shape: list[int]
-    latent_shape: list[int]
+    latent_shape: list[int] | None = Field(description="z's shape (a VQ-VAE's: channels, then its code grid); null for a "
+                                           "model whose images do not depend on z, such as the context-only baseline")
     dataset: str
     class_names: list[str] = Field(
         description="the training data's classes, by label (a VQ-VAE whose file has none shows its priors'); "

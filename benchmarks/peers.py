@@ -447,7 +447,7 @@ def header_lines(
     if "ours" in servers:
         with contextlib.suppress(httpx.HTTPError, ValueError):
             config = servers["ours"].get_json("/config")
-            keys = ("resolved_device", "workers", "max_batch_size", "max_wait_ms", "max_inflight", "pad_batches",
+            keys = ("resolved_device", "max_batch_size", "max_wait_ms", "max_inflight", "pad_batches",
                     "torch_threads", "io_threads", "precision", "max_queue")  # fmt: skip
             lines.append("ours: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))  # type: ignore[index]
             sizes = config.get("pass_sizes") or {}  # type: ignore[union-attr]

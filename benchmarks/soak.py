@@ -77,9 +77,10 @@ from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
 )
 
 MB = 1024 * 1024
+OPERATIONS = ("reconstruct", "encode", "decode", "interpolate", "sample")  # GET /models' operations, all of them
 RSS_RATIO_TARGET = 1.10  # RSS after the load / before, at most
 MAX_TEMPERATURE, MAX_STEPS, MAX_SEED = 10.0, 64, 2**63 - 1  # app/schemas.py
-CONFIG_KEYS = ("resolved_device", "workers", "max_batch_size", "max_wait_ms", "max_queue", "max_inflight",
+CONFIG_KEYS = ("resolved_device", "max_batch_size", "max_wait_ms", "max_queue", "max_inflight",
                "request_timeout_s", "max_n", "max_files", "max_upload_bytes", "max_pixels", "max_json_bytes",
                "decode_slots", "pad_batches", "torch_threads", "io_threads")  # fmt: skip
 
@@ -321,8 +322,9 @@ class Context:
             "max_pixels": int(config.get("max_pixels", 4096 * 4096)),
             "max_json_bytes": int(config.get("max_json_bytes", MB)),  # 1 MiB where the server has no such limit
         }
-        vaes = [m for m in models if m["kind"] == "vae"]
-        vqvaes = [m for m in models if m["kind"] == "vqvae"]
+        offers_all = [m for m in models if len(m.get("operations", OPERATIONS)) == len(OPERATIONS)]  # not vae_context
+        vaes = [m for m in offers_all if m["kind"] == "vae"]
+        vqvaes = [m for m in offers_all if m["kind"] == "vqvae"]
         return cls(vaes, vqvaes, limits, uploads)
 
     # Models. The autoregressive VAE takes ~0.3 s for one image: drawn 10x less often.

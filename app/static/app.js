@@ -261,7 +261,8 @@ function card(model) {
   row("Images", `${shape(model.image_shape)} (${channels(model)})`);
   if (model.kind === "vae") {
     const how = [model.arch && `${model.arch} encoder`, model.decoder && `${model.decoder} decoder`, model.likelihood].filter(Boolean);
-    row("Latent", `z of ${shape(model.latent_shape)} dims`, how.length ? ` (${how.join(", ")})` : "");
+    row("Latent", model.latent_shape ? `z of ${shape(model.latent_shape)} dims` : "none (its decoder is fed z = 0: a baseline that only samples)",
+      how.length ? ` (${how.join(", ")})` : "");
   } else {
     row("Codes", `${shape(model.code_shape)} grid, K = ${model.codebook_size}`, ` (${model.likelihood})`);
   }

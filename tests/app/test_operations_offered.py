@@ -63,6 +63,8 @@ async def test_models_lists_each_models_operations(client):
         "vqvae_bare": ["reconstruct", "encode", "decode", "interpolate"],
     }
     assert list(OPERATIONS) == ALL
+    shapes = {m["name"]: m["latent_shape"] for m in (await client.get("/models")).json()}
+    assert shapes["vae_context"] is None and shapes["vae"] == [4]  # no latent to speak of: null
 
 
 async def test_the_schema_names_the_operations_the_page_reads(client):
