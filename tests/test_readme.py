@@ -70,6 +70,7 @@ SKIP = {
 }
 
 COMMAND_LANGUAGES = {"bash", "sh", "shell", "console", "python", "py"}
+DATA_LANGUAGES = {"yaml", "yml", "text", "json", "toml", "ini"}  # shown, not run
 # first words of an unlabelled block that make it commands (besides anything on PATH)
 KNOWN_COMMANDS = {"make", "curl", "docker", "kubectl", "serve", "genserve", "python", "python3", "bash", "pip",
                   "git", "export", "cd", "source", "torchrun"}
@@ -101,19 +102,27 @@ def _is_command_line(line: str) -> bool:
     return word in KNOWN_COMMANDS or word.startswith(("./", ".venv/")) or shutil.which(word) is not None
 
 
+FENCE = re.compile(r"(\s*)(`{3,}|~{3,})\s*([\w+-]*)\s*")  # CommonMark: indented or not, ``` or ~~~, 3 or more
+
+
 def readme_blocks(text: str) -> list[Block]:
-    """The fenced blocks of `text` that hold commands."""
+    """The fenced blocks of `text` that hold commands. Any fence counts (indented in a list, ~~~, four
+    backticks); a block in a language that is neither commands nor known data fails, so that no example
+    can hide from this test in an unusual fence."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
-        m = re.fullmatch(r"```\s*([\w+-]*)\s*", lines[i])
+        m = FENCE.fullmatch(lines[i])
         if not m:
             i += 1
             continue
-        start, language = i, m.group(1).lower()
+        start, indent, fence, language = i, m.group(1), m.group(2), m.group(3).lower()
+        assert language in COMMAND_LANGUAGES | DATA_LANGUAGES | {""}, (
+            f"README.md line {start + 1}: a ```{language} block: add its language to COMMAND_LANGUAGES (run) "
+            "or DATA_LANGUAGES (not commands)")
         i += 1
         body = []
-        while i < len(lines) and lines[i].strip() != "```":
-            body.append(lines[i])
+        while i < len(lines) and not re.fullmatch(rf"\s*{fence[0]}{{{len(fence)},}}\s*", lines[i]):
+            body.append(lines[i].removeprefix(indent))
             i += 1
         assert i < len(lines), f"README.md line {start + 1}: a fenced block that never closes"
         i += 1
@@ -302,10 +311,32 @@ def outputs(block: Block, script: str) -> list[tuple[str, str]]:
         if block.is_python:
             found += [("file", m) for m in re.findall(r"""\.save\(\s*["']([^"']+)["']""", code)]
             continue
-        found += [("file", m) for m in re.findall(r"(?:^|\s)(?:-o|--output)\s+([^\s;&|]+)", code)]
-        found += [("file", m) for m in re.findall(r"(?:^|\s)>\s*([^\s;&|]+)", code)]
-        found += [("dir", m) for m in re.findall(r"(?:^|\s)--out-dir\s+([^\s;&|]+)", code)]
+        found += shell_outputs(line)
     return found
+
+
+def shell_outputs(line: str) -> list[tuple[str, str]]:
+    """The outputs one shell line names, read as the shell splits it (quotes, comments): -o F, --output F or
+    --output=F, short flags ending in o (curl's -fsSo F), > F or >F, --out-dir D or --out-dir=D."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:  # a quote that a later line closes
+        words = line.split(" #", 1)[0].split()
+    found, following = [], None
+    for word in words:
+        if following is not None:
+            found.append((following, word))
+            following = None
+        elif word in ("-o", "--output", "--out", ">") or re.fullmatch(r"-[A-Za-z]*o", word):
+            following = "file"
+        elif word == "--out-dir":
+            following = "dir"
+        elif m := re.fullmatch(r"(?:--output|--out)=(.+)|>(.+)", word):
+            found.append(("file", m.group(1) or m.group(2)))
+        elif m := re.fullmatch(r"--out-dir=(.+)", word):
+            found.append(("dir", m.group(1)))
+    found = [(kind, path.rstrip(";&|")) for kind, path in found]  # `a >f; b`: shlex keeps the ; on the word
+    return [(kind, path) for kind, path in found if path]
 
 
 def check_file(path: Path) -> None:
@@ -396,3 +427,25 @@ def test_skipped_example_is_still_sound(key: str) -> None:
             top = word.split("/", 1)[0]
             if "/" in word and top in PROJECT_DIRS and before not in OUTPUT_FLAGS:
                 assert (REPO / word).exists(), f"{block} names {word}, which is not in the repository"
+
+
+def test_the_extractor_finds_commands_in_every_kind_of_fence():
+    text = "\n".join([
+        "~~~bash", "echo tilde", "~~~",
+        "- a list item:", "  ```bash", "  echo indented", "  ```",
+        "````bash", "echo four", "```", "echo still inside", "````",
+        "```", "curl -fsS localhost:8000/health", "```",
+        "```yaml", "key: value", "```",
+    ])
+    blocks = readme_blocks(text)
+    assert [b.text for b in blocks] == ["echo tilde\n", "echo indented\n", "echo four\n```\necho still inside\n",
+                                        "curl -fsS localhost:8000/health\n"]
+    with pytest.raises(AssertionError, match="zsh"):
+        readme_blocks("```zsh\necho hidden\n```")
+
+
+def test_outputs_are_read_as_the_shell_reads_them():
+    assert shell_outputs("curl -fsS x -o out/a.png && curl -fsSo out/b.png y") == [("file", "out/a.png"), ("file", "out/b.png")]
+    assert shell_outputs("genserve sample --output=out/c.png --out-dir 'out/d e'") == [("file", "out/c.png"), ("dir", "out/d e")]
+    assert shell_outputs("curl x > out/e.json  # -o not/this.png") == [("file", "out/e.json")]
+    assert shell_outputs("curl x >out/f.json; ls -la") == [("file", "out/f.json")]
