@@ -568,6 +568,7 @@ def load_model(
                 f"{path}: tensor {key!r} holds non-finite values (NaN or infinity); such a model only answers "
                 "NaN: retrain it, or use a file from before training diverged"
             )
-    model = cls(config)
+    with _SkipRandomInit():  # every parameter and persistent buffer is overwritten next (strict=True)
+        model = cls(config)
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), info
