@@ -18,10 +18,11 @@ open connections.
 Refusals and header timeouts are logged at most once per LOG_INTERVAL_S per server (the first at
 once, then a count), never one line per connection.
 
-`protocol_class()` is the class `http="auto"` would pick, with the limits: httptools when it is
-installed, h11 otherwise. `app/server.py` hands it to uvicorn with a `GuardedConfig`, which carries
-the limits (and is pickled into worker processes with them). Written against uvicorn 0.54's
-H11Protocol and HttpToolsProtocol: `connection_made`, `data_received`, `on_response_complete`,
+`protocol_class(http)` is the parser GENSERVE_HTTP names, with the limits; "auto" is what uvicorn's
+`http="auto"` would pick: httptools when it is installed (uvicorn[standard]), h11 otherwise.
+`app/server.py` hands it to uvicorn with a `GuardedConfig`, which carries the limits. Every accepted
+connection also gets TCP_NODELAY (`no_delay`). Written against uvicorn's H11Protocol and
+HttpToolsProtocol (0.54 and 0.55): `connection_made`, `data_received`, `on_response_complete`,
 `connection_lost`, and their `cycle`, `connections` and `transport`.
 """
 
