@@ -39,7 +39,8 @@ class RequestTimeoutError(ServiceError):
 
 
 class BatchFailedError(ServiceError):
-    """A forward pass raised: every request of its batch gets this."""
+    """A forward pass raised: the batch is bisected until only the failing request is left
+    (app/batching.py); that request gets this, its batch-mates their answers."""
 
     status_code = 500
 

@@ -16,9 +16,10 @@ The upload conversion rule (`decode_upload`), in order:
    scale (v / 257, rounded, clipped to 0..65535 first), float images (F) on an 8-bit scale
    (clipped to 0..255); bilevel (1) becomes L; palette images become RGB, or RGBA when they
    declare transparency; CMYK, YCbCr, LAB and HSV become RGB.
-4. Alpha is composited over BLACK: a transparent pixel becomes 0. The models were trained on
-   MNIST-style data, white strokes on a black (0) background, so "nothing there" maps to
-   the data's background value.
+4. Alpha is composited over BLACK: a transparent pixel becomes 0. The grey models were trained on
+   Fashion-MNIST (MNIST's layout: light garments on a black background), so "nothing there" maps
+   to the data's background value; for the colour models (CIFAR-10 photos) black is as good a
+   background as any.
 5. The colour model: L (ITU-R 601-2 luma, Pillow's convert("L")) for 1-channel models, RGB
    (grey replicated) for 3-channel ones. Nothing is inverted: Fashion-MNIST is white-on-black,
    so send white-on-black images.

@@ -1,4 +1,5 @@
-"""Load every weight file of a directory onto the device, pair priors with their VQ-VAEs, warm up.
+"""Load every weight file of a directory onto the device and pair priors with their VQ-VAEs (the
+warm-up and the batchers are app/service.py's, what each model computes app/operations.py's).
 
 Served models are VAEs and VQ-VAEs, by their weight-file name. A prior (kinds pixelcnn,
 gated_pixelcnn, pixelcnnpp) is served through its VQ-VAE under an API name taken from

@@ -14,8 +14,9 @@ router = APIRouter(prefix="/models", tags=["models"], responses={503: {"model": 
 
 @router.get("", response_model=list[ModelEntry], response_model_exclude_unset=True)
 async def list_models(service: ServiceDep) -> list[dict[str, Any]]:
-    """One entry per served model. A VQ-VAE lists its priors (the default has the lowest
-    test_bits_per_code) and the prior files refused for it, with the reason."""
+    """One entry per served model, with the operations it offers. A VQ-VAE lists its priors (the
+    default has the lowest validation NLL, `val_bits_per_code`; a file without one is ranked by its
+    test NLL) and the prior files refused for it, with the reason."""
     return service.registry.describe()
 
 
