@@ -279,18 +279,13 @@ class Service:
             self.operations[operation.key] = operation
             self.pass_size_sources[operation.key] = source
 
-    async def _warm(self, entry: Entry) -> Exception | None:
-        """One pass of one row of each of a model's operations, each in its batcher's executor, so the
-        first request does not pay for lazy initialisation; the first error, or None."""
+    async def _warm(self, made: list[tuple[Operation, Batcher, str]]) -> Exception | None:
+        """One pass of one row of each operation, each in its batcher's executor, so the first request
+        does not pay for lazy initialisation; the first error, or None."""
         loop = asyncio.get_running_loop()
-        try:
-            ops = operations(entry)
-            results = await asyncio.gather(
-                *(loop.run_in_executor(entry.batchers[op.key].executor, warm_up, op, self.device) for op in ops),
-                return_exceptions=True,
-            )
-        except Exception as err:  # operations() itself
-            return err
+        results = await asyncio.gather(
+            *(loop.run_in_executor(b.executor, warm_up, op, self.device) for op, b, _ in made), return_exceptions=True
+        )
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if error is not None and not isinstance(error, Exception):
             raise error  # cancellation, KeyboardInterrupt: not the file's fault
@@ -302,7 +297,7 @@ class Service:
         ended, a request for it waits (app/dependencies.py's find_model awaits `entry.warmed`)."""
         entry.warmed = asyncio.get_running_loop().create_future()
         try:
-            error = await self._warm(entry)
+            error = await self._warm([(op, entry.batchers[op.key], "") for op in operations(entry)])
         finally:
             entry.warmed.set_result(None)
         if error is None or self.registry.entries.get(entry.name) is not entry:
@@ -413,7 +408,7 @@ class Service:
                     new.entries[name] = previous  # the same files: keep serving with the same batchers
                     continue
                 starting[name] = (entry, self._make_batchers(entry))
-            errors = await asyncio.gather(*(self._warm_made(made) for _, made in starting.values()))
+            errors = await asyncio.gather(*(self._warm(made) for _, made in starting.values()))
             if not self.ready:
                 for _, made in starting.values():
                     await self._discard(made)
@@ -450,17 +445,6 @@ class Service:
             if starting:
                 self._after_checks(self.check_pass_sizes)
             return bool(starting or retired)
-
-    async def _warm_made(self, made: list[tuple[Operation, Batcher, str]]) -> Exception | None:
-        """Warm up batchers not yet started (a new version of a model), in their executors."""
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(b.executor, warm_up, op, self.device) for op, b, _ in made), return_exceptions=True
-        )
-        error = next((r for r in results if isinstance(r, BaseException)), None)
-        if error is not None and not isinstance(error, Exception):
-            raise error
-        return error
 
     async def _discard(self, made: list[tuple[Operation, Batcher, str]]) -> None:
         for _, batcher, _ in made:

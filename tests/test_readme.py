@@ -39,6 +39,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.app.test_drain import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 VENV_BIN = REPO / ".venv" / "bin"
@@ -189,12 +191,6 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Service:
     port: int
@@ -221,7 +217,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     if not (VENV_BIN / "genserve").exists():
         pytest.skip(f"no {VENV_BIN / 'genserve'}: the README's examples need `make install` (or `make serve`) first")
     logs = tmp_path_factory.mktemp("service") / "service.log"
-    ports = ([README_PORT] if _port_is_free(README_PORT) else []) + [_free_port()]
+    ports = ([README_PORT] if _port_is_free(README_PORT) else []) + [free_port()]
     for port in ports:
         proc = _start(port, logs)
         try:

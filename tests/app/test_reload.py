@@ -8,7 +8,6 @@ import hashlib
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from models.vqvae import VQVAE
 
 from .conftest import CLASS_NAMES, LATENT_DIM, started, tiny_vqvae
 from .test_drain import server_process
+from .test_startup import wait_for
 
 SEEDED = {"model": "vae", "n": 4, "seed": 11}
 
@@ -260,6 +260,20 @@ async def test_a_weights_directory_that_goes_away_keeps_the_models_and_logs_once
         assert "works again" in caplog.text
 
 
+def fail_warm_up(monkeypatch, model: str) -> None:
+    """Every first pass of `model`'s operations raises (a file whose config loads but cannot run)."""
+    import app.service as service_module
+
+    real = service_module.warm_up
+
+    def failing(operation, device):
+        if operation.key.model == model:
+            raise RuntimeError("cannot run")
+        return real(operation, device)
+
+    monkeypatch.setattr(service_module, "warm_up", failing)
+
+
 def _op(name: str):
     from app.operations import Op
 
@@ -285,20 +299,11 @@ async def test_a_broken_replacement_keeps_the_version_served(weights):
 
 
 async def test_a_replacement_that_cannot_run_keeps_the_version_served(weights, tmp_path, monkeypatch):
-    import app.service as service_module
-
     other_vae(tmp_path / "vae.safetensors")
     async with started(weights) as (app, client):
         service = app.state.service
         before = (await client.get("/sample", params=SEEDED)).content
-        real = service_module.warm_up
-
-        def failing(operation, device):
-            if operation.key.model == "vae":
-                raise RuntimeError("cannot run")
-            return real(operation, device)
-
-        monkeypatch.setattr(service_module, "warm_up", failing)
+        fail_warm_up(monkeypatch, "vae")
         shutil.copy(tmp_path / "vae.safetensors", weights / "vae.safetensors")
         await service.reload()
         [problem] = (await client.get("/models/problems")).json()
@@ -309,18 +314,9 @@ async def test_a_replacement_that_cannot_run_keeps_the_version_served(weights, t
 
 async def test_a_new_vqvae_that_cannot_run_keeps_the_old_one_and_its_priors(weights, monkeypatch):
     """The old VQ-VAE keeps serving with its priors, and /models/problems does not call them refused."""
-    import app.service as service_module
-
     async with started(weights) as (app, client):
         service = app.state.service
-        real = service_module.warm_up
-
-        def failing(operation, device):
-            if operation.key.model == "vqvae":
-                raise RuntimeError("cannot run")
-            return real(operation, device)
-
-        monkeypatch.setattr(service_module, "warm_up", failing)
+        fail_warm_up(monkeypatch, "vqvae")
         torch.manual_seed(3)
         save_model(weights / "vqvae.safetensors", tiny_vqvae(), name="vqvae", dataset="unit-test", command="pytest")
         await service.reload()
@@ -367,26 +363,19 @@ def test_a_sighup_while_starting_is_kept_for_when_the_service_is_ready(tmp_path:
     shutil.copy(weights_dir / "vae.safetensors", d)
     os.mkfifo(d / "zz_held.safetensors")  # the loader blocks on it until the test writes
     with server_process(tmp_path, d, wait_ready=False) as server:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        wait_for(lambda: httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200, "/health")
         server.proc.send_signal(signal.SIGHUP)  # during the load
         shutil.copy(weights_dir / "vae_rgb.safetensors", d)  # after the scan: the load does not see it
         # release the loader (a writer opens the FIFO), and take the FIFO away before the rescan reads it
         fd = os.open(d / "zz_held.safetensors", os.O_WRONLY)
         os.unlink(d / "zz_held.safetensors")
         os.close(fd)
-        while time.monotonic() < deadline:
+        def both_served() -> bool:
             assert server.proc.poll() is None, server.logs()
             r = httpx.get(f"{server.base_url}/models", timeout=5)
-            if r.status_code == 200 and len(r.json()) == 2:
-                break
-            time.sleep(0.05)
+            return r.status_code == 200 and len(r.json()) == 2
+
+        wait_for(both_served, "the rescan")
         assert sorted(m["name"] for m in httpx.get(f"{server.base_url}/models").json()) == ["vae", "vae_rgb"]
         assert "rescanned once start-up has finished" in server.logs()
 
@@ -399,10 +388,6 @@ def test_sighup_rescans_at_once(tmp_path: Path, weights_dir: Path) -> None:
         assert [m["name"] for m in httpx.get(f"{server.base_url}/models").json()] == ["vae"]
         shutil.copy(weights_dir / "vae_rgb.safetensors", d)
         server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if len(httpx.get(f"{server.base_url}/models").json()) == 2:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: len(httpx.get(f"{server.base_url}/models").json()) == 2, "the rescan")
         assert sorted(m["name"] for m in httpx.get(f"{server.base_url}/models").json()) == ["vae", "vae_rgb"]
         assert server.proc.poll() is None
