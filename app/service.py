@@ -131,7 +131,6 @@ class Service:
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
     operations: dict[OpKey, Operation] = field(default_factory=dict)  # what each batcher runs (for cuda_graphs)
     scheduler: ComputeScheduler | None = None  # shares the CPU between the batchers
-    executors: list[ThreadPoolExecutor] = field(default_factory=list)
     pass_size_sources: dict[OpKey, str] = field(default_factory=dict)  # PassSizeSource, per batcher
     cache: VerdictCache = field(default_factory=lambda: VerdictCache(None))
     checks: asyncio.Task | None = None  # the pass size checks still to run after start-up
@@ -581,10 +580,9 @@ class Service:
         every = {id(b): b for e in [*self.registry.entries.values(), *retired] for b in e.batchers.values()}
         every.update({id(b): b for b in self.batchers.values()})
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in every.values()))
-        self.executors.extend(b.executor for b in every.values())  # type: ignore[misc]
         pools = [self.io_pool, *(p for p in (self.decode_pool, self.check_executor) if p is not None)]
-        for executor in [*self.executors, *pools]:
-            executor.shutdown(wait=False, cancel_futures=True)
+        for executor in [*(b.executor for b in every.values()), *pools]:
+            executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[attr-defined]
 
     def batcher(self, entry: Entry, op: Op, prior: str | None = None) -> Batcher:
         """The batcher of `entry`'s operation: of the version of the model the request found, even
