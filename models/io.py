@@ -1,24 +1,34 @@
 """The one weight-file format of the project: safetensors with the config inside.
 
-A weight file is a `.safetensors` file. Its metadata (a ``dict[str, str]``) holds
+A weight file is a `.safetensors` file. Its metadata (a ``dict[str, str]``) holds exactly these keys
+(FORMAT_KEYS), none optional:
 
-    format_version  "1"
+    format_version  "2" (FORMAT_VERSION)
     kind            the model class: "vae", "vqvae", "pixelcnn", "gated_pixelcnn", "pixelcnnpp"
     name            the name the service exposes, e.g. "vae"
-    config          the full constructor config as one JSON object
+    config          the full constructor config as one JSON object: every field of the kind's
+                    config class, no other
     image_shape     [C, H, W] as JSON
     dataset         the data set the model was trained on
     command         the training command that produced the file
     metrics         JSON object of evaluation results
-    extra           JSON object of kind-specific facts (a prior's VQ-VAE name and codebook hash)
-    class_names     JSON list of the data set's class names, label i is class_names[i]; optional
-                    (files written before it lack the key and load with none); at most
-                    MAX_CLASS_NAMES names of at most MAX_CLASS_NAME_CHARS characters each
+    extra           JSON object of kind-specific facts (a prior's VQ-VAE name and codebook hash), {} if none
+    class_names     JSON list of the data set's class names, label i is class_names[i], [] if unlabelled;
+                    at most MAX_CLASS_NAMES names of at most MAX_CLASS_NAME_CHARS characters each
     sha256          a digest of every tensor's name, dtype, shape and bytes
 
 `load_model` rebuilds the module from the metadata alone, checks every tensor's
 name, shape and dtype against the module, and raises `WeightFileError` naming the file
-and the key when anything is off. No pickle is involved anywhere.
+and the key when anything is off: a metadata or config key missing or unknown (a missing config
+key never takes its field's default), a value malformed. No pickle is involved anywhere.
+
+Older formats are read by migration, in one place (MIGRATIONS, "format versions" below): the
+metadata of a file of an older format_version is turned, a version at a time, into what the current
+version holds, before any check. Version 1 (the shipped files') may lack `extra`, `class_names` and
+the config fields added to a class after the file was written; its migration gives them the values
+version 1 read them as (V1_CONFIG_ADDITIONS). A format_version this code does not know is refused,
+naming the versions it reads. So a change of what a file holds (a new config field, say) bumps
+FORMAT_VERSION and adds a migration with its test; files are never rewritten to load.
 
 A weight file is untrusted input (the service loads whatever lies in its weights directory), so
 nothing in it may cost more than a bounded amount of memory or time before it is checked:
@@ -52,7 +62,7 @@ import struct
 import threading
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +76,12 @@ from models.pixelcnnpp import PixelCNNpp
 from models.vae import VAE
 from models.vqvae import VQVAE
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Keys a weight file of every format version has: `read_metadata` checks them before anything else.
 REQUIRED_KEYS = ("format_version", "kind", "name", "config", "image_shape", "dataset", "command", "metrics", "sha256")
+# The keys of a FORMAT_VERSION file, no more and no fewer (an older file's once migrated: MIGRATIONS)
+FORMAT_KEYS = ("format_version", "kind", "name", "config", "image_shape", "dataset", "command", "metrics", "extra",
+               "class_names", "sha256")
 # Caps on class_names: far above any real data set's, low enough that a file cannot make the service
 # hold and list megabytes of names (GET /models shows them, the page builds one <option> per name).
 MAX_CLASS_NAMES = 10_000
@@ -151,7 +165,8 @@ def _is_tuple_type(annotation: Any) -> bool:
 
 
 def config_from_dict(config_cls: type, data: dict[str, Any], *, source: str = "config") -> Any:
-    """Build a config dataclass from JSON data; unknown or missing keys are errors.
+    """Build a config dataclass from JSON data; unknown or missing keys are errors (a missing key
+    never takes the field's default: an older file gets its keys from its migration, MIGRATIONS).
 
     JSON turns tuples into lists, so fields typed as tuples are converted back.
     """
@@ -160,6 +175,13 @@ def config_from_dict(config_cls: type, data: dict[str, Any], *, source: str = "c
     unknown = sorted(set(data) - names)
     if unknown:
         raise WeightFileError(f"{source}: unknown config keys {reprlib.repr(unknown)} for {config_cls.__name__}")
+    missing = sorted(names - set(data))
+    if missing:
+        raise WeightFileError(
+            f"{source}: config lacks keys {missing} of {config_cls.__name__}; a file of format_version "
+            f"{FORMAT_VERSION} records every key, and an older file gets those it may lack from its migration "
+            "(models/io.py MIGRATIONS)"
+        )
     kwargs = {}
     for key, value in data.items():
         if isinstance(value, list) and _is_tuple_type(hints[key]):
@@ -297,8 +319,10 @@ def _header_length(path: Path) -> int:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """A weight file's metadata, once its header is known to be at most MAX_HEADER_BYTES, to hold
-    every REQUIRED_KEYS and to be of this FORMAT_VERSION. The values are not checked here (`load_model` does)."""
+    """A weight file's metadata as stored, once its header is known to be at most MAX_HEADER_BYTES,
+    its format_version to be one this code reads (FORMAT_VERSION or one of MIGRATIONS) and it to hold
+    every REQUIRED_KEYS. An older file's is not migrated here (`migrate_metadata` does), and the values
+    are not checked here (`load_model` does)."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: no such weight file")
@@ -314,11 +338,79 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightFileError(f"{path}: not a readable safetensors file ({_clip(err)})") from err
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if "format_version" in metadata and metadata["format_version"] not in READ_VERSIONS:
+        # before the other keys: a later format may have other keys
+        raise WeightFileError(
+            f"{path}: format_version {reprlib.repr(metadata['format_version'])} is not one this code reads "
+            f"({', '.join(map(repr, READ_VERSIONS))}; the older migrated on load): written by a later version of "
+            "this project?"
+        )
     if missing:
         raise WeightFileError(f"{path}: metadata lacks {missing}; was it written by models.io.save_model?")
-    if metadata["format_version"] != FORMAT_VERSION:
+    return metadata
+
+
+# -- format versions ----------------------------------------------------------------------------
+#
+# Every change of what a weight file holds bumps FORMAT_VERSION and adds a migration here, from the
+# previous version to the new one: a function (path, metadata) -> the metadata as the new version
+# writes it. Adding a field to a model's config is such a change: the migration gives the files
+# written before it the value that reproduces what the code that wrote them computed (not
+# necessarily the field's default; diffusers' VectorQuantizer(legacy=True) shows the cost of a
+# default that changes what old files compute). Each migration has a test in tests/models/test_io.py.
+
+# Version 1 (the project's first, 2026-11-24 to 2026-12-07). Its reader read a missing `extra` as {}, a
+# missing `class_names` as no names (the key came on 2026-12-05), and a missing config key as its
+# field's default; it ignored other keys, which no version 1 writer wrote. A version 1 file written by
+# save_model lacks only the config fields added to its class after it was written: these, with the
+# value that reproduces what the code computed before each was added (the field's default then, and
+# unchanged since: a version 1 file computes what it computed before version 2).
+V1_CONFIG_ADDITIONS: dict[str, dict[str, Any]] = {
+    "vae": {
+        "refine_layers": 0,  # 2026-11-24: no refinement layers before
+        "decoder": "factorized", "ar_channels": 32, "ar_kernel": 7, "ar_layers": 1,  # 2026-11-24: AR decoders
+        # 2026-12-05: the Bernoulli decoder was the only one, always fed z; the AR options unused
+        "likelihood": "bernoulli", "num_mixtures": 5, "use_latent": True, "reconstruct_seed": 0,
+        "mean_mse_weight": 0.0,  # 2026-12-06: a training loss term only, none before
+    },
+    "vqvae": {
+        "likelihood": "mse", "num_mixtures": 5,  # 2026-12-05: the MSE decoder was the only one
+        "mean_mse_weight": 0.0,  # 2026-12-06: a training loss term only, none before
+    },
+}
+
+
+def _v1_to_v2(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """Version 1 -> 2: the keys a version 1 file may lack, with the values version 1 read them as."""
+    out = {**metadata, "format_version": "2"}
+    out.setdefault("extra", "{}")
+    out.setdefault("class_names", "[]")
+    added = V1_CONFIG_ADDITIONS.get(metadata["kind"], {})
+    config = _json(path, metadata, "config", dict, max_chars=MAX_JSON_CHARS)
+    if any(key not in config for key in added):
+        out["config"] = json.dumps({**added, **config}, sort_keys=True)
+    return out
+
+
+# format_version -> its migration to the next version; applied in turn up to FORMAT_VERSION
+MIGRATIONS: dict[str, Callable[[Path, dict[str, str]], dict[str, str]]] = {"1": _v1_to_v2}
+READ_VERSIONS = (*MIGRATIONS, FORMAT_VERSION)
+
+
+def migrate_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> dict[str, str]:
+    """`read_metadata`'s result as a FORMAT_VERSION file holds it: older versions migrated in turn
+    (MIGRATIONS), then the keys checked to be exactly FORMAT_KEYS. The values are checked by `load_model`."""
+    path = Path(path)
+    while metadata["format_version"] != FORMAT_VERSION:
+        metadata = MIGRATIONS[metadata["format_version"]](path, metadata)
+    missing = [k for k in FORMAT_KEYS if k not in metadata]
+    unknown = sorted(k for k in metadata if k not in FORMAT_KEYS)
+    if missing:
+        raise WeightFileError(f"{path}: metadata lacks {missing}; was it written by models.io.save_model?")
+    if unknown:
         raise WeightFileError(
-            f"{path}: format_version {reprlib.repr(metadata['format_version'])}, this code reads {FORMAT_VERSION!r}"
+            f"{path}: unknown metadata keys {reprlib.repr(unknown)}; format_version {FORMAT_VERSION} has "
+            f"{list(FORMAT_KEYS)}"
         )
     return metadata
 
@@ -399,8 +491,6 @@ def _class_names_over_cap(names: Sequence[str]) -> str | None:
 
 
 def _class_names(path: Path, metadata: dict[str, str]) -> tuple[str, ...]:
-    if "class_names" not in metadata:  # written before the key existed
-        return ()
     names = _json(path, metadata, "class_names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         # reprlib: a malformed value can be megabytes long; the error shows its start
@@ -538,13 +628,14 @@ def load_model(
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """Rebuild the model a weight file describes, load its tensors strictly, return it on `device` in eval mode.
 
-    Each check of the module docstring runs before the memory it guards is used: the header's size
-    before the header is parsed, the model's size on the meta device before it is allocated, the
+    An older format is migrated first (`migrate_metadata`). Each check of the module docstring runs
+    before the memory it guards is used: the header's size before the header is parsed, the model's
+    size on the meta device before it is allocated, the
     tensors' names, shapes and dtypes from the header before any tensor is read. Raises
     `WeightFileError` naming the file and what is wrong.
     """
     path = Path(path)
-    metadata = read_metadata(path)
+    metadata = migrate_metadata(path, read_metadata(path))
     info, config_data = _parse_metadata(path, metadata)
     cls = model_class(info.kind)
     config = config_from_dict(cls.config_class, config_data, source=str(path))

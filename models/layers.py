@@ -6,6 +6,9 @@
   Gated PixelCNN (models/pixelcnn.py) and PixelCNN++ (models/pixelcnnpp.py).
 - `label_bias`: the class-conditional per-channel bias of Gated PixelCNN eq. 4, in every prior
   (models/pixelcnn.py, models/pixelcnnpp.py).
+- `Linear`: nn.Linear that can compute at least `min_rows` rows (`set_min_rows`), so a row's
+  result does not depend on how many rows share its product; every Linear of the VAEs
+  (models/vae.py), the only models with one.
 
 A block that only one family uses stays in that family's file.
 """
@@ -49,3 +52,40 @@ def label_bias(embedding: nn.Embedding | None, labels: torch.Tensor | None) -> t
     if embedding is None:
         return 0.0
     return embedding(labels)[:, :, None, None]
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose input of fewer than `min_rows` rows is computed as part of a product of
+    `min_rows` rows (the last row repeated), then cut back.
+
+    CPU BLAS (MKL) multiplies a matrix of 1-3 rows with other kernels than a taller one, so a
+    row's last bits change with the size of its batch; the convolutions do not. Padding only the
+    Linear inputs (a few hundred numbers) is far cheaper than padding a whole batch: a row's
+    result is then its result in a product of at least `min_rows` rows, whatever the batch size.
+    `min_rows` is 1 (plain nn.Linear) unless `set_min_rows` sets it; it is not saved (no tensor,
+    no config field): the service sets it when it serves a model (app/service.py, GENSERVE_LINEAR_MIN_ROWS).
+    Same parameters and state-dict keys as nn.Linear.
+    """
+
+    min_rows: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (rows, in_features): every leading dimension counts as rows
+        rows = flat.shape[0]
+        if rows == 0 or rows >= self.min_rows:
+            return F.linear(x, self.weight, self.bias)
+        flat = torch.cat([flat, flat[-1:].expand(self.min_rows - rows, -1)])  # (min_rows, in_features)
+        return F.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], -1)
+
+
+def set_min_rows(model: nn.Module, min_rows: int) -> int:
+    """Make every `Linear` of `model` compute at least `min_rows` rows (1: none padded); returns how
+    many Linears changed."""
+    if min_rows < 1:
+        raise ValueError(f"min_rows must be at least 1, got {min_rows}")
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.min_rows != min_rows:
+            module.min_rows = min_rows
+            changed += 1
+    return changed

@@ -7,7 +7,8 @@ models/pixelcnn.py, PixelCNN++ in models/pixelcnnpp.py) subclasses `Autoregressi
 so offers the same interface: `forward(codes, labels) -> logits (B, K, h', w)` on the full grid
 or on its top h' rows, `log_prob`, `loss`, and `sample(..., mode=)`, whose modes "cached"
 (the default, fast), "cropped" and "naive" (the reference) draw the same codes at different
-costs. Each prior brings its network (`_logits`) and its activation cache for the "cached"
+costs, and `draw_noise(n, generator, label)`, the uniforms (and labels) a sample is drawn
+from. Each prior brings its network (`_logits`) and its activation cache for the "cached"
 mode (`_sampling_cache`).
 
 This file holds what they share: the config and input checks (`validate_prior_fields`,
@@ -254,6 +255,24 @@ class AutoregressivePrior(nn.Module):
         code = inverse_cdf(torch.softmax(logits.float() / temp, dim=-1), u)  # (n,)
         codes.view(n, -1).index_copy_(1, pos, code[:, None])
         return logits
+
+    def draw_noise(
+        self, n: int, generator: torch.Generator | None = None, label: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The noise of n samples, drawn in this order from `generator` on the CPU: the uniforms of
+        the draws rand(n, h, w), then for a class-conditional prior without `label` one random class
+        per sample randint(num_classes, (n,)). With `label`, every sample is of that class. Returns
+        (uniforms, labels (n,) long or None for an unconditional prior)."""
+        h, w = self.config.code_shape
+        classes = self.config.num_classes
+        if label is not None and not (classes and 0 <= label < classes):
+            raise ValueError(f"label {label} is not a class of this prior: it has {classes} classes")
+        uniforms = torch.rand(n, h, w, generator=generator)  # (n, h, w) in [0, 1)
+        if not classes:
+            return uniforms, None
+        if label is None:
+            return uniforms, torch.randint(classes, (n,), generator=generator)  # (n,)
+        return uniforms, torch.full((n,), label, dtype=torch.long)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """codes (B, h', w), h' <= h -> logits (B, K, h', w); position i sees only codes before i."""

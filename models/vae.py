@@ -23,6 +23,11 @@ global structure must still go through z. Training and every likelihood teacher-
 decoder returns its mean image; an autoregressive one draws every pixel from its distribution and
 feeds the drawn value back, so what it returns is a sample of the model.
 `use_latent=False` gives the context-only baseline: the same decoder fed z = 0.
+
+What the service serves (app/operations.py's table) are methods here, their noise an argument:
+`reconstruct(x)`, `encode(x)`, `decode_latents(z)` (images from z, with the fixed draws of
+`reconstruct_seed`), and `sample_from(eps, uniforms, temperature)` of the noise `draw_noise(n,
+generator)` draws; the stepped ones take `on_step`, which sees each step's parameters.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import MaskedConv2d
+from models.layers import Linear, MaskedConv2d
 from models.likelihood import DiscretizedLogisticMixture, check_mean_mse_weight, temperature_map
 
 LOG_2PI = math.log(2 * math.pi)
@@ -138,7 +143,7 @@ class VAE(nn.Module):
             feat = dims[-1]
             self.decoder = nn.Sequential(
                 *_mlp((d, *reversed(dims[1:]))),
-                nn.Linear(dims[1], p * s * s),
+                Linear(dims[1], p * s * s),
                 nn.Unflatten(1, (p, s, s)),  # (B, P, H, W)
             )
         else:
@@ -148,15 +153,15 @@ class VAE(nn.Module):
                 nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, s/2, s/2)
                 nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),  # (B, c2, s/4, s/4)
                 nn.Flatten(),  # (B, c2 * s/4 * s/4)
-                nn.Linear(c2 * r * r, config.fc_dim), nn.ReLU(),
+                Linear(c2 * r * r, config.fc_dim), nn.ReLU(),
             )
             feat = config.fc_dim
             # the z path ends in the likelihood's parameters (factorized) or in features the AR head
             # combines with the context
             out = config.ar_channels if config.autoregressive else p
             self.decoder = nn.Sequential(
-                nn.Linear(d, config.fc_dim), nn.ReLU(),
-                nn.Linear(config.fc_dim, c2 * r * r), nn.ReLU(),
+                Linear(d, config.fc_dim), nn.ReLU(),
+                Linear(config.fc_dim, c2 * r * r), nn.ReLU(),
                 nn.Unflatten(1, (c2, r, r)),  # (B, c2, s/4, s/4)
                 nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, s/2, s/2)
                 *_refine(c1, out, config.refine_layers),  # (B, out, s, s)
@@ -170,8 +175,8 @@ class VAE(nn.Module):
                 self.ar_head = nn.Sequential(  # per pixel: z features + context -> P parameters
                     nn.ReLU(), nn.Conv2d(a, a, 1), nn.ReLU(), nn.Conv2d(a, p, 1)
                 )
-        self.fc_mu = nn.Linear(feat, d)
-        self.fc_logvar = nn.Linear(feat, d)
+        self.fc_mu = Linear(feat, d)
+        self.fc_logvar = Linear(feat, d)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -300,8 +305,7 @@ class VAE(nn.Module):
         generator: torch.Generator | None = None,
         temperature: float | torch.Tensor = 1.0,
         order: str = "wavefront",
-        on_step: Callable[[], None] | None = None,
-        on_params: Callable[[torch.Tensor], None] | None = None,
+        on_step: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """z (N, D) -> images (N, C, H, W) in [0, 1].
 
@@ -311,9 +315,9 @@ class VAE(nn.Module):
         (`uniform_shape(N)`; drawn with `generator` when absent). Each image depends only on its
         own z and uniforms, so results do not depend on the batch. `order` "wavefront" (default)
         and "raster" draw the same pixels from the same uniforms; wavefront takes 136 steps at
-        28x28 instead of 784. `on_step()` is called before each step (a server uses it to stop
-        work nobody waits for any more, by raising); `on_params(params)` receives each step's
-        likelihood parameters (N, P, 1, m) before the draw.
+        28x28 instead of 784. `on_step(params)`, when given, sees each step's likelihood
+        parameters (N, P, 1, m) before its draw (a server checks with it that the batch size does
+        not change them, and stops work nobody waits for any more by raising).
         """
         h = self._z_features(z)  # (N, P or a, H, W)
         if not self.config.autoregressive:
@@ -339,8 +343,6 @@ class VAE(nn.Module):
         w1, b1 = self.ar_head[1].weight.flatten(1), self.ar_head[1].bias  # (a, a), (a,)
         w2, b2 = self.ar_head[3].weight.flatten(1), self.ar_head[3].bias  # (P, a), (P,)
         for rows, cols, windows in self._generation_plan(order, h.device):
-            if on_step is not None:
-                on_step()
             if fast:
                 patches = padded[:, :, windows[0], windows[1]].permute(0, 2, 1, 3, 4).flatten(2)  # (N, m, C*k*k)
                 ctx = F.linear(patches, kernel, conv.bias)  # (N, m, a): the masked conv at these m pixels only
@@ -349,8 +351,8 @@ class VAE(nn.Module):
             feats = h[:, :, rows, cols].transpose(1, 2) + ctx  # (N, m, a)
             out = F.linear(F.relu(F.linear(F.relu(feats), w1, b1)), w2, b2)  # (N, m, P)
             params = out.transpose(1, 2)[:, :, None, :]  # (N, P, 1, m)
-            if on_params is not None:
-                on_params(params)
+            if on_step is not None:
+                on_step(params)
             drawn = self._draw(params, uniforms[:, :, rows, cols][:, :, None, :], temperature)  # (N, C, 1, m)
             x[:, :, rows, cols] = drawn[:, :, 0]
         return x.clone()
@@ -408,6 +410,8 @@ class VAE(nn.Module):
             stats["mean_mse"] = mean_mse.detach()
         return objective, stats
 
+    # -- what the service serves (app/operations.py): images from images, latents and noise ---------
+
     def reconstruct_uniforms(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The fixed uniforms of `reconstruct`: one draw from `reconstruct_seed`, the same for every
         image, so a reconstruction depends on nothing but its input: (n, U, H, W)."""
@@ -415,11 +419,41 @@ class VAE(nn.Module):
         return one.expand(n, *one.shape[1:]).to(device)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded from z = mu: a factorized decoder's mean image; an autoregressive decoder's sample
-        drawn with the fixed `reconstruct_seed` (the input is never shown to the decoder)."""
+    def reconstruct(self, x: torch.Tensor, *, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """x (B, C, H, W) -> images decoded from z = mu (`decode_latents`): a factorized decoder's
+        mean image; an autoregressive decoder's sample drawn with the fixed `reconstruct_seed` (the
+        input is never shown to the decoder). `on_step`: see `generate`."""
         mu, _ = self.encode(x)
-        return self.generate(mu, uniforms=self.reconstruct_uniforms(mu.shape[0], mu.device))
+        return self.decode_latents(mu, on_step=on_step)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor, *, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """z (B, D) -> images (B, C, H, W) in [0, 1]: `generate` with the fixed uniforms of
+        `reconstruct_uniforms` (none for a factorized decoder), so the same z always gives the same image."""
+        uniforms = self.reconstruct_uniforms(z.shape[0], z.device) if self.config.autoregressive else None
+        return self.generate(z, uniforms=uniforms, on_step=on_step)
+
+    def draw_noise(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise of n samples, drawn in this order from `generator` on the CPU: eps = randn(n, D),
+        then the uniforms of the pixel draws rand(`uniform_shape(n)`) (U = 0 for a factorized
+        decoder). `sample_from(eps, uniforms, temperature)` turns them into images."""
+        eps = torch.randn(n, self.config.latent_dim, generator=generator)  # (n, D)
+        return eps, torch.rand(self.uniform_shape(n), generator=generator)  # (n, U, H, W)
+
+    @torch.no_grad()
+    def sample_from(
+        self,
+        eps: torch.Tensor,
+        uniforms: torch.Tensor,
+        temperature: float | torch.Tensor = 1.0,
+        *,
+        on_step: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Samples from given noise (`draw_noise`): z = eps * temperature, so z ~ N(0, temperature^2 I),
+        decoded by `generate` with the pixel draws at the same temperature (a float, or one per image
+        (N,)). Each image depends only on its own noise, so results do not depend on the batch."""
+        t = temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature  # (N, 1) or a float
+        return self.generate(eps * t, uniforms=uniforms, temperature=temperature, on_step=on_step)
 
     @torch.no_grad()
     def sample(
@@ -483,5 +517,5 @@ def _refine(c1: int, c_out: int, n: int) -> list[nn.Module]:
 def _mlp(dims: tuple[int, ...]) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for a, b in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [Linear(a, b), nn.ReLU()]
     return layers

@@ -22,11 +22,18 @@ given the codes, so that -log p(x | z_q(x)) - log p_prior(z(x)) bounds -log p(x)
 The architecture is the paper's image model (sec. 4.1): two 4x4 stride-2
 convolutions, residual 3x3 blocks (ReLU, 3x3 conv, ReLU, 1x1 conv), and the mirror
 image with transposed convolutions in the decoder, so the code grid is H/4 x W/4.
+
+What the service serves (app/operations.py's table) are methods here: `reconstruct(x)`,
+`encode_nearest(x)` (z_e and its codes), `decode_indices(codes)`, `decode_nearest(z_e)`, and
+`sample_from(prior, uniforms, temperature, labels)` of the noise the prior's `draw_noise` draws;
+`on_step` sees what precedes each discrete step (the distances of the nearest-code search, a
+prior's logits).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -177,11 +184,15 @@ class VectorQuantizer(nn.Module):
         self.last_stats: dict[str, float] = {}
         self.last_counts = torch.zeros(config.codebook_size)
 
-    def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> indices (B, H, W) of the nearest codes (paper eq. 1). Never updates anything."""
+    def nearest(self, z_e: torch.Tensor, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """(B, D, H, W) -> indices (B, H, W) of the nearest codes (paper eq. 1). Never updates anything.
+        `on_step(distances)`, when given, sees what the argmin is taken of, (B, H*W*K) in float32."""
         b, d, h, w = z_e.shape
         flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, D)
-        return squared_distances(flat, self.embedding.detach().float()).argmin(1).view(b, h, w)
+        distances = squared_distances(flat, self.embedding.detach().float())  # (B*H*W, K)
+        if on_step is not None:
+            on_step(distances.view(b, -1))
+        return distances.argmin(1).view(b, h, w)
 
     def lookup(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Codebook vectors of indices (B, H, W) -> (B, D, H, W). `check=False` skips the range check
@@ -432,10 +443,21 @@ class VQVAE(nn.Module):
             "restarts": torch.tensor(stats["restarts"]),
         }
 
+    # -- what the service serves (app/operations.py): images from images, codes and a prior's noise --
+
     @torch.no_grad()
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [0, 1] -> codes (B, h, w) long. Never updates the codebook."""
         return self.quantizer.nearest(self.encode(x))
+
+    @torch.no_grad()
+    def encode_nearest(
+        self, x: torch.Tensor, *, on_step: Callable[[torch.Tensor], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [0, 1] -> z_e (B, D, h, w) and its nearest codes (B, h, w); `on_step`
+        sees the distances the codes are the argmin of (`VectorQuantizer.nearest`)."""
+        z_e = self.encode(x)
+        return z_e, self.quantizer.nearest(z_e, on_step)
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -443,9 +465,37 @@ class VQVAE(nn.Module):
         return self.image(self.decode(self.quantizer.lookup(indices, check)))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """x -> its reconstruction through the codebook, clamped to [0, 1]. Never updates the codebook."""
-        return self.decode_indices(self.encode_indices(x))
+    def decode_nearest(self, z_e: torch.Tensor, *, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Encoder outputs z_e (B, D, h, w), e.g. a blend of two images', -> the images of their
+        nearest codes (B, C, H, W). The codes are in range by construction: no range check (no
+        value read back to the host, so a CUDA graph can record it)."""
+        return self.decode_indices(self.quantizer.nearest(z_e, on_step), check=False)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, *, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """x -> its reconstruction through the codebook (`image` of the nearest codes). Never updates the codebook."""
+        return self.decode_nearest(self.encode(x), on_step=on_step)
+
+    @torch.no_grad()
+    def sample_from(
+        self,
+        prior: nn.Module,
+        uniforms: torch.Tensor,
+        temperature: float | torch.Tensor = 1.0,
+        labels: torch.Tensor | None = None,
+        *,
+        on_step: Callable[[torch.Tensor], None] | None = None,
+        mode: str = "cached",
+    ) -> torch.Tensor:
+        """Images of code grids a prior over this VQ-VAE's codes draws from given noise: uniforms
+        (B, h, w) (`prior.draw_noise`), a temperature (a float or (B,)), labels (B,) for a
+        class-conditional prior. `on_step(logits)` sees each position's logits (B, K) before its
+        draw; `mode`: see `AutoregressivePrior.sample`."""
+        codes = prior.sample(
+            uniforms.shape[0], labels=labels, temperature=temperature, uniforms=uniforms, mode=mode,
+            on_logits=None if on_step is None else lambda r, c, logits: on_step(logits),
+        )  # (B, h, w)
+        return self.decode_indices(codes)
 
     def codebook_digest(self) -> str:
         """sha256 of the codebook's float32 bytes; a prior records it to name the VQ-VAE it models."""

@@ -29,7 +29,7 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     assert (info.kind, info.name, info.dataset, info.command) == ("vae", "tiny", "unit-test", "pytest")
     assert info.image_shape == (1, 28, 28) and info.metrics == {"test_neg_elbo": 1.5}
     meta = read_metadata(tmp_path / "m.safetensors")
-    assert meta["format_version"] == "1" and json.loads(meta["config"])["arch"] == "conv"
+    assert meta["format_version"] == "2" and json.loads(meta["config"])["arch"] == "conv"
     assert not loaded.training
 
 
@@ -167,8 +167,8 @@ def test_class_names_round_trip_as_a_tuple(tmp_path):
 
 def test_files_without_class_names_load_with_none(tmp_path):
     model = save_tiny(tmp_path / "m.safetensors")
-    old = tmp_path / "old.safetensors"  # as written before the key existed
-    _rewrite(tmp_path / "m.safetensors", old, change_meta=lambda m: m.pop("class_names"))
+    old = tmp_path / "old.safetensors"  # as written before the key existed (format_version 1)
+    _rewrite(tmp_path / "m.safetensors", old, change_meta=lambda m: (m.pop("class_names"), m.update(format_version="1")))
     assert "class_names" not in read_metadata(old)
     loaded, info = load_model(old)
     x = torch.rand(2, 1, 28, 28)
@@ -518,3 +518,183 @@ def test_a_loaded_model_has_every_tensor_of_the_saved_one(tmp_path, model):
     assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
     if isinstance(saved, (PixelCNN, VAE)):  # the case this is for: masked convolutions' masks are not in the file
         assert any(k.endswith("mask") for k in expected)
+
+
+# --- an honest format: every key required, older versions migrated in one place (issue 23) ---
+
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+
+from models.io import (  # noqa: E402
+    FORMAT_KEYS, FORMAT_VERSION, KINDS, MIGRATIONS, READ_VERSIONS, V1_CONFIG_ADDITIONS, migrate_metadata,
+)
+
+# The config keys of each kind in a file of format_version 2. A field added to (or removed from) a
+# config class changes what a file holds: files written before it lack the key, and are refused. Bump
+# FORMAT_VERSION, add a migration (models/io.py MIGRATIONS) that gives the older files the value that
+# reproduces what they computed, with its test, and record the new version's keys here.
+FORMAT_2_CONFIG_KEYS = {
+    "vae": ["arch", "in_channels", "image_size", "latent_dim", "hidden_dims", "channels", "fc_dim", "refine_layers",
+            "decoder", "ar_channels", "ar_kernel", "ar_layers", "likelihood", "num_mixtures", "use_latent",
+            "reconstruct_seed", "mean_mse_weight"],
+    "vqvae": ["in_channels", "image_size", "hidden_channels", "res_channels", "n_res_blocks", "codebook_size",
+              "embedding_dim", "beta", "ema", "ema_decay", "ema_epsilon", "init", "kmeans_iters", "dead_code_steps",
+              "likelihood", "num_mixtures", "mean_mse_weight"],
+    "pixelcnn": ["codebook_size", "code_shape", "num_classes", "hidden_channels", "n_layers", "first_kernel_size",
+                 "kernel_size"],
+    "gated_pixelcnn": ["codebook_size", "code_shape", "num_classes", "hidden_channels", "n_layers",
+                       "first_kernel_size", "kernel_size"],
+    "pixelcnnpp": ["codebook_size", "code_shape", "num_classes", "hidden_channels", "n_layers", "n_scales", "dropout"],
+}
+TINY_VQVAE = dict(image_size=8, hidden_channels=8, res_channels=4, n_res_blocks=1, codebook_size=16, embedding_dim=4,
+                  init="uniform")
+
+
+def test_config_classes_have_the_keys_of_the_current_format_version():
+    assert FORMAT_VERSION == "2", "a new format version: record its config keys in FORMAT_<version>_CONFIG_KEYS"
+    for kind, cls in KINDS.items():
+        fields = [f.name for f in dataclasses.fields(cls.config_class)]
+        recorded = FORMAT_2_CONFIG_KEYS[kind]
+        added, removed = sorted(set(fields) - set(recorded)), sorted(set(recorded) - set(fields))
+        assert not added and not removed, (
+            f"{cls.config_class.__name__} gained {added} and lost {removed} since format_version 2: files of that "
+            "version would be refused. Bump FORMAT_VERSION and add a migration in models/io.py MIGRATIONS, with a test"
+        )
+
+
+def test_save_writes_every_key_of_the_current_format_and_of_the_config(tmp_path):
+    save_tiny(tmp_path / "m.safetensors")
+    meta = read_metadata(tmp_path / "m.safetensors")
+    assert sorted(meta) == sorted(FORMAT_KEYS) and meta["format_version"] == FORMAT_VERSION
+    assert sorted(json.loads(meta["config"])) == sorted(FORMAT_2_CONFIG_KEYS["vae"])
+
+
+@pytest.mark.parametrize("key", ["latent_dim", "likelihood", "hidden_dims"])
+def test_a_config_lacking_a_key_is_refused_naming_the_file_and_the_key(tmp_path, key):
+    """Never the field's default: that is how a file silently computes something else than it was trained to."""
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__(
+        "config", json.dumps({k: v for k, v in json.loads(m["config"]).items() if k != key})))
+    with pytest.raises(WeightFileError, match=rf"bad\.safetensors: config lacks keys \['{key}'\] of VAEConfig"):
+        load_model(bad)
+
+
+def test_a_config_with_a_key_the_class_does_not_know_is_refused_naming_the_file_and_the_key(tmp_path):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=_set_config(legacy=True))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: unknown config keys \['legacy'\] for VAEConfig"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda m: m.pop("class_names"), r"metadata lacks \['class_names'\]"),
+    (lambda m: m.pop("extra"), r"metadata lacks \['extra'\]"),
+    (lambda m: m.__setitem__("colour", "1"), r"unknown metadata keys \['colour'\]"),
+])
+def test_metadata_lacking_a_key_or_with_an_unknown_one_is_refused_naming_the_file_and_the_key(tmp_path, change, problem):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=change)
+    with pytest.raises(WeightFileError, match=rf"bad\.safetensors: {problem}"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("version", ["3", "0", "", "1.0", "x" * 10_000])
+def test_a_format_version_this_code_does_not_read_is_refused_naming_those_it_reads(tmp_path, version):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: m.__setitem__("format_version", version))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: format_version .* is not one this code reads "
+                                              r"\('1', '2'; the older migrated on load\)") as info:
+        read_metadata(bad)
+    assert len(str(info.value)) < 400  # a huge value is shortened
+    assert READ_VERSIONS == ("1", "2")
+
+
+def test_migrations_lead_from_every_older_version_to_the_current_one(tmp_path):
+    save_tiny(tmp_path / "m.safetensors")
+    current = read_metadata(tmp_path / "m.safetensors")
+    versions = [*MIGRATIONS, FORMAT_VERSION]
+    assert versions == sorted(versions, key=int) and FORMAT_VERSION not in MIGRATIONS
+    for old, new in itertools.pairwise(versions):
+        assert MIGRATIONS[old](tmp_path / "m.safetensors", {**current, "format_version": old})["format_version"] == new
+
+
+def as_version_1(drop_config=(), drop_meta=("class_names", "extra")):
+    """A metadata change that makes a current file one that version 1 wrote before `drop_config` (config
+    keys) and `drop_meta` (metadata keys) existed."""
+    def change(meta):
+        meta["format_version"] = "1"
+        for key in drop_meta:
+            meta.pop(key)
+        meta["config"] = json.dumps({k: v for k, v in json.loads(meta["config"]).items() if k not in drop_config})
+    return change
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: VAE(VAEConfig(latent_dim=3, hidden_dims=(16, 8))), torch.rand(2, 1, 28, 28)),
+    (lambda: VQVAE(VQVAEConfig(**TINY_VQVAE)), torch.rand(2, 1, 8, 8)),
+    (lambda: GatedPixelCNN(GatedPixelCNNConfig(**TINY_PRIOR, num_classes=3)), None),
+], ids=["vae", "vqvae", "gated_pixelcnn"])
+def test_a_version_1_file_is_migrated_to_the_same_model(tmp_path, make, x):
+    """Migration 1 -> 2: a version 1 file written before every config field added during version 1
+    (V1_CONFIG_ADDITIONS), `class_names` and `extra` loads as the model that wrote it."""
+    torch.manual_seed(0)
+    saved = make().eval()
+    save_model(tmp_path / "m.safetensors", saved, name="m", dataset="d", command="c",
+               image_shape=(1, 8, 8) if x is None else None)
+    old = tmp_path / "old.safetensors"
+    added = V1_CONFIG_ADDITIONS.get(saved.KIND, {})
+    _rewrite(tmp_path / "m.safetensors", old, change_meta=as_version_1(drop_config=added))
+    raw = read_metadata(old)
+    assert raw["format_version"] == "1" and "class_names" not in raw and not set(added) & set(json.loads(raw["config"]))
+    migrated = migrate_metadata(old, raw)
+    assert migrated["format_version"] == "2" and sorted(migrated) == sorted(FORMAT_KEYS)
+    assert {k: json.loads(migrated["config"])[k] for k in added} == added
+    loaded, info = load_model(old)
+    assert loaded.config == saved.config and info.class_names == () and info.extra == {}
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+    if x is not None:
+        assert torch.equal(loaded.reconstruct(x), saved.reconstruct(x))
+
+
+def test_the_version_1_migration_keeps_what_a_file_records(tmp_path):
+    """A version 1 file written after a field was added records it: the migration fills only what is
+    missing (a logistic VAE stays logistic), and an older file's class_names and extra are kept."""
+    model = VAE(VAEConfig(arch="conv", latent_dim=3, channels=(4, 8), fc_dim=8, likelihood="logistic", num_mixtures=2)).eval()
+    save_model(tmp_path / "m.safetensors", model, name="m", dataset="d", command="c", class_names=["a", "b"],
+               extra={"note": 1})
+    old = tmp_path / "old.safetensors"
+    _rewrite(tmp_path / "m.safetensors", old, change_meta=as_version_1(drop_config=("mean_mse_weight",), drop_meta=()))
+    loaded, info = load_model(old)
+    assert loaded.config == model.config and loaded.config.likelihood == "logistic"
+    assert info.class_names == ("a", "b") and info.extra == {"note": 1}
+
+
+def test_a_version_1_file_lacking_a_key_version_1_always_wrote_is_refused_naming_the_file_and_the_key(tmp_path):
+    save_tiny(tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=as_version_1(drop_config=("latent_dim",)))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: config lacks keys \['latent_dim'\] of VAEConfig"):
+        load_model(bad)
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=as_version_1(drop_meta=("command",)))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: metadata lacks \['command'\]"):
+        load_model(bad)
+    _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m: (as_version_1()(m), m.__setitem__("config", "{x")))
+    with pytest.raises(WeightFileError, match=r"bad\.safetensors: metadata key 'config' is not valid JSON"):
+        load_model(bad)
+
+
+def test_the_shipped_version_1_files_lack_no_key_of_version_2():
+    """The shipped files were written (format_version 1) by code whose classes had every field they
+    have in version 2: their migration adds no key, to the metadata nor to the config."""
+    shipped = sorted((Path(__file__).resolve().parents[2] / "weights").glob("*.safetensors"))
+    if not shipped:
+        pytest.skip("no shipped weight files")
+    for path in shipped:
+        raw = read_metadata(path)
+        if raw["format_version"] == "1":
+            assert sorted(raw) == sorted(FORMAT_KEYS), path.name
+            assert sorted(json.loads(raw["config"])) == sorted(FORMAT_2_CONFIG_KEYS[raw["kind"]]), path.name

@@ -303,3 +303,18 @@ def test_save_load_round_trip_gives_identical_logits_and_samples(variant, tmp_pa
         assert torch.equal(loaded(codes, labels), model(codes, labels))
     uniforms = torch.rand(2, 4, 6, generator=torch.Generator().manual_seed(8))
     assert torch.equal(loaded.sample(2, labels, uniforms=uniforms), model.sample(2, labels, uniforms=uniforms))
+
+
+def test_draw_noise_draws_uniforms_then_labels_from_one_generator():
+    conditional, unconditional = make("gated", num_classes=3), make("gated")
+    uniforms, labels = conditional.draw_noise(4, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    assert torch.equal(uniforms, torch.rand(4, 7, 7, generator=g))
+    assert torch.equal(labels, torch.randint(3, (4,), generator=g))
+    same, fixed = conditional.draw_noise(4, torch.Generator().manual_seed(2), label=1)
+    assert torch.equal(same, uniforms) and fixed.tolist() == [1] * 4
+    u, none = unconditional.draw_noise(4, torch.Generator().manual_seed(2))
+    assert none is None and torch.equal(u, uniforms)
+    for prior, label in ((conditional, 3), (conditional, -1), (unconditional, 0)):
+        with pytest.raises(ValueError, match="not a class"):
+            prior.draw_noise(1, label=label)

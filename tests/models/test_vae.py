@@ -234,7 +234,7 @@ def test_generation_draws_from_the_teacher_forced_distribution_of_what_it_drew(c
     order = iter(model.generation_steps())
     with torch.no_grad():
         x = model.generate(z, generator=torch.Generator().manual_seed(1),
-                           on_params=lambda params: steps.append((*next(order), params)))
+                           on_step=lambda params: steps.append((*next(order), params)))
         forced = model.decode(z, context=x)  # (B, P, H, W)
     assert len(steps) == len(model.generation_steps()) and torch.cat([r for r, _, _ in steps]).numel() == size * size
     for rows, cols, params in steps:
@@ -455,3 +455,26 @@ def test_mean_mse_weight_needs_the_logistic_likelihood():
         VAEConfig(mean_mse_weight=1.0)
     with pytest.raises(ValueError, match="got -2.0"):
         VAEConfig(likelihood="logistic", mean_mse_weight=-2.0)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny("conv"), lambda: tiny_ar(likelihood="logistic")], ids=["factorized", "ar"])
+def test_what_the_service_serves_is_the_models_own_arithmetic(make):
+    """sample_from(draw_noise) is sample() from the same generator; decode_latents(z) decodes with the
+    fixed reconstruct draws, reconstruct(x) is decode_latents(mu); on_step sees one tensor per step."""
+    model = make().eval()
+    x = grid_images(3, 1, 28, 28)
+    with torch.no_grad():
+        for t in (1.0, 0.7):
+            expected = model.sample(3, torch.Generator().manual_seed(5), temperature=t)
+            eps, uniforms = model.draw_noise(3, torch.Generator().manual_seed(5))
+            assert eps.shape == (3, 4) and uniforms.shape == model.uniform_shape(3)
+            assert torch.equal(model.sample_from(eps, uniforms, t), expected)
+            assert torch.equal(model.sample_from(eps, uniforms, torch.full((3,), t)), expected)  # one per image
+        mu, _ = model.encode(x)
+        assert torch.equal(model.reconstruct(x), model.decode_latents(mu))
+        fixed = model.reconstruct_uniforms(3) if model.config.autoregressive else None  # the same draws for every image
+        assert torch.equal(model.decode_latents(mu), model.generate(mu, uniforms=fixed))
+        seen = []
+        model.reconstruct(x, on_step=seen.append)
+    steps = len(model.generation_steps()) if model.config.autoregressive else 0
+    assert len(seen) == steps and all(s.shape[0] == 3 for s in seen)

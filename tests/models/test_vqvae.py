@@ -425,3 +425,30 @@ def test_mean_mse_weight_adds_the_mean_images_squared_error_and_leaves_the_likel
 def test_mean_mse_weight_is_checked(kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         VQVAEConfig(**kwargs)
+
+
+def test_what_the_service_serves_is_the_models_own_arithmetic():
+    """encode_nearest gives z_e and the argmin of the distances on_step sees; decode_nearest and
+    reconstruct decode those codes; sample_from decodes what the prior draws from the same uniforms."""
+    from models.pixelcnn import PixelCNN, PixelCNNConfig
+
+    torch.manual_seed(0)
+    model = VQVAE(TINY).eval()
+    x = torch.rand(3, 1, 28, 28)
+    seen = []
+    z_e, codes = model.encode_nearest(x, on_step=seen.append)
+    k = TINY.codebook_size
+    assert torch.equal(z_e, model.encode(x)) and torch.equal(codes, model.encode_indices(x))
+    (distances,) = seen
+    assert distances.shape == (3, codes[0].numel() * k)
+    assert torch.equal(distances.view(3, -1, k).argmin(-1), codes.flatten(1))
+    images = model.decode_indices(codes)
+    assert torch.equal(model.decode_nearest(z_e), images) and torch.equal(model.reconstruct(x), images)
+    prior = PixelCNN(PixelCNNConfig(codebook_size=k, code_shape=tuple(codes.shape[1:]), num_classes=3,
+                                    hidden_channels=8, n_layers=1, first_kernel_size=3, kernel_size=3)).eval()
+    uniforms, labels = prior.draw_noise(3, torch.Generator().manual_seed(1))
+    assert labels is not None and labels.shape == (3,)
+    logits = []
+    drawn = model.sample_from(prior, uniforms, 0.8, labels, on_step=logits.append)
+    expected = prior.sample(3, labels=labels, temperature=0.8, uniforms=uniforms)
+    assert torch.equal(drawn, model.decode_indices(expected)) and len(logits) == codes[0].numel()
