@@ -28,7 +28,7 @@ test-quick: $(VENV)/.installed  # all but the tests marked slow (a real local Ra
 	$(PY) -m pytest -m "not slow"
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/load.py
+	$(PY) -m benchmarks.load
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -20,7 +20,7 @@ request, LitServe's `while time.monotonic() < end and len(items) < max_batch_siz
 and off by default: on an idle model a wait only adds latency, and under load the passes
 fill up on their own while the previous one runs.
 
-Each pass runs in the batcher's own executor (one thread unless `max_inflight` > 1), so a cheap
+Each pass runs in the batcher's own executor (one thread, and one for the express pass), so a cheap
 model is never queued behind a slow one: the operating system (or the GPU) interleaves them.
 Stacking the inputs, padding, the transfer, the forward pass under `torch.inference_mode()`,
 the check that every output has one row per input row, and the slicing into per-request
@@ -45,7 +45,8 @@ restarted (`alive` is False until then, and the service's readiness says "recove
 **Cancellation.** A request that times out or is cancelled (its client disconnected) withdraws
 its queued chunks. A pass that is already running is stopped between steps when no request of
 it is still wanted: a multi-step operation calls `check_wanted()` between steps (app/operations.py
-does, for the priors' draws and the autoregressive VAE's pixels), which raises `PassAbandoned`.
+passes it to the model methods as `on_step`: the priors' draws, the autoregressive VAE's pixels,
+the VQ-VAE's nearest-code search), which raises `PassAbandoned`.
 """
 
 from __future__ import annotations
@@ -147,7 +148,6 @@ class Batcher:
     # Pass sizes: a pass of n rows is padded to the smallest bucket >= n. None: no padding (the
     # pass has exactly n rows, and a row may change in its last bits with its batch-mates).
     buckets: tuple[int, ...] | None = None
-    max_inflight: int = 1  # passes of this batcher running at once (the executor needs as many threads)
     # A request of at most this many items that finds every pass busy runs in a pass of its own beside
     # them, one such pass at a time (the executor needs a thread more); 0: never.
     express_items: int = 0
@@ -162,8 +162,6 @@ class Batcher:
             if not self.buckets or max(self.buckets) < self.max_batch_size or min(self.buckets) < 1:
                 raise ValueError(f"buckets must be positive and include max_batch_size {self.max_batch_size}, got {self.buckets}")
             self.buckets = tuple(sorted(set(self.buckets)))
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be at least 1, got {self.max_inflight}")
         self._queue: list[_Entry] = []  # a heap, by virtual finish time (_Entry.__lt__)
         self._queued_items = 0
         self._vtime = 0.0  # virtual time: items served, each divided by the requests then competing
@@ -343,14 +341,14 @@ class Batcher:
     # -- worker --------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        running: set[asyncio.Task] = set()  # passes collected as usual, at most max_inflight
+        running: set[asyncio.Task] = set()  # the pass collected as usual: at most one
         express: set[asyncio.Task] = set()  # at most one pass of small requests beside them
         try:
             while True:
                 while True:  # until there is work and a pass may start
                     if self._stopping and not self._queue:
                         return
-                    usual = len(running) < self.max_inflight
+                    usual = not running
                     small = not express and 0 < self._queue_head_items() <= self.express_items
                     if self._queue and (usual or small):
                         break
@@ -554,7 +552,8 @@ class Batcher:
     ) -> tuple[int, ...]:
         """The pass sizes whose rows are bit-identical to the same rows in a pass of max_batch_size.
 
-        Runs in the caller's thread (the service runs it in this batcher's executor). Seeded rows
+        Runs in the caller's thread (the service runs it in its check thread, and in this batcher's
+        executor to check a CUDA-graph recording again). Seeded rows
         `example(max_batch_size, generator)` are computed twice at the full size (a pass that
         does not reproduce itself can promise nothing: only the full size is kept) and then at
         each candidate size b, once as the first b rows and once as the last b: both must equal

@@ -1,38 +1,27 @@
-"""What routes share: the service dependency, model lookup, image responses (uploads: app/uploads.py)."""
+"""What routes are given: the service (`ServiceDep`, refused with 503 unless app/readiness.py says it
+serves) and the model a request names (`find_model`, held for the rest of the request).
+
+What they answer with is app/responses.py's; what they read from uploads app/multipart.py's.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Annotated
 
-import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, HTTPException, Request
 
-from app import imaging
 from app.errors import NotRunningError
+from app.readiness import readiness
 from app.registry import LATENT, PRIOR, Entry
 from app.service import Service, holding
 
 
-def service_state(app: FastAPI) -> str:
-    """The one readiness check. "ready": GET /ready is 200. "draining" (shutdown has begun, requests
-    are still served) and "recovering" (a batcher is being restarted) make /ready 503 but still
-    serve model routes; "starting", "start-up failed" and "shutting down" refuse them too."""
-    service: Service | None = getattr(app.state, "service", None)
-    if service is None:
-        return "start-up failed" if getattr(app.state, "start_error", None) else "starting"
-    return service.state
-
-
-SERVING_STATES = ("ready", "draining", "recovering")
-SMALL_IMAGE_ELEMENTS = 3 * 32 * 32  # image_response encodes answers up to this size on the event loop
-
-
 def get_service(request: Request) -> Service:
-    state = service_state(request.app)
-    if state not in SERVING_STATES:
-        raise NotRunningError(f"the service is not ready ({state})", headers={"Retry-After": "1"})
+    """The running Service; 503 (Retry-After: 1) while it does not serve (app/readiness.py)."""
+    now = readiness(request.app)
+    if not now.serving:
+        raise NotRunningError(f"the service is not ready ({now.state})", headers={"Retry-After": "1"})
     return request.app.state.service
 
 
@@ -80,57 +69,3 @@ async def _find(service: Service, name: str) -> Entry:
     if owner is not None:
         raise HTTPException(404, f"{name!r} is a prior; use model={owner} and prior=<its API name>")
     raise HTTPException(404, f"unknown model {name!r}; loaded models: {sorted(service.registry.entries)}")
-
-
-def wants_json(request: Request) -> bool:
-    """True when the Accept header prefers application/json to image/png (q-values, then specificity)."""
-    accept = request.headers.get("accept")
-    if not accept:
-        return False
-    ranges = []
-    for part in accept.split(","):
-        media, *params = part.split(";")
-        q = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        ranges.append((media.strip().lower(), q))
-
-    def score(offer: str) -> tuple[float, int]:
-        kind = offer.split("/")[0]
-        best = (0.0, -1)
-        for media, q in ranges:
-            specificity = 2 if media == offer else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
-            if specificity > best[1]:
-                best = (q, specificity)
-        return best
-
-    as_json, as_png = score("application/json"), score("image/png")
-    return as_json[0] > 0 and as_json > as_png
-
-
-async def image_response(
-    request: Request, images: torch.Tensor, *, nrow: int | None = None, headers: dict[str, str] | None = None
-) -> Response:
-    """One PNG grid of images (B, C, H, W), or {"images": [base64 PNG, ...]} for Accept: application/json.
-
-    PNG encoding (and the JSON around base64 PNGs) runs in the service's PNG pool: a grid of 256
-    images is too much work for the event loop, and the model threads have their own work. An
-    answer of at most SMALL_IMAGE_ELEMENTS values (one CIFAR-10 image: a fraction of a millisecond
-    to encode) is encoded right here instead, so that it never waits in the pool behind the grids
-    of heavy requests.
-    """
-    service: Service = request.app.state.service
-    small = images.numel() <= SMALL_IMAGE_ELEMENTS
-    if wants_json(request):  # the JSON of 256 base64 PNGs is written in the pool too
-
-        def encode() -> JSONResponse:
-            return JSONResponse({"images": imaging.pngs_base64(images)}, headers=headers)
-
-        return encode() if small else await service.run_io(encode)
-    png = imaging.grid_png(images, nrow) if small else await service.run_io(imaging.grid_png, images, nrow)
-    return Response(png, media_type="image/png", headers=headers)

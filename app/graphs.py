@@ -6,9 +6,10 @@ at each of its 49 or 64 positions. A CUDA graph records those launches once for 
 replays them with one call (PyTorch's `torch.cuda.graph`). The service records them at start-up,
 after each batcher's pass sizes are known, one graph per pass size:
 
-- `CapturedPasses`: a whole one-pass function (a VAE's factorized decoder, a VQ-VAE's decoder)
-  on static input and output tensors: a pass copies its rows in, replays, and clones the
-  outputs out. A pass of a size without a graph is padded to the next size with one (the pass
+- `CapturedPasses`: a whole one-pass function (a factorized VAE's reconstruct, decode_latents and
+  sample_from; a VQ-VAE's reconstruct, decode_indices and decode_nearest, and its decoder after a
+  prior's steps) on static input and output tensors: a pass copies its rows in, replays, and
+  clones the outputs out. A pass of a size without a graph is padded to the next size with one (the pass
   rows repeat the last row, as Batcher._pass pads), or runs eagerly above the largest. A pass
   that finds its size's buffers taken by another (the batcher's express pass runs beside its
   main pass) runs the recorded function eagerly on the same padded rows rather than wait.

@@ -1,4 +1,6 @@
-"""Uploads in, PNGs out.
+"""Uploads in, PNGs out: the pixels on both sides of the model (app/multipart.py reads the uploads,
+app/responses.py sends the PNGs). An upload that cannot be used raises ImageError (app/errors.py;
+importable from here too): 400 when it cannot be decoded, 413 when it is too large.
 
 The upload conversion rule (`decode_upload`), in order:
 
@@ -43,6 +45,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from app.errors import ImageError
+
 RESAMPLE = Image.Resampling.LANCZOS
 ALPHA_BACKGROUND = 0  # composite transparent pixels over black (see the module docstring)
 # The formats an upload may be: the common ones whose plugins read only the header when opened.
@@ -64,15 +68,6 @@ def set_pixel_limit(max_pixels: int) -> None:
     """Hold Pillow's own decompression-bomb check, process-wide, to `max_pixels`: it warns above it
     and raises DecompressionBombError above twice it, wherever a plugin checks a size of its own."""
     Image.MAX_IMAGE_PIXELS = max_pixels
-
-
-class ImageError(Exception):
-    """An upload that cannot be used: status 400 (undecodable) or 413 (too large)."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
 
 
 def decode_upload(

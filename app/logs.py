@@ -1,7 +1,7 @@
 """Request ids and logging.
 
 `request_id` holds the id of the request being handled (the client's X-Request-ID, or one made
-up by app/main.py's RequestContext middleware); `RequestIdFilter` copies it onto every log record
+up by app/middleware.py's RequestContext); `RequestIdFilter` copies it onto every log record
 as `record.request_id` ("-" outside a request), so every line a request causes can carry it.
 
 `log_config(log_format)` is the logging configuration `python -m app` hands uvicorn (which applies

@@ -1,27 +1,35 @@
-"""The batchable operations of every served model, by name, and their example inputs.
+"""What each operation of a served model calls, as a table, and the inputs it takes.
 
-Each served model offers a fixed set of `Op`s; a VQ-VAE offers `Op.SAMPLE` once per attached
-prior. A batcher is built only where a route may submit to it (ROUTES): for the API operations the
-model offers (app/registry.py's `Entry.operations`), so a VAE without a latent gets its SAMPLE batcher
-alone. `operations(entry)` returns one `Operation` per (model, op[, prior]): the batch function
-the batcher runs, which takes and returns tensors with one row per item, and `example`, which
-makes seeded valid inputs of any number of rows. The service uses the examples to warm each
-operation up and to check which pass sizes are batch-invariant (app/batching.py).
+An operation's meaning is a model method (models/vae.py, models/vqvae.py): `TABLE[kind][op]` names
+the method a batcher of that Op calls and how to make seeded valid inputs of any number of rows
+for it (`example`, for warm-ups and the pass-size checks of app/batching.py). Noise is an input
+like any other: `sample_inputs` draws a /sample request's from its seed (GET /sample calls it,
+as can anything that must submit what /sample submits), so an answer never depends on which
+requests shared its pass. A method with
+discrete steps (a pixel or code drawn, a nearest code picked) takes `on_step`: the batcher stops
+a pass nobody waits for any more between steps with it (`check_wanted`), and the pass-size
+check compares what precedes each step (`probe`).
+
+A batcher is built only where a route may submit to it (ROUTES): for the API operations the model
+offers (app/registry.py's `Entry.operations`), so a VAE without a latent gets its SAMPLE batcher
+alone. A VQ-VAE offers Op.SAMPLE once per attached prior. With GENSERVE_CUDA_GRAPHS,
+`Operation.capture` records the method per pass size (app/graphs.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import types
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from app.batching import check_wanted
 from app.graphs import CapturedPasses, CapturedPriorSteps, pad_rows, size_for
 from app.registry import Entry, Prior
-from models.vqvae import squared_distances
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -31,7 +39,7 @@ class Op(enum.StrEnum):
     ENCODE = "encode"  # images -> VAE: mu, logvar (B, D); VQ-VAE: z_e (B, D, h, w), codes (B, h, w)
     DECODE = "decode"  # VAE: z (B, D) -> images; VQ-VAE: codes (B, h, w) -> images
     DECODE_NEAREST = "decode_nearest"  # VQ-VAE: z_e (B, D, h, w) -> nearest codes -> images
-    SAMPLE = "sample"  # VAE: z (B, D) scaled by temperature, uniforms (B, U, H, W), temperature (B,) -> images; VQ-VAE: see _prior_sample
+    SAMPLE = "sample"  # noise (sample_inputs) -> images
 
 
 # The API operations (routes) that submit to each Op's batcher: a model gets the batchers of the
@@ -73,108 +81,129 @@ class Operation:
     capture: Callable[[Sequence[int], torch.device, torch.dtype | None, bool], Callable[..., Inputs]] | None = None
 
 
+@dataclass(frozen=True)
+class Method:
+    """One row of TABLE: the model method an Op calls, with which inputs, and how it may run."""
+
+    name: str  # the model's method: method(*inputs[, on_step=...]) -> a tensor or a tuple of tensors
+    example: Callable[[Entry, int, torch.Generator], Inputs]  # (entry, rows, generator) -> valid CPU inputs
+    steps: bool = False  # takes on_step (has discrete steps): stoppable, and the check compares what precedes them
+    graphed: bool = False  # recorded per pass size with GENSERVE_CUDA_GRAPHS (one pass, no value read to the host)
+    graph_kwargs: tuple[tuple[str, Any], ...] = ()  # what the recorded call adds (the checks it leaves out)
+
+
+def _images(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (torch.rand(n, *entry.image_shape, generator=g),)  # (n, C, H, W) in [0, 1)
+
+
+def _latents(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (torch.randn(n, entry.model.config.latent_dim, generator=g),)  # (n, D)
+
+
+def _temperatures(n: int, g: torch.Generator) -> torch.Tensor:
+    return 0.5 + torch.rand(n, generator=g)  # (n,) in [0.5, 1.5): rows of one pass differ
+
+
+def _vae_noise(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (*entry.model.draw_noise(n, g), _temperatures(n, g))  # eps (n, D), uniforms (n, U, H, W), temperatures
+
+
+def _codes(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (torch.randint(int(entry.model.config.codebook_size), (n, *entry.model.code_shape), generator=g),)  # (n, h, w)
+
+
+def _encoder_outputs(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (torch.randn(n, *entry.model.latent_shape, generator=g),)  # (n, D, h, w)
+
+
+def _prior_noise(prior: Prior) -> Callable[[Entry, int, torch.Generator], Inputs]:
+    def example(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+        uniforms, labels = prior.model.draw_noise(n, g)  # (n, h, w), (n,) or None
+        return (uniforms, _temperatures(n, g), *([] if labels is None else [labels]))
+
+    return example
+
+
+# kind -> Op -> the method. A VQ-VAE's SAMPLE is `sample_from(prior, ...)`, one per prior (operations()).
+TABLE: dict[str, dict[Op, Method]] = {
+    "vae": {
+        Op.RECONSTRUCT: Method("reconstruct", _images, steps=True, graphed=True),
+        Op.ENCODE: Method("encode", _images),  # -> mu, logvar
+        Op.DECODE: Method("decode_latents", _latents, steps=True, graphed=True),
+        Op.SAMPLE: Method("sample_from", _vae_noise, steps=True, graphed=True),  # a factorized decoder ignores the uniforms
+    },
+    "vqvae": {
+        Op.RECONSTRUCT: Method("reconstruct", _images, steps=True, graphed=True),
+        Op.ENCODE: Method("encode_nearest", _images, steps=True),  # -> z_e, codes
+        # the range check reads values back to the host; a recorded pass leaves it out (the route checked: parse_codes)
+        Op.DECODE: Method("decode_indices", _codes, graphed=True, graph_kwargs=(("check", False),)),
+        Op.DECODE_NEAREST: Method("decode_nearest", _encoder_outputs, steps=True, graphed=True),
+    },
+}
+
+
+def sample_inputs(
+    model: torch.nn.Module, n: int, seed: int, temperature: float, prior: torch.nn.Module | None = None,
+    label: int | None = None,
+) -> Inputs:
+    """A /sample request's inputs, drawn on the CPU from a generator seeded by `seed`: what its
+    batcher (Op.SAMPLE) takes. VAE: `draw_noise` (eps, uniforms), then the temperatures (n,); VQ-VAE:
+    the prior's `draw_noise` (uniforms, and labels for a class-conditional prior: `label`'s, or
+    random ones), the temperatures between them."""
+    generator = torch.Generator().manual_seed(seed)
+    temperatures = torch.full((n,), float(temperature))  # (n,)
+    if prior is None:
+        return (*model.draw_noise(n, generator), temperatures)
+    uniforms, labels = prior.draw_noise(n, generator, label)
+    return (uniforms, temperatures, *([] if labels is None else [labels]))
+
+
 def operations(entry: Entry) -> list[Operation]:
     """The batchable operations of a served model that its routes use (see the module docstring)."""
     offered = set(entry.operations)
     return [op for op in _every_operation(entry) if ROUTES[op.key.op] & offered]
 
 
+def _stop_if_unwanted(_: torch.Tensor) -> None:
+    check_wanted()  # between steps: stop when nobody waits for this pass any more
+
+
+def _as_tuple(out: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+def _operation(key: OpKey, entry: Entry, method: Callable[..., Any], spec: Method) -> Operation:
+    """An Operation calling `method` (a model's bound method, or one with a prior bound) as `spec` says."""
+    steps = spec.steps and not (entry.kind == "vae" and not entry.model.config.autoregressive)  # a factorized decoder draws nothing
+    example = functools.partial(spec.example, entry)
+
+    def fn(*inputs: torch.Tensor) -> Inputs:
+        return _as_tuple(method(*inputs, on_step=_stop_if_unwanted) if spec.steps else method(*inputs))
+
+    probe = None
+    if steps:
+
+        def probe(*inputs: torch.Tensor) -> Inputs:
+            seen: list[torch.Tensor] = []
+            outputs = _as_tuple(method(*inputs, on_step=lambda t: seen.append(t.float().flatten(1))))
+            return (*outputs, torch.cat(seen, 1))  # (B, everything that preceded a step)
+
+    capture = None
+    # an autoregressive VAE decoder draws pixel after pixel, reading values back between steps: eager
+    if spec.graphed and not (entry.kind == "vae" and entry.model.config.autoregressive):
+        body = functools.partial(method, **dict(spec.graph_kwargs))
+        capture = _passes(lambda *inputs: _as_tuple(body(*inputs)), fn, example)
+    return Operation(key, fn, example, probe, capture)
+
+
 def _every_operation(entry: Entry) -> list[Operation]:
     """Every batchable operation a model of its kind has, whether or not it offers it."""
-    m = entry.model
-    name = entry.name
-    c, hh, ww = entry.image_shape
-
-    def images(n: int, g: torch.Generator) -> Inputs:
-        return (torch.rand(n, c, hh, ww, generator=g),)  # (n, C, H, W) in [0, 1)
-
-    if entry.kind == "vae":
-        d = int(m.config.latent_dim)
-
-        def latents(n: int, g: torch.Generator) -> Inputs:
-            return (torch.randn(n, d, generator=g),)  # (n, D)
-
-        def draws(n: int, g: torch.Generator) -> Inputs:  # what /sample submits: z, pixel uniforms, temperatures
-            return torch.randn(n, d, generator=g), torch.rand(m.uniform_shape(n), generator=g), 0.5 + torch.rand(n, generator=g)
-
-        def generate(z: torch.Tensor, uniforms: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
-                     on_params=None) -> Inputs:
-            """Stoppable between steps. Without uniforms: the fixed draws of `reconstruct` (decode, interpolate)."""
-            if uniforms is None:
-                uniforms = m.reconstruct_uniforms(z.shape[0], z.device)
-            t = 1.0 if temperature is None else temperature.float()
-            return (m.generate(z, uniforms=uniforms, temperature=t, on_step=check_wanted, on_params=on_params),)
-
-        probe = None
-        if m.config.autoregressive:  # pixel draws are discrete steps: compare what precedes each one
-
-            def probe(z: torch.Tensor, uniforms: torch.Tensor | None = None, temperature: torch.Tensor | None = None) -> Inputs:
-                steps: list[torch.Tensor] = []
-                (images,) = generate(z, uniforms, temperature, on_params=lambda params: steps.append(params.flatten(1)))
-                return images, torch.cat(steps, 1)  # (B, all parameters of every step)
-
-        reconstruct = lambda x: generate(m.encode(x)[0])  # noqa: E731
-        # A factorized decoder is one pass: recorded whole. An autoregressive one draws pixel after
-        # pixel, reading values back between steps: it runs eagerly.
-        graphs = not m.config.autoregressive
-        return [
-            Operation(OpKey(name, Op.RECONSTRUCT), reconstruct, images,
-                      None if probe is None else lambda x: probe(m.encode(x)[0]),
-                      _passes(lambda x: (m.generate(m.encode(x)[0]),), reconstruct, images) if graphs else None),
-            Operation(OpKey(name, Op.ENCODE), lambda x: m.encode(x), images),
-            Operation(OpKey(name, Op.DECODE), generate, latents, probe,
-                      _passes(lambda z: (m.generate(z),), generate, latents) if graphs else None),
-            # a factorized decoder's sample is its mean image of z: the uniforms and temperatures go unused
-            Operation(OpKey(name, Op.SAMPLE), generate, draws, probe,
-                      _passes(lambda z, u, t: (m.generate(z),), generate, draws) if graphs else None),
-        ]
-
-    quantizer = m.quantizer
-    dim, (h, w), k = int(m.config.embedding_dim), tuple(m.code_shape), int(m.config.codebook_size)
-
-    def encode(x: torch.Tensor) -> Inputs:
-        z_e = m.encode(x)  # (B, D, h, w)
-        return z_e, quantizer.nearest(z_e)  # codes (B, h, w): the inference path, never the training forward
-
-    def distances(z_e: torch.Tensor) -> torch.Tensor:
-        """What quantizer.nearest takes the argmin of: (B, D, h, w) -> (B, h*w*K)."""
-        flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
-        return squared_distances(flat, quantizer.embedding.float()).reshape(z_e.shape[0], -1)
-
-    def reconstruct_probe(x: torch.Tensor) -> Inputs:
-        z_e = m.encode(x)
-        return m.decode_indices(quantizer.nearest(z_e)), z_e, distances(z_e)
-
-    def codes(n: int, g: torch.Generator) -> Inputs:
-        return (torch.randint(k, (n, h, w), generator=g),)  # (n, h, w)
-
-    def encoder_outputs(n: int, g: torch.Generator) -> Inputs:
-        return (torch.randn(n, dim, h, w, generator=g),)  # (n, D, h, w)
-
-    def decode_nearest(z_e: torch.Tensor) -> Inputs:
-        return (m.decode_indices(quantizer.nearest(z_e)),)
-
-    def reconstruct(x: torch.Tensor) -> Inputs:
-        return (m.reconstruct(x),)
-
-    def decode(z: torch.Tensor) -> Inputs:
-        return (m.decode_indices(z),)
-
-    # recorded bodies: the codes are in range by construction (nearest, a draw) or checked by the route
-    # (parse_codes), so the range check, which reads values back to the host, is left out
-    ops = [
-        Operation(OpKey(name, Op.RECONSTRUCT), reconstruct, images, reconstruct_probe,
-                  _passes(lambda x: (m.decode_indices(quantizer.nearest(m.encode(x)), check=False),), reconstruct, images)),
-        Operation(OpKey(name, Op.ENCODE), encode, images, lambda x: (*encode(x), distances(m.encode(x)))),
-        Operation(OpKey(name, Op.DECODE), decode, codes, None,
-                  _passes(lambda z: (m.decode_indices(z, check=False),), decode, codes)),
-        Operation(OpKey(name, Op.DECODE_NEAREST), decode_nearest, encoder_outputs, lambda z_e: (*decode_nearest(z_e), distances(z_e)),
-                  _passes(lambda z_e: (m.decode_indices(quantizer.nearest(z_e), check=False),), decode_nearest, encoder_outputs)),
-    ]
+    m, name = entry.model, entry.name
+    ops = [_operation(OpKey(name, op), entry, getattr(m, spec.name), spec) for op, spec in TABLE[entry.kind].items()]
     for prior in entry.priors.values():
-        sample, probe = _prior_sample(prior, m)
-        ops.append(Operation(OpKey(name, Op.SAMPLE, prior.api_name), sample, _prior_example(prior), probe,
-                             _prior_steps(prior, m, sample, codes)))
+        spec = Method("sample_from", _prior_noise(prior), steps=True)
+        op = _operation(OpKey(name, Op.SAMPLE, prior.api_name), entry, functools.partial(m.sample_from, prior.model), spec)
+        ops.append(dataclasses.replace(op, capture=_prior_steps(prior, m, functools.partial(_codes, entry))))
     return ops
 
 
@@ -188,11 +217,10 @@ def _passes(body: Callable[..., Inputs], eager: Callable[..., Inputs], example: 
     return capture
 
 
-def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inputs],
-                 codes: Callable[[int, torch.Generator], Inputs]):
+def _prior_steps(prior: Prior, vqvae: torch.nn.Module, codes: Callable[[int, torch.Generator], Inputs]):
     """The `capture` of a prior's SAMPLE: the per-position step recorded per pass size (app/graphs.py),
     then the codes decoded by a recorded decoder (recorded on `codes`, the VQ-VAE's example code
-    grids); `eager` for the sizes without a recording."""
+    grids); the eager operation (sampling mode "cached") for the sizes without a recording."""
 
     def capture(sizes: Sequence[int], device: torch.device, autocast: torch.dtype | None, record: bool = True):
         steps = CapturedPriorSteps(prior.model, sizes, device, record=record, autocast=autocast)
@@ -200,101 +228,34 @@ def _prior_steps(prior: Prior, vqvae: torch.nn.Module, eager: Callable[..., Inpu
                                  device, record=record, autocast=autocast)
 
         def reference(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
-                      on_logits=None) -> Inputs:
+                      on_step=None) -> Inputs:
             """What the recorded steps compute, eagerly: sampling mode "stepped", then the decoder."""
-            codes = prior.model.sample(uniforms.shape[0], labels=labels, temperature=temperature.float(),
-                                       uniforms=uniforms.float(), mode="stepped", on_logits=on_logits)
-            return (vqvae.decode_indices(codes),)
+            return (vqvae.sample_from(prior.model, uniforms, temperature, labels, on_step=on_step, mode="stepped"),)
 
         def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None,
-                   on_logits=None) -> Inputs:
-            on_logits = on_logits or (lambda r, c, logits: check_wanted())  # noqa: E731
-            drawn = steps.sample(uniforms, temperature, labels, on_logits)
+                   on_step=_stop_if_unwanted) -> Inputs:
+            drawn = steps.sample(uniforms, temperature, labels, lambda r, c, logits: on_step(logits))
             if drawn is not None:
                 return decoder(drawn)
             rows, size = uniforms.shape[0], size_for(uniforms.shape[0], steps.sizes)
             if size is None:
-                return eager(uniforms, temperature, labels, on_logits)  # no recording of this size
+                return (vqvae.sample_from(prior.model, uniforms, temperature, labels, on_step=on_step),)  # no recording of this size
             # the buffers of its size are taken by another pass: the same arithmetic, eagerly, so the
             # answer does not depend on which ran
             padded = reference(pad_rows(uniforms, size), pad_rows(temperature, size),
-                               None if labels is None else pad_rows(labels, size), on_logits)
+                               None if labels is None else pad_rows(labels, size), on_step)
             return tuple(o[:rows] for o in padded)
 
+        def probe(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
+            seen: list[torch.Tensor] = []
+            (images,) = sample(uniforms, temperature, labels, on_step=lambda logits: seen.append(logits.float()))
+            return images, torch.cat(seen, 1)  # (B, h*w*K): every draw's logits
+
         # app/graphs.py's describe, the service's check of the recorded passes, benchmarks/gpu/graphs.py
-        sample.steps, sample.decoder, sample.reference, sample.probe = steps, decoder, reference, _logits_probe(sample)
+        sample.steps, sample.decoder, sample.reference, sample.probe = steps, decoder, reference, probe
         return sample
 
     return capture
-
-
-def _prior_sample(prior: Prior, vqvae: torch.nn.Module) -> tuple[Callable[..., Inputs], Callable[..., Inputs]]:
-    """The batch function (uniforms (B, h, w), temperature (B,)[, labels (B,)]) -> images (B, C, H, W),
-    and its probe, which also returns the logits of every draw (B, h*w, K)."""
-
-    def sample(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None, on_logits=None) -> Inputs:
-        if on_logits is None:  # between draws: stop when nobody waits for this pass any more
-            on_logits = lambda r, c, logits: check_wanted()  # noqa: E731
-        codes = prior.model.sample(
-            uniforms.shape[0], labels=labels, temperature=temperature.float(), uniforms=uniforms.float(), on_logits=on_logits
-        )
-        return (vqvae.decode_indices(codes),)  # the codes themselves are not returned: /sample shows images
-
-    return sample, _logits_probe(sample)
-
-
-def _logits_probe(sample: Callable[..., Inputs]) -> Callable[..., Inputs]:
-    """A prior's probe: `sample`'s images and the logits of every draw (B, h*w, K), through its on_logits."""
-
-    def probe(uniforms: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None = None) -> Inputs:
-        steps: list[torch.Tensor] = []
-        (images,) = sample(uniforms, temperature, labels, on_logits=lambda r, c, logits: steps.append(logits.float()))
-        return images, torch.stack(steps, 1)  # (B, h*w, K)
-
-    return probe
-
-
-def _prior_example(prior: Prior) -> Callable[[int, torch.Generator], Inputs]:
-    h, w = prior.model.config.code_shape
-    classes = prior.num_classes
-
-    def example(n: int, g: torch.Generator) -> Inputs:
-        uniforms = torch.rand(n, h, w, generator=g)  # (n, h, w) in [0, 1)
-        temperature = 0.5 + torch.rand(n, generator=g)  # (n,) in [0.5, 1.5)
-        if not classes:
-            return uniforms, temperature
-        return uniforms, temperature, torch.randint(classes, (n,), generator=g)
-
-    return example
-
-
-def pad_linear_rows(model: torch.nn.Module, min_rows: int) -> int:
-    """Make every nn.Linear of `model` compute at least `min_rows` rows; returns how many it changed.
-
-    CPU BLAS (MKL) multiplies a matrix of 1-3 rows with other kernels than a taller one, so a
-    row's last bits change with the size of its pass; the convolutions do not. Padding only the
-    Linear inputs (a few hundred numbers) is far cheaper than padding a whole pass, and lets the
-    start-up check keep small pass sizes: a row's result is then its result in a product of at
-    least `min_rows` rows, whatever the pass size. The check in app/batching.py still decides
-    which sizes are used. Each Linear's forward becomes `_padded_linear_forward` bound to the
-    module (stateless, so the passes of several threads may share it; deepcopy and pickle work).
-    """
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and "forward" not in vars(module):
-            module.min_rows = min_rows
-            module.forward = types.MethodType(_padded_linear_forward, module)  # instance attribute, looked up first
-            changed += 1
-    return changed
-
-
-def _padded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])  # (rows, in_features): every leading dimension counts as rows
-    rows = flat.shape[0]
-    if rows == 0 or rows >= self.min_rows:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    flat = torch.cat([flat, flat[-1:].expand(self.min_rows - rows, -1)])  # (min_rows, in_features)
-    return torch.nn.functional.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], -1)
 
 
 def warm_up(operation: Operation, device: torch.device) -> None:

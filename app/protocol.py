@@ -4,7 +4,7 @@ open connections.
 - **Header deadline.** A connection must complete a request's headers within `header_timeout_s`
   of opening, or of its previous response completing; otherwise it is closed (silently, as
   nginx's client_header_timeout does). Bytes that trickle in do not extend the deadline. Once the
-  headers are in, the body has request_timeout_s (app/main.py's RequestContext, 408). uvicorn 0.54
+  headers are in, the body has request_timeout_s (app/middleware.py's RequestContext, 408). uvicorn 0.54
   has no such deadline: its keep-alive timer starts only after a response and stops at the first
   byte of the next request, so a connection that sends part of a request line, or nothing at
   all, stays open for ever.

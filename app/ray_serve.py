@@ -16,8 +16,8 @@ Ray 2.60, whose source says how a replica runs the app:
   Service), the first check waits for it, with no time limit (a slow start only logs warnings); where
   the lifespan itself loads (no `starting`), it has finished before the check.
 - Health. `check_health` raises when start-up failed, when there is no Service, or when the Service
-  has stopped; Ray then replaces the replica. "draining" and "recovering" (a batcher's worker being
-  restarted, app/batching.py) pass: the first is a shutdown under way, the second mends itself.
+  has stopped (app/readiness.py); Ray then replaces the replica. "draining" and "recovering" (a
+  batcher's worker being restarted, app/batching.py) pass: the first is a shutdown under way, the second mends itself.
 - Shutdown (scaling down, redeploying, `serve shutdown`). The controller first takes the replica out
   of routing, then the replica waits `graceful_shutdown_wait_loop_s` and checks its ongoing requests,
   again every `graceful_shutdown_wait_loop_s` until none is left, then runs the app's lifespan
@@ -55,6 +55,8 @@ import ray
 from ray import serve
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.readiness import SHUTTING_DOWN, readiness  # imports nothing else
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -96,7 +98,7 @@ class ReplicaHeaders:
     the request's X-Request-ID to Ray's proxy.
 
     Ray's proxy gives every request an X-Request-ID (the client's, else a new uuid) and appends it to
-    the response (http_util.py RequestIdMiddleware); the app echoes the same id (app/main.py
+    the response (http_util.py RequestIdMiddleware); the app echoes the same id (app/middleware.py's
     RequestContext), so the client would see the header twice ("id, id"). The app's copy is dropped
     when it is that id; when the app made a new one (the client's was malformed), both stay."""
 
@@ -141,10 +143,9 @@ class GenServe:
         starting: asyncio.Task | None = getattr(self.app.state, "starting", None)
         if starting is not None:
             await asyncio.shield(starting)  # raises what start-up raised; a cancelled check leaves it running
-        service = self.app.state.service
-        if service is None:
+        if self.app.state.service is None:
             raise RuntimeError("no Service: start-up has not completed")
-        if service.state == "shutting down":
+        if readiness(self.app).state == SHUTTING_DOWN:
             raise RuntimeError("the Service has stopped")
 
 
@@ -178,7 +179,7 @@ class ReplicaLostAs503:
 
     Ray's proxy (proxy.py `send_request_to_replica`) writes nothing when the call to the replica
     fails with anything but a timeout (408), backpressure (503) or an unavailable deployment (503);
-    an error inside the app never gets here (the app answers it itself, app/main.py). A client that
+    an error inside the app never gets here (the app answers it itself, app/errors.py). A client that
     has gone away gets nothing (uvicorn drops the write)."""
 
     def __init__(self, app: ASGIApp) -> None:

@@ -1,5 +1,6 @@
-"""Load every weight file of a directory onto the device and pair priors with their VQ-VAEs (the
-warm-up and the batchers are app/service.py's, what each model computes app/operations.py's).
+"""Load every weight file of a directory onto the device, pair priors with their VQ-VAEs and
+reconcile their class names (the warm-up and the batchers are app/service.py's, what each model
+computes app/operations.py's, the GET /models payload app/routes/models.py's).
 
 Served models are VAEs and VQ-VAEs, by their weight-file name. A prior (kinds pixelcnn,
 gated_pixelcnn, pixelcnnpp) is served through its VQ-VAE under an API name taken from
@@ -16,13 +17,13 @@ A file that cannot be used is skipped, not fatal: the error is logged and listed
 in GET /models). So one bad file never takes the other models down: every step of loading
 and pairing runs per file, and whatever it raises rejects that file alone. Skipped are:
 unreadable or invalid weight files (models/io.py lists the checks), a file whose GET /models
-description would not validate (`ModelEntry`, `PriorInfo`: it is checked here, at load, so
-GET /models cannot fail later), a second model with a name already loaded, a prior
-whose recorded VQ-VAE is not loaded, whose recorded codebook digest differs from that
-VQ-VAE's `codebook_digest()`, whose codebook_size or code_shape differ from the VQ-VAE's,
-a class-conditional prior that records class names but not one per class (its label-to-name
-mapping cannot be trusted; one that records none, as older files, is served without names),
-or a second prior of the same kind for the same VQ-VAE.
+description would not validate (`ModelEntry`, `PriorInfo`; app/routes/models.py writes it and
+says why not: it is checked here, at load, so GET /models cannot fail later), a second model
+with a name already loaded, a prior whose recorded VQ-VAE is not loaded, whose recorded codebook
+digest differs from that VQ-VAE's `codebook_digest()`, whose codebook_size or code_shape differ
+from the VQ-VAE's, a class-conditional prior that records class names but not one per class (its
+label-to-name mapping cannot be trusted; one that records none, as older files, is served without
+names), or a second prior of the same kind for the same VQ-VAE.
 
 Class names (GET /models): a model's are its own file's; a VQ-VAE whose file has none shows its
 priors' when they agree. A class-conditional prior's label i is named by its own file's
@@ -33,7 +34,8 @@ prior keeps its own and says so in `class_names_conflict` (and the log).
 Which routes a served model answers is `Entry.operations` (GET /models' `operations`): a model
 without a latent (models/vae.py's `has_latent`: a VAE trained with use_latent=False, whose decoder
 ignores z) only samples, and a VQ-VAE samples once a prior is paired with it. How each operation is
-computed and batched lives in app/operations.py, which builds batchers for those operations only.
+computed lives in app/operations.py, whose `operations(entry)` lists those operations only, so the
+service (app/service.py) builds batchers for them alone.
 
 `Registry.load` logs one INFO line per weight file it reads, with the count so far and its time, and
 one when it is done; it counts the files in a `LoadProgress`, which GET /ready reads (from the event
@@ -42,7 +44,6 @@ loop, while the load runs in a worker thread) to say how far start-up has got.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import reprlib
@@ -51,14 +52,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any, get_args
 
 import torch
-from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from app.checks import file_digest
-from app.schemas import ApiOperation, ModelEntry, PriorInfo
+from app.schemas import ApiOperation
 from models.io import NAME_PATTERN, ModelInfo, WeightFileError, load_model
 
 log = logging.getLogger(__name__)
@@ -308,14 +309,14 @@ class Registry:
             self.reject(path, f"a model named {info.name!r} is already loaded from {self.entries[info.name].info.path}")
         else:
             entry = Entry(model, info, device=self.device, digest=loaded.digest, loaded_at=loaded.loaded_at)
-            invalid = _invalid(ModelEntry, _describe(entry))
+            invalid = _payload().invalid_model_item(entry)
             if invalid:
                 return self.reject(path, f"its GET /models description is invalid: {invalid}")
             self.entries[info.name] = entry
 
     def _check_description(self, entry: Entry) -> None:
         """Withdraw a served model (and its priors) whose whole GET /models item, priors included, would not validate."""
-        invalid = _invalid(ModelEntry, _describe(entry))
+        invalid = _payload().invalid_model_item(entry)
         if invalid:
             del self.entries[entry.name]
             path = Path(entry.info.path or entry.name)
@@ -369,7 +370,7 @@ class Registry:
             return self.reject(path, f"a {info.kind} prior for {vq_name!r} is already loaded from {other}", vq_name)
         names, conflict = _prior_class_names(info, cfg.num_classes, entry.info)
         prior = Prior(api_name, model, info, names, conflict, digest=loaded.digest, loaded_at=loaded.loaded_at)
-        invalid = _invalid(PriorInfo, _describe_prior(prior, default=False))
+        invalid = _payload().invalid_prior_item(prior)
         if invalid:
             return self.reject(path, f"its GET /models description is invalid: {invalid}", vq_name)
         if conflict:
@@ -389,60 +390,16 @@ class Registry:
         return None
 
     def describe(self) -> list[dict[str, Any]]:
-        """The GET /models payload (every entry's was validated against ModelEntry at load)."""
-        return [_describe(entry) for entry in self.entries.values()]
+        """The GET /models payload (app/routes/models.py writes it)."""
+        return _payload().describe(self)
 
 
-def _describe(entry: Entry) -> dict[str, Any]:
-    """One served model's GET /models item (app.schemas.ModelEntry)."""
-    item: dict[str, Any] = {
-        "name": entry.name,
-        "kind": entry.kind,
-        "operations": entry.operations,
-        "image_shape": list(entry.image_shape),
-        # null for a model whose images do not depend on z (the context-only baseline): it has no latent to speak of
-        "latent_shape": list(entry.model.latent_shape) if entry.model.has_latent else None,
-        "dataset": entry.info.dataset,
-        "class_names": list(entry.class_names),
-        "metrics": entry.info.metrics,
-        "device": str(entry.device),
-        "file": Path(entry.info.path).name if entry.info.path else None,
-        "sha256": entry.digest or None,
-        "loaded_at": iso_time(entry.loaded_at) if entry.loaded_at else None,
-    }
-    # "logistic": a discretized logistic mixture (a likelihood of 8-bit images); "bernoulli" or "mse" not
-    item["likelihood"] = entry.model.config.likelihood
-    if entry.kind == "vae":
-        item["arch"] = entry.model.config.arch
-        item["decoder"] = entry.model.config.decoder
-    if entry.kind == "vqvae":
-        default = entry.default_prior
-        item["code_shape"] = list(entry.model.code_shape)
-        item["codebook_size"] = int(entry.model.config.codebook_size)
-        item["default_prior"] = default.api_name if default else None
-        item["priors"] = [_describe_prior(p, default=p is default) for p in entry.priors.values()]
-        item["rejected_priors"] = [{"file": p.file, "reason": p.reason} for p in entry.rejected]
-    return item
+def _payload() -> ModuleType:
+    """app/routes/models.py, which writes the GET /models payload and says why an item would not
+    validate. Imported when first needed: it imports the service, which imports this module."""
+    from app.routes import models
 
-
-def _describe_prior(p: Prior, default: bool) -> dict[str, Any]:
-    """One prior's item in its VQ-VAE's GET /models item (app.schemas.PriorInfo)."""
-    return {
-        "name": p.api_name,
-        "kind": p.kind,
-        "model": p.info.name,
-        "test_bits_per_code": p.bits_per_code,
-        "test_bits_per_dim": p.info.metrics.get("test_bits_per_dim"),
-        "test_marginal_bits_per_dim": p.info.metrics.get("test_marginal_bits_per_dim"),
-        "num_classes": p.num_classes,
-        "default": default,
-        "dataset": p.info.dataset,
-        "class_names": list(p.class_names),
-        "class_names_conflict": p.class_names_conflict,
-        "file": Path(p.info.path).name if p.info.path else None,
-        "sha256": p.digest or None,
-        "loaded_at": iso_time(p.loaded_at) if p.loaded_at else None,
-    }
+    return models
 
 
 def signature(entry: Entry) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -479,20 +436,6 @@ def _clip(err: object, limit: int = 300) -> str:
     """A reason built from a file's content, cut to `limit` characters."""
     text = str(err)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _invalid(schema: type[BaseModel], item: dict[str, Any]) -> str | None:
-    """Why `item` would fail as a GET /models response (the schema, or strict JSON), or None."""
-    try:
-        schema.model_validate(item)
-        json.dumps(item, allow_nan=False)
-    except ValidationError as err:
-        return "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {reprlib.repr(e.get('input'))})" for e in err.errors()[:3]
-        )
-    except (TypeError, ValueError) as err:  # not JSON, or NaN / infinity
-        return f"not strict JSON ({reprlib.repr(str(err))})"
-    return None
 
 
 def _prior_class_names(info: ModelInfo, num_classes: int, vq_info: ModelInfo) -> tuple[tuple[str, ...], str | None]:

@@ -22,8 +22,9 @@ sizes. A pass expected to take under `short_s` (1 ms; the batcher tells it the m
 its passes of that size) does not wait for a turn at all: it cannot hold anyone up. A pass with no steps (one forward) keeps its slot to the end. Waiting costs no CPU; a pass
 whose requests have all gone away stops waiting (PassAbandoned).
 
-Outside a batcher's pass (warm-up, the start-up checks, tests calling models directly) nothing
-is scheduled. With `slots=None` the scheduler does nothing at all (the default on CUDA, where
+Outside a batcher's pass (warm-up, tests calling models directly) nothing is scheduled, except
+the pass size checks, which the service runs as a group of their own (`Batcher.check_buckets`'s
+`group`). With `slots=None` the scheduler does nothing at all (the default on CUDA, where
 kernels run asynchronously and host time is not GPU time).
 """
 

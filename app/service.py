@@ -2,7 +2,10 @@
 
 `Service.start` is what the lifespan runs, in the background while the listener already answers
 (app/main.py): resolve the device, load and validate the weights, then for every operation of
-every model (app/operations.py) warm it up and start its batcher. The service is ready then.
+every model (app/operations.py) start its batcher. The service is ready then; every operation is
+warmed up after that, in the background (a request for a model waits for its warm-up:
+app/dependencies.py's find_model), before the pass size checks. With CUDA graphs the warm-ups, the
+checks and the recordings all run before it is ready.
 
 Same seed, same bytes (`pad_batches`): every pass is padded to a size whose rows are bit-identical
 to a pass of max_batch_size. Which smaller sizes are so is a verdict of `Batcher.check_buckets`,
@@ -14,9 +17,10 @@ batcher's sizes when it is found and is stored for the next start. A row is comp
 max_batch_size or in one proven equal to it, so its bytes do not depend on when it was served.
 GET /config shows each batcher's sizes and where they came from (`pass_size_sources`).
 
-`stop` refuses new work, drains the queues and ends the workers.
+`stop` refuses new work, drains the queues and ends the workers. What `ready`, `draining` and the
+batchers' `alive` mean to clients (GET /ready, the model routes) is decided in app/readiness.py.
 
-Threads: every batcher has an executor of its own (`max_inflight` threads), so a slow model's
+Threads: every batcher has an executor of its own (one thread, a second for express passes), so a slow model's
 passes never hold up a cheap model's: on the CPU a shared `ComputeScheduler` (app/scheduling.py)
 lets `compute_slots` passes compute at once and gives the next turn to the least-served model,
 at every step of a multi-step pass; on the GPU the device interleaves them.
@@ -47,10 +51,11 @@ from app.batching import Batcher, bucket_candidates
 from app.checks import VerdictCache, code_digest, machine_key
 from app.graphs import describe, recorded_sizes
 from app.metrics import Metrics
-from app.operations import Op, Operation, OpKey, operations, pad_linear_rows, warm_up
+from app.operations import Op, Operation, OpKey, operations, warm_up
 from app.registry import Entry, LoadProgress, Registry, iso_time, scan, signature
 from app.scheduling import ComputeScheduler
 from app.settings import Settings
+from models.layers import set_min_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +107,7 @@ def torch_threads(settings: Settings) -> int:
     return max(1, usable_cores() // 2)
 
 
-# The models the current request holds (Service.hold): set by app/main.py's RequestContext, filled
+# The models the current request holds (Service.hold): set by app/middleware.py's RequestContext, filled
 # by app/dependencies.py's find_model, each released when the request ends. None outside a request.
 holding: ContextVar[list[Entry] | None] = ContextVar("holding", default=None)
 
@@ -125,11 +130,11 @@ class Service:
     registry: Registry
     io_pool: ThreadPoolExecutor
     metrics: Metrics
-    decode_pool: ThreadPoolExecutor | None = None  # decodes uploads, decode_slots threads
-    decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    upload_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # requests reading uploads
+    decode_pool: ThreadPoolExecutor  # decodes uploads, decode_slots threads
+    decode_slots: asyncio.Semaphore  # decodes at a time, across all requests
+    upload_slots: asyncio.Semaphore  # requests reading a long upload at a time (app/multipart.py)
     batchers: dict[OpKey, Batcher] = field(default_factory=dict)
-    operations: dict[OpKey, Operation] = field(default_factory=dict)  # what each batcher runs (for cuda_graphs)
+    operations: dict[OpKey, Operation] = field(default_factory=dict)  # what each batcher runs (its checks, cuda_graphs)
     scheduler: ComputeScheduler | None = None  # shares the CPU between the batchers
     pass_size_sources: dict[OpKey, str] = field(default_factory=dict)  # PassSizeSource, per batcher
     cache: VerdictCache = field(default_factory=lambda: VerdictCache(None))
@@ -159,11 +164,10 @@ class Service:
         scanned = await asyncio.to_thread(scan, settings.weights_dir)  # before loading: a change during it is seen later
         registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device, None, progress)
         io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
-        service = cls(settings, device, registry, io_pool, metrics)
+        decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
+        service = cls(settings, device, registry, io_pool, metrics, decode_pool,
+                      asyncio.Semaphore(settings.decode_slots), asyncio.Semaphore(settings.upload_slots))
         service.scanned = scanned
-        service.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
-        service.decode_slots = asyncio.Semaphore(settings.decode_slots)
-        service.upload_slots = asyncio.Semaphore(settings.upload_slots)
         service.check_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="genserve-checks", initializer=torch.set_num_threads,
             initargs=(torch_threads(settings),),  # the threads of the passes it checks: a verdict depends on them
@@ -210,8 +214,9 @@ class Service:
         self.checks = asyncio.get_running_loop().create_task(chained(), name="genserve-checks")
 
     async def _settle(self, entries: list[Entry]) -> None:
-        """After start-up: warm every operation of `entries` up (a model that cannot run is dropped,
-        as at loading), then run the pass size checks still to do. Logs a line per model warmed."""
+        """After start-up (with CUDA graphs, before the service is ready): warm every operation of
+        `entries` up (a model that cannot run is dropped, as at loading), then run the pass size
+        checks still to do. Logs a line per model warmed."""
         begin = time.perf_counter()
         done = 0
 
@@ -231,16 +236,16 @@ class Service:
         """A batcher (not started) for each operation of a model, with its executor and pass sizes:
         the cached verdict of its check, else max_batch_size alone (PassSizeSource)."""
         s = self.settings
-        if s.pad_batches and s.linear_min_rows > 1:
+        if s.pad_batches:
             for model in [entry.model, *(p.model for p in entry.priors.values())]:
-                pad_linear_rows(model, s.linear_min_rows)
+                set_min_rows(model, s.linear_min_rows)  # models/layers.py's Linear
         made = []
         for operation in operations(entry):
             name = str(operation.key)
             # Each model thread sets its own intra-op thread count (OpenMP's nthreads-var and MKL's are per
             # thread), so the count holds whatever other threads of the process set.
             executor = ThreadPoolExecutor(
-                max_workers=s.max_inflight + (1 if s.express_items else 0),  # a thread for the express pass
+                max_workers=1 + (1 if s.express_items else 0),  # a thread for the express pass
                 thread_name_prefix=f"genserve-{name}",
                 initializer=torch.set_num_threads,
                 initargs=(torch_threads(s),),
@@ -254,7 +259,6 @@ class Service:
                 max_wait_s=s.max_wait_ms / 1000,
                 max_queue=s.max_queue,
                 queue_wait_s=s.queue_wait_s,
-                max_inflight=s.max_inflight,
                 express_items=min(s.express_items, s.max_batch_size),
                 autocast_dtype=AUTOCAST_DTYPES[s.precision],
                 on_batch=self.metrics.observe_batch,
@@ -348,7 +352,7 @@ class Service:
         entry.holders += 1
 
     def release(self, entry: Entry) -> None:
-        """The request that held `entry` has ended (app/main.py's RequestContext)."""
+        """The request that held `entry` has ended (app/middleware.py's RequestContext)."""
         entry.holders -= 1
         self._released.set()
 
@@ -552,17 +556,6 @@ class Service:
         """Batcher name -> the pass sizes it replays from CUDA graphs (None: eager); shown by GET /config."""
         return {str(key): recorded_sizes(b.fn) for key, b in self.batchers.items()}
 
-    @property
-    def state(self) -> str:
-        """"ready", "draining", "recovering" (a batcher's worker is being restarted) or "shutting down"."""
-        if not self.ready:
-            return "shutting down"
-        if self.draining:
-            return "draining"
-        if any(not b.alive for b in self.batchers.values()):
-            return "recovering"
-        return "ready"
-
     def begin_drain(self) -> None:
         """Shutdown has begun: GET /ready answers 503 from now on, while requests are still served."""
         if not self.draining:
@@ -580,7 +573,7 @@ class Service:
         every = {id(b): b for e in [*self.registry.entries.values(), *retired] for b in e.batchers.values()}
         every.update({id(b): b for b in self.batchers.values()})
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in every.values()))
-        pools = [self.io_pool, *(p for p in (self.decode_pool, self.check_executor) if p is not None)]
+        pools = [self.io_pool, self.decode_pool, *([self.check_executor] if self.check_executor is not None else [])]
         for executor in [*(b.executor for b in every.values()), *pools]:
             executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[attr-defined]
 

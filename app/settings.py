@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     upload_slots: int = Field(4, ge=1, le=256)
     max_files: int = Field(64, ge=1)  # uploaded files per request
     # An upload is read into the request's own buffer until it ends or this many bytes have come; only
-    # a longer body then waits for one of the upload_slots (app/uploads.py), so a client that trickles
+    # a longer body then waits for one of the upload_slots (app/multipart.py), so a client that trickles
     # its body never holds a slot. The models' images are 28-32 px PNGs of 0.4-2.6 KB (app/static/samples),
     # so a request of up to ~25 of them never needs a slot; what this adds to memory is at most this
     # much per open connection (max_connections), beside uvicorn's own 64 KiB read buffer per connection.
@@ -70,7 +70,6 @@ class Settings(BaseSettings):
     # clients that resend refused requests at once (ignoring Retry-After) are held, not answered in a
     # storm that takes the CPU from the passes. Requests of several passes may fill only 3/4 of max_queue.
     queue_wait_s: float = Field(2.0, ge=0)
-    max_inflight: int = Field(1, ge=1, le=8)  # forward passes of one batcher running at once
     # A request of at most this many items that arrives while every pass of its batcher is busy runs
     # in a pass of its own beside them (one such pass at a time, in a thread more), so a one-image
     # request never waits for a 64-image pass to end; 0: it joins the next pass instead.
@@ -119,9 +118,11 @@ class Settings(BaseSettings):
     # True pads each pass to the smallest size that a start-up check found bit-identical to a
     # pass of max_batch_size (GET /config shows them per batcher); False runs passes unpadded.
     pad_batches: bool = True
-    # With pad_batches: every nn.Linear computes at least this many rows (CPU BLAS rounds 1-3 row
-    # products differently), so small passes stay batch-invariant without padding the whole pass.
-    # 1 turns it off. It changes nothing but which pass sizes the start-up check keeps.
+    # With pad_batches: every Linear of a served model (models/layers.py's, in the VAEs) computes at
+    # least this many rows (CPU BLAS rounds 1-3 row products differently), so small passes stay
+    # batch-invariant without padding the whole pass. 1 turns it off. While max_batch_size is at least
+    # this (so the Linears of a pass of max_batch_size rows are never padded), it changes nothing but
+    # which pass sizes the start-up check keeps.
     linear_min_rows: int = Field(4, ge=1, le=64)
 
     @field_validator("device")

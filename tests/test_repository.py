@@ -1,8 +1,8 @@
 """The repository itself: its tracked files must fit the GPU machine's working-tree limit.
 
-The device machine (DEVELOPERS.md) takes a working tree of at most 64 MiB, counting the tracked
-files and whatever is carried beside them (.whl/, the wheels of benchmarks/gpu/wheels.sh). The
-tracked files are kept under 60 MB so that the wheels and some growth fit.
+The device machine (README.md, "On a GPU: the prepared check") takes a working tree of at most
+64 MiB, counting the tracked files and whatever is carried beside them (.whl/, the wheels of
+benchmarks/gpu/wheels.sh). The tracked files are kept under 60 MB so that the wheels and some growth fit.
 """
 
 from __future__ import annotations

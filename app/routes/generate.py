@@ -11,10 +11,11 @@ import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from app.dependencies import ServiceDep, find_model, image_response
+from app.dependencies import ServiceDep, find_model
 from app.errors import deadline
-from app.operations import Op
+from app.operations import Op, sample_inputs
 from app.registry import Entry, Prior
+from app.responses import image_response
 from app.schemas import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, DecodeRequest, Error, ImagesResponse
 
 router = APIRouter(tags=["generate"])
@@ -53,11 +54,12 @@ async def sample(
 ) -> Response:
     """n samples as one grid, ceil(sqrt(n)) per row. The seed is echoed in the X-Seed header.
 
-    The noise is drawn here from a generator seeded by `seed`, before the request joins a batch:
-    VAE z = randn(n, D) * temperature, then for an autoregressive decoder the uniforms of its pixel
-    draws = rand(n, U, H, W) (each pixel drawn at the same temperature); prior uniforms =
-    rand(n, h, w), then (a conditional prior without `label`) one random label per image =
-    randint(num_classes, (n,)). So the answer never depends on which requests shared the batch.
+    The noise is drawn before the request joins a batch, from a generator seeded by `seed`
+    (app/operations.py's `sample_inputs`): VAE eps = randn(n, D), z = eps * temperature, then for
+    an autoregressive decoder the uniforms of its pixel draws = rand(n, U, H, W) (each pixel drawn
+    at the same temperature); prior uniforms = rand(n, h, w), then (a conditional prior without
+    `label`) one random label per image = randint(num_classes, (n,)). So the answer never depends
+    on which requests shared the batch.
     A VQ-VAE without a prior is 404 (GET /models' `operations` lists "sample" where it is offered).
     """
     settings = service.settings
@@ -65,18 +67,16 @@ async def sample(
         raise HTTPException(422, f"n must be between 1 and {settings.max_n}, got {n}")
     entry = await find_model(service, model, "sample")
     seed = secrets.randbits(63) if seed is None else seed
-    generator = torch.Generator().manual_seed(seed)
     async with deadline(settings.request_timeout_s):
         if entry.kind == "vae":
             if prior is not None or label is not None:
                 raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
-            z = torch.randn(n, entry.model.config.latent_dim, generator=generator) * temperature  # (n, D)
-            uniforms = torch.rand(entry.model.uniform_shape(n), generator=generator)  # (n, U, H, W); U = 0 if factorized
-            temps = torch.full((n,), float(temperature))  # (n,)
-            (images,) = await service.batcher(entry, Op.SAMPLE).submit(z, uniforms, temps)
+            inputs = sample_inputs(entry.model, n, seed, temperature)
+            (images,) = await service.batcher(entry, Op.SAMPLE).submit(*inputs)
         else:
             chosen = _choose_prior(entry, prior)
-            inputs = _prior_inputs(chosen, n, temperature, label, generator)
+            index = None if label is None else resolve_label(chosen, label)
+            inputs = sample_inputs(entry.model, n, seed, temperature, chosen.model, index)
             (images,) = await service.batcher(entry, Op.SAMPLE, chosen.api_name).submit(*inputs)
         headers = {"X-Seed": str(seed)}
         if entry.kind == "vqvae":
@@ -116,23 +116,6 @@ def resolve_label(prior: Prior, label: str) -> int:
                                  f"ignored: send the index or the exact name from {list(prior.class_names)}")
     known = f" or a class name: {list(prior.class_names)}" if prior.class_names else " (its file names no classes)"
     raise HTTPException(422, f"label {label!r} is not a class of prior {prior.api_name!r}: use 0..{classes - 1}{known}")
-
-
-def _prior_inputs(
-    prior: Prior, n: int, temperature: float, label: str | None, generator: torch.Generator
-) -> list[torch.Tensor]:
-    classes = prior.num_classes
-    index = None if label is None else resolve_label(prior, label)
-    h, w = prior.model.config.code_shape
-    uniforms = torch.rand(n, h, w, generator=generator)  # (n, h, w) in [0, 1)
-    temps = torch.full((n,), float(temperature))  # (n,)
-    if classes == 0:
-        return [uniforms, temps]
-    if index is None:
-        labels = torch.randint(classes, (n,), generator=generator)
-    else:
-        labels = torch.full((n,), index, dtype=torch.long)
-    return [uniforms, temps, labels]
 
 
 @router.post(

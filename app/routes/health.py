@@ -1,4 +1,4 @@
-"""Liveness, readiness, the effective configuration, Prometheus metrics."""
+"""Liveness, readiness (as app/readiness.py decides them), the effective configuration, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.dependencies import service_state
+from app.readiness import STARTING, readiness
 from app.schemas import Error, NotReady, Ready, Status
 
 router = APIRouter(tags=["health"])
@@ -18,23 +18,24 @@ async def health(request: Request) -> Any:
     """Liveness: the process answers, from the moment it listens (while the models load too).
     503 only when start-up has failed for good (the reason is in `detail` and the log): a process
     that cannot serve should be restarted."""
-    error = getattr(request.app.state, "start_error", None)
-    if error:
-        return JSONResponse({"detail": f"start-up failed: {error}"}, status_code=503)
+    now = readiness(request.app)
+    if not now.alive:
+        return JSONResponse({"detail": f"start-up failed: {now.reason}"}, status_code=503)
     return {"status": "ok"}
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": NotReady}})
 async def ready(request: Request) -> Any:
-    """200 once every model is loaded and the batchers run; 503 before (`starting`), while shutting
-    down (`draining`), while a batcher restarts (`recovering`), or when start-up failed. While starting,
+    """200 once every model is loaded and the batchers run; 503 before (`starting`), from the start of
+    a drain (`draining`) and once the service has stopped (`shutting down`), while a batcher restarts
+    (`recovering`), or when start-up failed (`start-up failed`). While starting,
     the 503 also says how far loading has got: `{"detail": "starting", "loaded": 3, "files": 14,
     "elapsed_s": 2.1}` (`files` is null until the weights directory is listed)."""
-    state = service_state(request.app)
-    if state != "ready":
-        body: dict[str, Any] = {"detail": state}
+    now = readiness(request.app)
+    if not now.ready:
+        body: dict[str, Any] = {"detail": now.state}
         progress = getattr(request.app.state, "progress", None)
-        if state == "starting" and progress is not None:
+        if now.state == STARTING and progress is not None:
             body.update(progress.snapshot())
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
     return {"status": "ready", "models": len(request.app.state.service.registry.entries)}

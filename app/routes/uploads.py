@@ -1,7 +1,7 @@
 """Endpoints that take images: /reconstruct, /encode, /interpolate.
 
 Uploads are multipart files, converted by the rule in app/imaging.py. They are read as they
-stream in and decoded one by one (app/uploads.py), before the request joins a batch, so one bad
+stream in and decoded one by one (app/multipart.py), before the request joins a batch, so one bad
 file fails only its own request, and at its first bad file.
 """
 
@@ -14,12 +14,13 @@ import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from app.dependencies import ServiceDep, find_model, image_response
+from app.dependencies import ServiceDep, find_model
 from app.errors import deadline
+from app.multipart import read_upload_images, upload_body
 from app.operations import Op
+from app.responses import image_response
 from app.routes.generate import IMAGE_RESPONSES
 from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod
-from app.uploads import read_upload_images, upload_body
 
 router = APIRouter(tags=["uploads"])
 

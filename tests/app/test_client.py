@@ -1,4 +1,4 @@
-"""app/client.py: Client and AsyncClient against the real app, retries on a fake transport, the CLI.
+"""app/client.py: Client and AsyncClient against the real app, retries on a fake transport; app/cli.py, the CLI.
 
 The sync Client talks to the app served by uvicorn in a background thread on a socket bound
 here (port 0: no race for a free port); AsyncClient goes through httpx.ASGITransport inside
@@ -28,9 +28,11 @@ import torch
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
+import app.cli as cli_module
 import app.client as client_module
+from app.cli import main
 from app.client import (MAX_RETRIES, MIN_RETRY_WAIT_S, APIError, AsyncClient, Client, Sample, UnexpectedResponse,
-                        array_to_image, grid, main, retry_after_s, to_array, to_tensor)
+                        array_to_image, grid, retry_after_s, to_array, to_tensor)
 from app.main import create_app
 
 from .conftest import CLASS_NAMES, CODE_SHAPE, CODEBOOK_SIZE, LATENT_DIM, grid_size, image_bytes, live_server, make_settings, png_array
@@ -616,7 +618,7 @@ def test_cli_unreachable_server_exits_1(capsys):
 
 
 def test_cli_help_explains_every_option(capsys):
-    parser = client_module._parser()
+    parser = cli_module._parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     assert sorted(subparsers) == ["decode", "encode", "interpolate", "models", "reconstruct", "sample"]
     for p in (parser, *subparsers.values()):
@@ -647,6 +649,6 @@ def test_python_m_app_client_end_to_end(server_url, tmp_path):
 
 def test_pyproject_declares_the_genserve_script():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["genserve"] == "app.client:main"
+    assert scripts["genserve"] == "app.cli:main"
     module, _, name = scripts["genserve"].partition(":")
     assert getattr(__import__(module, fromlist=[name]), name) is main

@@ -282,3 +282,43 @@ def test_a_pass_that_finds_its_buffers_taken_computes_the_same_eagerly(registry)
             with recording.lock:  # another pass holds them
                 busy = fn(*inputs)
         assert all(torch.equal(a, b) for a, b in zip(free, busy)), key
+
+
+def test_each_operation_is_its_models_method(registry):
+    """app/operations.py's TABLE: an Operation computes exactly what the model method it names
+    computes on the same inputs (a prior's sample: VQVAE.sample_from with that prior), and its
+    probe returns those outputs first."""
+    from app.operations import TABLE
+
+    for entry in registry.entries.values():
+        for op in operations(entry):
+            inputs = op.example(3, torch.Generator().manual_seed(1))
+            if op.key.prior:
+                direct = (entry.model.sample_from(entry.priors[op.key.prior].model, *inputs),)
+            else:
+                out = getattr(entry.model, TABLE[entry.kind][op.key.op].name)(*inputs)
+                direct = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            with torch.inference_mode():
+                got = op.fn(*inputs)
+                probed = op.probe(*inputs) if op.probe is not None else got
+            assert len(got) == len(direct) and all(torch.equal(a, b) for a, b in zip(got, direct)), op.key
+            assert all(torch.equal(a, b) for a, b in zip(probed, direct)) and len(probed) >= len(direct), op.key
+
+
+def test_sample_inputs_draw_the_documented_noise(registry):
+    """What /sample submits, from its seed: VAE randn(n, D), rand(n, U, H, W), then n temperatures;
+    a conditional prior rand(n, h, w), the temperatures, then randint(classes, (n,)) (or the label)."""
+    from app.operations import sample_inputs
+
+    vae = registry.get("vae").model
+    eps, uniforms, temps = sample_inputs(vae, 3, 7, 0.6)
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(eps, torch.randn(3, vae.config.latent_dim, generator=g))
+    assert torch.equal(uniforms, torch.rand(vae.uniform_shape(3), generator=g)) and temps.tolist() == [0.6000000238418579] * 3
+    entry = registry.get("vqvae")
+    conditional = next(p.model for p in entry.priors.values() if p.num_classes)
+    uniforms, temps, labels = sample_inputs(entry.model, 2, 7, 1.0, conditional)
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(uniforms, torch.rand(2, *conditional.config.code_shape, generator=g))
+    assert torch.equal(labels, torch.randint(conditional.config.num_classes, (2,), generator=g))
+    assert sample_inputs(entry.model, 2, 7, 1.0, conditional, 1)[2].tolist() == [1, 1]

@@ -11,7 +11,8 @@ from PIL import Image
 from torchvision.utils import make_grid as tv_make_grid
 
 from app import imaging
-from app.imaging import ImageError, decode_upload
+from app.errors import ImageError
+from app.imaging import decode_upload
 
 from .conftest import image_bytes
 

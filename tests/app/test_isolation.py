@@ -224,7 +224,7 @@ async def test_the_lowest_temperature_samples_every_prior(client):
 
 
 async def test_an_answer_before_a_large_body_has_arrived_closes_the_connection(serve, monkeypatch):
-    monkeypatch.setattr("app.main.LINGER_BYTES", 5000)
+    monkeypatch.setattr("app.middleware.LINGER_BYTES", 5000)
     async with serve(max_json_bytes=1000) as (_app, client):
         r = await client.post("/decode", content=b"[" * 6000, headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.headers["connection"] == "close"  # the server will not read on
@@ -333,7 +333,7 @@ async def test_a_decode_body_with_many_errors_gets_a_short_422(serve):
 
 
 def test_a_422_lists_at_most_max_errors_and_says_how_many_more():
-    from app.main import MAX_ERRORS, validation_errors
+    from app.errors import MAX_ERRORS, validation_errors
 
     errors = [{"type": "float_type", "loc": ["body", "z", 0, i], "msg": "bad", "input": "x" * 1000} for i in range(25)]
     shown = validation_errors(errors)

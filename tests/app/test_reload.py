@@ -166,7 +166,7 @@ async def test_a_version_held_too_long_is_stopped_after_the_request_timeout(weig
 
 
 async def test_requests_hold_the_version_they_found_until_they_end(weights):
-    """Through HTTP: while a request runs, the entry it found counts it (app/main.py, dependencies.py)."""
+    """Through HTTP: while a request runs, the entry it found counts it (app/middleware.py, dependencies.py)."""
     async with started(weights) as (app, client):
         service = app.state.service
         entry = service.registry.entries["vae"]

@@ -1,4 +1,4 @@
-"""Slow and idle clients cannot lock others out (app/protocol.py, app/uploads.py).
+"""Slow and idle clients cannot lock others out (app/protocol.py, app/multipart.py).
 
 Connections, against a real uvicorn server built by app/server.py's make_config (in a thread,
 with both HTTP protocol implementations uvicorn can pick): a connection that does not complete

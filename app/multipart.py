@@ -1,4 +1,5 @@
-"""Multipart image uploads, read as they stream in and checked one file at a time.
+"""The multipart/form-data parser of the upload routes: image files read as they stream in and
+checked one file at a time (the routes are app/routes/uploads.py).
 
 FastAPI's `UploadFile` parameters would read the whole request body (up to max_files x
 max_upload_bytes) before a route could look at the first file. `read_upload_images` instead
@@ -16,7 +17,7 @@ Slow clients cannot lock the others out:
 - the first `upload_preread_bytes` of a body (64 KiB by default: ~25 of the models' 28-32 px
   PNGs) are read without an upload slot; a body that ends within them (nearly every request)
   never takes one, and a client that trickles its body waits there, holding no slot, until
-  request_timeout_s ends it (408, app/main.py);
+  request_timeout_s ends it (408, app/middleware.py);
 - only a longer body waits for one of the `upload_slots` (asyncio's semaphore serves waiters in
   order), and while it holds one its bytes must keep coming at `min_upload_rate` bytes/s or more,
   measured over each `upload_rate_window_s` of time spent waiting for the client (time spent on
@@ -30,7 +31,7 @@ each request reading without one: at most one per open connection. Measured (a h
 200 connections each sending 60 KiB and then 2 MB while the slots were held), the server grew
 about 0.8 MB per such connection, not the 128 KiB these two buffers suggest: asyncio reads 256 KiB
 at a time, uvicorn buffers beyond its 64 KiB high-water mark before it pauses reading, and the
-request's reader (app/main.py) holds a message ahead. So max_connections (2048) of them could
+request's reader (app/middleware.py) holds a message ahead. So max_connections (2048) of them could
 hold about 1.6 GB: behind a proxy that buffers uploads (README, "Behind a proxy") none of this
 reaches the service; exposed directly, lower GENSERVE_MAX_CONNECTIONS to what the memory allows.
 
