@@ -23,7 +23,8 @@ from torch import nn
 class MaskedConv2d(nn.Conv2d):
     """A k x k convolution that sees only the positions before its centre in raster order
     (mask "A") or those and the centre (mask "B") (PixelCNN paper, sec. 3.4 and fig. 2).
-    Codes have no colour channels, so the mask is purely spatial."""
+    The mask is purely spatial: codes have no colour channels, and the VAE's decoder draws all the
+    channels of a pixel at once."""
 
     def __init__(self, mask_type: str, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
@@ -63,7 +64,8 @@ class Linear(nn.Linear):
     Linear inputs (a few hundred numbers) is far cheaper than padding a whole batch: a row's
     result is then its result in a product of at least `min_rows` rows, whatever the batch size.
     `min_rows` is 1 (plain nn.Linear) unless `set_min_rows` sets it; it is not saved (no tensor,
-    no config field): the service sets it when it serves a model (app/service.py, GENSERVE_LINEAR_MIN_ROWS).
+    no config field): the service sets it when it serves a model with GENSERVE_PAD_BATCHES
+    (app/service.py, GENSERVE_LINEAR_MIN_ROWS).
     Same parameters and state-dict keys as nn.Linear.
     """
 

@@ -6,10 +6,10 @@ A prior models p(codes) = prod_i p(code_i | code_<i) over an (h, w) grid of code
 models/pixelcnn.py, PixelCNN++ in models/pixelcnnpp.py) subclasses `AutoregressivePrior` and
 so offers the same interface: `forward(codes, labels) -> logits (B, K, h', w)` on the full grid
 or on its top h' rows, `log_prob`, `loss`, and `sample(..., mode=)`, whose modes "cached"
-(the default, fast), "cropped" and "naive" (the reference) draw the same codes at different
-costs, and `draw_noise(n, generator, label)`, the uniforms (and labels) a sample is drawn
-from. Each prior brings its network (`_logits`) and its activation cache for the "cached"
-mode (`_sampling_cache`).
+(the default, fast), "cropped", "naive" (the reference) and "stepped" (what a CUDA graph
+records) draw the same codes at different costs, and `draw_noise(n, generator, label)`, the
+uniforms (and labels) a sample is drawn from. Each prior brings its network (`_logits`) and its
+activation cache for the "cached" mode (`_sampling_cache`).
 
 This file holds what they share: the config and input checks (`validate_prior_fields`,
 `check_labels`, `check_codes`), the sampling loop (`sample_codes`) and the inverse-CDF lookup
@@ -169,7 +169,7 @@ def sample_codes(
     uniforms (n, h, w) are drawn upfront from `generator` unless given, so a server can draw
     each request's noise from its own generator and still batch the requests together.
 
-    The three modes compute the same logits (up to float rounding) at different costs:
+    The four modes compute the same logits (up to float rounding) at different costs:
     - "naive" runs the whole network on the whole grid at every position: the reference.
     - "cropped" runs it on rows 0..r while sampling row r: outputs at rows <= r do not depend
       on rows > r (causality).
@@ -180,8 +180,9 @@ def sample_codes(
     - "stepped" computes what "naive" computes, one `position_step` per position: fixed shapes
       and the position in a tensor, what a CUDA graph records once for every position (app/graphs.py).
 
-    `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw
-    (the server uses it to check that a pass's size does not change them).
+    `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw (in
+    mode "stepped", right after it). The server, through VQVAE.sample_from's `on_step`, uses it to
+    check that a pass's size does not change them and to stop a pass nobody waits for.
 
     The model runs in eval mode (dropout off) and its training flag is restored afterwards.
     """
@@ -300,7 +301,7 @@ class AutoregressivePrior(nn.Module):
     ) -> torch.Tensor:
         """n code grids (n, h, w), drawn in raster order (see `sample_codes`).
 
-        `mode` picks how the logits at each position are computed; the three compute the same
+        `mode` picks how the logits at each position are computed; the four compute the same
         logits up to float rounding, so from the same uniforms they draw the same codes in float64,
         and in float32 the same codes except where a uniform sits within rounding of a
         cumulative-probability edge (the same distribution):
@@ -313,6 +314,7 @@ class AutoregressivePrior(nn.Module):
         - "naive": the reference; caches nothing, runs the whole network on the whole grid once
           per position.
         - "stepped": what "naive" computes, as `position_step` (what a CUDA graph records).
-        `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw.
-        Runs in eval mode (dropout off) and restores the training flag afterwards."""
+        `on_logits(r, c, logits)`, when given, sees each position's logits (n, K) before the draw
+        (in mode "stepped", right after it). Runs in eval mode (dropout off) and restores the
+        training flag afterwards."""
         return sample_codes(self, n, labels, temperature, generator, uniforms, mode=mode, on_logits=on_logits)

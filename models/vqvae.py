@@ -490,7 +490,7 @@ class VQVAE(nn.Module):
         """Images of code grids a prior over this VQ-VAE's codes draws from given noise: uniforms
         (B, h, w) (`prior.draw_noise`), a temperature (a float or (B,)), labels (B,) for a
         class-conditional prior. `on_step(logits)` sees each position's logits (B, K) before its
-        draw; `mode`: see `AutoregressivePrior.sample`."""
+        draw (mode "stepped": right after it); `mode`: see `AutoregressivePrior.sample`."""
         codes = prior.sample(
             uniforms.shape[0], labels=labels, temperature=temperature, uniforms=uniforms, mode=mode,
             on_logits=None if on_step is None else lambda r, c, logits: on_step(logits),
