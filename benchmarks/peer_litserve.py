@@ -1,63 +1,45 @@
 """The LitServe peer of benchmarks/peers.py: LitServe 0.2.19 with batching on.
 
-    python benchmarks/peer_litserve.py --port 8002 --weights weights --threads 2 [--fast-queue]
+    python -m benchmarks.peer_litserve --port 8002 --weights weights --threads 2 [--fast-queue]
 
-One LitAPI serves the three workloads of benchmarks/peer_workloads.py at LitServe's one route,
-`POST /predict` (LitServe registers its api_path for POST only):
+One LitAPI serves the workloads of benchmarks/peer_workloads.py at LitServe's one route, POST
+/predict (LitServe registers its api_path for POST only): JSON {"workload": "sample-vae_conv-16" |
+"sample-pixelcnn-1", "seed": S}, or multipart with field `workload` = "reconstruct-vae_conv" and
+`file`; it answers with the PNG bytes (a fastapi Response from encode_response passes through
+untouched). GET /health is 200 once the worker has run `setup`.
 
-    JSON {"workload": "sample-vae_conv-16" | "sample-pixelcnn-1", "seed": S}
-    multipart: field `workload` = "reconstruct-vae_conv", field `file` = one image
+Settings: max_batch_size=32, batch_timeout=5 ms, one inference worker on --device, one API server,
+LitServe's 30 s request timeout, no access log. `setup` (in the worker): torch threads, the models,
+one warm-up pass per workload. --fast-queue: LitServer(fast_queue=True), responses over ZeroMQ
+instead of a multiprocessing.Manager queue. Per batch LitServe runs decode_request for each request
+(the inputs drawn or the upload decoded), predict (one pass per workload: peer_workloads.run_batch)
+and encode_response for each (the PNG), all in the worker process.
 
-and answers with the PNG bytes, as a fastapi Response from encode_response (LitServe passes a
-Response through untouched). GET /health is 200 once the worker has run `setup`.
-
-Settings: max_batch_size=32, batch_timeout=0.005 s, one inference worker on --device (LitServe's
-accelerator), one API server process (its default: one per worker), request timeout 30 s (its
-default), no access log. `setup` runs in the worker: torch.set_num_threads(--threads), load the
-models, one warm-up pass per workload. --fast-queue sets LitServer(fast_queue=True): responses
-travel from the worker to the API server over ZeroMQ instead of a multiprocessing.Manager queue
-(requests use a Manager queue in both modes).
-
-Per batch, LitServe runs decode_request for each request, then batch, predict, unbatch, and
-encode_response for each, all in the worker process, one after the other. Here decode_request
-draws the noise or decodes the upload (the service's rule), predict groups the batch by workload
-and runs one pass per group (`peer_workloads.run_batch`), encode_response makes the PNG.
-
-LitServe 0.2.19 quirks handled here: `run` writes a client.py into the working directory unless
-generate_client_file=False; SIGTERM would kill the main process and orphan its worker, API
-server and Manager processes, so SIGTERM is turned into the KeyboardInterrupt that `run` shuts
-down on; and whatever LitServe's shutdown leaves running is killed on the way out.
+LitServe 0.2.19 quirks handled: `run` writes a client.py into the working directory unless
+generate_client_file=False; SIGTERM would kill the main process and orphan its worker, API server
+and Manager processes, so it becomes the KeyboardInterrupt that `run` shuts down on; whatever its
+shutdown leaves running is killed on the way out.
 """
 
-import argparse
 import multiprocessing
 import os
 import signal
-import sys
-from pathlib import Path
 
 import litserve as ls
 import torch
 from fastapi.responses import Response
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from app.imaging import grid_png  # noqa: E402
-from peer_workloads import Models, resolve_device, run_batch  # noqa: E402
-
-MAX_BATCH_SIZE = 32
-BATCH_TIMEOUT_S = 0.005
+from app.imaging import grid_png
+from benchmarks.peer_workloads import Models, peer_parser, resolve_device, run_batch
 
 
 class WorkloadAPI(ls.LitAPI):
-    # decode_request and encode_response stay unannotated: LitServe reads their annotations to
-    # build the route (an annotated `request` would switch off its JSON / multipart handling).
+    # decode_request and encode_response stay unannotated: LitServe reads their annotations to build
+    # the route (an annotated `request` would switch off its JSON / multipart handling).
 
-    def __init__(self, weights: Path, threads: int) -> None:
-        super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/predict")
-        self.weights = weights
-        self.threads = threads
+    def __init__(self, weights, threads: int) -> None:
+        super().__init__(max_batch_size=32, batch_timeout=0.005, api_path="/predict")
+        self.weights, self.threads = weights, threads
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
@@ -86,18 +68,12 @@ class WorkloadAPI(ls.LitAPI):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--weights", type=Path, default=ROOT / "weights", help="the directory of the weight files")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the inference worker")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    parser.add_argument("--fast-queue", action="store_true", help="LitServer(fast_queue=True): ZeroMQ responses")
-    args = parser.parse_args()
-    accelerator = resolve_device(args.device).type
+    p = peer_parser(__doc__, "peer_litserve")
+    p.add_argument("--fast-queue", action="store_true", help="LitServer(fast_queue=True): ZeroMQ responses")
+    args = p.parse_args()
     api = WorkloadAPI(args.weights.resolve(), args.threads)
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, fast_queue=args.fast_queue)
-
+    server = ls.LitServer(api, accelerator=resolve_device(args.device).type, devices=1, workers_per_device=1,
+                          fast_queue=args.fast_queue)
     main_pid = os.getpid()
 
     def interrupt(signum: int, _frame: object) -> None:

@@ -8,7 +8,7 @@
 #   service.md   2. the service on the shipped weights: start-up time, every endpoint once, and
 #                5. the batch-invariance verdicts (GET /config's pass_sizes); with CUDA graphs on,
 #                   the same answers compared byte for byte (service.json holds it all as JSON)
-#   peers.md     3. benchmarks/peers.py: this service vs the plain endpoint vs LitServe (when carried),
+#   peers.md     3. python -m benchmarks.peers: this service vs the plain endpoint vs LitServe (when carried),
 #                   concurrency 1 and 32, its three workloads
 #   graphs.md    4. CUDA graphs vs eager per operation and pass size: speed-up, same outputs
 #
@@ -110,17 +110,17 @@ for step in "${STEPS[@]}"; do
             # --graphs: a second service with GENSERVE_CUDA_GRAPHS=true, the same answers compared (on
             # the CPU it records nothing, so the dry run checks the comparison's plumbing)
             run_step "2+5. service on the shipped weights" "$CHECK_SERVICE_S" \
-                "$PY" benchmarks/gpu/service.py --device "$DEVICE" --out "$OUT" --graphs --startup-timeout 90
+                "$PY" -m benchmarks.gpu.service --device "$DEVICE" --out "$OUT" --graphs --startup-timeout 90
             ;;
         peers)
             servers=()  # LitServe only where it was carried (wheels.sh fetches it)
             "$PY" -c "import litserve" 2>/dev/null || servers=(--servers ours plain)
             run_step "3. peers" "$CHECK_PEERS_S" \
-                "$PY" benchmarks/peers.py --device "$DEVICE" "${servers[@]}" "${PEERS_ARGS[@]}" --markdown "$OUT/peers.md"
+                "$PY" -m benchmarks.peers --device "$DEVICE" "${servers[@]}" "${PEERS_ARGS[@]}" --markdown "$OUT/peers.md"
             ;;
         graphs)
             run_step "4. CUDA graphs vs eager" "$CHECK_GRAPHS_S" \
-                "$PY" benchmarks/gpu/graphs.py --device "$DEVICE" "${GRAPH_ARGS[@]}" --out "$OUT"
+                "$PY" -m benchmarks.gpu.graphs --device "$DEVICE" "${GRAPH_ARGS[@]}" --out "$OUT"
             ;;
         *)
             echo "check.sh: unknown step $step (tests, service, peers, graphs)" >&2

@@ -19,8 +19,8 @@ synchronised around every call; the table shows the medians and eager / replay. 
 nothing is recorded: the replay column is the static-buffer path without a graph (record=False),
 which checks the bookkeeping and is no speed claim.
 
-    python benchmarks/gpu/graphs.py --device cuda --out runs/gpu
-    python benchmarks/gpu/graphs.py --device cpu --sizes 1 4 --repeats 3 --out /tmp/graphs   # dry run
+    python -m benchmarks.gpu.graphs --device cuda --out runs/gpu
+    python -m benchmarks.gpu.graphs --device cpu --sizes 1 4 --repeats 3 --out /tmp/graphs   # dry run
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from app.graphs import describe, recorded_sizes  # noqa: E402
-from app.operations import operations  # noqa: E402
-from app.registry import Registry  # noqa: E402
+from app.graphs import describe, recorded_sizes
+from app.operations import operations
+from app.registry import Registry
+from benchmarks.harness import ROOT
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,7 +59,7 @@ def differing_share(a: tuple, b: tuple) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.graphs", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--weights", type=Path, default=ROOT / "weights")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
