@@ -3,12 +3,13 @@
 An operation's meaning is a model method (models/vae.py, models/vqvae.py): `TABLE[kind][op]` names
 the method a batcher of that Op calls and how to make seeded valid inputs of any number of rows
 for it (`example`, for warm-ups and the pass-size checks of app/batching.py). Noise is an input
-like any other: `sample_inputs` draws a /sample request's from its seed (GET /sample calls it,
-as can anything that must submit what /sample submits), so an answer never depends on which
-requests shared its pass. A method with
-discrete steps (a pixel or code drawn, a nearest code picked) takes `on_step`: the batcher stops
-a pass nobody waits for any more between steps with it (`check_wanted`), and the pass-size
-check compares what precedes each step (`probe`).
+like any other: `sample_inputs` draws a /sample request's from its seed (GET /sample and
+benchmarks/peers.py call it), so an answer never depends on which requests shared its pass. A
+method with discrete steps (a pixel or code drawn, a nearest code picked) takes `on_step`: the
+pass-size check compares what precedes each step (`probe`), and where there are many steps (the
+pixels of an autoregressive decoder, a prior's codes) the batcher stops a pass nobody waits for
+any more between them (`check_wanted`, which also offers the CPU to a less-served model:
+app/scheduling.py). A pass of one step (the VQ-VAE's nearest-code search) runs to its end.
 
 A batcher is built only where a route may submit to it (ROUTES): for the API operations the model
 offers (app/registry.py's `Entry.operations`), so a VAE without a latent gets its SAMPLE batcher
@@ -87,7 +88,8 @@ class Method:
 
     name: str  # the model's method: method(*inputs[, on_step=...]) -> a tensor or a tuple of tensors
     example: Callable[[Entry, int, torch.Generator], Inputs]  # (entry, rows, generator) -> valid CPU inputs
-    steps: bool = False  # takes on_step (has discrete steps): stoppable, and the check compares what precedes them
+    steps: bool = False  # takes on_step (has discrete steps): the check compares what precedes them
+    stoppable: bool = False  # many steps: a pass nobody waits for any more stops between them (one step: runs to the end)
     graphed: bool = False  # recorded per pass size with GENSERVE_CUDA_GRAPHS (one pass, no value read to the host)
     graph_kwargs: tuple[tuple[str, Any], ...] = ()  # what the recorded call adds (the checks it leaves out)
 
@@ -127,10 +129,11 @@ def _prior_noise(prior: Prior) -> Callable[[Entry, int, torch.Generator], Inputs
 # kind -> Op -> the method. A VQ-VAE's SAMPLE is `sample_from(prior, ...)`, one per prior (operations()).
 TABLE: dict[str, dict[Op, Method]] = {
     "vae": {
-        Op.RECONSTRUCT: Method("reconstruct", _images, steps=True, graphed=True),
+        # an autoregressive decoder's pixel draws are its steps; a factorized decoder has none
+        Op.RECONSTRUCT: Method("reconstruct", _images, steps=True, stoppable=True, graphed=True),
         Op.ENCODE: Method("encode", _images),  # -> mu, logvar
-        Op.DECODE: Method("decode_latents", _latents, steps=True, graphed=True),
-        Op.SAMPLE: Method("sample_from", _vae_noise, steps=True, graphed=True),  # a factorized decoder ignores the uniforms
+        Op.DECODE: Method("decode_latents", _latents, steps=True, stoppable=True, graphed=True),
+        Op.SAMPLE: Method("sample_from", _vae_noise, steps=True, stoppable=True, graphed=True),  # a factorized decoder ignores the uniforms
     },
     "vqvae": {
         Op.RECONSTRUCT: Method("reconstruct", _images, steps=True, graphed=True),
@@ -178,7 +181,7 @@ def _operation(key: OpKey, entry: Entry, method: Callable[..., Any], spec: Metho
     example = functools.partial(spec.example, entry)
 
     def fn(*inputs: torch.Tensor) -> Inputs:
-        return _as_tuple(method(*inputs, on_step=_stop_if_unwanted) if spec.steps else method(*inputs))
+        return _as_tuple(method(*inputs, on_step=_stop_if_unwanted) if spec.stoppable else method(*inputs))
 
     probe = None
     if steps:
@@ -201,7 +204,7 @@ def _every_operation(entry: Entry) -> list[Operation]:
     m, name = entry.model, entry.name
     ops = [_operation(OpKey(name, op), entry, getattr(m, spec.name), spec) for op, spec in TABLE[entry.kind].items()]
     for prior in entry.priors.values():
-        spec = Method("sample_from", _prior_noise(prior), steps=True)
+        spec = Method("sample_from", _prior_noise(prior), steps=True, stoppable=True)  # a draw per position
         op = _operation(OpKey(name, Op.SAMPLE, prior.api_name), entry, functools.partial(m.sample_from, prior.model), spec)
         ops.append(dataclasses.replace(op, capture=_prior_steps(prior, m, functools.partial(_codes, entry))))
     return ops

@@ -340,10 +340,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if "format_version" in metadata and metadata["format_version"] not in READ_VERSIONS:
         # before the other keys: a later format may have other keys
+        version = metadata["format_version"]
+        later = version.isdigit() and not version.startswith("0") and int(version) > int(FORMAT_VERSION)
         raise WeightFileError(
-            f"{path}: format_version {reprlib.repr(metadata['format_version'])} is not one this code reads "
-            f"({', '.join(map(repr, READ_VERSIONS))}; the older migrated on load): written by a later version of "
-            "this project?"
+            f"{path}: format_version {reprlib.repr(version)} is not one this code reads "
+            f"({', '.join(map(repr, READ_VERSIONS))}; the older migrated on load)"
+            + (": written by a later version of this project?" if later else "")
         )
     if missing:
         raise WeightFileError(f"{path}: metadata lacks {missing}; was it written by models.io.save_model?")
@@ -387,6 +389,13 @@ def _v1_to_v2(path: Path, metadata: dict[str, str]) -> dict[str, str]:
     out.setdefault("class_names", "[]")
     added = V1_CONFIG_ADDITIONS.get(metadata["kind"], {})
     config = _json(path, metadata, "config", dict, max_chars=MAX_JSON_CHARS)
+    if metadata["kind"] == "vae" and config.get("decoder") == "autoregressive" and "likelihood" not in config:
+        # before `likelihood` (2026-12-05) an autoregressive decoder fed back each pixel's mean; since, it
+        # feeds back a draw: no config value computes what such a file computed
+        raise WeightFileError(
+            f"{path}: an autoregressive VAE of format_version 1 without 'likelihood' fed its pixel means back, "
+            "which no version of the config reproduces now; retrain it (python -m training vae ...)"
+        )
     if any(key not in config for key in added):
         out["config"] = json.dumps({**added, **config}, sort_keys=True)
     return out

@@ -452,7 +452,7 @@ class VAE(nn.Module):
         """Samples from given noise (`draw_noise`): z = eps * temperature, so z ~ N(0, temperature^2 I),
         decoded by `generate` with the pixel draws at the same temperature (a float, or one per image
         (N,)). Each image depends only on its own noise, so results do not depend on the batch."""
-        t = temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature  # (N, 1) or a float
+        t = temperature[:, None] if isinstance(temperature, torch.Tensor) and temperature.dim() else temperature  # (N, 1) or one
         return self.generate(eps * t, uniforms=uniforms, temperature=temperature, on_step=on_step)
 
     @torch.no_grad()

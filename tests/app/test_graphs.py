@@ -322,3 +322,20 @@ def test_sample_inputs_draw_the_documented_noise(registry):
     assert torch.equal(uniforms, torch.rand(2, *conditional.config.code_shape, generator=g))
     assert torch.equal(labels, torch.randint(conditional.config.num_classes, (2,), generator=g))
     assert sample_inputs(entry.model, 2, 7, 1.0, conditional, 1)[2].tolist() == [1, 1]
+
+
+def test_only_many_step_operations_stop_between_steps(registry, monkeypatch):
+    """A prior's draws and an autoregressive decoder's pixels call check_wanted between steps (a pass
+    nobody waits for stops; the CPU goes to a less-served model); a one-pass operation never does."""
+    import app.operations as app_operations
+
+    calls = []
+    monkeypatch.setattr(app_operations, "check_wanted", lambda: calls.append(1))
+    for entry in registry.entries.values():
+        for op in operations(entry):
+            calls.clear()
+            with torch.inference_mode():
+                op.fn(*op.example(2, torch.Generator().manual_seed(0)))
+            many = op.key.prior is not None or (entry.kind == "vae" and entry.model.config.autoregressive
+                                                 and op.key.op != "encode")
+            assert bool(calls) == many, (op.key, len(calls))

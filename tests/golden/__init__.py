@@ -15,8 +15,8 @@ file), everything else under the model's file; each file's SHA-256 is recorded, 
 file is reported as such, not as a change of behaviour.
 
 `compare` says, per (weight file, operation), which cases answer otherwise than recorded. On the
-machine kind the record was written on (torch version, CPU capability) the hashes must match: the
-answers are bit-exact there (run twice, they are; the settings fix the pass sizes and threads,
+machine kind the record was written on (`machine`: torch, its switches, the kernel libraries'
+environment, the CPU's model and flags) the hashes must match: the answers are bit-exact there (run twice, they are; the settings fix the pass sizes and threads,
 which change the last bits of floats). Elsewhere float rounding differs between kernels, so only
 the signatures are compared, within SIGNATURE_TOLERANCE. Rounding floats before hashing would not
 help: with thousands of values per item, some always lie at a rounding boundary.
@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +69,26 @@ INTERPOLATE_ENDS = {1: ("sneaker.png", "tshirt.png"), 3: ("cat.png", "horse.png"
 
 
 def settings(weights: Path):
-    """Every setting that could change an answer, fixed whatever GENSERVE_* says: the CPU, float32,
-    one torch thread, passes unpadded (the requests run one after another, so each pass holds exactly
-    its request's rows, and no pass-size check runs), no check cache, no reloading."""
+    """Every setting fixed whatever GENSERVE_* says (each one not named here at its default, the
+    limits included): the CPU, float32, one torch thread, passes unpadded (the requests run one after
+    another, so each pass holds exactly its request's rows, and no pass-size check runs), no check
+    cache, no reloading."""
     from app.settings import Settings
 
-    return Settings(weights_dir=weights, device="cpu", precision="fp32", cuda_graphs=False, pad_batches=False,
-                    torch_threads=1, compute_slots=1, max_batch_size=64, max_n=64, max_wait_ms=0.0, express_items=0,
-                    request_timeout_s=300.0, check_cache_dir=None, reload_interval_s=0)
+    defaults = {name: f.get_default(call_default_factory=True) for name, f in Settings.model_fields.items()}
+    return Settings(**{**defaults, **dict(
+        weights_dir=weights, device="cpu", precision="fp32", cuda_graphs=False, pad_batches=False,
+        torch_threads=1, compute_slots=1, max_batch_size=64, max_n=64, max_wait_ms=0.0, express_items=0,
+        request_timeout_s=300.0, check_cache_dir=None, reload_interval_s=0)})
 
 
-def machine() -> dict[str, str]:
-    """What the exact values depend on besides the code and the files: torch and the CPU's kernels."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine()}
+def machine() -> dict[str, Any]:
+    """What the exact values depend on besides the code and the files: what the pass-size checks key
+    their verdicts on (app/checks.py's machine_key: torch, its switches, the kernel libraries'
+    environment variables, the CPU's model and flags)."""
+    from app.checks import machine_key
+
+    return machine_key(torch.device("cpu"))
 
 
 def _signature(values: np.ndarray) -> list[float]:

@@ -673,6 +673,32 @@ def test_the_version_1_migration_keeps_what_a_file_records(tmp_path):
     assert info.class_names == ("a", "b") and info.extra == {"note": 1}
 
 
+def test_a_version_1_autoregressive_vae_from_before_likelihood_is_refused(tmp_path):
+    """Before `likelihood` an autoregressive decoder fed back pixel means, which no config reproduces
+    now: refused, never served with draws in their place. One that records `likelihood` migrates."""
+    model = VAE(VAEConfig(arch="conv", latent_dim=3, channels=(4, 8), fc_dim=8, decoder="autoregressive",
+                          ar_channels=4, ar_layers=1)).eval()
+    save_model(tmp_path / "m.safetensors", model, name="m", dataset="d", command="c")
+    old = tmp_path / "old.safetensors"
+    _rewrite(tmp_path / "m.safetensors", old, change_meta=as_version_1(drop_config=("likelihood", "num_mixtures")))
+    with pytest.raises(WeightFileError, match=r"old\.safetensors: an autoregressive VAE of format_version 1 without "
+                                              r"'likelihood' fed its pixel means back"):
+        load_model(old)
+    kept = tmp_path / "kept.safetensors"
+    _rewrite(tmp_path / "m.safetensors", kept, change_meta=as_version_1(drop_config=("mean_mse_weight",)))
+    assert load_model(kept)[0].config == model.config
+
+
+def test_only_a_later_version_is_called_later(tmp_path):
+    save_tiny(tmp_path / "m.safetensors")
+    for version, later in (("3", True), ("10", True), ("0", False), ("02", False), (" 2", False)):
+        bad = tmp_path / "bad.safetensors"
+        _rewrite(tmp_path / "m.safetensors", bad, change_meta=lambda m, v=version: m.__setitem__("format_version", v))
+        with pytest.raises(WeightFileError) as info:
+            read_metadata(bad)
+        assert ("later version" in str(info.value)) == later, version
+
+
 def test_a_version_1_file_lacking_a_key_version_1_always_wrote_is_refused_naming_the_file_and_the_key(tmp_path):
     save_tiny(tmp_path / "m.safetensors")
     bad = tmp_path / "bad.safetensors"
