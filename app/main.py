@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,7 +40,7 @@ from app.registry import LoadProgress
 from app.routes import docs, generate, health, models, page, uploads
 from app.server import hangup_pending
 from app.service import Service
-from app.settings import Settings, get_settings
+from app.settings import Settings, get_settings, unknown_variables
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings or get_settings()
+        for name in unknown_variables(os.environ):
+            log.warning("%s is not a setting and is ignored (README.md lists the settings)", name)
         app.state.start_error = None
         app.state.progress = LoadProgress()  # how far loading has got: GET /ready's 503 while starting
         starting = asyncio.get_running_loop().create_task(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -153,6 +154,22 @@ class Settings(BaseSettings):
                     f"GENSERVE_DEVICE={self.device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
                 )
         return device
+
+
+# GENSERVE_* variables the project reads elsewhere than in the service's settings
+OTHER_VARIABLES = frozenset({
+    "GENSERVE_URL",  # the client's and genserve command's server (app/client.py)
+    "GENSERVE_DATA_CACHE",  # training's decoded image folders (training/data.py)
+    "GENSERVE_BASE", "GENSERVE_STOP_GRACE_PERIOD",  # docker-compose.yml
+    "GENSERVE_BROWSER_WEIGHTS", "GENSERVE_SCREENSHOTS",  # tests/app/test_browser.py
+})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The GENSERVE_* variables of `environ` that name no setting (a typo, or one removed, such as
+    GENSERVE_MAX_INFLIGHT and GENSERVE_WORKERS): Settings ignores them, the service warns of them."""
+    known = {f"GENSERVE_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    return sorted(k for k in environ if k.upper().startswith("GENSERVE_") and k.upper() not in known)
 
 
 @lru_cache

@@ -80,3 +80,18 @@ def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path, monkeypatch):
     assert service.torch_threads(Settings()) == 1
     monkeypatch.setattr(service, "cgroup_cpu_limit", lambda: None)
     assert service.usable_cores() == 32
+
+
+async def test_a_variable_that_names_no_setting_is_warned_of(weights_dir, monkeypatch, caplog):
+    """GENSERVE_MAX_INFLIGHT (removed) or a typo is ignored by Settings: the start-up says so, once
+    per variable; the project's other GENSERVE_* variables (the client's GENSERVE_URL) are not."""
+    from app.settings import unknown_variables
+
+    env = {"GENSERVE_MAX_INFLIGHT": "2", "genserve_max_batchsize": "8", "GENSERVE_URL": "http://x", "GENSERVE_MAX_N": "4"}
+    assert unknown_variables(env) == ["GENSERVE_MAX_INFLIGHT", "genserve_max_batchsize"]
+    monkeypatch.setenv("GENSERVE_MAX_INFLIGHT", "2")
+    caplog.set_level("WARNING", logger="app.main")
+    async with LifespanManager(create_app(make_settings(weights_dir))):
+        pass
+    warned = [r.getMessage() for r in caplog.records if "is not a setting" in r.getMessage()]
+    assert warned == ["GENSERVE_MAX_INFLIGHT is not a setting and is ignored (README.md lists the settings)"]
