@@ -1,8 +1,8 @@
 """What every benchmark shares: servers in their own process group on free ports, the wait for
-/ready, a process group's CPU and RSS, closed-loop load, percentiles, tables and the markdown report.
+/ready, a process group's CPU and RSS, closed-loop load, percentiles and one table format.
 
-The scripts beside it run as modules from the repository root (`python -m benchmarks.load`), so
-they import `benchmarks.harness`, `app` and `models` as packages.
+The scripts run as modules from the repository root (`python -m benchmarks.load`) and start the
+`python -m app` of the tree they run in: to measure another commit, run them from a worktree of it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import io
 import itertools
 import os
 import platform
-import shlex
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,38 +48,33 @@ def shell_env() -> dict[str, str]:
 
 
 class ProcessGroup:
-    """A server's processes (Linux /proc): the group it leads, which holds the workers it starts; when
-    `pid` shares this script's group (a server of --url started beside it), only `pid` itself."""
+    """A server's processes (Linux /proc): the group it leads, with the workers it starts."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.pgid = pid, os.getpgid(pid)
-        self.own_group = self.pgid != os.getpgrp()
 
-    @staticmethod
-    def _stats() -> Iterator[tuple[int, list[str]]]:
+    def _stats(self) -> Iterator[tuple[int, list[str]]]:
+        """(pid, /proc/PID/stat's fields from the 3rd on) of every live process of the group."""
         for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError):
-                yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()  # fields 3 on
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((fields := stat.read_text().rsplit(")", 1)[1].split())[2]) == self.pgid:  # pgrp (field 5)
+                    yield int(stat.parent.name), fields
 
     def pids(self) -> list[int]:
-        if not self.own_group:
-            return [self.pid]
-        return [pid for pid, fields in self._stats() if int(fields[2]) == self.pgid]  # pgrp (field 5)
+        return [pid for pid, _ in self._stats()]
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time so far of every live process of the group."""
-        ticks = [int(f[11]) + int(f[12]) for pid, f in self._stats() if int(f[2]) == self.pgid]  # utime, stime
+        ticks = [int(f[11]) + int(f[12]) for _, f in self._stats()]  # utime, stime
         return sum(ticks) / os.sysconf("SC_CLK_TCK") if ticks else None
 
     def rss(self, pids: list[int] | None = None) -> int | None:
-        """Summed VmRSS in bytes; None when none of them is alive."""
-        total = None
+        """Their summed resident set size (VmRSS) in bytes; None when none of them is alive."""
+        pages = []
         for pid in self.pids() if pids is None else pids:
-            with contextlib.suppress(OSError, StopIteration):
-                text = Path(f"/proc/{pid}/status").read_text()
-                kb = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:"))
-                total = (total or 0) + kb * 1024
-        return total
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                pages.append(int(Path(f"/proc/{pid}/statm").read_text().split()[1]))
+        return sum(pages) * os.sysconf("SC_PAGE_SIZE") if pages else None
 
     def settled_rss(self, samples: int = 5, interval_s: float = 0.02) -> int | None:
         """The median of a few readings."""
@@ -93,11 +87,18 @@ class ProcessGroup:
 
 
 class Poller(threading.Thread):
-    """A daemon thread that runs from entering its `with` block to leaving it (`run` checks `stopping`)."""
+    """Calls `poll` every `interval_s` in a daemon thread, from entering its `with` block to leaving it."""
 
     def __init__(self, interval_s: float) -> None:
         super().__init__(name=type(self).__name__, daemon=True)
         self.interval_s, self.stopping = interval_s, threading.Event()
+
+    def run(self) -> None:  # the subclass has poll()
+        next_at = time.perf_counter()
+        while not self.stopping.is_set():
+            self.poll()  # type: ignore[attr-defined]
+            next_at = max(next_at + self.interval_s, time.perf_counter())
+            self.stopping.wait(next_at - time.perf_counter())
 
     def __enter__(self):  # -> the subclass
         self.start()
@@ -109,27 +110,22 @@ class Poller(threading.Thread):
 
 
 class RssMonitor(Poller):
-    """The peak RSS of a process group, polled every `interval_s` (its members re-listed every 0.5 s:
-    reading all of /proc at every poll would cost too much)."""
+    """A process group's peak RSS (its members re-listed every 0.5 s: all of /proc at each poll costs too much)."""
 
     def __init__(self, group: ProcessGroup, interval_s: float = 0.01) -> None:
         super().__init__(interval_s)
-        self.group, self.peak = group, None
+        self.group, self.peak, self.listed, self.members = group, None, 0.0, []
 
-    def run(self) -> None:
-        listed = 0.0
-        while not self.stopping.is_set():
-            if time.monotonic() - listed > 0.5:
-                pids, listed = self.group.pids(), time.monotonic()
-            if (value := self.group.rss(pids)) is not None:
-                self.peak = max(self.peak or 0, value)
-            self.stopping.wait(self.interval_s)
+    def poll(self) -> None:
+        if time.monotonic() - self.listed > 0.5:
+            self.listed, self.members = time.monotonic(), self.group.pids()
+        if (value := self.group.rss(self.members)) is not None:
+            self.peak = max(self.peak or 0, value)
 
 
 @dataclass
 class Server:
-    """A server subprocess (`python -m app` unless `command` says otherwise) leading its own process
-    group, its log in a file. Ready when GET `ready_path` answers 200."""
+    """A server subprocess (`python -m app` by default) leading its own process group, its log in a file."""
 
     label: str
     env: dict[str, str]
@@ -143,10 +139,11 @@ class Server:
     first_answer_s: float | None = None  # seconds from start() to its first HTTP answer of any kind
 
     @classmethod
-    def app(cls, label: str, log_dir: Path, settings: dict[str, str], cwd: Path = ROOT) -> Server:
-        """`python -m app` on a free port of 127.0.0.1, without an access log, with `settings`."""
+    def app(cls, label: str, log_dir: Path, weights: Path, settings: dict[str, str], cwd: Path = ROOT) -> Server:
+        """`python -m app` serving `weights` on a free port of 127.0.0.1, without an access log, with `settings`."""
         port = free_port()
-        env = {**shell_env(), "GENSERVE_HOST": "127.0.0.1", "GENSERVE_PORT": str(port), "GENSERVE_ACCESS_LOG": "false"}
+        env = {**shell_env(), "GENSERVE_HOST": "127.0.0.1", "GENSERVE_PORT": str(port), "GENSERVE_ACCESS_LOG": "false",
+               "GENSERVE_WEIGHTS_DIR": str(weights.resolve())}  # fmt: skip
         return cls(label, {**env, **settings}, log_dir / f"server-{label}.log", port, cwd=cwd)
 
     @property
@@ -185,8 +182,7 @@ class Server:
                 os.killpg(self.process.pid, signum)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (uvicorn drains, the lifespan shuts down), SIGKILL if it hangs or on a 2nd Ctrl-C,
-        then SIGKILL to whatever is left of its group (workers it did not stop, such as LitServe's)."""
+        """SIGTERM, SIGKILL if it hangs or on a 2nd Ctrl-C, then SIGKILL to what is left of its group (LitServe's)."""
         if self.process is None:
             return
         self.signal(signal.SIGCONT)  # a paused group cannot act on SIGTERM
@@ -200,42 +196,16 @@ class Server:
         self.signal(signal.SIGKILL)
 
     def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(f"  [{self.label}] {line}" for line in text.splitlines()[-lines:])
+        return "\n".join(f"  [{self.label}] {line}" for line in self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def log_errors(self, limit: int = 5) -> list[str]:
         """ERROR lines and tracebacks of its log (uvicorn's access lines are INFO)."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        hits = [line for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback")]
+        text = self.log_path.read_text(errors="replace").splitlines()
+        hits = [line for line in text if " ERROR " in line or line.startswith("Traceback")]
         return hits[:limit] + ([f"... and {len(hits) - limit} more"] if len(hits) > limit else [])
 
-    def get_json(self, path: str) -> object:
+    def get_json(self, path: str):  # -> the JSON
         return httpx.get(f"{self.url}{path}", timeout=30).raise_for_status().json()
-
-
-@contextlib.contextmanager
-def running(servers: list[Server], startup_timeout_s: float, stop_timeout_s: float = 30.0) -> Iterator[None]:
-    """Start every server, wait until all are ready (the service also until its pass size checks, which
-    run after /ready, have settled: what follows measures the steady state); always stop all: SIGTERM to
-    all at once, then each is waited for. Stopped before all were ready each gets 5 s at most."""
-    ready = False
-    try:
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_ready(startup_timeout_s)
-        for server in servers:
-            if server.ready_path == "/ready":
-                wait_settled(server.url, startup_timeout_s)
-        ready = True
-        yield
-    finally:
-        for server in servers:
-            server.signal(signal.SIGCONT)
-            if server.process is not None and server.process.poll() is None:
-                server.process.terminate()
-        for server in servers:
-            server.stop(stop_timeout_s if ready else min(stop_timeout_s, 5.0))
 
 
 def wait_settled(url: str, timeout_s: float, interval_s: float = 0.1) -> dict:
@@ -249,18 +219,27 @@ def wait_settled(url: str, timeout_s: float, interval_s: float = 0.1) -> dict:
 
 
 @contextlib.contextmanager
-def serving(args: argparse.Namespace, settings: dict[str, str], prefix: str) -> Iterator[tuple[str, Server | None]]:
-    """(url, server): a server of our own on --weights with --env (stopped at the end), or --url's (None)."""
-    if getattr(args, "url", None):
-        yield args.url.rstrip("/"), None
-        return
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        log_dir = args.log_dir or Path(tmp)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        server = Server.app("server", log_dir, {"GENSERVE_WEIGHTS_DIR": str(args.weights.resolve()), **settings,
-                                                **args.env})  # fmt: skip
-        with running([server], args.startup_timeout):
-            yield server.url, server
+def serving(args: argparse.Namespace, make: Callable[[Path], list[Server]]) -> Iterator[list[Server]]:
+    """make(a folder for logs)'s servers, yielded once ready (the service: its checks after /ready settled too: what
+    follows measures the steady state); always stopped, SIGTERM to all at once (5 s each at most if never ready)."""
+    with tempfile.TemporaryDirectory(prefix="genserve-bench-") as log_dir:
+        servers, ready = make(Path(log_dir)), False
+        try:
+            for server in servers:
+                server.start()
+            for server in servers:
+                server.wait_ready(args.startup_timeout)
+                if server.ready_path == "/ready":
+                    wait_settled(server.url, args.startup_timeout)
+            ready = True
+            yield servers
+        finally:
+            for server in servers:
+                server.signal(signal.SIGCONT)
+                if server.process is not None and server.process.poll() is None:
+                    server.process.terminate()
+            for server in servers:
+                server.stop(30.0 if ready else 5.0)
 
 
 def stop_on_sigterm() -> None:
@@ -271,35 +250,38 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
-def parser(doc: str, *, url: bool = False, env: str = "GENSERVE_MAX_QUEUE=256", env_alias: tuple[str, ...] = ()
-           ) -> argparse.ArgumentParser:
-    """The options every server benchmark takes; with `url`, also --url and --pid (a running server)."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+def on_one_server(args: argparse.Namespace, run: Callable[[argparse.Namespace, Server], Awaitable[int]]) -> int:
+    """run(args, the service: `python -m app` on --weights with --env, no drain delay) in an event loop."""
+    stop_on_sigterm()
+    settings = {"GENSERVE_DRAIN_DELAY_S": "0", **args.env}
+    try:
+        with serving(args, lambda log_dir: [Server.app("server", log_dir, args.weights, settings)]) as (server,):
+            return asyncio.run(run(args, server))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the server is stopped", flush=True)
+        return 130
+
+
+def parser(doc: str, module: str, env: str = "GENSERVE_MAX_QUEUE=256", env_alias: tuple[str, ...] = ()
+           ) -> argparse.ArgumentParser:  # fmt: skip
+    """The options every server benchmark takes."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.splitlines()[0])
     p.add_argument("--weights", type=Path, default=ROOT / "weights", help="GENSERVE_WEIGHTS_DIR (default weights/)")
     p.add_argument("--env", *env_alias, nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help=f"extra environment for the service we start, e.g. {env} (other GENSERVE_* variables "
                         "of this shell are not passed on)")  # fmt: skip
-    p.add_argument("--markdown", type=Path, default=None, help="also write the report as markdown to this file")
-    p.add_argument("--log-dir", type=Path, default=None, help="keep the servers' logs here (default: a temporary one)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for GET /ready")
-    if url:
-        p.add_argument("--url", default=None, help="use this running server instead of starting one")
-        p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its RSS")
     return p
 
 
-def parse(p: argparse.ArgumentParser, module: str, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, turn --env into a dict, check --weights, and keep the command line for the report."""
-    p.prog = f"python -m benchmarks.{module}"
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, turn --env into a dict and check --weights."""
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
     pairs = [pair.partition("=") for pair in args.env]
     if bad := [key + sep + value for key, sep, value in pairs if not key or not sep]:
         p.error(f"--env takes KEY=VALUE, got {bad[0]!r}")
     args.env = {key: value for key, _, value in pairs}
-    if getattr(args, "pid", None) is not None and not args.url:
-        p.error("--pid goes with --url (a server we start is measured anyway)")
-    if not getattr(args, "url", None) and not args.weights.is_dir():
+    if not args.weights.is_dir():
         p.error(f"--weights {args.weights} is not a directory")
     return args
 
@@ -324,9 +306,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def worker_client(url: str, timeout_s: float = CLIENT_TIMEOUT_S) -> httpx.AsyncClient:
-    """A client with one keep-alive connection, for one worker: one client shared by C workers does not
-    scale (httpcore scans its pool at every request: at C=128 the client set the pace). verify=False: plain
-    HTTP, no CA bundle to load. Accept-Encoding identity: LitServe adds a GZip middleware."""
+    """One worker's client, one keep-alive connection (a shared pool set the pace at C=128), no CA bundle to
+    load, no gzip (LitServe adds a GZip middleware)."""
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     return httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, verify=False,
                              headers={"Accept-Encoding": "identity"})  # fmt: skip
@@ -339,6 +320,11 @@ class Answer:
     text: str = ""  # the start of a non-200 answer, or the exception
     size: int = 0  # bytes of the body
     body: bytes | None = None  # kept when asked for
+
+    @property
+    def kind(self) -> str:
+        """The status, or the exception's name."""
+        return str(self.status) if self.status is not None else self.text.split(":")[0]
 
     def show(self) -> str:
         what = "no answer" if self.status is None else str(self.status)
@@ -361,141 +347,50 @@ MakeRequest = Callable[[httpx.AsyncClient, int], httpx.Request]  # (client, requ
 
 
 @dataclass
-class Cell:
-    """What one server did over one measured window of a closed loop."""
-
-    ok: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)  # of the 200s
-    errors: Counter[str] = field(default_factory=Counter)  # status or exception -> count
-    error_examples: dict[str, str] = field(default_factory=dict)  # the first answer of each kind
-    mean_batch: float | None = None
-    client_cpu: float = 0.0  # cores: CPU seconds over the window's wall seconds
-    server_cpu: float | None = None
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.ok / self.seconds if self.seconds else 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
-    def latency_ms(self, q: float) -> float | None:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
-
-
-async def closed_loop(clients: list[httpx.AsyncClient], make: Callable[[httpx.AsyncClient, int, bytes], httpx.Request],
-                      images_per_request: int, duration_s: float, max_requests: int | None, seeds: Iterator[int],
-                      pngs: list[bytes]) -> Cell:  # fmt: skip
-    """Each client sends make(client, seed, png) back to back until duration_s is over (or max_requests
-    are sent); a request in flight then is awaited and counted: the window ends with the last answer."""
-    cell, sent, end = Cell(), itertools.count(), time.perf_counter() + duration_s
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while (time.perf_counter() < end) if max_requests is None else (next(sent) < max_requests):
-            seed = next(seeds)
-            answer = await timed(client, make(client, seed, pngs[seed % len(pngs)]))
-            if answer.status == 200:
-                cell.latencies_ms.append(answer.seconds * 1000)
-                cell.ok += 1
-                cell.images += images_per_request
-                continue
-            kind = str(answer.status) if answer.status is not None else answer.text.split(":")[0]
-            cell.errors[kind] += 1
-            cell.error_examples.setdefault(kind, answer.text)
-            if answer.status is None:
-                await asyncio.sleep(0.05)  # do not spin on a dead server
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(client) for client in clients))
-    cell.seconds = time.perf_counter() - start
-    return cell
-
-
-async def batch_totals(client: httpx.AsyncClient) -> dict[str, tuple[float, float]]:
-    """batcher -> (items, forward passes) so far, from the service's genserve_batch_size histogram."""
-    totals: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families((await client.get("/metrics")).raise_for_status().text):
-        for sample in family.samples if family.name == "genserve_batch_size" else []:
-            if sample.name.endswith(("_sum", "_count")):
-                totals.setdefault(sample.labels["batcher"], [0.0, 0.0])[sample.name.endswith("_count")] = sample.value
-    return {name: (items, passes) for name, (items, passes) in totals.items()}
-
-
-async def measure(server: Server, make: Callable[[httpx.AsyncClient, int, bytes], httpx.Request], images_per_request: int,
-                  concurrency: int, args: argparse.Namespace, seeds: Iterator[int], pngs: list[bytes],
-                  batcher: str | None = None) -> Cell:  # fmt: skip
-    """--warmup seconds of the load, discarded, then one measured closed loop of --duration seconds (or
-    --requests), with the CPU the client and the server's group used over it and, for `batcher`, its
-    mean pass size over the window (from /metrics before and after)."""
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(worker_client(server.url)) for _ in range(concurrency)]
-        if args.warmup > 0:
-            await closed_loop(clients, make, images_per_request, args.warmup, None, seeds, pngs)
-        before = await batch_totals(clients[0]) if batcher else {}
-        group = server.group
-        client_cpu, server_cpu = time.process_time(), group.cpu_seconds() if group else None
-        cell = await closed_loop(clients, make, images_per_request, args.duration, getattr(args, "requests", None),
-                                 seeds, pngs)  # fmt: skip
-        cell.client_cpu = (time.process_time() - client_cpu) / cell.seconds
-        if server_cpu is not None and (after_cpu := group.cpu_seconds()) is not None:  # type: ignore[union-attr]
-            cell.server_cpu = (after_cpu - server_cpu) / cell.seconds
-        if batcher:
-            (items0, passes0), (items1, passes1) = before.get(batcher, (0, 0)), (await batch_totals(clients[0])).get(
-                batcher, (0, 0))
-            cell.mean_batch = (items1 - items0) / (passes1 - passes0) if passes1 > passes0 else None
-    return cell
-
-
-async def series(client: httpx.AsyncClient, make: MakeRequest, *, count: int | None = None, until: float | None = None,
-                 every_s: float = 0.0, pause_s: float = 0.0) -> list[Answer]:  # fmt: skip
-    """make(client, 0), make(client, 1), ... one at a time: each starts `every_s` after the one before
-    started and `pause_s` after its answer; none starts once there are `count` or past `until`."""
-    answers: list[Answer] = []
-    next_at = time.perf_counter()
-    while (count is None or len(answers) < count) and (until is None or next_at < until):
-        await asyncio.sleep(next_at - time.perf_counter())
-        start = time.perf_counter()
-        answers.append(await timed(client, make(client, len(answers))))
-        next_at = max(start + every_s, time.perf_counter() + pause_s)
-    return answers
-
-
-@dataclass
 class Loop:
-    """What clients sending requests back to back got, as it came."""
+    """What clients sending requests back to back got (looping), as it came; measure() adds CPU and pass size."""
 
     start: float = field(default_factory=time.perf_counter)
     timed: list[tuple[float, Answer]] = field(default_factory=list)  # (clock at the answer, answer)
+    client_cpu: float = 0.0  # cores: CPU seconds over the window's wall seconds
+    server_cpu: float | None = None
+    mean_batch: float | None = None
 
     @property
     def answers(self) -> list[Answer]:
         return [a for _, a in self.timed]
 
-    def throughput(self, images: int) -> str:
-        """The 200s, `images` each, per second from the start to the last answer."""
+    @property
+    def seconds(self) -> float:
+        """From the start to the last answer."""
+        return max((at for at, _ in self.timed), default=self.start) - self.start
+
+    def rate(self, images: int = 1) -> float:
+        """The 200s, `images` each, per second."""
         ok = sum(a.status == 200 for a in self.answers)
-        seconds = max((at for at, _ in self.timed), default=self.start) - self.start
-        rate = f"{ok * images / seconds:.1f}" if seconds > 0 else "-"
-        return f"{rate} images/s ({ok} answers of 200 in {seconds:.1f} s)"
+        return ok * images / self.seconds if self.seconds > 0 else 0.0
+
+    def latency_ms(self, q: float) -> float | None:
+        return percentiles([a.seconds * 1000 for a in self.answers if a.status == 200], (q,))[0]
+
+    def errors(self) -> str:
+        return statuses([a for a in self.answers if a.status != 200])
 
 
 @contextlib.asynccontextmanager
-async def looping(clients: list[httpx.AsyncClient], make: MakeRequest) -> AsyncIterator[Loop]:
-    """Every client sends make(client, i) back to back until the block ends, then finishes the request
-    in hand: client k sends requests k, k + len(clients), k + 2 len(clients), ..."""
-    loop, stop = Loop(), asyncio.Event()
+async def looping(clients: list[httpx.AsyncClient], make: MakeRequest, seeds: Iterator[int] | None = None
+                  ) -> AsyncIterator[Loop]:  # fmt: skip
+    """Every client sends make(client, the next seed) back to back until the block ends, then finishes the one in hand."""
+    loop, stop, seeds = Loop(), asyncio.Event(), seeds or itertools.count()
 
-    async def run(client: httpx.AsyncClient, first: int) -> None:
-        for i in itertools.count(first, len(clients)):
-            if stop.is_set():
-                return
-            answer = await timed(client, make(client, i))
+    async def run(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            answer = await timed(client, make(client, next(seeds)))
             loop.timed.append((time.perf_counter(), answer))
+            if answer.status is None:
+                await asyncio.sleep(0.05)  # do not spin on a dead server
 
-    tasks = [asyncio.create_task(run(c, k)) for k, c in enumerate(clients)]
+    tasks = [asyncio.create_task(run(c)) for c in clients]
     try:
         yield loop
     finally:
@@ -503,42 +398,66 @@ async def looping(clients: list[httpx.AsyncClient], make: MakeRequest) -> AsyncI
         await asyncio.gather(*tasks)
 
 
-def sample_request(model: str, prior: str | None, n: int) -> MakeRequest:
-    """GET /sample of `model` (with `prior`), n images, seed = the request's number."""
-    params = {"model": model, "n": n, **({"prior": prior} if prior else {})}
-    return lambda client, i: client.build_request("GET", "/sample", params={**params, "seed": i})
+async def measure(server: Server, make: MakeRequest, concurrency: int, args: argparse.Namespace,
+                  seeds: Iterator[int], batcher: str | None = None) -> Loop:  # fmt: skip
+    """A closed loop of `concurrency` clients, one connection each: --warmup s discarded, then --duration s (the
+    window ends with the last answer), with the CPU of client and server group and `batcher`'s mean pass size."""
+
+    async def passes() -> tuple[float, float]:
+        text = (await clients[0].get("/metrics")).raise_for_status().text
+        found = {s.name: s.value for f in text_string_to_metric_families(text) if f.name == "genserve_batch_size"
+                 for s in f.samples if s.labels.get("batcher") == batcher}  # fmt: skip
+        return found.get("genserve_batch_size_sum", 0.0), found.get("genserve_batch_size_count", 0.0)
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(worker_client(server.url)) for _ in range(concurrency)]
+        if args.warmup > 0:
+            async with looping(clients, make, seeds):
+                await asyncio.sleep(args.warmup)
+        items0, passes0 = await passes() if batcher else (0.0, 0.0)
+        group, wall, cpu = server.group, time.perf_counter(), time.process_time()
+        server_cpu = group.cpu_seconds() if group else None
+        async with looping(clients, make, seeds) as loop:
+            await asyncio.sleep(args.duration)
+        wall = time.perf_counter() - wall
+        loop.client_cpu = (time.process_time() - cpu) / wall
+        if server_cpu is not None and (after := group.cpu_seconds()) is not None:  # type: ignore[union-attr]
+            loop.server_cpu = (after - server_cpu) / wall
+        if batcher:
+            items1, passes1 = await passes()
+            loop.mean_batch = (items1 - items0) / (passes1 - passes0) if passes1 > passes0 else None
+    return loop
 
 
-@dataclass
-class Slowdown:
-    """One kind of request, sent one at a time on the quiet server and then beside a load."""
+Cells = dict[tuple[str, int], dict[str, Loop]]  # (case, concurrency) -> server label -> what measure() got
 
-    who: str
-    idle: list[Answer]
-    busy: list[Answer]
-    limit: float  # the target: its p50 beside the load at most this many times the idle p50
 
-    @property
-    def ratio(self) -> float | None:
-        if not self.idle or not self.busy:
-            return None
-        return float(np.median([a.seconds for a in self.busy]) / np.median([a.seconds for a in self.idle]))
+def run_cells(servers: list[Server], cases: dict[str, Callable[[Server], tuple[MakeRequest, str | None]]],
+              args: argparse.Namespace, seed: int, awake: Callable[[Server], contextlib.AbstractContextManager] = (
+                  lambda server: contextlib.nullcontext())) -> tuple[Cells, bool]:  # fmt: skip
+    """Every case (server -> its request, the batcher to read) at every --concurrency, the servers in turn (inside
+    awake(server)), seeds from `seed`: the cells, and whether Ctrl-C ended the run early (keeping them)."""
+    cells: Cells = {}
+    seeds = itertools.count(seed)
 
-    @property
-    def expected(self) -> str:
-        return f"{self.who} all 200, p50 at most {self.limit:g}x idle"
+    async def run() -> None:
+        for (name, case), concurrency in itertools.product(cases.items(), args.concurrency):
+            for server in servers:
+                make, batcher = case(server)
+                with awake(server):
+                    cell = await measure(server, make, concurrency, args, seeds, batcher)
+                cells.setdefault((name, concurrency), {})[server.label] = cell
+                print(f"  {name:<20} C={concurrency:<4} {server.label:<13} {cell.rate():8.1f} req/s  p50 "
+                      f"{fmt_ms(cell.latency_ms(50)):>6} ms  p99 {fmt_ms(cell.latency_ms(99)):>6} ms  batch "
+                      f"{fmt(cell.mean_batch, '.1f')}  errors {cell.errors()}  cpu: client {cell.client_cpu:.2f}, server "
+                      f"{fmt(cell.server_cpu)}", flush=True)  # fmt: skip
 
-    def met(self) -> bool:
-        return self.ratio is not None and self.ratio <= self.limit and all(a.status == 200 for a in self.busy)
-
-    def lines(self) -> list[str]:
-        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
-        return [f"{self.who}, idle: {spread(self.idle)}", f"{self.who}, during: {spread(self.busy)}",
-                f"{self.who}: p50 during / idle {ratio} (target <= {self.limit:g}x): {verdict(self.met())}"]  # fmt: skip
-
-    def short(self) -> str:
-        p50s = [fmt_ms(float(np.median([a.seconds * 1000 for a in x]))) if x else "-" for x in (self.idle, self.busy)]
-        return f"{self.who} p50 {p50s[0]} -> {p50s[1]} ms ({'-' if self.ratio is None else f'{self.ratio:.1f}x'})"
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        print("\ninterrupted: shutting the servers down; the tables hold the finished cells", flush=True)
+        return cells, True
+    return cells, False
 
 
 def percentiles(values: list[float], qs: tuple[float, ...] = (50, 90, 99, 100)) -> list[float | None]:
@@ -546,58 +465,41 @@ def percentiles(values: list[float], qs: tuple[float, ...] = (50, 90, 99, 100)) 
     return [float(np.percentile(values, q)) for q in qs] if values else [None] * len(qs)
 
 
-def spread(answers: list[Answer]) -> str:
-    p50, p90, top = percentiles([a.seconds * 1000 for a in answers], (50, 90, 100))
-    return f"p50 / p90 / max {fmt_ms(p50)} / {fmt_ms(p90)} / {fmt_ms(top)} ms over {len(answers)} ({statuses(answers)})"
-
-
-def statuses(answers: list[Answer]) -> str:
-    return fmt_counts(Counter("no answer" if a.status is None else str(a.status) for a in answers))
+def fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
 
 
 def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+    return fmt(value, ".0f" if value is not None and value >= 100 else ".1f")
 
 
 def fmt_mb(value: float | None) -> str:
-    return "-" if value is None else f"{value / MB:.1f} MB"
-
-
-def fmt_opt(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
+    return fmt(None if value is None else value / MB, ".1f", " MB")
 
 
 def fmt_counts(counts: Counter[str], empty: str = "0") -> str:
     return " ".join(f"{kind}x{n}" for kind, n in sorted(counts.items())) or empty
 
 
+def statuses(answers: list[Answer]) -> str:
+    """How many answers of each status (an exception's name where none came): "200x9 422x1"; "0" for none."""
+    return fmt_counts(Counter(a.kind for a in answers))
+
+
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
-def table(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
-    """Text columns (the first left-aligned, the rest right), or a markdown table with `|` escaped."""
-    if markdown:
-        lines = [headers, ["---"] + ["--:"] * (len(headers) - 1), *rows]
-        return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in lines)
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """An aligned markdown table, to read here and to paste into RESULTS.md: numbers to the right."""
+    cells = [[c.replace("|", "\\|") for c in row] for row in [headers, *rows]]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(headers))]
+    right = [i > 0 and all(r[i][:1].isdigit() or r[i] == "-" for r in cells[1:]) for i in range(len(headers))]
 
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + " |"
 
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def write_markdown(path: Path, title: str, command: str, header: list[str], body: list[str]) -> None:
-    """A section for RESULTS.md: `## title`, the command and `header` as a code block, then `body`'s
-    markdown blocks."""
-    blocks = [f"## {title}", "\n".join(["```", f"$ {command}", *header, "```"]), *body]
-    path.write_text("\n\n".join(block for block in blocks if block) + "\n")
-    print(f"\nmarkdown written to {path}")
-
-
-def bullets(lines: list[str]) -> str:
-    return "\n".join(f"- {line}" for line in lines)
+    return "\n".join([line(cells[0]), line(["-" * (w - r) + ":" * r for w, r in zip(widths, right)]), *map(line, cells[1:])])
 
 
 def machine_lines() -> list[str]:
@@ -607,29 +509,22 @@ def machine_lines() -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown")  # fmt: skip
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()
-    lines = [f"machine: {cpu}, {os.cpu_count()} CPUs ({cores} usable), load average "
-             + ", ".join(f"{x:.2f}" for x in load),
-             f"python {platform.python_version()}, torch {torch.__version__}, CUDA "
-             + (f"available: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "not available")]
+    cuda = f"available: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "not available"
+    lines = [f"machine: {cpu}, {os.cpu_count()} CPUs ({cores} usable), load average " + ", ".join(f"{x:.2f}" for x in load),
+             f"python {platform.python_version()}, torch {torch.__version__}, CUDA {cuda}"]  # fmt: skip
     if load[0] > 0.5 * (os.cpu_count() or 1):
         lines.append(f"WARNING: load average {load[0]:.2f} on {os.cpu_count()} CPUs before the run: "
                      "other work will skew the numbers")  # fmt: skip
     return lines
 
 
-def describe_models(models: list[dict]) -> str:
-    """One line naming each served model (GET /models), its weight file and its priors."""
-    parts = []
-    for entry in models:
-        priors = ", ".join(f"{p['name']} ({p['file']})" for p in entry.get("priors") or [])
-        parts.append(f"{entry['name']} ({entry['file']}" + (f"; priors: {priors})" if priors else ")"))
-    return "models: " + ("; ".join(parts) or "none")
-
-
-def service_lines(args: argparse.Namespace, config: dict, models: list[dict], keys: tuple[str, ...]) -> list[str]:
-    """The server measured (--url's, or ours with --env), its settings of `keys` (GET /config) and its models."""
-    return ["server: " + (args.url or "python -m app" + "".join(f" {k}={v}" for k, v in args.env.items())),
-            "config: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config), describe_models(models)]
+def service_lines(env: dict[str, str], config: dict, models: list[dict], keys: tuple[str, ...]) -> list[str]:
+    """The server measured (`python -m app` with `env`), its settings of `keys` (GET /config), and each model
+    it serves (GET /models) with its weight file and priors."""
+    priors = [", ".join(f"{p['name']} ({p['file']})" for p in m.get("priors") or []) for m in models]
+    return ["server: python -m app" + "".join(f" {k}={v}" for k, v in env.items()),
+            "config: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config), "models: " + "; ".join(
+                f"{m['name']} ({m['file']}" + (f"; priors: {p})" if p else ")") for m, p in zip(models, priors))]
 
 
 def image_difference(a: list[bytes], b: list[bytes]) -> str:
@@ -637,8 +532,7 @@ def image_difference(a: list[bytes], b: list[bytes]) -> str:
     if len(a) != len(b):
         return f"{len(a)} images vs {len(b)}"
     try:
-        x = [np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in a]
-        y = [np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in b]
+        x, y = ([np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in answer] for answer in (a, b))
     except Exception as err:  # noqa: BLE001 - not images: say so
         return f"not comparable ({err})"
     if any(p.shape != q.shape for p, q in zip(x, y)):

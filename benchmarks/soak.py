@@ -1,37 +1,19 @@
 """Soak test of the real server: thousands of mixed good and bad requests at high concurrency.
 
-Starts the service (`python -m app` on a free port, its own process group; or uses --url) and
-builds a request mix from a fixed --seed over every served model (GET /models) and limit (GET /config):
+Starts the service and builds a mix from --seed over every served model and limit (GET /models,
+/config). Good: seeded and unseeded /sample (each prior, with and without a label), /decode,
+/reconstruct and /encode (1-4 PNG, JPEG, RGBA, BMP or GIF uploads), /interpolate, the info routes, a
+tenth asking for JSON. Bad (--bad-fraction): half schemathesis's negative cases from /openapi.json
+(its coverage phase, --schema-examples fuzzed ones per operation), half the kinds of BAD below (what
+the schema cannot say: served models and limits, NaN, ...). Every good deterministic request is sent
+alone first; then, between two readings of the server's RSS, the mix from --concurrency workers.
 
-    good   seeded /sample (VAEs; VQ-VAE with each prior, with and without a label), unseeded /sample,
-           /decode (z or codes), /reconstruct and /encode (1-4 uploads: PNG, JPEG, RGBA, BMP, GIF),
-           /interpolate (slerp, lerp), /health, /ready, /config, /models, /metrics; a tenth of the
-           image requests ask for `Accept: application/json`
-    bad    (--bad-fraction of all) half from schemathesis (the test extra), generated from the server's
-           own /openapi.json: its coverage phase (every parameter missing, of the wrong type, just out
-           of range; unexpected methods and content types) and --schema-examples cases per operation of
-           its seeded negative fuzzing (unknown models, wrong types, random bytes as uploads); half
-           from the kinds below, drawn uniformly, which need what the schema cannot say: the served
-           models, priors and limits (wrong latent lengths and grid shapes, codes out of range, z for a
-           VQ-VAE, a prior or label on a VAE, n above max_n, label out of range), JSON literals NaN and
-           Infinity, temperature=nan/inf, bodies over max_json_bytes, uploads truncated, empty, over
-           max_upload_bytes or max_pixels, more than max_files, one bad file among good ones; unknown paths
-
-First every good deterministic request (seeded /sample, /decode, /reconstruct, /encode, /interpolate)
-is sent alone, one after another. Then the server's RSS is read (VmRSS summed over its process group),
-the whole mix goes out in a closed loop of --concurrency workers, one connection each, and after
---settle seconds the RSS is read again. Each deterministic answer under load must equal its answer alone.
-
-Targets, each "met" or "MISSED": no 5xx; no lost responses (connection errors, timeouts); no
-mismatched deterministic response; every bad request answered 4xx; every good request answered 2xx
-(alone and under load); server RSS after the load within 10% of before. Also: counts by status class
-and p50/p90/p99/max latency (ms, every answered request) per endpoint and overall, examples of each
-finding, and ERROR lines of the log.
+Targets, each "met" or "MISSED": no 5xx; no lost responses; every deterministic answer under load
+the same bytes as alone; every bad request answered 4xx, every good one 2xx; RSS after the load
+within 10% of before. Also: status classes and latencies per endpoint, findings, the log's errors.
 
     python -m benchmarks.soak                                   # 10,000 requests at C=64 (several minutes)
     python -m benchmarks.soak --requests 300                    # smoke run
-    python -m benchmarks.soak --env GENSERVE_MAX_QUEUE=256 --markdown /tmp/soak.md
-    python -m benchmarks.soak --url http://127.0.0.1:8000 --pid 12345   # a running server (RSS of --pid's group)
 """
 
 from __future__ import annotations
@@ -53,16 +35,15 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.harness import (
-    CLIENT_TIMEOUT_S, MB, Answer, ProcessGroup, RssMonitor, Server, bullets, fmt_mb, fmt_ms, image_difference,
-    machine_lines, parse, parser, percentiles, png_bytes, service_lines, serving, stop_on_sigterm, table, timed,
-    upload_images, verdict, worker_client, write_markdown,
+    CLIENT_TIMEOUT_S, MB, Answer, RssMonitor, Server, fmt_mb, fmt_ms, image_difference, machine_lines, on_one_server,
+    parse, parser, percentiles, png_bytes, service_lines, table, timed, upload_images, verdict, worker_client,
 )  # fmt: skip
 
 OPERATIONS = ("reconstruct", "encode", "decode", "interpolate", "sample")  # GET /models' operations, all of them
 RSS_RATIO_TARGET = 1.10  # RSS after the load / before, at most
 MAX_SEED = 2**63 - 1  # app/schemas.py
 SCHEMA_SHARE = 0.5  # of the bad requests, the share drawn from schemathesis's cases
-CONFIG_KEYS = ("resolved_device", "max_batch_size", "max_wait_ms", "max_queue", "max_inflight", "request_timeout_s",
+CONFIG_KEYS = ("resolved_device", "max_batch_size", "max_wait_ms", "max_queue", "request_timeout_s",
                "max_n", "max_files", "max_upload_bytes", "max_pixels", "max_json_bytes", "decode_slots", "pad_batches",
                "torch_threads", "io_threads")  # fmt: skip
 Upload = tuple[str, bytes, str]  # (filename, bytes, content type)
@@ -112,17 +93,14 @@ def upload_variants(pngs: list[bytes]) -> list[Upload]:
     uploads: list[Upload] = [(f"img{i}.png", data, "image/png") for i, data in enumerate(pngs)]
     for i, data in enumerate(pngs[:8]):
         image, buffer = Image.open(io.BytesIO(data)).convert("L"), io.BytesIO()
-        if i % 4 == 0:
-            image.convert("RGB").save(buffer, format="JPEG", quality=90)
-            uploads.append((f"img{i}.jpg", buffer.getvalue(), "image/jpeg"))
-        elif i % 4 == 1:
+        if i % 4 == 1:
             big = image.resize((56, 56)).convert("RGBA")
             big.putalpha(image.resize((56, 56)))
             uploads.append((f"img{i}-rgba.png", png_bytes(big), "image/png"))
-        else:
-            fmt, mode = ("BMP", "L") if i % 4 == 2 else ("GIF", "P")
-            image.convert(mode).save(buffer, format=fmt)
-            uploads.append((f"img{i}.{fmt.lower()}", buffer.getvalue(), f"image/{fmt.lower()}"))
+            continue
+        fmt, mode, name = [("JPEG", "RGB", "jpg"), None, ("BMP", "L", "bmp"), ("GIF", "P", "gif")][i % 4]
+        image.convert(mode).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        uploads.append((f"img{i}.{name}", buffer.getvalue(), f"image/{fmt.lower()}"))
     return uploads
 
 
@@ -248,23 +226,12 @@ def _prior_sample(c: Context, r: np.random.Generator, expect: int, **changes: ob
     return Req("", "GET", "/sample", {"model": model["name"], "prior": prior["name"], "n": 1, **changes}, expect=expect)
 
 
-def _z(c: Context, r: np.random.Generator, spoil: Callable[[list[list]], object]) -> Req:
-    """A VAE /decode body whose z (2 rows of the right length) `spoil` changes in place: 422."""
-    vae = c.vae(r)
-    z = c.latents(r, vae, 2)
-    spoil(z)
-    return _post_json({"model": vae["name"], "z": z}, 422)
-
-
-def _codes(c: Context, r: np.random.Generator, spoil: Callable[[list, dict], object]) -> Req:
-    """A VQ-VAE /decode body whose codes (2 grids) `spoil` changes in place: 422."""
-    vq = c.vqvae(r)
-    codes = c.codes(r, vq, 2)
-    spoil(codes, vq)
-    return _post_json({"model": vq["name"], "codes": codes}, 422)
-
-
-# -- the good requests: (weight, builder) ----------------------------------------------------------
+def _spoilt(c: Context, r: np.random.Generator, name: str, spoil: Callable[[list, dict], object]) -> Req:
+    """A /decode body, 2 rows of a VAE's z or of a VQ-VAE's codes (`name`), that `spoil` changes in place: 422."""
+    model = c.vae(r) if name == "z" else c.vqvae(r)
+    rows = c.latents(r, model, 2) if name == "z" else c.codes(r, model, 2)
+    spoil(rows, model)
+    return _post_json({"model": model["name"], name: rows}, 422)
 
 
 def good_sample(c: Context, r: np.random.Generator) -> Req:
@@ -297,25 +264,17 @@ def good_upload(path: str, most: int) -> Builder:
     return build
 
 
-def good_interpolate(c: Context, r: np.random.Generator) -> Req:
-    params = {"model": c.model(r)["name"], "steps": int(r.integers(2, 17)),
-              **({"method": ["slerp", "lerp"][r.integers(2)]} if r.random() < 0.7 else {})}  # fmt: skip
-    return Req("interpolate", "POST", "/interpolate", params, files=[("a", c.upload(r)), ("b", c.upload(r))],
-               headers=c.accept(r), deterministic=True)  # fmt: skip
+INFO_PATHS = ("/health", "/ready", "/config", "/models", "/models/problems", "/metrics")
+GOOD: list[tuple[float, Builder]] = [
+    (34, good_sample), (14, good_decode), (14, good_upload("/reconstruct", 4)), (12, good_upload("/encode", 3)),
+    (10, lambda c, r: Req("interpolate", "POST", "/interpolate", {
+        "model": c.model(r)["name"], "steps": int(r.integers(2, 17)),
+        **({"method": ["slerp", "lerp"][r.integers(2)]} if r.random() < 0.7 else {})},
+        files=[("a", c.upload(r)), ("b", c.upload(r))], headers=c.accept(r), deterministic=True)),
+    (16, lambda c, r: Req("info", "GET", INFO_PATHS[r.integers(len(INFO_PATHS))])),
+]  # fmt: skip
 
-
-def good_info(c: Context, r: np.random.Generator) -> Req:
-    paths = ("/health", "/ready", "/config", "/models", "/models/problems", "/metrics")
-    return Req("info", "GET", paths[r.integers(len(paths))])
-
-
-GOOD: list[tuple[float, Builder]] = [(34, good_sample), (14, good_decode), (14, good_upload("/reconstruct", 4)),
-                                     (12, good_upload("/encode", 3)), (10, good_interpolate), (16, good_info)]
-
-# -- the bad requests schemathesis cannot make: every one must get a 4xx; `expect` is the documented status
-
-
-BAD: dict[str, Builder] = {
+BAD: dict[str, Builder] = {  # what schemathesis cannot make; each must get a 4xx (`expect`: the documented one)
     "sample: a prior's file name as model": lambda c, r: Req("", "GET", "/sample", {"model": c.prior(r)[1]["model"]}, expect=404),
     "sample: unknown prior": lambda c, r: _sample(c, r, 404, c.vqvae(r), prior="no-such-prior"),
     "sample: prior on a VAE": lambda c, r: _sample(c, r, 422, c.vae(r), prior="pixelcnn"),
@@ -323,10 +282,12 @@ BAD: dict[str, Builder] = {
     "sample: n above max_n": lambda c, r: _sample(c, r, 422, n=c.limits["max_n"] + 1),
     "sample: temperature nan or inf": lambda c, r: _sample(c, r, 422, temperature=["nan", "-nan", "inf", "1e400"][r.integers(4)]),
     "sample: label out of range": lambda c, r: _prior_sample(c, r, 422, label=[-1, 10 ** int(r.integers(20)) + 9][r.integers(2)]),
-    "decode: z of the wrong length": lambda c, r: _z(c, r, lambda z: z[1].append(0.5) if r.random() < 0.5 else z[1].pop()),
-    "decode: NaN or Infinity in z": lambda c, r: _z(c, r, lambda z: z[1].__setitem__(3, [math.nan, -math.inf][r.integers(2)])),
-    "decode: z beyond float32": lambda c, r: _z(c, r, lambda z: z[0].__setitem__(1, 1e39)),
-    "decode: a code out of range": lambda c, r: _codes(c, r, lambda codes, vq: codes[1][0].__setitem__(
+    "decode: z of the wrong length": lambda c, r: _spoilt(
+        c, r, "z", lambda z, _: z[1].append(0.5) if r.random() < 0.5 else z[1].pop()),
+    "decode: NaN or Infinity in z": lambda c, r: _spoilt(
+        c, r, "z", lambda z, _: z[1].__setitem__(3, [math.nan, -math.inf][r.integers(2)])),
+    "decode: z beyond float32": lambda c, r: _spoilt(c, r, "z", lambda z, _: z[0].__setitem__(1, 1e39)),
+    "decode: a code out of range": lambda c, r: _spoilt(c, r, "codes", lambda codes, vq: codes[1][0].__setitem__(
         0, [vq["codebook_size"], -1, 2**70][r.integers(3)])),
     "decode: a code grid of the wrong shape": lambda c, r: _post_json(
         {"model": (vq := c.vqvae(r))["name"], "codes": c.codes(r, vq, 1, (vq["code_shape"][0] + 1, vq["code_shape"][1]))}, 422),
@@ -422,69 +383,26 @@ def request_mix(c: Context, schema: list[Req], count: int, bad_fraction: float, 
     return reqs
 
 
-# -- sending ---------------------------------------------------------------------------------------
-
-
 def status_class(answer: Answer) -> str:
     return "lost" if answer.status is None else f"{answer.status // 100}xx"
 
 
-async def alone_pass(url: str, reqs: list[Req], timeout_s: float) -> dict[int, Answer]:
-    """Every deterministic good request, one after another on one connection."""
-    out: dict[int, Answer] = {}
-    todo = [i for i, req in enumerate(reqs) if req.good and req.deterministic]
-    start = last = time.perf_counter()
-    async with worker_client(url, timeout_s) as client:
-        for done, i in enumerate(todo, 1):
-            out[i] = await timed(client, reqs[i].build(client), keep_body=True)
-            if time.perf_counter() - last > 10:
-                last = time.perf_counter()
-                print(f"  alone: {done}/{len(todo)} in {last - start:.0f} s", flush=True)
-    return out
-
-
-async def load_pass(url: str, reqs: list[Req], concurrency: int, timeout_s: float) -> tuple[list[Answer | None], float]:
-    """The whole mix in order, through `concurrency` workers with one connection each."""
-    answers: list[Answer | None] = [None] * len(reqs)
-    order = iter(range(len(reqs)))  # shared: each index goes to one worker
+async def send(url: str, reqs: list[Req], order: list[int], concurrency: int, timeout_s: float
+               ) -> tuple[dict[int, Answer], float]:  # fmt: skip
+    """reqs[i] for each i of `order`, in order, through `concurrency` workers with one connection each (a
+    deterministic request's answer with its body): i -> answer, and the seconds it took."""
+    answers: dict[int, Answer] = {}
+    todo = iter(order)  # shared: each index goes to one worker
 
     async def worker(client: httpx.AsyncClient) -> None:
-        for i in order:
+        for i in todo:
             answers[i] = await timed(client, reqs[i].build(client), keep_body=reqs[i].deterministic)
-
-    async def progress(start: float) -> None:
-        while True:
-            await asyncio.sleep(10)
-            got = [a for a in answers if a is not None]
-            print(f"  load: {len(got)}/{len(reqs)} in {time.perf_counter() - start:.0f} s, 5xx "
-                  f"{sum(status_class(a) == '5xx' for a in got)}, lost {sum(a.status is None for a in got)}", flush=True)
 
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(worker_client(url, timeout_s)) for _ in range(concurrency)]
         start = time.perf_counter()
-        reporter = asyncio.create_task(progress(start))
-        try:
-            await asyncio.gather(*(worker(client) for client in clients))
-        finally:
-            reporter.cancel()
+        await asyncio.gather(*(worker(client) for client in clients))
     return answers, time.perf_counter() - start
-
-
-# -- report ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Findings:
-    """Counts and the first --examples examples of each kind of problem."""
-
-    limit: int
-    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    counts: Counter[str] = field(default_factory=Counter)
-
-    def add(self, kind: str, text: str) -> None:
-        self.counts[kind] += 1
-        if len(self.examples[kind]) < self.limit:
-            self.examples[kind].append(text)
 
 
 def first_difference(a: bytes, b: bytes) -> str:
@@ -493,31 +411,32 @@ def first_difference(a: bytes, b: bytes) -> str:
     return f"{len(a)} vs {len(b)} B, first difference at byte {offset}{pixels}"
 
 
-def analyse(reqs: list[Req], alone: dict[int, Answer], load: list[Answer | None], findings: Findings) -> Counter:
-    """Fill `findings`; return the counts the targets are judged on."""
+def analyse(reqs: list[Req], alone: dict[int, Answer], load: dict[int, Answer]) -> tuple[Counter, dict[str, list[str]]]:
+    """The counts the targets are judged on, and every finding by kind."""
     counts: Counter = Counter()
-    for i, (req, out) in enumerate(zip(reqs, load)):
-        if out is None:  # interrupted
+    findings: dict[str, list[str]] = defaultdict(list)
+    for i, req in enumerate(reqs):
+        if (out := load.get(i)) is None:  # interrupted
             continue
         where = f"{req.kind}: {req.describe()} -> {out.status or 'no answer'}"
         if out.status is None:
-            findings.add("lost (connection error or timeout)", f"{where} after {out.seconds * 1000:.0f} ms: {out.text}")
+            findings["lost (connection error or timeout)"].append(f"{where} after {out.seconds * 1000:.0f} ms: {out.text}")
         elif out.status >= 500:
-            findings.add("5xx", f"{where}: {out.text}")
+            findings["5xx"].append(f"{where}: {out.text}")
         ok = out.status is not None and 200 <= out.status < 300
         if req.good:
             counts["good"] += 1
             if i in alone and alone[i].status != 200:
-                findings.add("good request not 2xx alone", f"{req.kind}: {req.describe()} -> {alone[i].show()}")
+                findings["good request not 2xx alone"].append(f"{req.kind}: {req.describe()} -> {alone[i].show()}")
             if out.status is not None and not ok:
-                findings.add("good request not 2xx under load", f"{where}: {out.text}")
+                findings["good request not 2xx under load"].append(f"{where}: {out.text}")
             counts["good not 2xx"] += (i in alone and alone[i].status != 200) or not ok
             if req.deterministic and out.status == 200 and i in alone and alone[i].status == 200:
                 counts["compared"] += 1
                 if out.body != alone[i].body:
                     counts["mismatched"] += 1
-                    findings.add("mismatched (load vs alone)",
-                                 f"{req.kind}: {req.describe()}: {first_difference(out.body or b'', alone[i].body or b'')}")
+                    findings["mismatched (load vs alone)"].append(
+                        f"{req.kind}: {req.describe()}: {first_difference(out.body or b'', alone[i].body or b'')}")
             elif req.deterministic:
                 counts["not compared"] += 1
         else:
@@ -525,23 +444,22 @@ def analyse(reqs: list[Req], alone: dict[int, Answer], load: list[Answer | None]
             if out.status is None or not 400 <= out.status < 500:
                 counts["bad not 4xx"] += 1
                 if out.status is not None:
-                    findings.add(f"bad request answered {status_class(out)}", f"{where}: {out.text[:120]}")
+                    findings[f"bad request answered {status_class(out)}"].append(f"{where}: {out.text[:120]}")
             elif req.expect is not None and out.status != req.expect:
-                findings.add("bad request answered another 4xx than documented (informational)",
-                             f"{req.kind}: expected {req.expect}, got {out.status}: {out.text[:100]}")  # fmt: skip
+                findings["bad request answered another 4xx than documented (informational)"].append(
+                    f"{req.kind}: expected {req.expect}, got {out.status}: {out.text[:100]}")
         counts["5xx"] += out.status is not None and out.status >= 500
         counts["lost"] += out.status is None
-    return counts
+    return counts, findings
 
 
 ENDPOINT_HEADERS = ["endpoint", "sent", "2xx", "3xx", "4xx", "5xx", "lost", "p50 ms", "p90 ms", "p99 ms", "max ms"]
 
 
-def endpoint_rows(reqs: list[Req], load: list[Answer | None]) -> list[list[str]]:
+def endpoint_rows(reqs: list[Req], load: dict[int, Answer]) -> list[list[str]]:
     groups: dict[str, list[Answer]] = defaultdict(list)
-    for req, out in zip(reqs, load):
-        if out is not None:
-            groups[req.endpoint].append(out)
+    for i, out in sorted(load.items()):
+        groups[reqs[i].endpoint].append(out)
     rows = []
     for name, outs in [*sorted(groups.items()), ("all", [o for group in groups.values() for o in group])]:
         classes = Counter(map(status_class, outs))
@@ -550,42 +468,22 @@ def endpoint_rows(reqs: list[Req], load: list[Answer | None]) -> list[list[str]]
     return rows
 
 
-def bad_kind_rows(reqs: list[Req], load: list[Answer | None]) -> list[list[str]]:
-    """Per bad kind whose answers were not all 4xx: the statuses it got."""
-    got: dict[str, Counter[str]] = defaultdict(Counter)
-    for req, out in zip(reqs, load):
-        if out is not None and not req.good:
-            got[req.kind][str(out.status or "lost")] += 1
-    return [[kind.removeprefix("bad: "), " ".join(f"{s}x{n}" for s, n in sorted(statuses.items()))]
-            for kind, statuses in sorted(got.items()) if any(not s.startswith("4") for s in statuses)]  # fmt: skip
-
-
 def target_lines(counts: Counter, rss: dict[str, int | None]) -> list[str]:
+    zeros = [("5xx responses", "5xx", ""), ("lost responses (connection errors, timeouts)", "lost", ""),
+             ("mismatched deterministic responses, under load vs alone", "mismatched", f" of {counts['compared']} "
+              f"compared ({counts['not compared']} not comparable: not 200 in one pass)"),
+             ("bad requests not answered 4xx", "bad not 4xx", f" of {counts['bad']}"),
+             ("good requests not answered 2xx (alone or under load)", "good not 2xx", f" of {counts['good']}")]  # fmt: skip
+    lines = [f"{what}: {counts[key]}{of} (target 0): {verdict(counts[key] == 0)}" for what, key, of in zeros]
     before, after = rss.get("before"), rss.get("after")
-    rss_line = "server RSS: not measured (no server process: give --pid with --url)"
-    if before and after:
-        rss_line = (f"server RSS after / before the load: {fmt_mb(after)} / {fmt_mb(before)} = {after / before:.3f} "
+    return lines + [f"server RSS after / before the load: {fmt_mb(after)} / {fmt_mb(before)} = {after / before:.3f} "
                     f"(peak {fmt_mb(rss.get('peak'))} during the load; target <= {RSS_RATIO_TARGET:.2f}): "
-                    f"{verdict(after / before <= RSS_RATIO_TARGET)}")  # fmt: skip
-    return [
-        f"5xx responses: {counts['5xx']} (target 0): {verdict(counts['5xx'] == 0)}",
-        f"lost responses (connection errors, timeouts): {counts['lost']} (target 0): {verdict(counts['lost'] == 0)}",
-        f"mismatched deterministic responses, under load vs alone: {counts['mismatched']} of {counts['compared']} "
-        f"compared ({counts['not compared']} not comparable: not 200 in one pass) (target 0): "
-        f"{verdict(counts['mismatched'] == 0)}",
-        f"bad requests not answered 4xx: {counts['bad not 4xx']} of {counts['bad']} (target 0): "
-        f"{verdict(counts['bad not 4xx'] == 0)}",
-        f"good requests not answered 2xx (alone or under load): {counts['good not 2xx']} of {counts['good']} "
-        f"(target 0): {verdict(counts['good not 2xx'] == 0)}",
-        rss_line,
-    ]
-
-
-# -- main ------------------------------------------------------------------------------------------
+                    f"{verdict(after / before <= RSS_RATIO_TARGET)}" if before and after else
+                    "server RSS: not measured (the server's processes were gone)"]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None):
-    p = parser(__doc__, url=True)
+    p = parser(__doc__, "soak")
     p.add_argument("--requests", type=int, default=10_000, help="requests in the mix (default 10000)")
     p.add_argument("--concurrency", type=int, default=64, help="workers, one connection each (default 64)")
     p.add_argument("--bad-fraction", type=float, default=0.2, help="share of bad requests (default 0.2)")
@@ -594,82 +492,53 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix and of schemathesis (default 0)")
     p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT_S,
                    help=f"client timeout per request in s (default {CLIENT_TIMEOUT_S:g}); past it, a response is lost")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds between the load's end and the RSS reading")
-    p.add_argument("--examples", type=int, default=5, help="examples printed per kind of finding (default 5)")
-    args = parse(p, "soak", argv)
+    args = parse(p, argv)
     if args.requests < 1 or args.concurrency < 1 or not 0 <= args.bad_fraction <= 1 or args.schema_examples < 0:
         p.error("--requests and --concurrency must be at least 1, --bad-fraction within [0, 1], --schema-examples >= 0")
     return args
 
 
-async def run(args, url: str, server: Server | None) -> int:
-    models = httpx.get(f"{url}/models", timeout=30).raise_for_status().json()
-    config = httpx.get(f"{url}/config", timeout=30).raise_for_status().json()
+async def run(args, server: Server) -> int:
+    url, group, models, config = server.url, server.group, server.get_json("/models"), server.get_json("/config")
     pngs, image_source = upload_images(16, args.seed)
     schema = await asyncio.to_thread(schema_cases, url, models, args.schema_examples, args.seed) if args.bad_fraction else []
     reqs = request_mix(Context.from_server(models, config, upload_variants(pngs)), schema, args.requests,
                        args.bad_fraction, args.seed)  # fmt: skip
     kinds = Counter(r.kind if r.good else r.kind.split(":")[0] for r in reqs)
-    header = [*machine_lines(), *service_lines(args, config, models, CONFIG_KEYS),
-              f"mix (seed {args.seed}): {len(reqs)} requests, " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
-              + f"; {sum(r.good and r.deterministic for r in reqs)} deterministic, sent alone first; bad: {len(BAD)} "
-              f"hand-written kinds and {len(schema)} schemathesis cases; uploads: {image_source}",
-              f"load: closed loop of {args.concurrency} workers, one connection each; client timeout {args.timeout:g} s"]
-    print("\n".join(header), flush=True)
-
-    pid = server.process.pid if server is not None and server.process is not None else args.pid
-    group = ProcessGroup(pid) if pid is not None else None
-    start = time.perf_counter()
-    alone = await alone_pass(url, reqs, args.timeout)
-    print(f"alone: {len(alone)} deterministic good requests, one at a time, in {time.perf_counter() - start:.1f} s; "
-          f"not 200: {sum(a.status != 200 for a in alone.values())}", flush=True)  # fmt: skip
+    alone_order = [i for i, r in enumerate(reqs) if r.good and r.deterministic]
+    print("\n".join([*machine_lines(), *service_lines(args.env, config, models, CONFIG_KEYS),
+                     f"mix (seed {args.seed}): {len(reqs)} requests, " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+                     + f"; {len(alone_order)} deterministic, sent alone first; bad: {len(BAD)} hand-written kinds and "
+                     f"{len(schema)} schemathesis cases; uploads: {image_source}",
+                     f"load: closed loop of {args.concurrency} workers, one connection each; client timeout "
+                     f"{args.timeout:g} s"]), flush=True)  # fmt: skip
+    alone, seconds = await send(url, reqs, alone_order, 1, args.timeout)
+    print(f"alone: {len(alone)} deterministic good requests, one at a time, in {seconds:.1f} s; not 200: "
+          f"{sum(a.status != 200 for a in alone.values())}", flush=True)  # fmt: skip
     await asyncio.sleep(1.0)
-    rss: dict[str, int | None] = {"before": group.settled_rss() if group else None}
-    with RssMonitor(group, 0.05) if group else contextlib.nullcontext() as monitor:
-        load, seconds = await load_pass(url, reqs, args.concurrency, args.timeout)
-    if group:
-        await asyncio.sleep(args.settle)
-        rss.update(peak=monitor.peak, after=group.settled_rss())  # type: ignore[union-attr]
-    answered = sum(a is not None and a.status is not None for a in load)
-    print(f"load: {len(reqs)} requests in {seconds:.1f} s ({answered / seconds:.1f} answers/s)", flush=True)
+    rss: dict[str, int | None] = {"before": group.settled_rss()}  # type: ignore[union-attr]
+    with RssMonitor(group, 0.05) as monitor:  # type: ignore[arg-type]
+        load, seconds = await send(url, reqs, list(range(len(reqs))), args.concurrency, args.timeout)
+    await asyncio.sleep(2.0)  # then the RSS after
+    rss.update(peak=monitor.peak, after=group.settled_rss())  # type: ignore[union-attr]
+    answered = sum(a.status is not None for a in load.values())
     ready = "unknown"
     with contextlib.suppress(httpx.HTTPError):
         ready = str(httpx.get(f"{url}/ready", timeout=10).status_code)
-
-    findings = Findings(args.examples)
-    targets = target_lines(analyse(reqs, alone, load, findings), rss)
-    rows, bad_rows = endpoint_rows(reqs, load), bad_kind_rows(reqs, load)
-    finding_lines = [f"{kind} ({findings.counts[kind]}): {ex}" for kind, exs in findings.examples.items() for ex in exs]
-    log_lines = server.log_errors(10) if server is not None else []
-    notes = [f"alone pass: {len(alone)} requests; load: {seconds:.1f} s, {answered / seconds:.1f} answers/s; "
-             f"GET /ready after the load: {ready}",
-             "latencies: every answered request (good and bad), ms as the client sees it"]
-    print("\n" + table(ENDPOINT_HEADERS, rows) + "\n" + "\n".join(f"  {n}" for n in notes))
-    bad_kinds = table(["kind", "statuses"], bad_rows)
-    for title, lines in (("targets", targets), ("bad kinds not always answered 4xx", [bad_kinds] * bool(bad_rows)),
-                         (f"findings (at most {args.examples} examples each)", finding_lines),
-                         ("server log errors", log_lines)):
+    counts, findings = analyse(reqs, alone, load)
+    print(f"load: {len(reqs)} requests in {seconds:.1f} s ({answered / seconds:.1f} answers/s); GET /ready after the "
+          f"load: {ready}\n\n" + table(ENDPOINT_HEADERS, endpoint_rows(reqs, load))
+          + "\n  latencies: every answered request (good and bad), ms as the client sees it")  # fmt: skip
+    for title, lines in (("targets", target_lines(counts, rss)), ("findings (at most 5 examples each)",
+                          [f"{kind} ({len(texts)}): {text}" for kind, texts in findings.items() for text in texts[:5]]),
+                         ("server log errors", server.log_errors(10))):  # fmt: skip
         if lines:
             print(f"\n{title}:\n" + "\n".join(f"  {line}" for line in lines))
-    if args.markdown:
-        write_markdown(args.markdown, "Soak: mixed good and bad requests under load", args.command, header, [
-            "**Per endpoint**", table(ENDPOINT_HEADERS, rows, markdown=True), bullets(notes),
-            "**Targets**", bullets(targets), "**Bad kinds not always answered 4xx**",
-            table(["kind", "statuses"], bad_rows, markdown=True) if bad_rows else "none",
-            "**Findings**", bullets([f.replace("`", "'") for f in finding_lines] or ["none"]),
-            *(["**Server log errors**", bullets(log_lines)] if log_lines else [])])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    stop_on_sigterm()
-    try:
-        with serving(args, {"GENSERVE_DRAIN_DELAY_S": "0"}, "genserve-soak-") as (url, server):  # nobody to drain for
-            return asyncio.run(run(args, url, server))
-    except KeyboardInterrupt:
-        print("\ninterrupted: the server is stopped", flush=True)
-        return 130
+    return on_one_server(parse_args(argv), run)
 
 
 if __name__ == "__main__":

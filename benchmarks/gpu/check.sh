@@ -8,8 +8,8 @@
 #   service.md   2. the service on the shipped weights: start-up time, every endpoint once, and
 #                5. the batch-invariance verdicts (GET /config's pass_sizes); with CUDA graphs on,
 #                   the same answers compared byte for byte (service.json holds it all as JSON)
-#   peers.md     3. python -m benchmarks.peers: this service vs the plain endpoint vs LitServe (when carried),
-#                   concurrency 1 and 32, its three workloads
+#   peers.md     3. python -m benchmarks.peers (its output): this service vs the plain endpoint vs LitServe
+#                   (when carried), concurrency 1 and 32, its three workloads
 #   graphs.md    4. CUDA graphs vs eager per operation and pass size: speed-up, same outputs
 #
 # On the GPU machine (no package registry; python3 there is 3.12 with torch 2.11):
@@ -116,7 +116,8 @@ for step in "${STEPS[@]}"; do
             servers=()  # LitServe only where it was carried (wheels.sh fetches it)
             "$PY" -c "import litserve" 2>/dev/null || servers=(--servers ours plain)
             run_step "3. peers" "$CHECK_PEERS_S" \
-                "$PY" -m benchmarks.peers --device "$DEVICE" "${servers[@]}" "${PEERS_ARGS[@]}" --markdown "$OUT/peers.md"
+                "$PY" -m benchmarks.peers --device "$DEVICE" "${servers[@]}" "${PEERS_ARGS[@]}" >"$OUT/peers.md" 2>&1
+            tail -n 25 "$OUT/peers.md"
             ;;
         graphs)
             run_step "4. CUDA graphs vs eager" "$CHECK_GRAPHS_S" \
@@ -132,6 +133,7 @@ done
 {
     echo
     for f in service.md peers.md graphs.md; do
+        [ "$f" = peers.md ] && echo "## peers (the output of python -m benchmarks.peers: markdown tables)"
         [ -f "$OUT/$f" ] && { cat "$OUT/$f"; echo; }
     done
     echo "## tests (last lines of tests.log)"

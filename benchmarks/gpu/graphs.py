@@ -1,23 +1,13 @@
-"""CUDA graphs against eager, per operation and pass size, on the shipped weights: the speed-up and
-a check that the replays give the outputs eager gives.
+"""CUDA graphs against eager, per operation and pass size, on the shipped weights: the speed-up, and
+that a replay gives the outputs eager gives.
 
-For every operation that the service records with GENSERVE_CUDA_GRAPHS (app/operations.py's
-`capture`: the factorized decoders, the VQ-VAE's decoders, each prior's per-position step), at
-each --sizes pass size, from the same seeded inputs:
-
-- replay: the recorded function (app/graphs.py), as the service runs it with cuda_graphs;
-- eager: the operation's function as the service runs it without (a prior: sampling mode "cached");
-- same as recorded: the replay's outputs against the recorded function run eagerly (for a prior,
-  sampling mode "stepped"), which must be bit-identical: a graph replays the kernels its
-  recording launched. A difference fails the script.
-- same as eager: the replay against the service's eager function; a prior's "stepped" and
-  "cached" logits agree up to float rounding, so a code can flip where a uniform sits on a
-  probability edge: reported as the share of differing output values, not failed.
-
-Calls alternate, replay then eager, --repeats times after --warmup calls of each, with the device
-synchronised around every call; the table shows the medians and eager / replay. On the CPU
-nothing is recorded: the replay column is the static-buffer path without a graph (record=False),
-which checks the bookkeeping and is no speed claim.
+Every operation the service records with GENSERVE_CUDA_GRAPHS (app/operations.py's `capture`), at each
+--sizes pass size, from the same seeded inputs: "replay" (app/graphs.py) against "eager" (a prior:
+mode "cached"), alternating, --repeats times after --warmup, the device synchronised; medians and
+eager / replay. A replay must be bit-identical to its recorded function run eagerly (a prior: mode
+"stepped"), or the script fails; against eager, a prior's code can flip where a uniform sits on a
+probability edge (logits equal up to float rounding): the share that differs is reported. On the CPU
+nothing is recorded ("replay" is the static-buffer path: no speed claim).
 
     python -m benchmarks.gpu.graphs --device cuda --out runs/gpu
     python -m benchmarks.gpu.graphs --device cpu --sizes 1 4 --repeats 3 --out /tmp/graphs   # dry run
@@ -36,26 +26,29 @@ import torch
 from app.graphs import describe, recorded_sizes
 from app.operations import operations
 from app.registry import Registry
-from benchmarks.harness import ROOT
+from benchmarks.harness import ROOT, table
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+HEADERS = ["operation", "rows", "replay ms", "eager ms", "eager / replay", "same as recorded", "same as eager"]
 
 
 def timed(fn, inputs, device: torch.device) -> tuple[float, tuple]:
-    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     began = time.perf_counter()
     with torch.inference_mode():
         out = fn(*inputs)
-    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - began, out
 
 
-def differing_share(a: tuple, b: tuple) -> float:
-    total = sum(x.numel() for x in a)
-    return sum(int((x != y).sum()) for x, y in zip(a, b)) / max(total, 1)
+def write(out: Path | None, header: str, rows: list[list[str]], notes: list[str], broken: list[str]) -> str:
+    text = "\n".join([f"## {header}", "", table(HEADERS, rows), "", *notes, ""])
+    text += f"\n**Replays that differ from their recorded function:** {', '.join(broken)}\n" if broken else ""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "graphs.md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,17 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     record = device.type == "cuda"
-    registry = Registry.load(args.weights, device)
     header = (f"CUDA graphs vs eager on {torch.cuda.get_device_name(device) if record else 'the CPU (dry run: no graphs)'}, "
               f"torch {torch.__version__}, sizes {args.sizes}, median of {args.repeats}")
-    rows = ["| operation | rows | replay ms | eager ms | eager / replay | same as recorded | same as eager |",
-            "|---|---|---|---|---|---|---|"]
-    print(f"## {header}\n\n" + "\n".join(rows), flush=True)
-    notes, broken = [], []
-    for entry in registry.entries.values():
-        if args.models and entry.name not in args.models:
-            continue
-        for op in operations(entry):
+    rows, notes, broken = [], [], []
+    for entry in Registry.load(args.weights, device).entries.values():
+        for op in operations(entry) if not args.models or entry.name in args.models else []:
             if op.capture is None:
                 continue
             began = time.perf_counter()
@@ -91,40 +78,20 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"- {op.key}: {describe(fn)}, recorded in {time.perf_counter() - began:.2f} s")
             for size in args.sizes:
                 inputs = tuple(t.to(device) for t in op.example(size, torch.Generator().manual_seed(size)))
-                for _ in range(args.warmup):
-                    timed(fn, inputs, device), timed(op.fn, inputs, device)
-                replay_s, eager_s = [], []
-                for _ in range(args.repeats):
-                    t, got = timed(fn, inputs, device)
-                    replay_s.append(t)
-                    t, eager = timed(op.fn, inputs, device)
-                    eager_s.append(t)
-                _, reference = timed(fn.reference, inputs, device)
-                same = all(torch.equal(a, b) for a, b in zip(got, reference))
+                runs = [(timed(fn, inputs, device), timed(op.fn, inputs, device)) for _ in range(args.warmup + args.repeats)]
+                (_, got), (_, eager) = runs[-1]  # replay, then eager, each time; the --warmup first ones not counted
+                same = all(torch.equal(a, b) for a, b in zip(got, timed(fn.reference, inputs, device)[1]))
                 graphed = size in (recorded_sizes(fn) or [])
                 if graphed and not same:
                     broken.append(f"{op.key} at {size} rows")
-                share = differing_share(got, eager)
-                r, e = statistics.median(replay_s), statistics.median(eager_s)
-                rows.append(f"| {op.key} | {size}{'' if graphed else ' (eager)'} | {r * 1000:.3f} | {e * 1000:.3f} | "
-                            f"{e / r:.2f}x | {'yes' if same else '**no**'} | {'yes' if share == 0 else f'{share:.3%} differ'} |")
-                print(rows[-1], flush=True)
+                share = sum(int((x != y).sum()) for x, y in zip(got, eager)) / max(sum(x.numel() for x in got), 1)
+                r, e = (statistics.median(run[k][0] for run in runs[args.warmup :]) for k in (0, 1))
+                rows.append([str(op.key), f"{size}{'' if graphed else ' (eager)'}", f"{r * 1000:.3f}", f"{e * 1000:.3f}",
+                             f"{e / r:.2f}x", "yes" if same else "**no**", "yes" if share == 0 else f"{share:.3%} differ"])
+                print(" | ".join(rows[-1]), flush=True)
                 write(args.out, header, rows, notes, broken)  # after every row: a timeout keeps what was measured
-    write(args.out, header, rows, notes, broken)
-    print("\n".join(notes))
-    if broken:
-        print(f"Replays that differ from their recorded function: {', '.join(broken)}")
+    print("\n" + write(args.out, header, rows, notes, broken))
     return 1 if broken else 0
-
-
-def write(out: Path | None, header: str, rows: list[str], notes: list[str], broken: list[str]) -> None:
-    if out is None:
-        return
-    text = "\n".join([f"## {header}", "", *rows, "", *notes, ""])
-    if broken:
-        text += f"\n**Replays that differ from their recorded function:** {', '.join(broken)}\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "graphs.md").write_text(text)
 
 
 if __name__ == "__main__":
