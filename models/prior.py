@@ -110,12 +110,14 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     Code k is chosen for u in [cdf[k-1], cdf[k]) / total, with probability p_k exactly, and a
     code of probability 0 never is. Scaling u by the total (cdf[K-1], 1 up to rounding) keeps
-    rounding from pushing u past the last code; the clamp is a last guard.
+    rounding from pushing u past the last code; the clamp to the last code of positive
+    probability is a last guard (a u that rounds up to 1, as 1 - 2^-53 does in float32).
     """
     cdf = probs.cumsum(-1)  # (n, K)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1).contiguous()  # (n, 1)
     codes = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # (n,)
-    return codes.clamp_(max=probs.shape[-1] - 1)
+    last = (probs > 0).cumsum(-1).argmax(-1)  # (n,): the first index of the largest count, the last positive code
+    return torch.minimum(codes, last)
 
 
 def temperature_column(temperature: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
