@@ -10,7 +10,6 @@ Run: .venv/bin/python -m pytest tests/deploy/test_ray_serve.py -m slow
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ serve = pytest.importorskip("ray.serve")
 from app.ray_serve import REPLICA_HEADER, GenServe, build, shutdown_options
 from app.settings import Settings
 from tests.app.conftest import image_bytes, make_settings, started, write_weights
+from tests.app.test_drain import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'"),
@@ -67,12 +67,6 @@ def comparable(name: str, r: httpx.Response) -> bytes | object:
         return value
 
     return without_times(r.json()) if name == "models" else r.content
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_states(app: str) -> Counter:
