@@ -46,6 +46,7 @@ import torch
 from PIL import Image, ImageOps
 
 from app.errors import ImageError
+from app.settings import PNG_COMPRESSION
 
 RESAMPLE = Image.Resampling.LANCZOS
 ALPHA_BACKGROUND = 0  # composite transparent pixels over black (see the module docstring)
@@ -180,8 +181,9 @@ def grid_nrow(n: int) -> int:
     return math.isqrt(n - 1) + 1 if n > 0 else 1
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """(C, H, W) uint8 or float in [0, 1], C in {1, 3} -> PNG bytes (mode L or RGB)."""
+def png_bytes(image: torch.Tensor, compress_level: int = PNG_COMPRESSION) -> bytes:
+    """(C, H, W) uint8 or float in [0, 1], C in {1, 3} -> PNG bytes (mode L or RGB), zlib at
+    `compress_level` (0-9: the same pixels, smaller and slower to write as it rises)."""
     if image.dtype != torch.uint8:
         image = to_uint8(image)
     arr = image.cpu().numpy()
@@ -192,16 +194,16 @@ def png_bytes(image: torch.Tensor) -> bytes:
     else:
         raise ValueError(f"cannot encode {arr.shape[0]} channels as PNG")
     buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+    pil.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
-def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+def grid_png(images: torch.Tensor, nrow: int | None = None, compress_level: int = PNG_COMPRESSION) -> bytes:
     """(B, C, H, W) in [0, 1] -> one PNG: a grid of ceil(sqrt(B)) per row unless nrow is given."""
     nrow = nrow or grid_nrow(images.shape[0])
-    return png_bytes(make_grid(to_uint8(images), nrow))
+    return png_bytes(make_grid(to_uint8(images), nrow), compress_level)
 
 
-def pngs_base64(images: torch.Tensor) -> list[str]:
+def pngs_base64(images: torch.Tensor, compress_level: int = PNG_COMPRESSION) -> list[str]:
     """(B, C, H, W) in [0, 1] -> one base64-encoded PNG per image."""
-    return [base64.b64encode(png_bytes(img)).decode("ascii") for img in to_uint8(images)]
+    return [base64.b64encode(png_bytes(img, compress_level)).decode("ascii") for img in to_uint8(images)]

@@ -63,11 +63,12 @@ async def image_response(
     """
     service: Service = request.app.state.service
     small = images.numel() <= SMALL_IMAGE_ELEMENTS
+    level = service.settings.png_compression
     if wants_json(request):  # the JSON of 256 base64 PNGs is written in the pool too
 
         def encode() -> JSONResponse:
-            return JSONResponse({"images": imaging.pngs_base64(images)}, headers=headers)
+            return JSONResponse({"images": imaging.pngs_base64(images, level)}, headers=headers)
 
         return encode() if small else await service.run_io(encode)
-    png = imaging.grid_png(images, nrow) if small else await service.run_io(imaging.grid_png, images, nrow)
+    png = imaging.grid_png(images, nrow, level) if small else await service.run_io(imaging.grid_png, images, nrow, level)
     return Response(png, media_type="image/png", headers=headers)

@@ -1,5 +1,6 @@
 """The upload conversion rule and the PNG grid, without the app."""
 
+import base64
 import io
 import struct
 import zlib
@@ -185,3 +186,33 @@ def test_pillows_own_bomb_check_is_held_to_max_pixels(monkeypatch):
     with pytest.raises(ImageError) as err:
         decode_upload(save(Image.new("L", (20, 20))), "big.png", image_shape=GRAY, max_pixels=10**6)
     assert err.value.status_code == 413 and "too large to decode safely" in err.value.detail
+
+
+async def test_png_compression_changes_the_bytes_never_the_pixels(serve):
+    """GENSERVE_PNG_COMPRESSION: zlib's level of every answer's PNG (the grid and the JSON's), default
+    1; level 0 stores the same pixels in more bytes; outside 0-9 it is refused."""
+    from pydantic import ValidationError
+
+    from app.settings import PNG_COMPRESSION, Settings
+
+    from .conftest import png_array
+
+    answers = {}
+    for level in (None, 0, 9):
+        async with serve(**({} if level is None else {"png_compression": level})) as (app, client):
+            assert (await client.get("/config")).json()["png_compression"] == (PNG_COMPRESSION if level is None else level)
+            grid = await client.get("/sample", params={"model": "vae", "n": 16, "seed": 3})
+            each = await client.get("/sample", params={"model": "vae", "n": 2, "seed": 3}, headers={"accept": "application/json"})
+            answers[level] = grid.content, each.json()["images"]
+    pixels = {level: png_array(grid) for level, (grid, _) in answers.items()}
+    assert np.array_equal(pixels[None], pixels[0]) and np.array_equal(pixels[None], pixels[9])
+    assert len(answers[0][0]) > len(answers[None][0]) >= len(answers[9][0])
+    assert answers[None][0] == imaging.grid_png(torch.tensor(pixels[None]).float()[None, None] / 255, 1)  # level 1 by default
+    for level, (_, each) in answers.items():  # the JSON's PNGs: the same pixels, written at the level
+        decoded = torch.stack([torch.tensor(png_array(base64.b64decode(b))).float()[None] / 255 for b in each])
+        assert each == imaging.pngs_base64(decoded, PNG_COMPRESSION if level is None else level)
+        assert torch.equal(decoded, torch.stack([torch.tensor(png_array(base64.b64decode(b))).float()[None] / 255
+                                                 for b in answers[None][1]]))
+    for bad in (-1, 10):
+        with pytest.raises(ValidationError, match="png_compression"):
+            Settings(png_compression=bad)
