@@ -18,10 +18,12 @@ httpx.ASGITransport(app=...) or httpx.MockTransport) and any other httpx.Client 
 Images in: a file path (str or os.PathLike, sent as its bytes), bytes of an image file, a PIL
 image, or a numpy array (H, W) / (H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1] (sent as
 PNG; floats become round(255 x)). The server converts them to the model's size and channels
-(app/imaging.py). Images out: one PIL image per image (mode L or RGB): the client asks for
-`Accept: application/json` and decodes each base64 PNG. `to_array` stacks them into one uint8
-array, `to_tensor` into one float torch tensor (B, C, H, W) in [0, 1]; `grid` lays them out as the
-server's PNG grid does.
+(app/imaging.py). Images out: `Images`, a list of one PIL image per image (mode L or RGB) whose
+`.array` is what the model computed, float32 (B, C, H, W) in [0, 1], exactly: the client asks for
+`Accept: application/x-safetensors` (and takes base64 PNGs, `.array` None, from a server that only
+answers JSON). The PIL images are `.array` rounded to 8 bits as the server's PNGs are, pixel for
+pixel. `to_array` stacks PIL images into one uint8 array, `to_tensor` into one float torch tensor
+(B, C, H, W) in [0, 1]; `grid` lays them out as the server's PNG grid does.
 
 Labels: `sample(label=...)` takes a class index, or a class name (any case) that the server looks up
 in the `class_names` of the prior that will sample: the one named, else the model's default.
@@ -76,7 +78,9 @@ DEFAULT_RETRIES = 3
 DEFAULT_MAX_RETRY_WAIT_S = 30.0
 MIN_RETRY_WAIT_S = 0.1  # the shortest wait before a retry, whatever Retry-After says
 MAX_RETRIES = 20
-JSON_IMAGES = {"Accept": "application/json"}  # image routes answer {"images": [base64 PNG, ...]}
+# image routes answer the float32 images as a safetensors file; a server without it, {"images": [base64 PNG, ...]}
+IMAGE_ACCEPT = {"Accept": "application/x-safetensors, application/json;q=0.5"}
+TENSOR_TYPE = "application/x-safetensors"
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -133,11 +137,20 @@ def shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class Images(list):
+    """The images of an answer: a list of PIL images (mode L or RGB), and `array`, the float32 images
+    (B, C, H, W) in [0, 1] the model computed (None from a server that answers base64 PNGs only)."""
+
+    def __init__(self, images: Iterable[Image.Image], array: np.ndarray | None = None) -> None:
+        super().__init__(images)
+        self.array = array
+
+
 @dataclass(frozen=True)
 class Sample:
     """What /sample answers: the images, the seed that reproduces them, and (VQ-VAE) the prior used."""
 
-    images: list[Image.Image]
+    images: Images
     seed: int
     prior: str | None = None
 
@@ -193,7 +206,9 @@ def _upload(image: ImageInput, index: int) -> tuple[str, bytes, str]:
     raise TypeError(f"an image must be a path, bytes, a PIL image or a numpy array; got {type(image).__name__}")
 
 
-def _images(response: httpx.Response) -> list[Image.Image]:
+def _images(response: httpx.Response) -> Images:
+    if response.headers.get("content-type", "").split(";")[0].strip().lower() == TENSOR_TYPE:
+        return _tensor_images(response.content)
     encoded_images = response.json()["images"]
     if not isinstance(encoded_images, list):
         raise TypeError(f"'images' must be a list of base64 PNGs, got {type(encoded_images).__name__}")
@@ -202,7 +217,21 @@ def _images(response: httpx.Response) -> list[Image.Image]:
         img = Image.open(io.BytesIO(base64.b64decode(encoded)))
         img.load()
         images.append(img)
-    return images
+    return Images(images)
+
+
+def _tensor_images(body: bytes) -> Images:
+    """A safetensors answer {"images": float32 (B, C, H, W), C in 1 or 3, in [0, 1]} -> Images, the PIL
+    images rounded as the server rounds before writing a PNG (app/imaging.py's to_uint8)."""
+    from safetensors.numpy import load
+
+    tensors = load(body)
+    array = tensors["images"]
+    if array.dtype != np.float32 or array.ndim != 4 or array.shape[1] not in (1, 3) or set(tensors) != {"images"}:
+        raise ValueError(f"a safetensors answer holds 'images', float32 (B, 1 or 3, H, W); got {reprlib.repr(tensors)}")
+    pixels = np.round(np.clip(np.nan_to_num(array, nan=0.0), 0, 1) * np.float32(255)).astype(np.uint8)
+    images = [Image.fromarray(p[0] if p.shape[0] == 1 else np.ascontiguousarray(p.transpose(1, 2, 0))) for p in pixels]
+    return Images(images, array)
 
 
 def to_array(images: Sequence[Image.Image]) -> np.ndarray:
@@ -270,7 +299,7 @@ def _sample_call(
 ) -> _Call:
     params = {"model": model, "n": n, "seed": seed, "temperature": temperature, "prior": prior, "label": label}
     params = {k: v for k, v in params.items() if v is not None}
-    return _Call("GET", "/sample", idempotent=seed is not None, params=params, headers=JSON_IMAGES)
+    return _Call("GET", "/sample", idempotent=seed is not None, params=params, headers=IMAGE_ACCEPT)
 
 
 def _files_call(path: str, model: str, images: Iterable[ImageInput], params: dict[str, Any] | None = None,
@@ -285,13 +314,13 @@ def _decode_call(model: str, z: Any, codes: Any) -> _Call:
     if (z is None) == (codes is None):
         raise ValueError("pass exactly one of z (VAE latents) and codes (VQ-VAE code grids)")
     body = {"model": model, "z": _jsonable(z)} if z is not None else {"model": model, "codes": _jsonable(codes)}
-    return _Call("POST", "/decode", idempotent=True, json=body, headers=JSON_IMAGES)
+    return _Call("POST", "/decode", idempotent=True, json=body, headers=IMAGE_ACCEPT)
 
 
 def _interpolate_call(model: str, a: ImageInput, b: ImageInput, steps: int, method: str) -> _Call:
     files = [("a", _upload(a, 0)), ("b", _upload(b, 1))]
     return _Call("POST", "/interpolate", idempotent=True, params={"model": model, "steps": steps, "method": method},
-                 files=files, headers=JSON_IMAGES)
+                 files=files, headers=IMAGE_ACCEPT)
 
 
 def _parse_sample(response: httpx.Response, seed: int | None) -> Sample:
@@ -424,9 +453,9 @@ class Client:
         class index, or a class name of the sampling prior (module docstring)."""
         return self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
-    def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
+    def reconstruct(self, model: str, images: Sequence[ImageInput]) -> Images:
         """POST /reconstruct: one reconstruction per image, at the model's resolution."""
-        return self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES), _images)
+        return self._send(_files_call("/reconstruct", model, images, headers=IMAGE_ACCEPT), _images)
 
     def encode(self, model: str, images: Sequence[ImageInput], include_z_e: bool = False) -> list[Encoding]:
         """POST /encode: one Encoding per image."""
@@ -434,12 +463,12 @@ class Client:
         call = _files_call("/encode", model, images, params)
         return self._send(call, _parse_encodings, len(call.files))
 
-    def decode(self, model: str, z: Any = None, codes: Any = None) -> list[Image.Image]:
+    def decode(self, model: str, z: Any = None, codes: Any = None) -> Images:
         """POST /decode: VAE latents z (B, D), or VQ-VAE codes (B, h, w): lists, arrays or tensors."""
         return self._send(_decode_call(model, z, codes), _images)
 
     def interpolate(self, model: str, a: ImageInput, b: ImageInput, steps: int = 8,
-                    method: str = "slerp") -> list[Image.Image]:
+                    method: str = "slerp") -> Images:
         """POST /interpolate: `steps` images from a to b, both ends included."""
         return self._send(_interpolate_call(model, a, b, steps, method), _images)
 
@@ -487,19 +516,19 @@ class AsyncClient:
                      prior: str | None = None, label: int | str | None = None) -> Sample:
         return await self._send(_sample_call(model, n, seed, temperature, prior, label), _parse_sample, seed)
 
-    async def reconstruct(self, model: str, images: Sequence[ImageInput]) -> list[Image.Image]:
-        return await self._send(_files_call("/reconstruct", model, images, headers=JSON_IMAGES), _images)
+    async def reconstruct(self, model: str, images: Sequence[ImageInput]) -> Images:
+        return await self._send(_files_call("/reconstruct", model, images, headers=IMAGE_ACCEPT), _images)
 
     async def encode(self, model: str, images: Sequence[ImageInput], include_z_e: bool = False) -> list[Encoding]:
         params = {"include_z_e": "true"} if include_z_e else None
         call = _files_call("/encode", model, images, params)
         return await self._send(call, _parse_encodings, len(call.files))
 
-    async def decode(self, model: str, z: Any = None, codes: Any = None) -> list[Image.Image]:
+    async def decode(self, model: str, z: Any = None, codes: Any = None) -> Images:
         return await self._send(_decode_call(model, z, codes), _images)
 
     async def interpolate(self, model: str, a: ImageInput, b: ImageInput, steps: int = 8,
-                          method: str = "slerp") -> list[Image.Image]:
+                          method: str = "slerp") -> Images:
         return await self._send(_interpolate_call(model, a, b, steps, method), _images)
 
 

@@ -1,14 +1,18 @@
-"""What a model route answers with: images as one PNG grid, or as JSON when the client asks for it.
+"""What a model route answers with: images as one PNG grid, as JSON, or as the raw tensor.
 
-`wants_json` negotiates the Accept header (q-values, then specificity: a client that asks for
-nothing, or prefers image/png, gets the PNG); `image_response` writes the images (B, C, H, W) with
-app/imaging.py's encoders, off the event loop unless they are small. The JSON bodies of the routes
-that answer JSON only (GET /models, POST /encode) are their own routes' (app/routes/); every error
-body is app/errors.py's.
+`negotiate` reads the Accept header (q-values, then specificity; on a tie PNG, then JSON): a client
+that asks for nothing, or prefers image/png, gets one PNG grid; `application/json` one base64 PNG per
+image; `application/x-safetensors` (TENSOR_TYPE, for programs: app/client.py asks for it) the images
+exactly as the model computed them, float32 (B, C, H, W) in [0, 1] under the key "images" of a
+safetensors file, before any rounding to 8 bits. `image_response` writes them with app/imaging.py's
+encoders (PNG at GENSERVE_PNG_COMPRESSION), off the event loop unless they are small. The JSON
+bodies of the routes that answer JSON only (GET /models, POST /encode) are their own routes'
+(app/routes/); every error body is app/errors.py's.
 """
 
 from __future__ import annotations
 
+import safetensors.torch
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -17,13 +21,16 @@ from app import imaging
 from app.service import Service
 
 SMALL_IMAGE_ELEMENTS = 3 * 32 * 32  # image_response encodes answers up to this size on the event loop
+PNG_TYPE, JSON_TYPE, TENSOR_TYPE = "image/png", "application/json", "application/x-safetensors"
+OFFERS = (PNG_TYPE, JSON_TYPE, TENSOR_TYPE)  # in the order that wins a tie
 
 
-def wants_json(request: Request) -> bool:
-    """True when the Accept header prefers application/json to image/png (q-values, then specificity)."""
+def negotiate(request: Request) -> str:
+    """The media type to answer with, of OFFERS, by the Accept header: the highest q-value, then the
+    most specific range that matches it; on a tie the first of OFFERS; image/png without a header."""
     accept = request.headers.get("accept")
     if not accept:
-        return False
+        return PNG_TYPE
     ranges = []
     for part in accept.split(","):
         media, *params = part.split(";")
@@ -46,14 +53,26 @@ def wants_json(request: Request) -> bool:
                 best = (q, specificity)
         return best
 
-    as_json, as_png = score("application/json"), score("image/png")
-    return as_json[0] > 0 and as_json > as_png
+    scores = {offer: score(offer) for offer in OFFERS}
+    best = max(OFFERS, key=lambda offer: scores[offer])  # max keeps the first of equals
+    return best if scores[best][0] > 0 else PNG_TYPE
+
+
+def wants_json(request: Request) -> bool:
+    """True when the Accept header prefers application/json to the other answers."""
+    return negotiate(request) == JSON_TYPE
+
+
+def tensor_bytes(images: torch.Tensor) -> bytes:
+    """Images (B, C, H, W) as a safetensors file: {"images": float32, contiguous, on the CPU}."""
+    return safetensors.torch.save({"images": images.detach().float().cpu().contiguous()})
 
 
 async def image_response(
     request: Request, images: torch.Tensor, *, nrow: int | None = None, headers: dict[str, str] | None = None
 ) -> Response:
-    """One PNG grid of images (B, C, H, W), or {"images": [base64 PNG, ...]} for Accept: application/json.
+    """One PNG grid of images (B, C, H, W), {"images": [base64 PNG, ...]} for Accept: application/json,
+    or the float32 images as a safetensors file for Accept: application/x-safetensors.
 
     PNG encoding (and the JSON around base64 PNGs) runs in the service's PNG pool: a grid of 256
     images is too much work for the event loop, and the model threads have their own work. An
@@ -64,7 +83,11 @@ async def image_response(
     service: Service = request.app.state.service
     small = images.numel() <= SMALL_IMAGE_ELEMENTS
     level = service.settings.png_compression
-    if wants_json(request):  # the JSON of 256 base64 PNGs is written in the pool too
+    media = negotiate(request)
+    if media == TENSOR_TYPE:  # a copy of the floats: cheap, but not for the event loop at 64 CIFAR-10 images
+        body = tensor_bytes(images) if small else await service.run_io(tensor_bytes, images)
+        return Response(body, media_type=TENSOR_TYPE, headers=headers)
+    if media == JSON_TYPE:  # the JSON of 256 base64 PNGs is written in the pool too
 
         def encode() -> JSONResponse:
             return JSONResponse({"images": imaging.pngs_base64(images, level)}, headers=headers)

@@ -26,8 +26,10 @@ MAX_LABEL_CHARS = 100  # a class index or name; longer is a 422 before any parsi
 IMAGE_RESPONSES = {
     200: {
         "model": ImagesResponse,  # for Accept: application/json
-        "content": {"image/png": {}},
-        "description": "a PNG grid, or ImagesResponse (one base64 PNG per image) for Accept: application/json",
+        "content": {"image/png": {}, "application/x-safetensors": {}},
+        "description": "a PNG grid; ImagesResponse (one base64 PNG per image) for Accept: application/json; "
+                       "for Accept: application/x-safetensors, a safetensors file holding \"images\": float32 "
+                       "(n, C, H, W) in [0, 1], as the model computed them (before the PNG's rounding to 8 bits)",
     },
     404: {"model": Error},
     422: {"model": Error},

@@ -278,6 +278,41 @@ async def test_async_client_has_the_same_methods_and_answers(weights_dir, server
             assert info.value.status_code == 404 and "prior 'nope' is not available" in info.value.detail
 
 
+async def test_the_tensor_answer_is_exactly_what_the_model_computed(weights_dir, pngs):
+    """The client asks for application/x-safetensors: `.array` of every image answer is the float32
+    tensor the service's batcher returned, bit for bit, and its PIL images are the PNG's pixels. A
+    server that answers JSON only gives the same PIL images and no array."""
+    from app.operations import Op, sample_inputs
+    from app.responses import TENSOR_TYPE
+
+    app = create_app(make_settings(weights_dir))
+    async with LifespanManager(app) as manager:
+        service = await app.state.starting
+        transport = httpx.ASGITransport(app=manager.app)
+        async with AsyncClient("http://test", transport=transport, timeout=60) as c:
+            for model in ("vae", "vae_rgb"):
+                entry = service.registry.get(model)
+                (expected,) = await service.batcher(entry, Op.SAMPLE).submit(*sample_inputs(entry.model, 3, 9, 0.7))
+                s = await c.sample(model, n=3, seed=9, temperature=0.7)
+                assert s.images.array.dtype == np.float32 and torch.equal(torch.from_numpy(s.images.array), expected)
+                png = await c._http.get("/sample", params={"model": model, "n": 3, "seed": 9, "temperature": 0.7})
+                assert png.headers["content-type"] == "image/png"
+                assert np.array_equal(np.asarray(grid(s.images)), png_array(png.content))
+            recon = await c.reconstruct("vqvae", pngs)
+            assert recon.array.shape == (3, 1, 8, 8) and np.array_equal(to_array(recon), np.round(recon.array[:, 0] * 255))
+            raw = await c._http.post("/decode", json={"model": "vae", "z": [[0.0] * LATENT_DIM]},
+                                     headers={"Accept": TENSOR_TYPE})
+            assert raw.headers["content-type"] == TENSOR_TYPE and raw.content[:8] != b"\x89PNG\r\n\x1a\n"
+
+    def json_only(request: httpx.Request) -> httpx.Response:  # a server without the tensor answer
+        assert "application/x-safetensors" in request.headers["accept"]
+        return httpx.Response(200, json={"images": [_png_b64()]}, headers={"X-Seed": "1"})
+
+    with Client("http://test", transport=httpx.MockTransport(json_only)) as c:
+        old = c.sample("vae", n=1, seed=1)
+    assert old.images.array is None and len(old.images) == 1
+
+
 # --- retries, on a fake transport ---------------------------------------------------------------
 
 

@@ -93,6 +93,30 @@ async def test_accept_json_gives_one_base64_png_per_image(client):
     assert png.headers["content-type"] == "image/png"
 
 
+@pytest.mark.parametrize("accept, media", [
+    (None, "image/png"), ("*/*", "image/png"), ("image/*", "image/png"), ("application/json", "application/json"),
+    ("application/*", "application/json"),  # a tie between JSON and the tensor goes to JSON
+    ("application/x-safetensors", "application/x-safetensors"),
+    ("application/x-safetensors, application/json;q=0.5", "application/x-safetensors"),
+    ("application/x-safetensors;q=0.2, image/png;q=0.4", "image/png"),
+    ("application/x-safetensors;q=0, application/json;q=0", "image/png"),  # nothing acceptable: the PNG
+    ("text/html", "image/png"),
+])
+async def test_accept_picks_png_json_or_the_tensor(client, accept, media):
+    """The answer's media type by q-value, then specificity; a tensor answer holds the float32 images
+    whose 8-bit rounding is the PNG's pixels."""
+    from safetensors.numpy import load
+
+    params = {"model": "vae_rgb", "n": 2, "seed": 4}
+    r = await client.get("/sample", params=params, headers={"Accept": accept} if accept else {})
+    assert r.status_code == 200 and r.headers["content-type"] == media
+    if media == "application/x-safetensors":
+        images = load(r.content)["images"]
+        assert images.dtype == np.float32 and images.shape == (2, 3, 8, 8)
+        png = png_array((await sample(client, **params)).content)
+        assert np.array_equal(png[2:10, 2:10], np.round(images[0].transpose(1, 2, 0) * 255))
+
+
 @pytest.mark.parametrize(
     "params, detail",
     [
