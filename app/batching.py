@@ -81,6 +81,16 @@ ExampleFn = Callable[[int, torch.Generator], Inputs]  # (rows, generator) -> val
 _current = threading.local()  # .wanted: the pass running in this thread is still wanted by someone
 
 
+def pin_torch_threads(count: int) -> None:
+    """Give the calling thread `count` torch intra-op threads for good (an executor's initializer).
+
+    torch keeps one count per thread (OpenMP's and MKL's are per thread), but a thread's first call
+    that reads it resets it to the count last set by any thread of the process (ATen's
+    lazy_init_num_threads). So the count is read first, which spends that reset, then set."""
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 def check_wanted() -> None:
     """Between the steps of a long pass: raise PassAbandoned when no request of the pass running in
     this thread still waits for it (all timed out or cancelled), else offer its compute slot to a
@@ -148,9 +158,16 @@ class Batcher:
     # Pass sizes: a pass of n rows is padded to the smallest bucket >= n. None: no padding (the
     # pass has exactly n rows, and a row may change in its last bits with its batch-mates).
     buckets: tuple[int, ...] | None = None
-    # A request of at most this many items that finds every pass busy runs in a pass of its own beside
-    # them, one such pass at a time (the executor needs a thread more); 0: never.
+    # A request of at most this many items that finds the pass running busy with a larger request runs
+    # in a pass of its own beside it, one such pass at a time (the executor needs a thread more); 0: never.
     express_items: int = 0
+    # A pass of one of `lone_sizes` rows, expected to take at most `lone_max_s`, that finds nothing else
+    # computing (app/scheduling.py) runs in `lone_executor`, the one thread of the process that computes
+    # with every core's torch threads; `check_threads` finds the sizes where that changes no row. Only
+    # for passes with no steps (they cannot give the cores back before they end). None: never.
+    lone_executor: Executor | None = None
+    lone_sizes: tuple[int, ...] = ()
+    lone_max_s: float = 0.025
     autocast_dtype: torch.dtype | None = None  # CUDA only
     on_batch: Callable[[str, int, float, bool], None] | None = None  # (name, items, seconds, ok) for metrics
     scheduler: ComputeScheduler | None = None  # shares the CPU with other batchers (app/scheduling.py)
@@ -343,13 +360,17 @@ class Batcher:
     async def _loop(self) -> None:
         running: set[asyncio.Task] = set()  # the pass collected as usual: at most one
         express: set[asyncio.Task] = set()  # at most one pass of small requests beside them
+        large = False  # the usual pass running holds a request of more than express_items items
         try:
             while True:
                 while True:  # until there is work and a pass may start
                     if self._stopping and not self._queue:
                         return
                     usual = not running
-                    small = not express and 0 < self._queue_head_items() <= self.express_items
+                    # An express pass is for a small request stuck behind a large one. Beside a pass of
+                    # small requests it would only split the traffic into two smaller passes that share
+                    # the cores (PixelCNN n=1 at concurrency 32: 1.3-1.5x fewer requests a second).
+                    small = large and not express and 0 < self._queue_head_items() <= self.express_items
                     if self._queue and (usual or small):
                         break
                     self._wakeup.clear()
@@ -365,6 +386,8 @@ class Batcher:
                     continue
                 self._deaths_in_a_row = 0
                 passes = running if usual else express
+                if usual:
+                    large = any(e.n > self.express_items for e in batch)
                 task = asyncio.get_running_loop().create_task(self._run(batch, urgent=not usual))
                 passes.add(task)
                 task.add_done_callback(lambda t, passes=passes: (passes.discard(t), self._wakeup.set()))
@@ -498,9 +521,13 @@ class Batcher:
         rows = self.pass_rows(n)
         try:
             expected = 0.0 if urgent else self._pass_seconds.get(rows)  # an express pass needs no turn
-            with self.scheduler.computing(self.name, wanted, expected) if self.scheduler else contextlib.nullcontext():
+            lone = self._may_go_alone(rows, expected)
+            with self.scheduler.computing(self.name, wanted, expected, lone) if self.scheduler else contextlib.nullcontext() as alone:
                 start = time.perf_counter()
-                outputs = self._forward(stacked, n)
+                if alone:  # every slot is ours: compute in the thread with every core's threads
+                    outputs = self.lone_executor.submit(self._forward, stacked, n).result()  # type: ignore[union-attr]
+                else:
+                    outputs = self._forward(stacked, n)
                 seconds = time.perf_counter() - start
             # what a pass of this size takes (the last 8 weigh most), for the scheduler
             previous = self._pass_seconds.get(rows, seconds)
@@ -512,6 +539,19 @@ class Batcher:
             answers.append(tuple(o[offset : offset + size] for o in outputs))
             offset += size
         return answers
+
+    def _may_go_alone(self, rows: int, expected: float | None) -> bool:
+        """Whether a pass of `rows` rows may take every core when nothing else computes: one of the
+        checked sizes, expected (from the passes of its size so far) to end within lone_max_s, with
+        no request queued for the next pass (under load the other cores serve HTTP and encode PNGs:
+        vae_conv n=16 at concurrency 32 served 0.85-0.9x the requests a second with every pass alone)."""
+        return (
+            self.lone_executor is not None
+            and rows in self.lone_sizes
+            and expected is not None
+            and expected <= self.lone_max_s
+            and not self._queue
+        )
 
     def _forward(self, inputs: Sequence[torch.Tensor], n: int) -> Inputs:
         """Pad n rows to pass_rows(n), transfer, one forward pass, check, the first n rows back on the CPU."""
@@ -589,3 +629,29 @@ class Batcher:
             if same:
                 passing.append(b)
         return (*passing, top)
+
+    def check_threads(
+        self, example: ExampleFn, sizes: Sequence[int], probe: BatchFn | None = None, seed: int = 0, group: str | None = None
+    ) -> tuple[int, ...]:
+        """Of `sizes`, those whose rows computed in `lone_executor` (every core's threads) are
+        bit-identical to the same rows computed in the calling thread (the service's check thread,
+        which has the model threads' count). Like `check_buckets`: seeded rows, `probe` where there
+        are discrete steps, and each pass in a turn of the compute scheduler as `group`. Use it as
+        `lone_sizes`; () without a lone_executor."""
+        if self.lone_executor is None:
+            return ()
+        lone_executor = self.lone_executor
+
+        def run(inputs: Sequence[torch.Tensor], rows: int, alone: bool) -> Inputs:
+            with self.scheduler.computing(group) if self.scheduler and group else contextlib.nullcontext():
+                if alone:
+                    return lone_executor.submit(self._pass, inputs, rows, probe).result()
+                return self._pass(inputs, rows, probe)
+
+        same = []
+        for b in sorted(sizes):
+            x = example(b, torch.Generator().manual_seed(seed))
+            mine, theirs = run(x, b, False), run(x, b, True)
+            if all(torch.equal(m.cpu(), t.cpu()) for m, t in zip(mine, theirs)):
+                same.append(b)
+        return tuple(same)

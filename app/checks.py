@@ -17,6 +17,10 @@ found once is reused by every later start whose key is equal, and never where an
   linear_min_rows, precision, and the candidate sizes and the check's seed. (With CUDA graphs
   the eager verdict is cached, and each start checks the recorded steps against it again.)
 
+The same cache keeps the verdicts of `Batcher.check_threads` (which pass sizes may run with every
+core when alone), under the pass size check's key with `"check": "threads"`, the thread count and
+the minimum rows added.
+
 One JSON file per key, named by the key's SHA-256, holding the key itself (compared in full on
 reading, so a file stored under another key is never trusted) and the verdict, which must be a
 list of the key's candidate sizes ending with max_batch_size. The verdict itself is not signed: the
@@ -172,14 +176,16 @@ class VerdictCache:
 
 
 def _valid_sizes(sizes: Any, key: dict[str, Any]) -> bool:
-    """A verdict is sorted distinct candidates of the key, ending with max_batch_size."""
+    """A verdict is sorted distinct candidates of the key, ending with max_batch_size; a thread check's
+    (key "check": "threads") may be any of them, or none."""
     candidates = key.get("candidates")
+    threads = key.get("check") == "threads"
     return (
         isinstance(sizes, list)
-        and bool(sizes)
+        and (bool(sizes) or threads)
         and all(type(s) is int for s in sizes)
         and sizes == sorted(set(sizes))
         and isinstance(candidates, list)
         and set(sizes) <= set(candidates)
-        and sizes[-1] == key.get("max_batch_size")
+        and (threads or sizes[-1] == key.get("max_batch_size"))
     )

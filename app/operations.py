@@ -80,6 +80,7 @@ class Operation:
     # of fn's signature that replays CUDA graphs recorded for those sizes and runs fn for any other.
     # None: the operation runs eagerly (an encoder, an autoregressive decoder's pixel steps).
     capture: Callable[[Sequence[int], torch.device, torch.dtype | None, bool], Callable[..., Inputs]] | None = None
+    stoppable: bool = False  # a pass has many steps, between which it stops when unwanted (so it never goes alone)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def _operation(key: OpKey, entry: Entry, method: Callable[..., Any], spec: Metho
     if spec.graphed and not (entry.kind == "vae" and entry.model.config.autoregressive):
         body = functools.partial(method, **dict(spec.graph_kwargs))
         capture = _passes(lambda *inputs: _as_tuple(body(*inputs)), fn, example)
-    return Operation(key, fn, example, probe, capture)
+    return Operation(key, fn, example, probe, capture, stoppable=spec.stoppable and steps)
 
 
 def _every_operation(entry: Entry) -> list[Operation]:

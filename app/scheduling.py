@@ -22,6 +22,12 @@ sizes. A pass expected to take under `short_s` (1 ms; the batcher tells it the m
 its passes of that size) does not wait for a turn at all: it cannot hold anyone up. A pass with no steps (one forward) keeps its slot to the end. Waiting costs no CPU; a pass
 whose requests have all gone away stops waiting (PassAbandoned).
 
+**A lone pass may use every core.** A pass that gets its turn while no other pass computes or
+waits, and that asks for it (`lone`), takes every slot: `computing` yields True, and its batcher
+runs it in the one thread of the process that computes with every core's torch threads
+(app/batching.py). Only a pass with no steps asks (so it never has to give cores back halfway),
+and only one expected to be short, since a newcomer waits for it to end.
+
 Outside a batcher's pass (warm-up, tests calling models directly) nothing is scheduled, except
 the pass size checks, which the service runs as a group of their own (`Batcher.check_buckets`'s
 `group`). With `slots=None` the scheduler does nothing at all (the default on CUDA, where
@@ -48,6 +54,7 @@ class _Ticket:
     group: str
     seq: int
     since: float = 0.0  # time.perf_counter() when it last got a slot (its compute is charged from here)
+    slots: int = 1  # the slots it holds: all of them while it computes alone with every core
 
 
 _local = threading.local()  # .ticket: the pass this thread computes, and its scheduler
@@ -72,21 +79,28 @@ class ComputeScheduler:
             raise ValueError(f"slots must be at least 1 (or None for no scheduling), got {self.slots}")
 
     @contextmanager
-    def computing(self, group: str, wanted: Callable[[], bool] | None = None, expected_s: float | None = None) -> Iterator[None]:
+    def computing(
+        self, group: str, wanted: Callable[[], bool] | None = None, expected_s: float | None = None, lone: bool = False
+    ) -> Iterator[bool]:
         """Around one pass, in the thread that computes it: wait for a turn, compute, give the slot back.
 
         A pass expected to take at most `short_s` (from the passes of its size so far) runs at once,
-        beside the slots: waiting for a turn would cost it more than it can delay anyone."""
+        beside the slots: waiting for a turn would cost it more than it can delay anyone. With `lone`,
+        a pass that finds nothing else computing or waiting takes every slot, and the context yields
+        True (else False): it may compute with every slot's threads."""
         if self.slots is None or (expected_s is not None and expected_s <= self.short_s):
-            yield
+            yield False
             return
         ticket = _Ticket(group, next(self._seq))
         with self._cond:
             self._place(group)
             self._wait_turn(ticket, wanted)
+            alone = lone and self.slots > 1 and not self._waiting and self._running == {ticket}
+            if alone:
+                ticket.slots = self.slots
         _local.ticket = (self, ticket)
         try:
-            yield
+            yield alone
         finally:
             _local.ticket = None
             with self._cond:
@@ -147,7 +161,7 @@ class ComputeScheduler:
     def _wait_turn(self, ticket: _Ticket, wanted: Callable[[], bool] | None) -> None:
         self._waiting.append(ticket)
         try:
-            while not (len(self._running) < self.slots and self._best() is ticket):  # type: ignore[operator]
+            while not (sum(t.slots for t in self._running) < self.slots and self._best() is ticket):  # type: ignore[operator]
                 self._cond.wait(self.poll_s)
                 if wanted is not None and not wanted():
                     raise PassAbandoned
@@ -156,6 +170,7 @@ class ComputeScheduler:
             self._cond.notify_all()  # the next best may now go, or must re-check
         self._running.add(ticket)
         ticket.since = time.perf_counter()
+        ticket.slots = 1
 
 
 def checkpoint(wanted: Callable[[], bool] | None = None) -> None:

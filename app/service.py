@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import torch
 
 from app import imaging
-from app.batching import Batcher, bucket_candidates
+from app.batching import Batcher, bucket_candidates, pin_torch_threads
 from app.checks import VerdictCache, code_digest, machine_key
 from app.graphs import describe, recorded_sizes
 from app.metrics import Metrics
@@ -98,6 +98,16 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
+def lone_threads(settings: Settings, device: torch.device) -> int:
+    """The torch threads of a lone pass (app/scheduling.py): those of every compute slot, where lone
+    passes are on (`lone_passes`, with `pad_batches`, whose check proves them harmless) and that is
+    more than a pass's own; else 0 (off)."""
+    slots = compute_slots(settings, device)
+    if not (settings.lone_passes and settings.pad_batches) or slots is None or slots < 2:
+        return 0
+    return slots * torch_threads(settings)
+
+
 def torch_threads(settings: Settings) -> int:
     """Intra-op threads of each model thread: the setting, else half the usable cores
     (the other half serve HTTP and the upload and PNG pools; tiny autoregressive steps lose more to
@@ -140,6 +150,10 @@ class Service:
     cache: VerdictCache = field(default_factory=lambda: VerdictCache(None))
     checks: asyncio.Task | None = None  # the pass size checks still to run after start-up
     check_executor: ThreadPoolExecutor | None = None  # they run here, one at a time
+    # The one thread that computes with every core's torch threads: lone passes (app/scheduling.py). A
+    # second thread of the process with more than one torch thread would be a second OpenMP team, and
+    # two teams on 2 cores made a pass 1.5-3.5x slower than with one thread (benchmarks/RESULTS.md).
+    lone_executor: ThreadPoolExecutor | None = None
     started_s: float | None = None  # seconds from Service.start to ready
     generation: int = 0  # the version of the set of models; each reload that changes it adds one
     scanned: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the weights directory at the last scan
@@ -157,22 +171,31 @@ class Service:
         """Load, validate and serve (module docstring); `progress` counts the weight files read (GET /ready)."""
         begin = time.perf_counter()
         device = settings.resolve_device()
-        torch.set_num_threads(torch_threads(settings))  # the loading thread; every model thread sets its own
+        pin_torch_threads(torch_threads(settings))  # the loading thread; every model thread sets its own
         imaging.set_pixel_limit(settings.max_pixels)  # Pillow's own bomb check, process-wide (app/imaging.py)
         if settings.precision != "fp32" and device.type != "cuda":
             log.warning("precision=%s applies on CUDA only; %s runs in fp32", settings.precision, device)
         scanned = await asyncio.to_thread(scan, settings.weights_dir)  # before loading: a change during it is seen later
         registry = await asyncio.to_thread(Registry.load, settings.weights_dir, device, None, progress)
-        io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io")
-        decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode")
+        # the pools' torch work (PNG grids, upload tensors) also runs on the model threads' count: no
+        # thread but the lone pass's forms an OpenMP team of more (see lone_executor)
+        threads = {"initializer": pin_torch_threads, "initargs": (torch_threads(settings),)}
+        io_pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="genserve-io", **threads)
+        decode_pool = ThreadPoolExecutor(max_workers=settings.decode_slots, thread_name_prefix="genserve-decode", **threads)
         service = cls(settings, device, registry, io_pool, metrics, decode_pool,
                       asyncio.Semaphore(settings.decode_slots), asyncio.Semaphore(settings.upload_slots))
         service.scanned = scanned
         service.check_executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="genserve-checks", initializer=torch.set_num_threads,
+            max_workers=1, thread_name_prefix="genserve-checks", initializer=pin_torch_threads,
             initargs=(torch_threads(settings),),  # the threads of the passes it checks: a verdict depends on them
         )
         service.cache = VerdictCache(settings.check_cache_dir)
+        if lone := lone_threads(settings, device):
+            service.lone_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="genserve-lone", initializer=pin_torch_threads, initargs=(lone,)
+            )
+            service.lone_executor.submit(lambda: None).result()  # its thread starts with its count pinned,
+            torch.set_num_threads(torch_threads(settings))  # and a thread first using torch later gets the usual count
         slots = compute_slots(settings, device)
         service.scheduler = ComputeScheduler(slots) if slots else None
         graphs = settings.cuda_graphs and device.type == "cuda"
@@ -247,7 +270,7 @@ class Service:
             executor = ThreadPoolExecutor(
                 max_workers=1 + (1 if s.express_items else 0),  # a thread for the express pass
                 thread_name_prefix=f"genserve-{name}",
-                initializer=torch.set_num_threads,
+                initializer=pin_torch_threads,
                 initargs=(torch_threads(s),),
             )
             batcher = Batcher(
@@ -264,12 +287,20 @@ class Service:
                 on_batch=self.metrics.observe_batch,
                 scheduler=self.scheduler,
             )
+            # a pass with steps never goes alone: it could not give the cores back before it ends
+            batcher.lone_executor = None if operation.stoppable else self.lone_executor
+            batcher.lone_max_s = s.lone_pass_max_ms / 1000
             source = PassSizeSource.UNPADDED
             if s.pad_batches:
-                cached = self.cache.get(self.check_key(operation, entry))
-                batcher.buckets, source = (cached, PassSizeSource.CACHE) if cached else ((s.max_batch_size,), PassSizeSource.DEFAULT)
-                if cached:
-                    log.debug("%s: pass sizes %s (the cached verdict of an earlier check)", name, list(cached))
+                key = self.check_key(operation, entry)
+                cached = self.cache.get(key)
+                lone = self.cache.get(self.lone_key(key)) if batcher.lone_executor else ()
+                if cached and lone is not None:
+                    batcher.buckets, batcher.lone_sizes, source = cached, lone, PassSizeSource.CACHE
+                    log.debug("%s: pass sizes %s, alone with every core %s (the cached verdicts of an earlier check)",
+                              name, list(cached), list(lone))
+                else:
+                    batcher.buckets, source = (s.max_batch_size,), PassSizeSource.DEFAULT
             made.append((operation, batcher, source))
         return made
 
@@ -471,6 +502,13 @@ class Service:
             "seed": 0,
         }
 
+    def lone_key(self, check_key: dict[str, Any]) -> dict[str, Any]:
+        """What the verdict of a batcher's thread check (`Batcher.check_threads`) depends on: its pass
+        size check's key, and the thread count and minimum rows of a lone pass."""
+        s = self.settings
+        return {**check_key, "check": "threads", "lone_threads": lone_threads(s, self.device),
+                "lone_pass_min_rows": s.lone_pass_min_rows}
+
     def _machine_key(self) -> dict[str, Any]:
         """app/checks.py's machine_key, taken once per service (the machine does not change under it)."""
         if self._machine is None:
@@ -508,14 +546,22 @@ class Service:
         check = functools.partial(batcher.check_buckets, operation.example, operation.probe, group=CHECKS_GROUP)
         try:
             sizes = await loop.run_in_executor(self.check_executor, check)
+            lone: tuple[int, ...] = ()
+            if batcher.lone_executor:  # which of them a lone pass may run with every core
+                wide = [b for b in sizes if b >= self.settings.lone_pass_min_rows]
+                check = functools.partial(batcher.check_threads, operation.example, wide, operation.probe, group=CHECKS_GROUP)
+                lone = await loop.run_in_executor(self.check_executor, check)
         except Exception:
             log.exception("%s: the pass size check failed; every pass keeps %d rows", key, self.settings.max_batch_size)
             return False
         if self.batchers.get(key) is batcher:
-            batcher.buckets = sizes
+            batcher.buckets, batcher.lone_sizes = sizes, lone
             self.pass_size_sources[key] = PassSizeSource.CHECKED
             self.cache.put(check_key, sizes)
-            log.debug("%s: pass sizes %s (batch-invariant against %d rows)", key, list(sizes), self.settings.max_batch_size)
+            if batcher.lone_executor:
+                self.cache.put(self.lone_key(check_key), lone)
+            log.debug("%s: pass sizes %s (batch-invariant against %d rows), alone with every core %s", key, list(sizes),
+                      self.settings.max_batch_size, list(lone))
         return True
 
     async def _record_graphs(self, record: bool = True) -> None:
@@ -573,7 +619,7 @@ class Service:
         every = {id(b): b for e in [*self.registry.entries.values(), *retired] for b in e.batchers.values()}
         every.update({id(b): b for b in self.batchers.values()})
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in every.values()))
-        pools = [self.io_pool, self.decode_pool, *([self.check_executor] if self.check_executor is not None else [])]
+        pools = [self.io_pool, self.decode_pool, *(p for p in (self.check_executor, self.lone_executor) if p is not None)]
         for executor in [*(b.executor for b in every.values()), *pools]:
             executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[attr-defined]
 
@@ -585,6 +631,15 @@ class Service:
     def pass_sizes(self) -> dict[str, list[int] | None]:
         """Batcher name -> the pass sizes it pads to (None: unpadded); shown by GET /config."""
         return {str(key): list(b.buckets) if b.buckets is not None else None for key, b in self.batchers.items()}
+
+    def lone_pass_threads(self) -> int:
+        """The torch threads of a lone pass; 0: lone passes are off (GET /config)."""
+        return lone_threads(self.settings, self.device)
+
+    def lone_pass_sizes(self) -> dict[str, list[int] | None]:
+        """Batcher name -> the pass sizes that may run with every core when alone; None where none may
+        (lone passes off, or an operation with steps) (GET /config)."""
+        return {str(key): list(b.lone_sizes) if b.lone_executor else None for key, b in self.batchers.items()}
 
     def pass_size_source(self) -> dict[str, str]:
         """Batcher name -> where its pass sizes came from (PassSizeSource); shown by GET /config."""

@@ -49,7 +49,8 @@ async def config(request: Request) -> dict[str, Any]:
     (`pass_size_sources`: "checked" by this process, "cache" from an earlier start on the same machine,
     code and file, "default" max_batch_size alone until its check has run, or "unpadded"), the passes that compute at once
     (`resolved_compute_slots`: null when nothing is scheduled, app/scheduling.py), and per batcher
-    the pass sizes it replays from CUDA graphs (`graph_sizes`: null where it runs eagerly, app/graphs.py)."""
+    the pass sizes it replays from CUDA graphs (`graph_sizes`: null where it runs eagerly, app/graphs.py)
+    and those that run with every core when nothing else computes (`lone_pass_sizes`, app/scheduling.py)."""
     settings = request.app.state.settings
     if settings is None:
         return JSONResponse({"detail": "starting"}, status_code=503, headers={"Retry-After": "1"})
@@ -61,6 +62,8 @@ async def config(request: Request) -> dict[str, Any]:
         "pass_size_sources": service.pass_size_source() if service is not None else None,
         "resolved_compute_slots": service.scheduler.slots if service is not None and service.scheduler else None,
         "graph_sizes": service.graph_sizes() if service is not None else None,
+        "resolved_lone_pass_threads": service.lone_pass_threads() if service is not None else None,
+        "lone_pass_sizes": service.lone_pass_sizes() if service is not None else None,
     }
 
 

@@ -2,13 +2,14 @@
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from app.batching import Batcher, bucket_candidates
+from app.batching import Batcher, bucket_candidates, pin_torch_threads
 from app.errors import BatchFailedError, NotRunningError, QueueFullError
 from app import operations as app_operations
 from app.operations import Op, OpKey
@@ -263,6 +264,33 @@ async def test_a_small_request_runs_beside_a_busy_pass_not_after_it():
         await asyncio.gather(large, too_big)
         await batcher.stop()
     assert passes == [8, 1, 3]
+
+
+async def test_a_small_request_beside_a_pass_of_small_ones_joins_the_next_pass():
+    # Express passes are for small requests stuck behind a large one. When the pass running holds
+    # only small requests, a new one waits for the next pass: two small passes at once would only
+    # split the traffic into smaller passes that share the cores.
+    gate, passes = threading.Event(), []
+
+    def fn(x):
+        passes.append(x.shape[0])
+        if len(passes) == 1:
+            assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8, express_items=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(2, 1)))  # small: not more than express_items
+        while not passes:
+            await asyncio.sleep(0.005)
+        later = [asyncio.ensure_future(batcher.submit(torch.full((1, 1), float(i)))) for i in range(3)]
+        await asyncio.sleep(0.1)
+        assert passes == [2] and not any(f.done() for f in later)  # no express pass beside the small one
+        gate.set()
+        await asyncio.gather(first, *later)
+        await batcher.stop()
+    assert passes == [2, 3]  # the three came together in the next pass
 
 
 async def test_a_stream_of_small_requests_does_not_starve_a_large_one(executor):
@@ -594,3 +622,114 @@ async def test_an_express_pass_does_not_wait_for_a_compute_turn():
         gate.set()
         await large
         await batcher.stop()
+
+
+# --- lone passes: every core for a pass that computes alone (app/scheduling.py) -------------------
+
+
+def test_the_thread_check_keeps_the_sizes_whose_rows_do_not_change_with_the_thread_count():
+    # A stand-in for a kernel that rounds by thread count at some sizes: rows of a pass of 4 or more
+    # get 1e-7 per thread. The check runs in the calling thread (1 thread) and in the lone one (2).
+    def fn(x):
+        return (x + (1e-7 * torch.get_num_threads() if x.shape[0] >= 4 else 0.0),)
+
+    def example(n, g):
+        return (torch.rand(n, 3, generator=g),)
+
+    with (
+        ThreadPoolExecutor(max_workers=1, initializer=pin_torch_threads, initargs=(1,)) as pool,
+        ThreadPoolExecutor(max_workers=1, initializer=pin_torch_threads, initargs=(2,)) as lone,
+    ):
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8)
+        assert pool.submit(batcher.check_threads, example, [1, 2, 4, 8]).result() == ()  # no lone thread: none
+        batcher.lone_executor = lone
+        assert pool.submit(batcher.check_threads, example, [1, 2, 4, 8]).result() == (1, 2)
+        assert pool.submit(batcher.check_threads, example, []).result() == ()
+
+
+async def test_a_lone_pass_runs_in_the_lone_thread_and_a_pass_beside_another_in_its_own():
+    from app.scheduling import ComputeScheduler
+
+    seen, gate = [], threading.Event()
+
+    def fn(x):
+        seen.append((x.shape[0], threading.current_thread().name.split("_")[0]))
+        time.sleep(0.003)  # longer than the scheduler's short_s: every pass takes a turn
+        if x[0, 0] < 0:  # the holder: keeps its slot until the gate opens
+            assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    scheduler = ComputeScheduler(2)
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="own") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="other") as other_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="lone") as lone,
+    ):
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8, buckets=(4, 8), scheduler=scheduler,
+                          lone_executor=lone, lone_sizes=(8,), lone_max_s=1.0)
+        other = Batcher(name="other", fn=fn, executor=other_pool, max_batch_size=8, scheduler=scheduler)
+        batcher.start()
+        other.start()
+        await batcher.submit(torch.zeros(3, 1))  # a pass of 4: not a lone size
+        await batcher.submit(torch.zeros(8, 1))  # the first of its size: no time estimate yet
+        await batcher.submit(torch.zeros(8, 1))  # alone, a lone size, expected within lone_max_s
+        assert seen == [(4, "own"), (8, "own"), (8, "lone")]
+        holding = asyncio.ensure_future(other.submit(torch.full((1, 1), -1.0)))
+        while len(seen) < 4:
+            await asyncio.sleep(0.005)
+        await batcher.submit(torch.zeros(8, 1))  # another pass computes: one slot, its own thread
+        assert seen[-1] == (8, "own")
+        gate.set()
+        await holding
+        batcher.lone_max_s = 0.0  # not expected to be that short: it stays in its own thread
+        await batcher.submit(torch.zeros(8, 1))
+        assert seen[-1] == (8, "own")
+        await batcher.stop()
+        await other.stop()
+
+
+def test_a_pinned_thread_count_survives_counts_set_by_other_threads():
+    # torch resets a thread's count at its first use to the count last set by any thread; pinning
+    # spends that reset first, so a model thread keeps its count whatever the lone thread sets later.
+    def later_use():
+        torch.ones(1 << 16).sum()
+        return torch.get_num_threads()
+
+    with ThreadPoolExecutor(max_workers=1, initializer=pin_torch_threads, initargs=(1,)) as pool:
+        pool.submit(lambda: None).result()
+        with ThreadPoolExecutor(max_workers=1, initializer=pin_torch_threads, initargs=(2,)) as lone:
+            assert lone.submit(later_use).result() == 2
+            assert pool.submit(later_use).result() == 1
+
+
+async def test_a_pass_with_requests_queued_behind_it_does_not_go_alone():
+    # Under load the other cores serve HTTP and encode answers: only a pass that leaves nothing
+    # queued for the next one takes them.
+    from app.scheduling import ComputeScheduler
+
+    seen, gate = [], threading.Event()
+
+    def fn(x):
+        seen.append((x.shape[0], threading.current_thread().name.split("_")[0]))
+        time.sleep(0.003)
+        if x[0, 0] < 0:
+            assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="own") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="lone") as lone,
+    ):
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8, buckets=(4, 8),
+                          scheduler=ComputeScheduler(2), lone_executor=lone, lone_sizes=(8,), lone_max_s=1.0)
+        batcher.start()
+        await batcher.submit(torch.zeros(8, 1))  # a time estimate for passes of 8
+        blocked = asyncio.ensure_future(batcher.submit(torch.full((3, 1), -1.0)))  # a pass of 4 that waits
+        while len(seen) < 2:
+            await asyncio.sleep(0.005)
+        queued = [asyncio.ensure_future(batcher.submit(torch.zeros(8, 1))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(blocked, *queued)
+        await batcher.stop()
+    assert seen == [(8, "own"), (4, "own"), (8, "own"), (8, "lone")]  # the first of the two had one behind it

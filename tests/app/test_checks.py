@@ -18,7 +18,7 @@ import torch
 from app.batching import Batcher
 from app.checks import VerdictCache, code_digest, file_digest, machine_key
 
-from .conftest import started
+from .conftest import image_bytes, started
 
 SAMPLES = [  # (path, params) of seeded requests whose answers must not depend on the pass sizes
     ("/sample", {"model": "vae", "n": 3, "seed": 5}),
@@ -76,13 +76,62 @@ async def test_a_second_start_takes_the_cached_verdicts(weights_dir, tmp_path):
         first_answers = await answers(client)
     assert set(first["pass_size_sources"].values()) == {"checked"}
     stored = sorted(cache.glob("*.json"))
-    assert len(stored) == len(first["pass_sizes"])
+    threads_checked = sum(sizes is not None for sizes in first["lone_pass_sizes"].values())
+    assert len(stored) == len(first["pass_sizes"]) + threads_checked  # and the thread checks
     async with started(weights_dir, check_cache_dir=cache, checked=False) as (app, client):
         second = (await client.get("/config")).json()
         assert app.state.service.checks is not None
         assert set(second["pass_size_sources"].values()) == {"cache"}  # nothing left to check
         assert second["pass_sizes"] == first["pass_sizes"]
+        assert second["lone_pass_sizes"] == first["lone_pass_sizes"]
         assert await answers(client) == first_answers
+
+
+async def test_passes_alone_with_every_core_give_the_bytes_of_passes_in_one_slot(weights_dir, monkeypatch):
+    """Lone passes (app/scheduling.py) run only at the sizes whose rows their thread check found
+    unchanged by the thread count, so every answer is the same with them on and off."""
+    from app.service import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("one core: no other slot's threads to take")
+    async def more_answers(client) -> list[bytes]:  # and operations with no steps, which may go alone
+        files = [("file", (f"{i}.png", image_bytes(seed=i), "image/png")) for i in range(3)]
+        out = []
+        for model in ("vae", "vqvae"):
+            r = await client.post("/encode", params={"model": model}, files=files)
+            assert r.status_code == 200, r.text
+            out.append(r.content)
+        return out
+
+    went_alone = []
+    real = Batcher._forward
+
+    def recording(self, inputs, n):
+        if threading.current_thread().name.startswith("genserve-lone"):
+            went_alone.append((self.name, torch.get_num_threads()))
+        return real(self, inputs, n)
+
+    monkeypatch.setattr(Batcher, "_forward", recording)
+    async with started(weights_dir, lone_pass_min_rows=2) as (app, client):
+        config = (await client.get("/config")).json()
+        app.state.service.scheduler.short_s = 0.0  # the tiny models' passes are shorter than its default
+        on = [*await answers(client), *await more_answers(client), *await more_answers(client)]  # twice: a pass
+        # with no steps goes alone only once its size has a time estimate
+        with_steps = {str(key) for key, op in app.state.service.operations.items() if op.stoppable}
+    assert config["resolved_lone_pass_threads"] >= 2
+    assert any(config["lone_pass_sizes"].values())
+    for name, lone in config["lone_pass_sizes"].items():
+        assert set(lone or []) <= set(config["pass_sizes"][name])
+        assert (lone is None) == (name in with_steps)  # a pass with steps never goes alone
+    assert went_alone, config["lone_pass_sizes"]  # passes did go alone, with every core's threads
+    assert {threads for _, threads in went_alone} == {config["resolved_lone_pass_threads"]}
+    went_alone.clear()
+    async with started(weights_dir, lone_passes=False) as (_app, client):
+        config = (await client.get("/config")).json()
+        off = [*await answers(client), *await more_answers(client), *await more_answers(client)]
+    assert config["resolved_lone_pass_threads"] == 0 and set(config["lone_pass_sizes"].values()) == {None}
+    assert went_alone == []
+    assert on == off
 
 
 async def test_a_cached_verdict_is_not_trusted_under_another_key(weights_dir, tmp_path):

@@ -151,3 +151,47 @@ def test_a_group_that_ran_alone_carries_no_debt_when_others_arrive():
     light.join(10)
     heavy.join(10)
     assert log.index(("a", 0)) < 10, log[:12]
+
+
+# --- lone passes: every slot for a pass that computes alone ---------------------------------------
+
+
+def test_a_lone_pass_takes_every_slot_until_it_ends():
+    scheduler, order = ComputeScheduler(2), []
+    computing, release = threading.Event(), threading.Event()
+
+    def lone_pass():
+        with scheduler.computing("lone", lone=True) as alone:
+            order.append(("lone", alone))
+            computing.set()
+            assert release.wait(10)
+        order.append(("lone", "done"))
+
+    first = threading.Thread(target=lone_pass)
+    first.start()
+    assert computing.wait(10)
+    other = threading.Thread(target=lambda: order.append(("other", scheduler.computing("other").__enter__())))
+    other.start()
+    time.sleep(0.1)
+    assert order == [("lone", True)]  # the second slot is the lone pass's too: the other waits
+    release.set()
+    first.join(10)
+    other.join(10)
+    assert order == [("lone", True), ("lone", "done"), ("other", False)]
+
+
+def test_a_pass_that_finds_another_computing_does_not_go_alone():
+    scheduler = ComputeScheduler(2)
+    holder, release = hold_the_slot(scheduler, "busy")
+    with scheduler.computing("second", lone=True) as alone:
+        assert alone is False  # one slot was taken: the pass has the other
+    release.set()
+    holder.join(10)
+    with scheduler.computing("third") as alone:
+        assert alone is False  # it did not ask
+    with scheduler.computing("fourth", lone=True) as alone:
+        assert alone is True
+    with ComputeScheduler(1).computing("one", lone=True) as alone:
+        assert alone is False  # one slot: nothing more to take
+    with ComputeScheduler(None).computing("none", lone=True) as alone:
+        assert alone is False  # no scheduling
