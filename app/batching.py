@@ -129,6 +129,7 @@ class _Entry:
     finish: float = 0.0  # its virtual finish time: passes take the entries with the lowest first
     seq: int = 0  # arrival order, for ties
     flow: int = 0  # its request: the chunks of one request share it
+    request_items: int = 0  # the items of its whole request (it may be one chunk of several)
 
     def __lt__(self, other: _Entry) -> bool:  # heap order
         return (self.finish, self.seq) < (other.finish, other.seq)
@@ -292,7 +293,7 @@ class Batcher:
             chunk = tuple(t[start : start + self.max_batch_size] for t in inputs)
             size = int(chunk[0].shape[0])
             finish += size
-            entries.append(_Entry(chunk, size, loop.create_future(), now, rid, finish, next(self._seq), flow))
+            entries.append(_Entry(chunk, size, loop.create_future(), now, rid, finish, next(self._seq), flow, n))
         for e in entries:
             heapq.heappush(self._queue, e)
         self._flows[flow] = len(entries)
@@ -360,7 +361,7 @@ class Batcher:
     async def _loop(self) -> None:
         running: set[asyncio.Task] = set()  # the pass collected as usual: at most one
         express: set[asyncio.Task] = set()  # at most one pass of small requests beside them
-        large = False  # the usual pass running holds a request of more than express_items items
+        large = False  # the usual pass running holds (a chunk of) a request of more than express_items items
         try:
             while True:
                 while True:  # until there is work and a pass may start
@@ -370,7 +371,7 @@ class Batcher:
                     # An express pass is for a small request stuck behind a large one. Beside a pass of
                     # small requests it would only split the traffic into two smaller passes that share
                     # the cores (PixelCNN n=1 at concurrency 32: 1.3-1.5x fewer requests a second).
-                    small = large and not express and 0 < self._queue_head_items() <= self.express_items
+                    small = large and not express and 0 < self._queue_head_request_items() <= self.express_items
                     if self._queue and (usual or small):
                         break
                     self._wakeup.clear()
@@ -387,7 +388,7 @@ class Batcher:
                 self._deaths_in_a_row = 0
                 passes = running if usual else express
                 if usual:
-                    large = any(e.n > self.express_items for e in batch)
+                    large = any(e.request_items > self.express_items for e in batch)
                 task = asyncio.get_running_loop().create_task(self._run(batch, urgent=not usual))
                 passes.add(task)
                 task.add_done_callback(lambda t, passes=passes: (passes.discard(t), self._wakeup.set()))
@@ -399,19 +400,21 @@ class Batcher:
             if running or express:
                 await asyncio.gather(*running, *express, return_exceptions=True)
 
-    def _queue_head_items(self) -> int:
-        """The items of the queued chunk that the next pass takes first (0: none queued)."""
-        return self._queue[0].n if self._queue else 0
+    def _queue_head_request_items(self) -> int:
+        """The items of the whole request whose chunk the next pass takes first (0: none queued)."""
+        return self._queue[0].request_items if self._queue else 0
 
     async def _collect(self, batch: list[_Entry], limit: int | None = None) -> None:
         """Move what is queued into `batch`, up to `limit` (default max_batch_size) items; with
-        max_wait_s > 0, wait that long from the oldest request for the batch to fill."""
+        max_wait_s > 0, wait that long from the oldest request for the batch to fill. With a `limit`
+        (an express pass), only requests of at most that many items, up to the first larger one."""
+        small_only = limit is not None
         limit = limit or self.max_batch_size
         loop = asyncio.get_running_loop()
         end = min(e.enqueued_at for e in self._queue) + self.max_wait_s
         items = 0
         while True:
-            while self._queue and items + self._queue[0].n <= limit:
+            while self._queue and items + self._queue[0].n <= limit and (not small_only or self._queue[0].request_items <= limit):
                 entry = heapq.heappop(self._queue)
                 self._queued_items -= entry.n
                 self._dequeued(entry)
@@ -524,10 +527,11 @@ class Batcher:
             lone = self._may_go_alone(rows, expected)
             with self.scheduler.computing(self.name, wanted, expected, lone) if self.scheduler else contextlib.nullcontext() as alone:
                 start = time.perf_counter()
+                # `rows` is the size that was found invariant, whatever a check sets meanwhile
                 if alone:  # every slot is ours: compute in the thread with every core's threads
-                    outputs = self.lone_executor.submit(self._forward, stacked, n).result()  # type: ignore[union-attr]
+                    outputs = self.lone_executor.submit(self._forward, stacked, n, rows).result()  # type: ignore[union-attr]
                 else:
-                    outputs = self._forward(stacked, n)
+                    outputs = self._forward(stacked, n, rows)
                 seconds = time.perf_counter() - start
             # what a pass of this size takes (the last 8 weigh most), for the scheduler
             previous = self._pass_seconds.get(rows, seconds)
@@ -553,9 +557,10 @@ class Batcher:
             and not self._queue
         )
 
-    def _forward(self, inputs: Sequence[torch.Tensor], n: int) -> Inputs:
-        """Pad n rows to pass_rows(n), transfer, one forward pass, check, the first n rows back on the CPU."""
-        rows = self.pass_rows(n)
+    def _forward(self, inputs: Sequence[torch.Tensor], n: int, rows: int | None = None) -> Inputs:
+        """Pad n rows to `rows` (default pass_rows(n)), transfer, one forward pass, check, the first n
+        rows back on the CPU."""
+        rows = self.pass_rows(n) if rows is None else rows
         outputs = self._pass(inputs, rows)
         return tuple(o[:n].cpu() for o in outputs)
 

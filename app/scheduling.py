@@ -25,8 +25,9 @@ whose requests have all gone away stops waiting (PassAbandoned).
 **A lone pass may use every core.** A pass that gets its turn while no other pass computes or
 waits, and that asks for it (`lone`), takes every slot: `computing` yields True, and its batcher
 runs it in the one thread of the process that computes with every core's torch threads
-(app/batching.py). Only a pass with no steps asks (so it never has to give cores back halfway),
-and only one expected to be short, since a newcomer waits for it to end.
+(app/batching.py), charged for every slot it holds. Only a pass with no steps asks (so it never has
+to give cores back halfway), and only one expected to be short, since a newcomer waits for it to
+end. Passes that need no turn (short ones, express ones) may still run beside it, as beside any pass.
 
 Outside a batcher's pass (warm-up, tests calling models directly) nothing is scheduled, except
 the pass size checks, which the service runs as a group of their own (`Batcher.check_buckets`'s
@@ -150,8 +151,8 @@ class ComputeScheduler:
         """Add the compute since the ticket's last charge to its group (only while it holds a slot)."""
         if ticket not in self._running:
             return
-        now = time.perf_counter()
-        self._vtime[ticket.group] = self._vtime.get(ticket.group, 0.0) + (now - ticket.since)
+        now = time.perf_counter()  # a lone pass is charged for every slot it holds
+        self._vtime[ticket.group] = self._vtime.get(ticket.group, 0.0) + (now - ticket.since) * ticket.slots
         ticket.since = now
         self._advance()
 

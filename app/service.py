@@ -99,13 +99,14 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def lone_threads(settings: Settings, device: torch.device) -> int:
-    """The torch threads of a lone pass (app/scheduling.py): those of every compute slot, where lone
-    passes are on (`lone_passes`, with `pad_batches`, whose check proves them harmless) and that is
-    more than a pass's own; else 0 (off)."""
+    """The torch threads of a lone pass (app/scheduling.py): those of every compute slot, at most the
+    usable cores, on the CPU, where lone passes are on (`lone_passes`, with `pad_batches`, whose check
+    proves them harmless) and that is more than a pass's own; else 0 (off)."""
     slots = compute_slots(settings, device)
-    if not (settings.lone_passes and settings.pad_batches) or slots is None or slots < 2:
+    if device.type != "cpu" or not (settings.lone_passes and settings.pad_batches) or slots is None or slots < 2:
         return 0
-    return slots * torch_threads(settings)
+    threads = min(slots * torch_threads(settings), usable_cores())  # never more threads than cores
+    return threads if threads > torch_threads(settings) else 0
 
 
 def torch_threads(settings: Settings) -> int:
@@ -287,7 +288,7 @@ class Service:
                 on_batch=self.metrics.observe_batch,
                 scheduler=self.scheduler,
             )
-            # a pass with steps never goes alone: it could not give the cores back before it ends
+            # a stoppable pass (many steps) never goes alone: it could not give the cores back before it ends
             batcher.lone_executor = None if operation.stoppable else self.lone_executor
             batcher.lone_max_s = s.lone_pass_max_ms / 1000
             source = PassSizeSource.UNPADDED

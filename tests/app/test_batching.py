@@ -647,6 +647,52 @@ def test_the_thread_check_keeps_the_sizes_whose_rows_do_not_change_with_the_thre
         assert pool.submit(batcher.check_threads, example, []).result() == ()
 
 
+def test_the_thread_check_compares_the_probe_where_there_is_one():
+    # An operation with a discrete step: its outputs agree at both thread counts, but what precedes
+    # the step does not at 4 rows and more, so a later step could differ: those sizes are refused.
+    def fn(x):
+        return (x.round(),)
+
+    def probe(x):
+        return (x.round(), x + (1e-7 * torch.get_num_threads() if x.shape[0] >= 4 else 0.0))
+
+    def example(n, g):
+        return (torch.rand(n, 3, generator=g),)
+
+    with (
+        ThreadPoolExecutor(max_workers=1, initializer=pin_torch_threads, initargs=(1,)) as pool,
+        ThreadPoolExecutor(max_workers=1, initializer=pin_torch_threads, initargs=(2,)) as lone,
+    ):
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=8, lone_executor=lone)
+        assert pool.submit(batcher.check_threads, example, [1, 2, 4, 8]).result() == (1, 2, 4, 8)  # fn alone: all
+        assert pool.submit(batcher.check_threads, example, [1, 2, 4, 8], probe).result() == (1, 2)
+
+
+async def test_a_small_request_runs_beside_a_chunk_of_a_large_one_even_with_small_passes():
+    # max_batch_size no larger than express_items: every chunk is small, but the request it belongs
+    # to is not, so a one-item request still gets an express pass beside it.
+    gate, passes = threading.Event(), []
+
+    def fn(x):
+        passes.append(x.shape[0])
+        if x[0, 0] < 0:
+            assert gate.wait(20), "test gate never opened"
+        return (x,)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batcher = Batcher(name="test", fn=fn, executor=pool, max_batch_size=4, express_items=4)
+        batcher.start()
+        large = asyncio.ensure_future(batcher.submit(torch.full((12, 1), -1.0)))  # three chunks of 4
+        while not passes:
+            await asyncio.sleep(0.005)
+        small = await asyncio.wait_for(batcher.submit(torch.ones(1, 1)), 10)
+        assert torch.equal(small[0], torch.ones(1, 1)) and not large.done()
+        gate.set()
+        await large
+        await batcher.stop()
+    assert passes[:2] == [4, 1]
+
+
 async def test_a_lone_pass_runs_in_the_lone_thread_and_a_pass_beside_another_in_its_own():
     from app.scheduling import ComputeScheduler
 

@@ -98,7 +98,8 @@ async def test_passes_alone_with_every_core_give_the_bytes_of_passes_in_one_slot
         files = [("file", (f"{i}.png", image_bytes(seed=i), "image/png")) for i in range(3)]
         out = []
         for model in ("vae", "vqvae"):
-            r = await client.post("/encode", params={"model": model}, files=files)
+            params = {"model": model, **({"include_z_e": "true"} if model == "vqvae" else {})}  # floats, not just codes
+            r = await client.post("/encode", params=params, files=files)
             assert r.status_code == 200, r.text
             out.append(r.content)
         return out
@@ -106,10 +107,10 @@ async def test_passes_alone_with_every_core_give_the_bytes_of_passes_in_one_slot
     went_alone = []
     real = Batcher._forward
 
-    def recording(self, inputs, n):
+    def recording(self, inputs, n, rows=None):
         if threading.current_thread().name.startswith("genserve-lone"):
             went_alone.append((self.name, torch.get_num_threads()))
-        return real(self, inputs, n)
+        return real(self, inputs, n, rows)
 
     monkeypatch.setattr(Batcher, "_forward", recording)
     async with started(weights_dir, lone_pass_min_rows=2) as (app, client):
