@@ -320,3 +320,21 @@ class AutoregressivePrior(nn.Module):
         (in mode "stepped", right after it). Runs in eval mode (dropout off) and restores the
         training flag afterwards."""
         return sample_codes(self, n, labels, temperature, generator, uniforms, mode=mode, on_logits=on_logits)
+
+
+def per_label_log_prob(prior: torch.nn.Module, codes: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """log P(z | y) of each grid under every label, float64 (B, Y): codes (B, h, w) on the prior's device."""
+    labels = [torch.full((len(codes),), y, dtype=torch.long, device=codes.device) for y in range(num_labels)]  # Y x (B,)
+    return torch.stack([prior.log_prob(codes, label).double() for label in labels], 1)  # (B, Y)
+
+
+def marginal_log_prob(
+    prior: torch.nn.Module, codes: torch.Tensor, label_freqs: torch.Tensor, per_label: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log P(z) = log sum_y p(y) P(z | y) in float64 (B,), p(y) = label_freqs / sum (Y,), a class-
+    conditional prior's label marginalised out (logsumexp). `per_label` (B, Y): per_label_log_prob's,
+    when already computed."""
+    log_py = (label_freqs.double() / label_freqs.sum()).log().to(codes.device)  # (Y,)
+    if per_label is None:
+        per_label = per_label_log_prob(prior, codes, len(log_py))
+    return torch.logsumexp(per_label + log_py, 1)  # (B,)

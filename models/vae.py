@@ -473,28 +473,53 @@ class VAE(nn.Module):
             z = torch.randn(n, self.config.latent_dim, generator=generator, device=device) * temperature
         return self.generate(z, generator=generator, temperature=temperature)
 
+    def draw_score_noise(
+        self, n: int, k: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The noise of `iwae_bound` for n images and k samples each: randn(k, n, D) drawn in that
+        order from `generator`, as (n, k, D), a row per image (so the service can batch it)."""
+        return torch.randn((k, n, self.config.latent_dim), generator=generator, device=device, dtype=dtype).transpose(0, 1)
+
     @torch.no_grad()
     def iwae_bound(self, x: torch.Tensor, k: int, chunk: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Importance-weighted bound on log p(x) (Burda et al. 2015, eq. 8), per image, float64.
+        """Importance-weighted bound on log p(x) (Burda et al. 2015, eq. 8), per image, float64:
+        `iwae_bound_from` with the k x B noise vectors drawn at once (`draw_score_noise`)."""
+        return self.iwae_bound_from(x, self.draw_score_noise(len(x), k, generator, x.device, x.dtype), chunk)
 
-        log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i | x),  z_i ~ q(z | x).
-        All k x B noise vectors are drawn at once (k * B * D numbers), so the bound does not depend
-        on `chunk`; the samples are decoded `chunk` at a time so memory stays at chunk * B decodes;
-        log-weights are accumulated in float64 and combined with logsumexp.
-        """
+    @torch.no_grad()
+    def iwae_bound_from(self, x: torch.Tensor, eps: torch.Tensor, chunk: int = 100) -> torch.Tensor:
+        """log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i | x),  z_i = mu + eps_i * sigma ~ q(z | x), per
+        image (B,), float64; eps (B, k, D) standard normal. The k samples are decoded `chunk` at a
+        time, so memory stays at chunk * B decodes; log-weights are accumulated in float64 and
+        combined with logsumexp. Each image depends only on its own row of eps."""
         mu, logvar = self.encode(x)  # (B, D)
         std = torch.exp(0.5 * logvar)
-        noise = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)  # (k, B, D)
+        noise = eps.transpose(0, 1)  # (k, B, D)
+        k = noise.shape[0]
         log_w = []
         for start in range(0, k, chunk):
-            eps = noise[start : start + chunk]  # (m, B, D)
-            z = mu + eps * std  # (m, B, D)
+            e = noise[start : start + chunk]  # (m, B, D)
+            z = mu + e * std  # (m, B, D)
             log_px_z = self.log_likelihood(self.decode(z, context=x), x).double()  # (m, B)
             log_pz = (-0.5 * (z.double() ** 2 + LOG_2PI)).sum(-1)
-            log_qz = (-0.5 * (eps.double() ** 2 + LOG_2PI) - 0.5 * logvar.double()).sum(-1)
+            log_qz = (-0.5 * (e.double() ** 2 + LOG_2PI) - 0.5 * logvar.double()).sum(-1)
             log_w.append(log_px_z + log_pz - log_qz)
         log_w_all = torch.cat(log_w, 0)  # (k, B)
         return torch.logsumexp(log_w_all, 0) - math.log(k)
+
+    @torch.no_grad()
+    def nll_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Where an image is unlikely: -log p(x_ij | z = mu) per pixel (B, H, W) in nats, the
+        decoder's term at the posterior mean (channels summed). It sums to -log p(x | mu), not to
+        the IWAE bound, which does not split into pixels. A normalised likelihood only."""
+        if self.pixel_likelihood is None:
+            raise ValueError(
+                "a per-pixel likelihood needs likelihood='logistic' (a probability of 8-bit images); "
+                f"this model has likelihood={self.config.likelihood!r}"
+            )
+        mu, _ = self.encode(x)
+        return -self.pixel_likelihood.log_prob_per_pixel(self.decode(mu, context=x), x)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduce: bool = True) -> torch.Tensor:

@@ -33,6 +33,7 @@ prior's logits).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.likelihood import DiscretizedLogisticMixture, check_mean_mse_weight
+from models.prior import marginal_log_prob
 
 INITS = ("kmeans", "random_batch", "uniform")
 LIKELIHOODS = ("mse", "logistic")
@@ -442,6 +444,52 @@ class VQVAE(nn.Module):
             "codes_used": torch.tensor(stats["codes_used"]),
             "restarts": torch.tensor(stats["restarts"]),
         }
+
+    # -- the likelihood of an image -----------------------------------------------------------
+
+    @torch.no_grad()
+    def nll(
+        self,
+        x: torch.Tensor,
+        prior: nn.Module | None = None,
+        labels: torch.Tensor | None = None,
+        label_freqs: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An upper bound on -log p(x) per image (B,), float64 nats, and where it comes from, per pixel
+        (B, H, W) nats, summing to it: -log p(x | z_q(x)) - log P(z(x)).
+
+        For any code grid z*, p(x) = sum_z P(z) p(x|z) >= P(z*) p(x|z*), so this bounds -log p(x),
+        with z* the encoder's codes (or `codes` (B, h, w), computed once elsewhere). P is `prior`:
+        with `label_freqs` (Y,) the label is marginalised out, P(z) = sum_y p(y) P(z|y), and the result
+        bounds -log p(x); with `labels` (B,) it bounds -log p(x | y) instead (lower on average: the
+        model is told the class). Without a prior, P is uniform over the K^(h w) grids.
+        The map: each pixel's decoder term, plus each code's -log P(z_i | z_<i) spread evenly over
+        the pixels of its patch; with the label marginalised (no per-code split) the prior's term is
+        spread over the whole image."""
+        x_dims = x.shape[-2:]
+        z = self.encode_indices(x) if codes is None else codes  # (B, h, w)
+        params = self.decode(self.quantizer.lookup(z))
+        if self.pixel_likelihood is None:
+            self.log_likelihood(params, x)  # raises: not a probability of 8-bit images
+        pixel = -self.pixel_likelihood.log_prob_per_pixel(params, x)  # (B, H, W), float32
+        nats = pixel.flatten(1).sum(1).double()  # (B,)
+        h, w = z.shape[-2:]
+        if prior is None:
+            prior_nats = torch.full((len(z),), h * w * math.log(self.config.codebook_size), dtype=torch.float64, device=z.device)
+            per_code = (prior_nats / (h * w))[:, None, None].expand(-1, h, w)  # (B, h, w)
+        elif label_freqs is not None:
+            prior_nats = -marginal_log_prob(prior, z, label_freqs)  # (B,)
+            per_code = (prior_nats / (h * w))[:, None, None].expand(-1, h, w)  # (B, h, w), even
+        else:
+            logits = prior(z, labels if getattr(prior.config, "num_classes", 0) else None)  # (B, K, h, w)
+            per_code32 = F.cross_entropy(logits, z.long(), reduction="none")  # (B, h, w): -log P(z_i | z_<i)
+            prior_nats = per_code32.sum((1, 2)).double()
+            per_code = per_code32.double()
+        # each code's share, spread over its patch of the image: (B, h, w) -> (B, H, W)
+        patch = x_dims[0] * x_dims[1] / (h * w)
+        spread = F.interpolate(per_code[:, None], size=tuple(x_dims), mode="nearest")[:, 0] / patch  # (B, H, W)
+        return nats + prior_nats, pixel.double() + spread
 
     # -- what the service serves (app/operations.py): images from images, codes and a prior's noise --
 

@@ -61,14 +61,12 @@ def nll_bound(
     be a normalised probability of 8-bit images (likelihood="logistic").
 
     - VAE: the IWAE-k bound (Burda et al. 2015, eq. 8), `VAE.iwae_bound`.
-    - VQ-VAE: -log p(x | z_q(x)) - log P(z(x)). For any code grid z*, p(x) = sum_z P(z) p(x|z)
-      >= P(z*) p(x|z*), so this bounds -log p(x) with z* the encoder's codes. P is `prior`: with
-      `label_freqs` (Y,) the label is marginalised out, P(z) = sum_y p(y) P(z|y), and the result
-      bounds -log p(x); a class-conditional prior without them is given each image's label, and
-      the result bounds -log p(x | y) instead (lower on average: it is told the class). Without a
-      prior, P is uniform over the K^(h w) grids (log K nats per code). `codes` (N, h, w): the code
-      grids z* of `data` computed once elsewhere (the same z* must serve the decoder's and the prior's
-      terms of one bound); by default the encoder's, computed here.
+    - VQ-VAE: -log p(x | z_q(x)) - log P(z(x)), `VQVAE.nll` (which says why it is a bound). With
+      `label_freqs` (Y,) a class-conditional prior's label is marginalised out; without them it is
+      given each image's label, and the result bounds -log p(x | y) instead. Without a prior, P is
+      uniform over the K^(h w) grids. `codes` (N, h, w): the code grids z* of `data` computed once
+      elsewhere (the same z* must serve the decoder's and the prior's terms of one bound); by
+      default the encoder's, computed here.
     """
     if getattr(model.config, "likelihood", None) != "logistic":
         raise ValueError(
@@ -83,37 +81,13 @@ def nll_bound(
         if isinstance(model, VAE):
             total += -model.iwae_bound(x, k, chunk=chunk, generator=g).sum().item()
             continue
-        z = model.encode_indices(x) if codes is None else codes[index].to(device)  # (B, h, w)
-        nll = -model.log_likelihood(model.decode(model.quantizer.lookup(z)), x).double()  # (B,)
-        if prior is None:
-            nll = nll + z[0].numel() * math.log(model.config.codebook_size)
-        elif label_freqs is not None:
-            nll = nll - marginal_log_prob(prior, z, label_freqs)
-        else:
-            labels = y if getattr(prior.config, "num_classes", 0) else None
-            nll = nll - prior.log_prob(z, labels).double()
+        z = None if codes is None else codes[index].to(device)  # (B, h, w)
+        labels = y if prior is not None and label_freqs is None and getattr(prior.config, "num_classes", 0) else None
+        nll, _ = model.nll(x, prior, labels, label_freqs, z)  # (B,)
         total += nll.sum().item()
     nats = total / len(data)
     dims = data.images[0].numel()
     return {"nll_nats": nats, "bits_per_dim": float(bits_per_dim(torch.tensor(nats, dtype=torch.float64), dims))}
-
-
-def per_label_log_prob(prior: torch.nn.Module, codes: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """log P(z | y) of each grid under every label, float64 (B, Y): codes (B, h, w) on the prior's device."""
-    labels = [torch.full((len(codes),), y, dtype=torch.long, device=codes.device) for y in range(num_labels)]  # Y x (B,)
-    return torch.stack([prior.log_prob(codes, label).double() for label in labels], 1)  # (B, Y)
-
-
-def marginal_log_prob(
-    prior: torch.nn.Module, codes: torch.Tensor, label_freqs: torch.Tensor, per_label: torch.Tensor | None = None
-) -> torch.Tensor:
-    """log P(z) = log sum_y p(y) P(z | y) in float64 (B,), p(y) = label_freqs / sum (Y,), a class-
-    conditional prior's label marginalised out (logsumexp). `per_label` (B, Y): per_label_log_prob's,
-    when already computed."""
-    log_py = (label_freqs.double() / label_freqs.sum()).log().to(codes.device)  # (Y,)
-    if per_label is None:
-        per_label = per_label_log_prob(prior, codes, len(log_py))
-    return torch.logsumexp(per_label + log_py, 1)  # (B,)
 
 
 @torch.inference_mode()

@@ -11,9 +11,10 @@ import torch
 from models.io import ModelInfo, load_model
 from models.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from models.pixelcnnpp import PixelCNNpp, PixelCNNppConfig
+from models.prior import marginal_log_prob, per_label_log_prob
 from models.vqvae import VQVAE
 from training.data import ImageData
-from training.evaluate import marginal_log_prob, nll_bound, per_label_log_prob, usage_stats
+from training.evaluate import nll_bound, usage_stats
 from training.loop import FitConfig, best_saver, finish, fit, stopped_early
 from training.visuals import save_frame
 
