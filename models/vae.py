@@ -509,6 +509,19 @@ class VAE(nn.Module):
         return torch.logsumexp(log_w_all, 0) - math.log(k)
 
     @torch.no_grad()
+    def log_importance_weights(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """One importance weight per row, log p(x, z) - log q(z | x) with z = mu + eps * sigma, float64
+        (N,): x (N, C, H, W), eps (N, D). The IWAE bound of an image is logsumexp over its k rows
+        minus log k (what `iwae_bound_from` computes for whole images), so the service can batch
+        the k samples of any number of requests, whatever each request's k."""
+        mu, logvar = self.encode(x)  # (N, D)
+        z = mu + eps * torch.exp(0.5 * logvar)  # (N, D)
+        log_px_z = self.log_likelihood(self.decode(z, context=x), x).double()  # (N,)
+        log_pz = (-0.5 * (z.double() ** 2 + LOG_2PI)).sum(-1)
+        log_qz = (-0.5 * (eps.double() ** 2 + LOG_2PI) - 0.5 * logvar.double()).sum(-1)
+        return log_px_z + log_pz - log_qz
+
+    @torch.no_grad()
     def nll_map(self, x: torch.Tensor) -> torch.Tensor:
         """Where an image is unlikely: -log p(x_ij | z = mu) per pixel (B, H, W) in nats, the
         decoder's term at the posterior mean (channels summed). It sums to -log p(x | mu), not to

@@ -467,13 +467,8 @@ class VQVAE(nn.Module):
         The map: each pixel's decoder term, plus each code's -log P(z_i | z_<i) spread evenly over
         the pixels of its patch; with the label marginalised (no per-code split) the prior's term is
         spread over the whole image."""
-        x_dims = x.shape[-2:]
         z = self.encode_indices(x) if codes is None else codes  # (B, h, w)
-        params = self.decode(self.quantizer.lookup(z))
-        if self.pixel_likelihood is None:
-            self.log_likelihood(params, x)  # raises: not a probability of 8-bit images
-        pixel = -self.pixel_likelihood.log_prob_per_pixel(params, x)  # (B, H, W), float32
-        nats = pixel.flatten(1).sum(1).double()  # (B,)
+        nats, pixel = self._decoder_nll(x, z)
         h, w = z.shape[-2:]
         if prior is None:
             prior_nats = torch.full((len(z),), h * w * math.log(self.config.codebook_size), dtype=torch.float64, device=z.device)
@@ -484,12 +479,42 @@ class VQVAE(nn.Module):
         else:
             logits = prior(z, labels if getattr(prior.config, "num_classes", 0) else None)  # (B, K, h, w)
             per_code32 = F.cross_entropy(logits, z.long(), reduction="none")  # (B, h, w): -log P(z_i | z_<i)
-            prior_nats = per_code32.sum((1, 2)).double()
-            per_code = per_code32.double()
-        # each code's share, spread over its patch of the image: (B, h, w) -> (B, H, W)
-        patch = x_dims[0] * x_dims[1] / (h * w)
-        spread = F.interpolate(per_code[:, None], size=tuple(x_dims), mode="nearest")[:, 0] / patch  # (B, H, W)
-        return nats + prior_nats, pixel.double() + spread
+            prior_nats, per_code = per_code32.sum((1, 2)).double(), per_code32.double()
+        return nats + prior_nats, pixel.double() + _spread(per_code, x.shape[-2:])
+
+    @torch.no_grad()
+    def nll_labelled(self, prior: nn.Module | None, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`nll` with a label per image (B,), as the service scores: a class-conditional prior is
+        given the labels >= 0 and marginalises the rows labelled -1 over equally likely labels (as
+        in this project's data sets: p(y) is not stored with a prior); other priors ignore labels.
+        Every row is computed under every label, so a row never depends on its batch-mates' labels."""
+        num_labels = int(getattr(prior.config, "num_classes", 0)) if prior is not None else 0
+        if not num_labels:
+            return self.nll(x, prior)
+        z = self.encode_indices(x)  # (B, h, w)
+        nats, pixel = self._decoder_nll(x, z)
+        h, w = z.shape[-2:]
+        per_code_y = torch.stack(
+            [F.cross_entropy(prior(z, torch.full_like(labels, y)), z.long(), reduction="none") for y in range(num_labels)], 1
+        )  # (B, Y, h, w): -log P(z_i | z_<i, y)
+        log_p = -per_code_y.sum((2, 3)).double()  # (B, Y): log P(z | y)
+        marginal = torch.logsumexp(log_p - math.log(num_labels), 1)  # (B,): log sum_y P(z | y) / Y
+        rows = torch.arange(len(z), device=z.device)
+        given = labels >= 0
+        label = labels.clamp(min=0)
+        prior_nats = torch.where(given, -log_p[rows, label], -marginal)  # (B,)
+        per_code = torch.where(
+            given[:, None, None], per_code_y[rows, label].double(), (-marginal / (h * w))[:, None, None].expand(-1, h, w)
+        )  # (B, h, w)
+        return nats + prior_nats, pixel.double() + _spread(per_code, x.shape[-2:])
+
+    def _decoder_nll(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log p(x | z_q) per image (B,) float64 and per pixel (B, H, W) float32, codes z (B, h, w)."""
+        params = self.decode(self.quantizer.lookup(z))
+        if self.pixel_likelihood is None:
+            self.log_likelihood(params, x)  # raises: not a probability of 8-bit images
+        pixel = -self.pixel_likelihood.log_prob_per_pixel(params, x)  # (B, H, W)
+        return pixel.flatten(1).sum(1).double(), pixel
 
     # -- what the service serves (app/operations.py): images from images, codes and a prior's noise --
 
@@ -549,3 +574,10 @@ class VQVAE(nn.Module):
         """sha256 of the codebook's float32 bytes; a prior records it to name the VQ-VAE it models."""
         codebook = self.quantizer.embedding.detach().float().cpu().contiguous()
         return hashlib.sha256(codebook.numpy().tobytes()).hexdigest()
+
+
+def _spread(per_code: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Each code's nats (B, h, w) spread evenly over the pixels of its patch of the image: (B, H, W)."""
+    h, w = per_code.shape[-2:]
+    patch = size[0] * size[1] / (h * w)
+    return F.interpolate(per_code[:, None], size=tuple(size), mode="nearest")[:, 0] / patch

@@ -98,3 +98,32 @@ def test_the_per_image_bounds_are_what_the_offline_evaluation_averages():
                        torch.zeros(5, dtype=torch.long), 1)
     nats, _ = vq.nll(colour.images.float() / 255)
     assert nll_bound(vq, colour)["nll_nats"] == pytest.approx(nats.mean().item(), rel=1e-12)
+
+
+def test_labelled_rows_are_given_their_label_and_unlabelled_ones_marginalise_over_equal_labels():
+    model, x = tiny_vqvae(), grid_images(4, 3, 8)
+    torch.manual_seed(1)
+    prior = PixelCNN(PixelCNNConfig(codebook_size=16, code_shape=(2, 2), num_classes=3, hidden_channels=8, n_layers=2,
+                                    first_kernel_size=3)).eval()
+    labels = torch.tensor([2, -1, 0, -1])
+    nats, heat = model.nll_labelled(prior, x, labels)
+    given, given_heat = model.nll(x, prior, labels.clamp(min=0))
+    free, free_heat = model.nll(x, prior, label_freqs=torch.ones(3))
+    mine = labels >= 0
+    assert torch.allclose(nats[mine], given[mine], rtol=1e-9) and torch.allclose(heat[mine], given_heat[mine], rtol=1e-6)
+    assert torch.allclose(nats[~mine], free[~mine], rtol=1e-9) and torch.allclose(heat[~mine], free_heat[~mine], rtol=1e-6)
+    assert torch.allclose(heat.sum((1, 2)), nats, rtol=1e-6)
+    alone = torch.cat([model.nll_labelled(prior, x[i : i + 1], labels[i : i + 1])[0] for i in range(4)])
+    assert torch.allclose(alone, nats, rtol=1e-6)  # a row does not depend on its batch-mates' labels
+    unconditional = PixelCNN(PixelCNNConfig(codebook_size=16, code_shape=(2, 2), hidden_channels=8, n_layers=2,
+                                            first_kernel_size=3)).eval()
+    assert torch.equal(model.nll_labelled(unconditional, x, labels)[0], model.nll(x, unconditional)[0])
+    assert torch.equal(model.nll_labelled(None, x, labels)[0], model.nll(x)[0])
+
+
+def test_the_importance_weights_of_rows_give_the_iwae_bound_of_whole_images():
+    model, x = tiny_vae(True), grid_images(3, 1, 28)
+    eps = model.draw_score_noise(3, 5, torch.Generator().manual_seed(2))  # (3, 5, D)
+    rows = model.log_importance_weights(x.repeat_interleave(5, 0), eps.reshape(15, -1))  # (15,)
+    bound = torch.logsumexp(rows.reshape(3, 5), 1) - math.log(5)
+    assert torch.allclose(bound, model.iwae_bound_from(x, eps), rtol=1e-7)
