@@ -589,7 +589,7 @@ class Batcher:
         for i, out in enumerate(outputs):
             if out.dim() == 0 or out.shape[0] != rows:
                 raise RuntimeError(f"Batch size mismatch: output {i} has shape {tuple(out.shape)}, expected {rows} rows")
-            result.append(out.float() if out.is_floating_point() else out)
+            result.append(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out)  # autocast's halves; float64 stays
         return tuple(result)
 
     def check_buckets(

@@ -13,7 +13,7 @@ from fastapi import Depends, HTTPException, Request
 
 from app.errors import NotRunningError
 from app.readiness import readiness
-from app.registry import LATENT, PRIOR, Entry
+from app.registry import LATENT, LIKELIHOOD, PRIOR, Entry
 from app.service import Service, holding
 
 
@@ -32,6 +32,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 LACKING = {
     LATENT: "it has no latent (its decoder ignores z: it was trained with use_latent=False, as a context-only baseline)",
     PRIOR: "no prior is loaded for it (a prior's weight file names its VQ-VAE; see GET /models/problems)",
+    LIKELIHOOD: "its pixel likelihood is not a probability of 8-bit images (it was not trained with likelihood='logistic')",
 }
 
 

@@ -41,6 +41,8 @@ class Op(enum.StrEnum):
     DECODE = "decode"  # VAE: z (B, D) -> images; VQ-VAE: codes (B, h, w) -> images
     DECODE_NEAREST = "decode_nearest"  # VQ-VAE: z_e (B, D, h, w) -> nearest codes -> images
     SAMPLE = "sample"  # noise (sample_inputs) -> images
+    SCORE = "score"  # VAE: images and noise, a row per sample -> log importance weights; VQ-VAE: images, labels -> nats, map
+    SCORE_MAP = "score_map"  # VAE: images -> -log p(x_ij | z = mu) per pixel
 
 
 # The API operations (routes) that submit to each Op's batcher: a model gets the batchers of the
@@ -52,6 +54,8 @@ ROUTES: dict[Op, frozenset[str]] = {
     Op.DECODE: frozenset({"decode", "interpolate"}),
     Op.DECODE_NEAREST: frozenset({"interpolate"}),
     Op.SAMPLE: frozenset({"sample"}),
+    Op.SCORE: frozenset({"score"}),
+    Op.SCORE_MAP: frozenset({"score"}),
 }
 
 
@@ -111,6 +115,21 @@ def _vae_noise(entry: Entry, n: int, g: torch.Generator) -> Inputs:
     return (*entry.model.draw_noise(n, g), _temperatures(n, g))  # eps (n, D), uniforms (n, U, H, W), temperatures
 
 
+def _grid_images(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (torch.randint(256, (n, *entry.image_shape), generator=g) / 255,)  # (n, C, H, W) on the grid k / 255: 8-bit images
+
+
+def _score_rows(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+    return (*_grid_images(entry, n, g), torch.randn(n, entry.model.config.latent_dim, generator=g))  # x (n, C, H, W), eps (n, D)
+
+
+def _labelled_images(num_labels: int) -> Callable[[Entry, int, torch.Generator], Inputs]:
+    def example(entry: Entry, n: int, g: torch.Generator) -> Inputs:
+        return (*_grid_images(entry, n, g), torch.randint(-1, max(num_labels, 1), (n,), generator=g))  # labels, -1: none
+
+    return example
+
+
 def _codes(entry: Entry, n: int, g: torch.Generator) -> Inputs:
     return (torch.randint(int(entry.model.config.codebook_size), (n, *entry.model.code_shape), generator=g),)  # (n, h, w)
 
@@ -135,6 +154,8 @@ TABLE: dict[str, dict[Op, Method]] = {
         Op.ENCODE: Method("encode", _images),  # -> mu, logvar
         Op.DECODE: Method("decode_latents", _latents, steps=True, stoppable=True, graphed=True),
         Op.SAMPLE: Method("sample_from", _vae_noise, steps=True, stoppable=True, graphed=True),  # a factorized decoder ignores the uniforms
+        Op.SCORE: Method("log_importance_weights", _score_rows),  # teacher-forced: no steps, whatever the decoder
+        Op.SCORE_MAP: Method("nll_map", _grid_images),
     },
     "vqvae": {
         Op.RECONSTRUCT: Method("reconstruct", _images, steps=True, graphed=True),
@@ -204,6 +225,12 @@ def _every_operation(entry: Entry) -> list[Operation]:
     """Every batchable operation a model of its kind has, whether or not it offers it."""
     m, name = entry.model, entry.name
     ops = [_operation(OpKey(name, op), entry, getattr(m, spec.name), spec) for op, spec in TABLE[entry.kind].items()]
+    if entry.kind == "vqvae":  # the bound under each prior, and under none (uniform codes: log K nats a code)
+        for prior in [None, *entry.priors.values()]:
+            num_labels = int(getattr(prior.model.config, "num_classes", 0)) if prior is not None else 0
+            spec = Method("nll_labelled", _labelled_images(num_labels), steps=True)  # the nearest codes' argmin
+            method = functools.partial(m.nll_labelled, prior.model if prior is not None else None)
+            ops.append(_operation(OpKey(name, Op.SCORE, prior.api_name if prior is not None else None), entry, method, spec))
     for prior in entry.priors.values():
         spec = Method("sample_from", _prior_noise(prior), steps=True, stoppable=True)  # a draw per position
         op = _operation(OpKey(name, Op.SAMPLE, prior.api_name), entry, functools.partial(m.sample_from, prior.model), spec)

@@ -68,7 +68,7 @@ PRIOR_API_NAMES = {"pixelcnn": "pixelcnn", "gated_pixelcnn": "gated", "pixelcnnp
 SERVED_KINDS = ("vae", "vqvae")
 OPERATIONS: tuple[str, ...] = get_args(ApiOperation)  # reconstruct, encode, decode, interpolate, sample
 LATENT_OPERATIONS = ("reconstruct", "encode", "decode", "interpolate")  # images to z, z to images: need a latent
-LATENT, PRIOR = "latent", "prior"  # what a model may lack for an operation (Entry.lacks)
+LATENT, PRIOR, LIKELIHOOD = "latent", "prior", "likelihood"  # what a model may lack for an operation (Entry.lacks)
 
 
 class LoadProgress:
@@ -184,11 +184,14 @@ class Entry:
     def lacks(self, operation: str) -> str | None:
         """What this model lacks for an API operation (OPERATIONS): LATENT (its model's `has_latent` is
         False: an image does not depend on z), PRIOR (a VQ-VAE samples through a prior and none is
-        paired with it), or None when it offers the operation."""
+        paired with it), LIKELIHOOD (scoring needs a normalised probability of 8-bit images,
+        likelihood="logistic"), or None when it offers the operation."""
         if operation in LATENT_OPERATIONS and not self.model.has_latent:
             return LATENT
         if operation == "sample" and self.kind == "vqvae" and not self.priors:
             return PRIOR
+        if operation == "score" and getattr(self.model.config, "likelihood", None) != "logistic":
+            return LIKELIHOOD
         return None
 
     @property

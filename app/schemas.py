@@ -26,7 +26,7 @@ MAX_CODE_SIDE = 256
 InterpolationMethod = Literal["slerp", "lerp"]
 # The model operations of the HTTP API, one route each, in the order GET /models lists them
 # (app/registry.py's Entry.operations says which a model offers)
-ApiOperation = Literal["reconstruct", "encode", "decode", "interpolate", "sample"]
+ApiOperation = Literal["reconstruct", "encode", "decode", "interpolate", "sample", "score"]
 
 
 class Status(BaseModel):
@@ -140,6 +140,28 @@ class VQVAEEncoding(BaseModel):
     file: str
     codes: list[list[int]] = Field(description="(h, w) code indices")
     z_e: list[list[list[float]]] | None = Field(None, description="(D, h, w) encoder output, with include_z_e=true")
+
+
+class ImageScore(BaseModel):
+    file: str
+    nats: float = Field(description="an upper bound on -log p(x) of this image, in nats (see `bound`)")
+    bits_per_dim: float = Field(description="the same bound per dimension (subpixel), in bits: nats / (C H W ln 2)")
+    codec_bits_per_dim: dict[str, float] = Field(
+        description="what each lossless codec asked for (`codec`) needs for this image alone, file headers included, in bits/dim")
+    complexity_score: dict[str, float] = Field(
+        description="bits_per_dim minus each codec's: the input-complexity out-of-distribution score (Serra et al. 2020); "
+                    "higher is less typical of the training data")
+    map: list[list[float]] | None = Field(
+        None, description="with include_map=true: (H, W) nats per pixel (`map_meaning` says what they sum to)")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    kind: str
+    prior: str | None = Field(description="VQ-VAE: the prior of the bound; null: uniform codes (a VAE has none)")
+    bound: str = Field(description="what `nats` bounds and how it was computed")
+    map_meaning: str | None = None
+    items: list[ImageScore]
 
 
 class EncodeResponse(BaseModel):

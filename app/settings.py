@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # Long enough to span a stall of TCP's first retransmission (1 s) without a 408.
     upload_rate_window_s: float = Field(2.0, gt=0)
     max_n: int = Field(256, ge=1, le=MAX_DECODE_ITEMS)  # images per /sample (and latents per /decode)
+    # /score of a VAE: importance samples k per image, and images x k per request (each sample is a row
+    # of a pass: a decode of the whole image, and a copy of it, 12 KB for 32x32 RGB)
+    max_score_samples: int = Field(1000, ge=1, le=100_000)
+    max_score_rows: int = Field(4096, ge=1, le=1_000_000)
     max_batch_size: int = Field(64, ge=1)  # items per forward pass; 1 disables batching
     # Opt-in: how long a pass waits for company, from its oldest request. 0 (the default) starts a
     # request at once when its model is idle; under load, what arrives during a pass forms the next.

@@ -505,8 +505,13 @@ class VAE(nn.Module):
             log_pz = (-0.5 * (z.double() ** 2 + LOG_2PI)).sum(-1)
             log_qz = (-0.5 * (e.double() ** 2 + LOG_2PI) - 0.5 * logvar.double()).sum(-1)
             log_w.append(log_px_z + log_pz - log_qz)
-        log_w_all = torch.cat(log_w, 0)  # (k, B)
-        return torch.logsumexp(log_w_all, 0) - math.log(k)
+        return self.iwae_from_log_weights(torch.cat(log_w, 0).T)  # (B, k) -> (B,)
+
+    @staticmethod
+    def iwae_from_log_weights(log_w: torch.Tensor) -> torch.Tensor:
+        """The IWAE bound on log p(x) of each image from its k log importance weights (B, k):
+        log (1/k) sum_i w_i = logsumexp - log k, (B,)."""
+        return torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])
 
     @torch.no_grad()
     def log_importance_weights(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

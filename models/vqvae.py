@@ -483,15 +483,18 @@ class VQVAE(nn.Module):
         return nats + prior_nats, pixel.double() + _spread(per_code, x.shape[-2:])
 
     @torch.no_grad()
-    def nll_labelled(self, prior: nn.Module | None, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nll_labelled(
+        self, prior: nn.Module | None, x: torch.Tensor, labels: torch.Tensor, *, on_step: Callable[[torch.Tensor], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`nll` with a label per image (B,), as the service scores: a class-conditional prior is
         given the labels >= 0 and marginalises the rows labelled -1 over equally likely labels (as
         in this project's data sets: p(y) is not stored with a prior); other priors ignore labels.
-        Every row is computed under every label, so a row never depends on its batch-mates' labels."""
+        Every row is computed under every label, so a row never depends on its batch-mates' labels.
+        `on_step` sees the distances the codes are the argmin of (`VectorQuantizer.nearest`)."""
+        z = self.quantizer.nearest(self.encode(x), on_step)  # (B, h, w)
         num_labels = int(getattr(prior.config, "num_classes", 0)) if prior is not None else 0
         if not num_labels:
-            return self.nll(x, prior)
-        z = self.encode_indices(x)  # (B, h, w)
+            return self.nll(x, prior, codes=z)
         nats, pixel = self._decoder_nll(x, z)
         h, w = z.shape[-2:]
         per_code_y = torch.stack(

@@ -76,7 +76,7 @@ async def sample(
             inputs = sample_inputs(entry.model, n, seed, temperature)
             (images,) = await service.batcher(entry, Op.SAMPLE).submit(*inputs)
         else:
-            chosen = _choose_prior(entry, prior)
+            chosen = choose_prior(entry, prior)
             index = None if label is None else resolve_label(chosen, label)
             inputs = sample_inputs(entry.model, n, seed, temperature, chosen.model, index)
             (images,) = await service.batcher(entry, Op.SAMPLE, chosen.api_name).submit(*inputs)
@@ -86,7 +86,7 @@ async def sample(
         return await image_response(request, images, headers=headers)
 
 
-def _choose_prior(entry: Entry, name: str | None) -> Prior:
+def choose_prior(entry: Entry, name: str | None) -> Prior:
     if name is None:  # find_model has refused a VQ-VAE without priors
         return entry.default_prior  # type: ignore[return-value]
     if name not in entry.priors:

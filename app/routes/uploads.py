@@ -1,4 +1,4 @@
-"""Endpoints that take images: /reconstruct, /encode, /interpolate.
+"""Endpoints that take images: /reconstruct, /encode, /interpolate, /score.
 
 Uploads are multipart files, converted by the rule in app/imaging.py. They are read as they
 stream in and decoded one by one (app/multipart.py), before the request joins a batch, so one bad
@@ -7,7 +7,8 @@ file fails only its own request, and at its first bad file.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import math
+from typing import Annotated, Any, Literal
 
 import orjson
 import torch
@@ -19,8 +20,10 @@ from app.errors import deadline
 from app.multipart import read_upload_images, upload_body
 from app.operations import Op
 from app.responses import image_response
-from app.routes.generate import IMAGE_RESPONSES
-from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod
+from app.routes.generate import IMAGE_RESPONSES, choose_prior, resolve_label
+from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod, ScoreResponse
+from models.complexity import codec_bits_per_dim
+from models.vae import VAE
 
 router = APIRouter(tags=["uploads"])
 
@@ -151,3 +154,98 @@ def interpolate_latents(a: torch.Tensor, b: torch.Tensor, steps: int, method: st
     out = out.to(a.dtype).reshape(steps, *a.shape)
     out[0], out[-1] = a, b
     return out
+
+
+@router.post(
+    "/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ENCODE_RESPONSES, openapi_extra=FILES
+)
+async def score(
+    request: Request,
+    service: ServiceDep,
+    model: ModelQuery,
+    prior: Annotated[str | None, Query(description="VQ-VAE only: pixelcnn, gated, pixelcnnpp or none (uniform codes); "
+                                                   "default the best")] = None,
+    label: Annotated[str | None, Query(description="a class-conditional prior only: score -log p(x | y) for this class "
+                                                   "(index or name); default: the class marginalised out")] = None,
+    k: Annotated[int, Query(ge=1, description="VAE only: importance samples per image (the IWAE-k bound; "
+                                              "at most GENSERVE_MAX_SCORE_SAMPLES)")] = 100,
+    seed: Annotated[int, Query(ge=0, lt=2**63, description="VAE only: seeds the importance samples")] = 0,
+    codec: Annotated[list[Literal["png", "webp"]], Query(description="lossless codecs for the complexity score "
+                                                                      "(WebP is the better anchor and 40x slower)")] = ["png"],  # noqa: B006
+    include_map: Annotated[bool, Query(description="also return each image's nats per pixel")] = False,
+) -> Response:
+    """How likely each uploaded image is under a model: an upper bound on -log p(x), in nats and in
+    bits/dim, computed by the code that computes the model card's bits/dim (training/evaluate.py), and
+    the input-complexity score against lossless codecs. A model whose pixel likelihood is not a
+    probability of 8-bit images (GET /models' `operations` lacks "score") is 422.
+
+    VAE: the IWAE-k bound (Burda et al. 2015) with k importance samples drawn from `seed`:
+    `VAE.draw_score_noise(n, k, Generator(seed))` for the n files in order, so an image's bound
+    depends on its position among the files and on nothing else. VQ-VAE: -log p(x | z_q(x)) - log
+    P(z(x)) under the prior (`VQVAE.nll`), given `label` (then it bounds -log p(x | y)) or with the
+    label marginalised over equally likely classes."""
+    entry = await find_model(service, model, "score")
+    s = service.settings
+    if entry.kind == "vae":
+        if prior is not None or label is not None:
+            raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
+        if k > s.max_score_samples:
+            raise HTTPException(422, f"k={k} is more than the {s.max_score_samples} importance samples allowed "
+                                     "(GENSERVE_MAX_SCORE_SAMPLES); use fewer")
+        chosen = None
+    else:
+        chosen = None if prior == "none" else choose_prior(entry, prior)
+        if label is not None and (chosen is None or not chosen.num_classes):
+            raise HTTPException(422, f"'label' applies to a class-conditional prior; {prior or 'the default prior'} is not")
+    index = resolve_label(chosen, label) if label is not None and chosen is not None else -1
+    async with deadline(s.request_timeout_s):
+        names, x = await read_files(request, service, entry)  # (n, C, H, W) on the grid k / 255
+        n = len(x)
+        heat = None
+        if entry.kind == "vae":
+            if n * k > s.max_score_rows:
+                raise HTTPException(422, f"{n} images x k={k} is {n * k} importance samples, more than the {s.max_score_rows} "
+                                         "a request may ask for (GENSERVE_MAX_SCORE_ROWS); send fewer images or a smaller k")
+            eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed))  # (n, k, D)
+            rows = x[:, None].expand(n, k, *x.shape[1:]).reshape(n * k, *x.shape[1:])  # (n k, C, H, W)
+            (log_w,) = await service.batcher(entry, Op.SCORE).submit(rows, eps.reshape(n * k, -1))
+            nats = -VAE.iwae_from_log_weights(log_w.reshape(n, k))  # (n,)
+            if include_map:
+                (heat,) = await service.batcher(entry, Op.SCORE_MAP).submit(x)
+            bound = f"IWAE-{k} (seed {seed}): an upper bound on -log p(x), as the model card's table"
+            meaning = "-log p(x_ij | z = mu), the decoder's term at the posterior mean (it does not sum to the IWAE bound)"
+        else:
+            key = chosen.api_name if chosen is not None else None
+            nats, heat = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((n,), index))
+            heat = heat if include_map else None
+            given = f"given label {index}: an upper bound on -log p(x | y)" if index >= 0 else "an upper bound on -log p(x)"
+            marg = " (label marginalised over equally likely classes)" if chosen is not None and chosen.num_classes and index < 0 else ""
+            bound = f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
+            meaning = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
+        codecs = list(dict.fromkeys(codec))
+        return await service.run_io(_score_response, entry.name, entry.kind, chosen.api_name if chosen else None,
+                                    bound, meaning if heat is not None else None, names, x, nats, heat, codecs)
+
+
+def _score_response(model: str, kind: str, prior: str | None, bound: str, meaning: str | None, names: list[str],
+                    x: torch.Tensor, nats: torch.Tensor, heat: torch.Tensor | None, codecs: list[str]) -> Response:
+    """The /score answer (ScoreResponse), built in the PNG pool: the codecs compress every image."""
+    dims = x[0].numel()
+    bpd = nats.double() / (dims * math.log(2))  # (n,)
+    anchors = {c: codec_bits_per_dim(x, c) for c in codecs}  # codec -> (n,)
+
+    def item(i: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "file": names[i],
+            "nats": float(nats[i]),
+            "bits_per_dim": float(bpd[i]),
+            "codec_bits_per_dim": {c: float(a[i]) for c, a in anchors.items()},
+            "complexity_score": {c: float(bpd[i] - a[i]) for c, a in anchors.items()},
+        }
+        if heat is not None:
+            out["map"] = heat[i].double().numpy()
+        return out
+
+    body = {"model": model, "kind": kind, "prior": prior, "bound": bound, **({"map_meaning": meaning} if meaning else {}),
+            "items": [item(i) for i in range(len(names))]}
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")

@@ -1,0 +1,131 @@
+"""POST /score (issue 25): the likelihood of uploads, as the offline evaluation computes it."""
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.complexity import codec_bits_per_dim
+from training.data import ImageData
+from training.evaluate import nll_bound
+
+from .conftest import image_bytes
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'")]
+
+
+@pytest.fixture
+def client(module_app):
+    return module_app[1]
+
+
+@pytest.fixture
+def service(module_app):
+    return module_app[0].state.service
+
+
+def uploads(count: int, mode: str = "RGB", seed: int = 0) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (f"{i}.png", image_bytes(mode=mode, seed=seed + i), "image/png")) for i in range(count)]
+
+
+def pixels(blobs) -> torch.Tensor:
+    """What the service scores: the uploads at the model's resolution, on the grid k / 255 (the test images are its size)."""
+    from PIL import Image
+    import io
+
+    arrays = [np.asarray(Image.open(io.BytesIO(b[1][1]))) for b in blobs]
+    x = torch.tensor(np.stack(arrays)).float() / 255
+    return x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]
+
+
+async def score(client, model: str, blobs, **params):
+    return await client.post("/score", params={"model": model, **params}, files=blobs)
+
+
+async def test_a_vae_scores_the_iwae_bound_the_model_card_computes(client, service):
+    blobs = uploads(3)
+    r = await score(client, "vae_rgb", blobs, k=6, seed=4, include_map="true", codec=["png", "webp"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "vae_rgb" and body["kind"] == "vae" and body["prior"] is None and "IWAE-6" in body["bound"]
+    model, x = service.registry.entries["vae_rgb"].model, pixels(blobs)
+    expected = -model.iwae_bound_from(x, model.draw_score_noise(3, 6, torch.Generator().manual_seed(4)))
+    got = torch.tensor([item["nats"] for item in body["items"]], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-6)
+    dims = x[0].numel()
+    codecs = {c: codec_bits_per_dim(x, c) for c in ("png", "webp")}
+    for i, item in enumerate(body["items"]):
+        assert item["file"] == f"{i}.png"
+        assert item["bits_per_dim"] == pytest.approx(item["nats"] / (dims * math.log(2)), rel=1e-12)
+        for c in ("png", "webp"):
+            assert item["codec_bits_per_dim"][c] == pytest.approx(codecs[c][i].item(), rel=1e-12)
+            assert item["complexity_score"][c] == pytest.approx(item["bits_per_dim"] - codecs[c][i].item(), rel=1e-9)
+        heat = torch.tensor(item["map"])
+        assert heat.shape == (8, 8)
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor([it["map"] for it in body["items"]]).float(), model.nll_map(x), rtol=1e-6)
+    # the offline evaluation (one batch, the same seed, all k samples decoded together) agrees
+    offline = nll_bound(model, ImageData("uploads", (x * 255).round().to(torch.uint8), torch.zeros(3, dtype=torch.long), 1),
+                        k=6, batch_size=3, chunk=6, seed=4)
+    assert offline["nll_nats"] == pytest.approx(got.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("prior, label", [(None, None), ("none", None), ("pixelcnn", None), ("gated", None), ("gated", "2"),
+                                          ("pixelcnnpp", None)])
+async def test_a_vqvae_scores_its_bound_under_each_prior_given_or_marginalising_the_label(client, service, prior, label):
+    blobs = uploads(2, mode="L")
+    params = {k: v for k, v in {"prior": prior, "label": label, "include_map": "true"}.items() if v is not None}
+    r = await score(client, "vqvae", blobs, **params)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    entry = service.registry.entries["vqvae"]
+    chosen = None if prior == "none" else (entry.priors[prior] if prior else entry.default_prior)
+    assert body["prior"] == (chosen.api_name if chosen else None)
+    x = pixels(blobs)
+    labels = torch.full((2,), int(label) if label else -1)
+    nats, heat = entry.model.nll_labelled(chosen.model if chosen else None, x, labels)
+    got = torch.tensor([item["nats"] for item in body["items"]], dtype=torch.float64)
+    assert torch.allclose(got, nats, rtol=1e-9)
+    assert torch.allclose(torch.tensor([item["map"] for item in body["items"]], dtype=torch.float64), heat, rtol=1e-6)
+    assert ("given label 2" in body["bound"]) == (label is not None)
+
+
+async def test_scores_do_not_depend_on_what_else_is_scored(client):
+    blobs = uploads(2)
+    alone = (await score(client, "vae_rgb", blobs, k=5, seed=1)).content
+    crowd = await asyncio.gather(*[score(client, "vae_rgb", uploads(3, seed=10 + j), k=3 + j, seed=j) for j in range(4)],
+                                 score(client, "vae_rgb", blobs, k=5, seed=1))
+    assert all(r.status_code == 200 for r in crowd)
+    assert crowd[-1].content == alone
+    q = (await score(client, "vqvae", uploads(2, mode="L"), prior="gated")).content
+    crowd = await asyncio.gather(*[score(client, "vqvae", uploads(3, mode="L", seed=20 + j), prior="gated", label=str(j % 3))
+                                   for j in range(4)], score(client, "vqvae", uploads(2, mode="L"), prior="gated"))
+    assert crowd[-1].content == q
+
+
+@pytest.mark.parametrize("model, params, status, detail", [
+    ("vae", {}, 422, "not a probability of 8-bit images"),
+    ("nope", {}, 404, "unknown model"),
+    ("vae_rgb", {"k": 0}, 422, ""),
+    ("vae_rgb", {"k": 1001}, 422, "GENSERVE_MAX_SCORE_SAMPLES"),
+    ("vae_rgb", {"k": 1000}, 422, "GENSERVE_MAX_SCORE_ROWS"),
+    ("vae_rgb", {"prior": "gated"}, 422, "VQ-VAE priors only"),
+    ("vae_rgb", {"seed": -1}, 422, ""),
+    ("vae_rgb", {"codec": "jpeg"}, 422, ""),
+    ("vqvae", {"prior": "nope"}, 404, "not available"),
+    ("vqvae", {"prior": "pixelcnn", "label": "1"}, 422, "class-conditional"),
+    ("vqvae", {"prior": "none", "label": "1"}, 422, "class-conditional"),
+    ("vqvae", {"prior": "gated", "label": "7"}, 422, "out of range"),
+])
+async def test_every_bad_request_is_a_clear_4xx(client, model, params, status, detail):
+    r = await score(client, model, uploads(5, mode="L"), **params)
+    assert r.status_code == status, r.text
+    assert detail in r.json()["detail"] if isinstance(r.json()["detail"], str) else True
+
+
+async def test_a_request_without_files_is_refused(client):
+    r = await client.post("/score", params={"model": "vae_rgb"}, files=[("other", ("a.png", b"x", "image/png"))])
+    assert 400 <= r.status_code < 500
