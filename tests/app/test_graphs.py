@@ -293,7 +293,10 @@ def test_each_operation_is_its_models_method(registry):
     for entry in registry.entries.values():
         for op in operations(entry):
             inputs = op.example(3, torch.Generator().manual_seed(1))
-            if op.key.prior:
+            if op.key.op == "score" and entry.kind == "vqvae":  # VQVAE.nll_labelled under the prior (or none)
+                prior = entry.priors[op.key.prior].model if op.key.prior else None
+                direct = entry.model.nll_labelled(prior, *inputs)
+            elif op.key.prior:
                 direct = (entry.model.sample_from(entry.priors[op.key.prior].model, *inputs),)
             else:
                 out = getattr(entry.model, TABLE[entry.kind][op.key.op].name)(*inputs)
@@ -336,6 +339,6 @@ def test_only_many_step_operations_stop_between_steps(registry, monkeypatch):
             calls.clear()
             with torch.inference_mode():
                 op.fn(*op.example(2, torch.Generator().manual_seed(0)))
-            many = op.key.prior is not None or (entry.kind == "vae" and entry.model.config.autoregressive
-                                                 and op.key.op != "encode")
+            many = (op.key.prior is not None and op.key.op == "sample") or (
+                entry.kind == "vae" and entry.model.config.autoregressive and op.key.op not in ("encode", "score", "score_map"))
             assert bool(calls) == many, (op.key, len(calls))

@@ -21,9 +21,10 @@ from .conftest import LATENT_DIM, image_bytes, png_array, started, tiny_vqvae
 pytestmark = [pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'")]
 
-ALL = ["reconstruct", "encode", "decode", "interpolate", "sample"]
+ALL = ["reconstruct", "encode", "decode", "interpolate", "sample", "score"]
+NO_SCORE = ALL[:-1]  # a model whose likelihood is not a probability of 8-bit images (Bernoulli) cannot score
 NO_LATENT = ("it has no latent (its decoder ignores z: it was trained with use_latent=False, as a context-only "
-             "baseline); it offers: sample")
+             "baseline); it offers: sample, score")
 
 
 def context_vae() -> VAE:
@@ -58,9 +59,9 @@ def test_a_model_says_whether_it_has_a_latent():
 async def test_models_lists_each_models_operations(client):
     models = {m["name"]: m["operations"] for m in (await client.get("/models")).json()}
     assert models == {
-        "vae": ALL, "vae_rgb": ALL, "vqvae": ALL,  # a factorized VAE, an autoregressive one, a VQ-VAE with priors
-        "vae_context": ["sample"],
-        "vqvae_bare": ["reconstruct", "encode", "decode", "interpolate"],
+        "vae": NO_SCORE, "vae_rgb": ALL, "vqvae": ALL,  # a factorized Bernoulli VAE, an autoregressive one, a VQ-VAE with priors
+        "vae_context": ["sample", "score"],
+        "vqvae_bare": ["reconstruct", "encode", "decode", "interpolate", "score"],
     }
     assert list(OPERATIONS) == ALL
     shapes = {m["name"]: m["latent_shape"] for m in (await client.get("/models")).json()}
@@ -79,8 +80,8 @@ async def test_batchers_are_built_only_for_what_a_model_offers(client):
     for key in config["pass_sizes"]:
         model, op = key.split(":", 1)
         by_model.setdefault(model, set()).add(op)
-    assert by_model["vae_context"] == {"sample"}
-    assert by_model["vqvae_bare"] == {"reconstruct", "encode", "decode", "decode_nearest"}
+    assert by_model["vae_context"] == {"sample", "score", "score_map"}
+    assert by_model["vqvae_bare"] == {"reconstruct", "encode", "decode", "decode_nearest", "score"}
     assert by_model["vae"] == {"reconstruct", "encode", "decode", "sample"}
     assert set(config["pass_size_sources"]) == set(config["pass_sizes"])  # and no check ran for another
 
@@ -118,7 +119,7 @@ async def test_a_vqvae_without_a_prior_refuses_sample_with_404_and_does_the_rest
     assert r.status_code == 404
     assert r.json()["detail"] == (
         "model 'vqvae_bare' cannot sample: no prior is loaded for it (a prior's weight file names its VQ-VAE; "
-        "see GET /models/problems); it offers: reconstruct, encode, decode, interpolate"
+        "see GET /models/problems); it offers: reconstruct, encode, decode, interpolate, score"
     )
     r = await client.post("/interpolate", params={"model": "vqvae_bare", "steps": 3},
                           files=[("a", ("a.png", image_bytes())), ("b", ("b.png", image_bytes(seed=1)))])
@@ -141,4 +142,4 @@ def test_the_shipped_context_only_vae_only_samples(tmp_path: Path):
         pytest.skip("weights/vae_context.safetensors is not in this checkout")
     (tmp_path / shipped.name).symlink_to(shipped)
     [entry] = Registry.load(tmp_path, torch.device("cpu")).entries.values()
-    assert entry.operations == ["sample"] and entry.lacks("decode") == "latent" and entry.lacks("sample") is None
+    assert entry.operations == ["sample", "score"] and entry.lacks("decode") == "latent" and entry.lacks("sample") is None
