@@ -100,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     interp.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default %(default)s)")
     interp.add_argument("--method", choices=("slerp", "lerp"), default="slerp", help="default %(default)s")
     output(interp)
+
+    score = sub.add_parser("score", help="how likely images are under a model",
+                           description="POST /score: per image, an upper bound on -log p(x) in bits/dim, each codec's "
+                           "bits/dim and the complexity score (bits/dim minus the codec's); --json prints the answer.")
+    score.add_argument("--model", required=True, help="a model whose likelihood is a probability of 8-bit images")
+    score.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    score.add_argument("--prior", help="VQ-VAE: pixelcnn, gated, pixelcnnpp or none (default: the best)")
+    score.add_argument("--label", help="a class-conditional prior: score -log p(x | y) for this class (index or name)")
+    score.add_argument("-k", type=int, default=100, help="VAE: importance samples per image (default %(default)s)")
+    score.add_argument("--seed", type=int, default=0, help="VAE: seed of the importance samples (default %(default)s)")
+    score.add_argument("--codec", action="append", choices=("png", "webp"), help="lossless codecs to compare with "
+                       "(repeat for both; default png)")
+    score.add_argument("--json", action="store_true", help="print the scores as JSON")
     return p
 
 
@@ -167,6 +180,17 @@ def _run(api: client.Client, args: argparse.Namespace) -> str:
     if args.command == "interpolate":
         images = api.interpolate(args.model, _path(args.a), _path(args.b), steps=args.steps, method=args.method)
         return _write(images, args, nrow=len(images))
+    if args.command == "score":
+        codecs = args.codec or ["png"]
+        scores = api.score(args.model, _paths(args.images), prior=args.prior, label=args.label, k=args.k, seed=args.seed,
+                           codecs=codecs)
+        if args.json:
+            return json.dumps([{k: v for k, v in vars(s).items() if k != "map"} for s in scores], indent=2)
+        lines = [f"# {scores[0].bound}", "file\tbits/dim\t" + "\t".join(f"{c} bits/dim\tcomplexity ({c})" for c in codecs)]
+        for s in scores:
+            lines.append(f"{s.file}\t{s.bits_per_dim:.4f}\t" + "\t".join(
+                f"{s.codec_bits_per_dim[c]:.4f}\t{s.complexity_score[c]:+.4f}" for c in codecs))
+        return "\n".join(lines)
     raise AssertionError(args.command)
 
 

@@ -167,6 +167,21 @@ class Encoding:
     z_e: np.ndarray | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Score:
+    """One image's /score: an upper bound on -log p(x) (`bound` says which) in nats and bits/dim, each
+    codec's bits/dim for the image alone and the input-complexity score (bits_per_dim minus the
+    codec's), and with include_map the nats per pixel (H, W)."""
+
+    file: str
+    nats: float
+    bits_per_dim: float
+    bound: str
+    codec_bits_per_dim: dict[str, float]
+    complexity_score: dict[str, float]
+    map: np.ndarray | None = None
+
+
 # --- images in and out -------------------------------------------------------------------------
 
 
@@ -353,6 +368,25 @@ def _parse_encodings(response: httpx.Response, n: int) -> list[Encoding]:
     return out
 
 
+def _score_call(model: str, images: Iterable[ImageInput], prior: str | None, label: int | str | None, k: int, seed: int,
+                codecs: Sequence[str], include_map: bool) -> _Call:
+    params = {"prior": prior, "label": label, "k": k, "seed": seed, "codec": list(codecs),
+              "include_map": "true" if include_map else None}
+    return _files_call("/score", model, images, {key: v for key, v in params.items() if v is not None})
+
+
+def _parse_scores(response: httpx.Response, n: int) -> list[Score]:
+    body = response.json()
+    items = body["items"]
+    if not isinstance(items, list) or len(items) != n:
+        got = len(items) if isinstance(items, list) else reprlib.repr(items)
+        raise ValueError(f"{n} scored item{'s' if n != 1 else ''} expected, got {got}")
+    return [Score(file=item["file"], nats=float(item["nats"]), bits_per_dim=float(item["bits_per_dim"]), bound=body["bound"],
+                  codec_bits_per_dim=dict(item["codec_bits_per_dim"]), complexity_score=dict(item["complexity_score"]),
+                  map=np.asarray(item["map"], dtype=np.float64) if item.get("map") is not None else None)
+            for item in items]
+
+
 def retry_after_s(value: str | None) -> float | None:
     """Retry-After in seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3); None if absent or invalid."""
     if value is None:
@@ -463,6 +497,12 @@ class Client:
         call = _files_call("/encode", model, images, params)
         return self._send(call, _parse_encodings, len(call.files))
 
+    def score(self, model: str, images: Sequence[ImageInput], prior: str | None = None, label: int | str | None = None,
+              k: int = 100, seed: int = 0, codecs: Sequence[str] = ("png",), include_map: bool = False) -> list[Score]:
+        """POST /score: one Score per image (the likelihood bound, the codecs' bits/dim, the complexity score)."""
+        call = _score_call(model, images, prior, label, k, seed, codecs, include_map)
+        return self._send(call, _parse_scores, len(call.files))
+
     def decode(self, model: str, z: Any = None, codes: Any = None) -> Images:
         """POST /decode: VAE latents z (B, D), or VQ-VAE codes (B, h, w): lists, arrays or tensors."""
         return self._send(_decode_call(model, z, codes), _images)
@@ -523,6 +563,12 @@ class AsyncClient:
         params = {"include_z_e": "true"} if include_z_e else None
         call = _files_call("/encode", model, images, params)
         return await self._send(call, _parse_encodings, len(call.files))
+
+    async def score(self, model: str, images: Sequence[ImageInput], prior: str | None = None,
+                    label: int | str | None = None, k: int = 100, seed: int = 0, codecs: Sequence[str] = ("png",),
+                    include_map: bool = False) -> list[Score]:
+        call = _score_call(model, images, prior, label, k, seed, codecs, include_map)
+        return await self._send(call, _parse_scores, len(call.files))
 
     async def decode(self, model: str, z: Any = None, codes: Any = None) -> Images:
         return await self._send(_decode_call(model, z, codes), _images)

@@ -253,6 +253,35 @@ def test_invalid_parameters_are_an_api_error_422(api, pngs):
 # --- AsyncClient through ASGITransport ----------------------------------------------------------
 
 
+def test_score_gives_the_servers_numbers(api, pngs, server_url):
+    scores = api.score("vqvae", pngs, prior="gated", label="square", codecs=("png", "webp"), include_map=True)
+    with httpx.Client(base_url=server_url, timeout=60) as raw:
+        files = [("file", (p.name, p.read_bytes(), "image/png")) for p in pngs]
+        body = raw.post("/score", params={"model": "vqvae", "prior": "gated", "label": "1", "codec": ["png", "webp"],
+                                          "include_map": "true"}, files=files).json()
+    assert [s.file for s in scores] == [p.name for p in pngs]
+    for s, item in zip(scores, body["items"]):
+        assert s.nats == item["nats"] and s.bits_per_dim == item["bits_per_dim"] and s.bound == body["bound"]
+        assert s.codec_bits_per_dim == item["codec_bits_per_dim"] and set(s.complexity_score) == {"png", "webp"}
+        assert s.map.shape == (8, 8) and np.array_equal(s.map, np.asarray(item["map"]))
+    vae = api.score("vae_rgb", pngs[:1], k=4, seed=2)
+    assert vae[0].map is None and "IWAE-4" in vae[0].bound and set(vae[0].codec_bits_per_dim) == {"png"}
+    with pytest.raises(APIError) as err:
+        api.score("vae", pngs)  # a Bernoulli VAE: not a probability of 8-bit images
+    assert err.value.status_code == 422
+
+
+def test_cli_score_prints_a_line_per_image(server_url, pngs, capsys):
+    assert main(["--url", server_url, "score", "--model", "vqvae", "--codec", "png", "--codec", "webp",
+                 *map(str, pngs)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# ") and lines[1].split("\t")[:2] == ["file", "bits/dim"] and len(lines) == 2 + len(pngs)
+    assert [line.split("\t")[0] for line in lines[2:]] == [p.name for p in pngs]
+    assert main(["--url", server_url, "score", "--model", "vqvae", "--json", str(pngs[0])]) == 0
+    [item] = json.loads(capsys.readouterr().out)
+    assert item["file"] == pngs[0].name and item["bits_per_dim"] > 0
+
+
 async def test_async_client_has_the_same_methods_and_answers(weights_dir, server_url, pngs):
     app = create_app(make_settings(weights_dir))
     async with LifespanManager(app) as manager:
@@ -271,6 +300,8 @@ async def test_async_client_has_the_same_methods_and_answers(weights_dir, server
             assert len(decoded) == 2
             strip = await c.interpolate("vqvae", pngs[0], pngs[1], steps=4, method="lerp")
             assert len(strip) == 4 and all(img.size == (8, 8) for img in strip)
+            scores = await c.score("vqvae", pngs[:2], prior="none")
+            assert [sc.file for sc in scores] == [p.name for p in pngs[:2]] and "uniform codes" in scores[0].bound
             by_name = await c.sample("vqvae", n=2, seed=3, label="square")
             assert np.array_equal(to_array(by_name.images), to_array((await c.sample("vqvae", n=2, seed=3, label=1)).images))
             with pytest.raises(APIError) as info:
