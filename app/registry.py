@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from app.checks import file_digest
-from app.schemas import ApiOperation
+from app.schemas import ApiOperation, OodThreshold
 from models.io import NAME_PATTERN, ModelInfo, WeightFileError, load_model
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,10 @@ class Prior:
     @property
     def num_classes(self) -> int:
         return int(self.model.config.num_classes)
+
+    @property
+    def ood(self) -> OodThreshold | None:
+        return ood_threshold(self.info)
 
     @property
     def bits_per_code(self) -> float | None:
@@ -428,6 +432,19 @@ def _stat(path: Path) -> tuple[int, ...]:
     times, inode and device (a copy that keeps the size and restores the mtime still changes ctime)."""
     st = path.stat()
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def ood_threshold(info: ModelInfo) -> OodThreshold | None:
+    """The out-of-distribution threshold a weight file stores (`python -m training threshold`), or None
+    when it has none or one that does not parse (logged: the file still serves, without a verdict)."""
+    stored = info.extra.get("ood")
+    if stored is None:
+        return None
+    try:
+        return OodThreshold.model_validate(stored)
+    except ValueError as err:
+        log.warning("%s: its extra['ood'] is not a threshold (%s); /score gives no verdict for it", info.path, _clip(err))
+        return None
 
 
 def iso_time(seconds: float) -> str:

@@ -51,6 +51,26 @@ class NotReady(BaseModel):
     elapsed_s: float | None = Field(None, description="starting: seconds since start-up began")
 
 
+class OodThreshold(BaseModel):
+    """An out-of-distribution threshold stored in a weight file (`python -m training threshold`)."""
+
+    score: Literal["bits", "png", "webp"] = Field(description="bits: /score's bits_per_dim; png, webp: its complexity_score")
+    definition: str
+    threshold: float = Field(description="a score above it is unusual")
+    accept: float = Field(gt=0, lt=1, description="the share of validation images at or under the threshold")
+    split: str = Field(description="the images it was set on (a validation split, never test)")
+    k: int | None = Field(None, description="VAE: the importance samples per image of the scores it was set with")
+    seed: int | None = None
+    validation_scores: dict[str, float] | None = None
+
+
+class Verdict(BaseModel):
+    score: str
+    value: float
+    threshold: float
+    unusual: bool = Field(description="value > threshold: less typical than `accept` of the validation images")
+
+
 class PriorInfo(BaseModel):
     name: str = Field(description="API name: pixelcnn, gated or pixelcnnpp")
     kind: str
@@ -77,6 +97,7 @@ class PriorInfo(BaseModel):
     file: str | None
     sha256: str | None = Field(None, description="SHA-256 of the weight file's bytes (what sha256sum prints)")
     loaded_at: str | None = Field(None, description="when this version of the file was loaded (ISO 8601, UTC)")
+    ood: OodThreshold | None = Field(None, description="the out-of-distribution threshold of /score under this prior")
 
 
 class RejectedPrior(BaseModel):
@@ -107,6 +128,7 @@ class ModelEntry(BaseModel):
     loaded_at: str | None = Field(None, description="when this version of the file was loaded (ISO 8601, UTC)")
     # "logistic" (discretized logistic mixture: a likelihood of 8-bit images), "bernoulli" (VAE) or "mse" (VQ-VAE)
     likelihood: str
+    ood: OodThreshold | None = Field(None, description="the out-of-distribution threshold of /score (a VAE; a VQ-VAE's are its priors')")
     # VAE only: "mlp" or "conv"; "factorized" p(x|z) or "autoregressive" p(x_i|z, x_<i) (pixel by pixel)
     arch: str | None = None
     decoder: str | None = None
@@ -153,6 +175,7 @@ class ImageScore(BaseModel):
                     "higher is less typical of the training data")
     map: list[list[float]] | None = Field(
         None, description="with include_map=true: (H, W) nats per pixel (`map_meaning` says what they sum to)")
+    verdict: Verdict | None = Field(None, description="against the threshold stored in the weight file, where there is one")
 
 
 class ScoreResponse(BaseModel):

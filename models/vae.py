@@ -513,6 +513,13 @@ class VAE(nn.Module):
         log (1/k) sum_i w_i = logsumexp - log k, (B,)."""
         return torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])
 
+    @staticmethod
+    def importance_rows(x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (n, C, H, W) and their noise (n, k, D) as n k rows for `log_importance_weights`: each
+        image repeated k times, (n k, C, H, W), and the noise (n k, D), image by image."""
+        n, k = eps.shape[:2]
+        return x[:, None].expand(n, k, *x.shape[1:]).reshape(n * k, *x.shape[1:]), eps.reshape(n * k, -1)
+
     @torch.no_grad()
     def log_importance_weights(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """One importance weight per row, log p(x, z) - log q(z | x) with z = mu + eps * sigma, float64

@@ -1,4 +1,4 @@
-"""Command line: python -m training {vae,vqvae,prior,card,convert} [options]. See README.md, "Training your own model"."""
+"""Command line: python -m training {vae,vqvae,prior,card,convert,threshold} [options]. See README.md, "Training your own model"."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def load_splits(args: argparse.Namespace) -> tuple[ImageData, ImageData, ImageDa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training import card, convert, prior, vae, vqvae
+    from training import card, convert, prior, threshold, vae, vqvae
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="family", required=True)
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_arguments(p)
     p = sub.add_parser("convert", help="store weight files in another dtype (float16) and re-measure their metrics")
     convert.add_arguments(p)
+    p = sub.add_parser("threshold", help="store an out-of-distribution score's threshold, set on validation, in weight files")
+    threshold.add_arguments(p)
     return parser
 
 
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import convert
 
         return convert.run(args)
+    if args.family == "threshold":
+        from training import threshold
+
+        return threshold.run(args)
     if not (math.isfinite(args.lr) and args.lr > 0) or not 0 <= args.min_lr <= args.lr:
         print(f"error: need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}", file=sys.stderr)
         return 2

@@ -20,7 +20,12 @@ def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
     return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
 
 
+def threshold_at(inside: torch.Tensor, accept: float) -> float:
+    """The smallest score such that at least `accept` of `inside` is at or under it (the quantile with
+    interpolation "higher": on few images a linear one would accept less than asked)."""
+    return float(torch.quantile(inside.double(), accept, interpolation="higher"))
+
+
 def fpr_at_95(inside: torch.Tensor, outside: torch.Tensor) -> float:
     """The fraction of `outside` accepted by the threshold that accepts 95% of `inside` (score <= it)."""
-    threshold = torch.quantile(inside.double(), 0.95)
-    return float((outside.double() <= threshold).double().mean())
+    return float((outside.double() <= threshold_at(inside, 0.95)).double().mean())

@@ -21,7 +21,8 @@ from app.multipart import read_upload_images, upload_body
 from app.operations import Op
 from app.responses import image_response
 from app.routes.generate import IMAGE_RESPONSES, choose_prior, resolve_label
-from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod, ScoreResponse
+from app.registry import ood_threshold
+from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod, OodThreshold, ScoreResponse
 from models.complexity import codec_bits_per_dim
 from models.vae import VAE
 
@@ -207,8 +208,7 @@ async def score(
                 raise HTTPException(422, f"{n} images x k={k} is {n * k} importance samples, more than the {s.max_score_rows} "
                                          "a request may ask for (GENSERVE_MAX_SCORE_ROWS); send fewer images or a smaller k")
             eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed))  # (n, k, D)
-            rows = x[:, None].expand(n, k, *x.shape[1:]).reshape(n * k, *x.shape[1:])  # (n k, C, H, W)
-            (log_w,) = await service.batcher(entry, Op.SCORE).submit(rows, eps.reshape(n * k, -1))
+            (log_w,) = await service.batcher(entry, Op.SCORE).submit(*VAE.importance_rows(x, eps))  # n k rows
             nats = -VAE.iwae_from_log_weights(log_w.reshape(n, k))  # (n,)
             if include_map:
                 (heat,) = await service.batcher(entry, Op.SCORE_MAP).submit(x)
@@ -222,13 +222,16 @@ async def score(
             marg = " (label marginalised over equally likely classes)" if chosen is not None and chosen.num_classes and index < 0 else ""
             bound = f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
             meaning = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
-        codecs = list(dict.fromkeys(codec))
+        # the verdict against the file's threshold (the prior's for a VQ-VAE), computing its codec if not asked for
+        threshold = chosen.ood if chosen is not None else ood_threshold(entry.info) if entry.kind == "vae" else None
+        codecs = list(dict.fromkeys([*codec, *([threshold.score] if threshold is not None and threshold.score != "bits" else [])]))
         return await service.run_io(_score_response, entry.name, entry.kind, chosen.api_name if chosen else None,
-                                    bound, meaning if heat is not None else None, names, x, nats, heat, codecs)
+                                    bound, meaning if heat is not None else None, names, x, nats, heat, codecs, threshold)
 
 
 def _score_response(model: str, kind: str, prior: str | None, bound: str, meaning: str | None, names: list[str],
-                    x: torch.Tensor, nats: torch.Tensor, heat: torch.Tensor | None, codecs: list[str]) -> Response:
+                    x: torch.Tensor, nats: torch.Tensor, heat: torch.Tensor | None, codecs: list[str],
+                    threshold: OodThreshold | None) -> Response:
     """The /score answer (ScoreResponse), built in the PNG pool: the codecs compress every image."""
     dims = x[0].numel()
     bpd = nats.double() / (dims * math.log(2))  # (n,)
@@ -244,6 +247,10 @@ def _score_response(model: str, kind: str, prior: str | None, bound: str, meanin
         }
         if heat is not None:
             out["map"] = heat[i].double().numpy()
+        if threshold is not None:
+            value = out["bits_per_dim"] if threshold.score == "bits" else out["complexity_score"][threshold.score]
+            out["verdict"] = {"score": threshold.score, "value": value, "threshold": threshold.threshold,
+                              "unusual": value > threshold.threshold}
         return out
 
     body = {"model": model, "kind": kind, "prior": prior, "bound": bound, **({"map_meaning": meaning} if meaning else {}),

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from training.ood import auroc, fpr_at_95
+from training.ood import auroc, fpr_at_95, threshold_at
 
 
 def by_pairs(inside, outside) -> float:
@@ -28,6 +28,9 @@ def test_perfect_reversed_and_equal_scores():
 
 
 def test_fpr_counts_the_outside_images_under_the_threshold_that_accepts_95_percent_inside():
-    inside = torch.arange(100.0)  # 95th percentile: 94.05
-    outside = torch.tensor([10.0, 94.0, 94.1, 200.0])
-    assert fpr_at_95(inside, outside) == 0.5  # 10 and 94 are accepted
+    inside = torch.arange(100.0)  # at least 95 of them at or under 95
+    outside = torch.tensor([10.0, 95.0, 95.1, 200.0])
+    assert threshold_at(inside, 0.95) == 95.0
+    assert fpr_at_95(inside, outside) == 0.5  # 10 and 95 are accepted
+    small = torch.arange(64.0)
+    assert (small <= threshold_at(small, 0.95)).double().mean() >= 0.95  # a linear quantile would accept 60 of 64

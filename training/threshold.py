@@ -1,0 +1,128 @@
+"""`python -m training threshold --score webp weights/vae.safetensors weights/vqvae_gated.safetensors`: store
+in each weight file the out-of-distribution threshold of a score, set on the validation split.
+
+The score of an image is "higher is more unusual" (benchmarks/ood.py measures how well each works):
+- `bits`: the model's bound on -log2 p(x) per dimension (raw likelihood; known to fail on simple images);
+- `png` / `webp`: that bound minus a lossless codec's bits/dim for the image alone (input complexity,
+  Serrà et al. 2020), the best of the three on every set benchmarks/ood.py measured but one.
+The bound is what POST /score computes: a VAE's IWAE-k (`--k` samples from `--seed`), a prior's
+-log p(x | z_q) - log P(z) with its VQ-VAE (the file named by the prior's `extra["vqvae"]` beside it),
+the label marginalised over equally likely classes.
+
+The threshold is the `--accept` quantile (default 0.95) of the scores of the validation split the
+file was trained with (its command's data and --val-size: the last images of the training split),
+never the test split. It goes into the file's `extra["ood"]` with the score's definition, and the
+file's `command` gains this invocation; tensors and metrics are unchanged (the file is rewritten in
+the dtype it was stored in). GET /models shows it, and POST /score answers a verdict against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.complexity import codec_bits_per_dim
+from models.io import STORAGE_DTYPES, WeightFileError, load_model, save_model
+from models.vae import VAE
+from training.data import DataError, ImageData
+from training.ood import threshold_at
+
+SCORES = ("bits", "png", "webp")
+DEFINITIONS = {
+    "bits": "bits_per_dim: the bound on -log2 p(x) per dimension",
+    "png": "complexity_score.png: bits_per_dim minus PNG's (zlib level 9) bits/dim for the image alone",
+    "webp": "complexity_score.webp: bits_per_dim minus WebP lossless's (method 6, quality 100) bits/dim for the image alone",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", type=Path, help="VAE or prior weight files, rewritten in place")
+    p.add_argument("--score", choices=SCORES, default="webp", help="default %(default)s")
+    p.add_argument("--accept", type=float, default=0.95, help="share of validation images at or under the threshold")
+    p.add_argument("--k", type=int, default=100, help="VAE: importance samples per image (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="VAE: seed of the importance samples")
+    p.add_argument("--data-root", default=None, help="folder holding the data set's files (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None)
+
+
+@torch.inference_mode()
+def scores(model: torch.nn.Module, prior: torch.nn.Module | None, data: ImageData, score: str, k: int, seed: int,
+           batch_size: int = 100) -> torch.Tensor:
+    """Each image's score (n,) float64, as POST /score computes it (its bits_per_dim, or its complexity_score)."""
+    g = torch.Generator().manual_seed(seed)
+    nats = []
+    for index in torch.arange(len(data)).split(batch_size):
+        x, _ = data.batch(index, torch.device("cpu"))
+        if isinstance(model, VAE):
+            nats.append(-model.iwae_from_log_weights(_log_weights(model, x, k, g)))
+        else:
+            nats.append(model.nll_labelled(prior, x, torch.full((len(x),), -1))[0])
+    bits = torch.cat(nats) / (data.images[0].numel() * math.log(2))
+    return bits if score == "bits" else bits - codec_bits_per_dim(data.images, score)
+
+
+def _log_weights(model: VAE, x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """The (n, k) log importance weights of POST /score: a row per sample, noise `draw_score_noise`."""
+    eps = model.draw_score_noise(len(x), k, g)  # (n, k, D)
+    return model.log_importance_weights(*model.importance_rows(x, eps)).reshape(len(x), k)
+
+
+def set_threshold(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from training.__main__ import load_splits
+    from training.convert import training_args
+
+    model, info = load_model(path)
+    prior = None
+    if info.kind in ("pixelcnn", "gated_pixelcnn", "pixelcnnpp"):
+        prior, model = model, load_model(path.with_name(f"{info.extra.get('vqvae')}.safetensors"))[0]
+    elif info.kind == "vae" and getattr(model.config, "likelihood", None) != "logistic":
+        raise ValueError("its likelihood is not a probability of 8-bit images (likelihood='logistic'): it has no score")
+    elif info.kind == "vqvae":
+        raise ValueError("a VQ-VAE is scored under a prior: set the threshold on the prior's file")
+    run_args = training_args(info.command)
+    if args.data_root is not None:
+        run_args.data_root = args.data_root
+    _, val, _ = load_splits(run_args)
+    values = scores(model, prior, val, args.score, args.k, args.seed, args.batch_size)
+    ood = {
+        "score": args.score,
+        "definition": DEFINITIONS[args.score],
+        "threshold": threshold_at(values, args.accept),
+        "accept": args.accept,
+        "split": f"validation: the last {len(val)} images of {val.name}'s training split, as trained",
+        **({"k": args.k, "seed": args.seed} if isinstance(model, VAE) else {}),
+        "validation_scores": {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())},
+    }
+    extra = {**info.extra, "ood": ood}
+    invocation = shlex.join(["python", "-m", "training", "threshold", "--score", args.score, "--accept", str(args.accept),
+                             *(["--k", str(args.k), "--seed", str(args.seed)] if isinstance(model, VAE) else []), str(path)])
+    dtype = STORAGE_DTYPES.get(info.metrics.get("weights_dtype", "float32"))
+    stored = prior if prior is not None else model
+    save_model(path, stored, name=info.name, dataset=info.dataset, command=f"{info.command} && {invocation}",
+               metrics=info.metrics, extra=extra, image_shape=info.image_shape, class_names=info.class_names, dtype=dtype)
+    return ood
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.accept < 1 or args.k < 1:
+        print(f"error: need 0 < --accept < 1 and --k >= 1, got {args.accept} and {args.k}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    failed = 0
+    for path in args.files:
+        try:
+            ood = set_threshold(path, args)
+        except (ValueError, DataError, WeightFileError, FileNotFoundError) as err:
+            print(f"{path}: not changed: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: {ood['score']} threshold {ood['threshold']:.4f} ({ood['accept']:.0%} of {ood['split']})", flush=True)
+    return 1 if failed else 0
