@@ -186,10 +186,15 @@ def _run(api: client.Client, args: argparse.Namespace) -> str:
                            codecs=codecs)
         if args.json:
             return json.dumps([{k: v for k, v in vars(s).items() if k != "map"} for s in scores], indent=2)
-        lines = [f"# {scores[0].bound}", "file\tbits/dim\t" + "\t".join(f"{c} bits/dim\tcomplexity ({c})" for c in codecs)]
+        lines = [f"# {scores[0].bound}", "file\tbits/dim\t" + "\t".join(f"{c} bits/dim\tcomplexity ({c})" for c in codecs)
+                 + "\tverdict"]
         for s in scores:
+            verdict = "-" if s.verdict is None else (
+                f"{'unusual' if s.verdict['unusual'] else 'typical'} ({s.verdict['score']} {s.verdict['value']:+.4f} "
+                f"vs {s.verdict['threshold']:+.4f})")
             lines.append(f"{s.file}\t{s.bits_per_dim:.4f}\t" + "\t".join(
-                f"{s.codec_bits_per_dim[c]:.4f}\t{s.complexity_score[c]:+.4f}" for c in codecs))
+                f"{s.codec_bits_per_dim.get(c, float('nan')):.4f}\t{s.complexity_score.get(c, float('nan')):+.4f}"
+                for c in codecs) + f"\t{verdict}")
         return "\n".join(lines)
     raise AssertionError(args.command)
 

@@ -180,6 +180,7 @@ class Score:
     codec_bits_per_dim: dict[str, float]
     complexity_score: dict[str, float]
     map: np.ndarray | None = None
+    verdict: dict[str, Any] | None = None  # against the file's threshold: score, value, threshold, unusual
 
 
 # --- images in and out -------------------------------------------------------------------------
@@ -383,7 +384,8 @@ def _parse_scores(response: httpx.Response, n: int) -> list[Score]:
         raise ValueError(f"{n} scored item{'s' if n != 1 else ''} expected, got {got}")
     return [Score(file=item["file"], nats=float(item["nats"]), bits_per_dim=float(item["bits_per_dim"]), bound=body["bound"],
                   codec_bits_per_dim=dict(item["codec_bits_per_dim"]), complexity_score=dict(item["complexity_score"]),
-                  map=np.asarray(item["map"], dtype=np.float64) if item.get("map") is not None else None)
+                  map=np.asarray(item["map"], dtype=np.float64) if item.get("map") is not None else None,
+                  verdict=item.get("verdict"))
             for item in items]
 
 

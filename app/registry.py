@@ -44,6 +44,7 @@ loop, while the load runs in a worker thread) to say how far start-up has got.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import reprlib
@@ -129,8 +130,9 @@ class Prior:
     def num_classes(self) -> int:
         return int(self.model.config.num_classes)
 
-    @property
+    @functools.cached_property
     def ood(self) -> OodThreshold | None:
+        """The out-of-distribution threshold its file stores, parsed once (`ood_threshold`)."""
         return ood_threshold(self.info)
 
     @property
@@ -164,6 +166,11 @@ class Entry:
     batchers: dict[Any, Any] = field(default_factory=dict)  # OpKey -> Batcher, set by the Service (app/service.py)
     holders: int = 0  # requests that found this version and have not ended (Service.hold)
     warmed: Any = None  # an asyncio.Future while its first pass runs after start-up (Service._warm_or_drop)
+
+    @functools.cached_property
+    def ood(self) -> OodThreshold | None:
+        """The out-of-distribution threshold its file stores (a VAE's; a VQ-VAE's are its priors'), parsed once."""
+        return ood_threshold(self.info)
 
     @property
     def name(self) -> str:

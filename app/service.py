@@ -155,6 +155,7 @@ class Service:
     # second thread of the process with more than one torch thread would be a second OpenMP team, and
     # two teams on 2 cores made a pass 1.5-3.5x slower than with one thread (benchmarks/RESULTS.md).
     lone_executor: ThreadPoolExecutor | None = None
+    codec_pool: ThreadPoolExecutor | None = None  # POST /score's codecs (run_codec), started on first use
     started_s: float | None = None  # seconds from Service.start to ready
     generation: int = 0  # the version of the set of models; each reload that changes it adds one
     scanned: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the weights directory at the last scan
@@ -620,7 +621,8 @@ class Service:
         every = {id(b): b for e in [*self.registry.entries.values(), *retired] for b in e.batchers.values()}
         every.update({id(b): b for b in self.batchers.values()})
         await asyncio.gather(*(b.stop(self.settings.request_timeout_s) for b in every.values()))
-        pools = [self.io_pool, self.decode_pool, *(p for p in (self.check_executor, self.lone_executor) if p is not None)]
+        pools = [self.io_pool, self.decode_pool,
+                 *(p for p in (self.check_executor, self.lone_executor, self.codec_pool) if p is not None)]
         for executor in [*(b.executor for b in every.values()), *pools]:
             executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[attr-defined]
 
@@ -645,6 +647,14 @@ class Service:
     def pass_size_source(self) -> dict[str, str]:
         """Batcher name -> where its pass sizes came from (PassSizeSource); shown by GET /config."""
         return {str(key): self.pass_size_sources.get(key, PassSizeSource.UNPADDED) for key in self.batchers}
+
+    async def run_codec(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the codec thread (POST /score's lossless codecs: WebP takes 6-45 ms an image),
+        one at a time, so that scoring never holds up the PNG pool the other answers are written in."""
+        if self.codec_pool is None:
+            self.codec_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genserve-codec",
+                                                 initializer=pin_torch_threads, initargs=(torch_threads(self.settings),))
+        return await asyncio.get_running_loop().run_in_executor(self.codec_pool, fn, *args)
 
     async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) in the PNG pool, off the event loop and off the model threads."""

@@ -3,6 +3,8 @@ data's distribution ("inside") from others ("outside"). Used by benchmarks/ood.p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -21,9 +23,10 @@ def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
 
 
 def threshold_at(inside: torch.Tensor, accept: float) -> float:
-    """The smallest score such that at least `accept` of `inside` is at or under it (the quantile with
-    interpolation "higher": on few images a linear one would accept less than asked)."""
-    return float(torch.quantile(inside.double(), accept, interpolation="higher"))
+    """The smallest of the scores such that at least `accept` of `inside` is at or under it: the
+    ceil(accept n)-th smallest (a linear quantile would accept less than asked on few images)."""
+    ordered = inside.double().sort().values
+    return float(ordered[max(math.ceil(accept * len(ordered) - 1e-9), 1) - 1])
 
 
 def fpr_at_95(inside: torch.Tensor, outside: torch.Tensor) -> float:

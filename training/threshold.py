@@ -81,7 +81,11 @@ def set_threshold(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     model, info = load_model(path)
     prior = None
     if info.kind in ("pixelcnn", "gated_pixelcnn", "pixelcnnpp"):
-        prior, model = model, load_model(path.with_name(f"{info.extra.get('vqvae')}.safetensors"))[0]
+        vq_path = path.with_name(f"{info.extra.get('vqvae')}.safetensors")
+        prior, model = model, load_model(vq_path)[0]
+        if model.codebook_digest() != info.extra.get("codebook_sha256"):
+            raise ValueError(f"{vq_path.name}'s codebook is not the one this prior was trained on (codebook_sha256): "
+                             "its scores would be of other codes")
     elif info.kind == "vae" and getattr(model.config, "likelihood", None) != "logistic":
         raise ValueError("its likelihood is not a probability of 8-bit images (likelihood='logistic'): it has no score")
     elif info.kind == "vqvae":

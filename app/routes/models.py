@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ValidationError
 
 from app.dependencies import ServiceDep
-from app.registry import Entry, Prior, Registry, iso_time, ood_threshold
+from app.registry import Entry, Prior, Registry, iso_time
 from app.schemas import Error, ModelEntry, PriorInfo, Problem
 
 router = APIRouter(prefix="/models", tags=["models"], responses={503: {"model": Error}})  # 503: not ready
@@ -61,8 +61,7 @@ def model_item(entry: Entry) -> dict[str, Any]:
     }
     # "logistic": a discretized logistic mixture (a likelihood of 8-bit images); "bernoulli" or "mse" not
     item["likelihood"] = entry.model.config.likelihood
-    threshold = ood_threshold(entry.info)
-    item["ood"] = threshold.model_dump() if threshold is not None else None
+    item["ood"] = entry.ood.model_dump() if entry.ood is not None else None
     if entry.kind == "vae":
         item["arch"] = entry.model.config.arch
         item["decoder"] = entry.model.config.decoder

@@ -21,7 +21,6 @@ from app.multipart import read_upload_images, upload_body
 from app.operations import Op
 from app.responses import image_response
 from app.routes.generate import IMAGE_RESPONSES, choose_prior, resolve_label
-from app.registry import ood_threshold
 from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod, OodThreshold, ScoreResponse
 from models.complexity import codec_bits_per_dim
 from models.vae import VAE
@@ -181,10 +180,13 @@ async def score(
     probability of 8-bit images (GET /models' `operations` lacks "score") is 422.
 
     VAE: the IWAE-k bound (Burda et al. 2015) with k importance samples drawn from `seed`:
-    `VAE.draw_score_noise(n, k, Generator(seed))` for the n files in order, so an image's bound
-    depends on its position among the files and on nothing else. VQ-VAE: -log p(x | z_q(x)) - log
-    P(z(x)) under the prior (`VQVAE.nll`), given `label` (then it bounds -log p(x | y)) or with the
-    label marginalised over equally likely classes."""
+    `VAE.draw_score_noise(n, k, Generator(seed))` for the n files (randn(k, n, D)), so an image's
+    bound depends on the seed, the number of files and its position among them, never on other
+    requests; the k samples go through the batcher a pass at a time, so one request never fills the
+    queue. VQ-VAE: -log p(x | z_q(x)) - log P(z(x)) under the prior (`VQVAE.nll`), given `label` (then
+    it bounds -log p(x | y)) or with the label marginalised over equally likely classes. A `verdict`
+    comes where the file (a prior's, for a VQ-VAE) stores a threshold and the image was scored as
+    it was set: the same k, and no label."""
     entry = await find_model(service, model, "score")
     s = service.settings
     if entry.kind == "vae":
@@ -207,8 +209,12 @@ async def score(
             if n * k > s.max_score_rows:
                 raise HTTPException(422, f"{n} images x k={k} is {n * k} importance samples, more than the {s.max_score_rows} "
                                          "a request may ask for (GENSERVE_MAX_SCORE_ROWS); send fewer images or a smaller k")
-            eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed))  # (n, k, D)
-            (log_w,) = await service.batcher(entry, Op.SCORE).submit(*VAE.importance_rows(x, eps))  # n k rows
+            eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed)).reshape(n * k, -1)  # (n k, D)
+            batcher, parts = service.batcher(entry, Op.SCORE), []
+            for start in range(0, n * k, batcher.max_batch_size):  # a pass at a time: never a queue-filling request
+                rows = torch.arange(start, min(start + batcher.max_batch_size, n * k))
+                parts += await batcher.submit(x[rows // k], eps[rows])  # row r: image r // k, its sample r % k
+            log_w = torch.cat(parts)  # (n k,)
             nats = -VAE.iwae_from_log_weights(log_w.reshape(n, k))  # (n,)
             if include_map:
                 (heat,) = await service.batcher(entry, Op.SCORE_MAP).submit(x)
@@ -223,9 +229,11 @@ async def score(
             bound = f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
             meaning = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
         # the verdict against the file's threshold (the prior's for a VQ-VAE), computing its codec if not asked for
-        threshold = chosen.ood if chosen is not None else ood_threshold(entry.info) if entry.kind == "vae" else None
+        threshold = chosen.ood if chosen is not None else entry.ood if entry.kind == "vae" else None
+        if threshold is not None and (index >= 0 or (threshold.k is not None and threshold.k != k)):
+            threshold = None  # scored otherwise than the threshold was set: no verdict
         codecs = list(dict.fromkeys([*codec, *([threshold.score] if threshold is not None and threshold.score != "bits" else [])]))
-        return await service.run_io(_score_response, entry.name, entry.kind, chosen.api_name if chosen else None,
+        return await service.run_codec(_score_response, entry.name, entry.kind, chosen.api_name if chosen else None,
                                     bound, meaning if heat is not None else None, names, x, nats, heat, codecs, threshold)
 
 

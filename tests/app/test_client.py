@@ -686,7 +686,7 @@ def test_cli_unreachable_server_exits_1(capsys):
 def test_cli_help_explains_every_option(capsys):
     parser = cli_module._parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert sorted(subparsers) == ["decode", "encode", "interpolate", "models", "reconstruct", "sample"]
+    assert sorted(subparsers) == ["decode", "encode", "interpolate", "models", "reconstruct", "sample", "score"]
     for p in (parser, *subparsers.values()):
         for action in p._actions:
             assert action.help, f"{p.prog}: {action.dest} has no help"
@@ -695,7 +695,8 @@ def test_cli_help_explains_every_option(capsys):
             main([name, "--help"])
         assert info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--seed", "--temperature", "--prior", "--label", "--out-dir", "--steps", "--method", "--include-z-e"):
+    for option in ("--seed", "--temperature", "--prior", "--label", "--out-dir", "--steps", "--method", "--include-z-e",
+                   "--codec"):
         assert option in text
 
 

@@ -28,9 +28,10 @@ def test_perfect_reversed_and_equal_scores():
 
 
 def test_fpr_counts_the_outside_images_under_the_threshold_that_accepts_95_percent_inside():
-    inside = torch.arange(100.0)  # at least 95 of them at or under 95
-    outside = torch.tensor([10.0, 95.0, 95.1, 200.0])
-    assert threshold_at(inside, 0.95) == 95.0
-    assert fpr_at_95(inside, outside) == 0.5  # 10 and 95 are accepted
+    inside = torch.arange(100.0)  # 95 of them (0..94) at or under 94: exactly 95%
+    outside = torch.tensor([10.0, 94.0, 94.1, 200.0])
+    assert threshold_at(inside, 0.95) == 94.0 and threshold_at(torch.arange(20.0), 0.95) == 18.0
+    assert fpr_at_95(inside, outside) == 0.5  # 10 and 94 are accepted
     small = torch.arange(64.0)
     assert (small <= threshold_at(small, 0.95)).double().mean() >= 0.95  # a linear quantile would accept 60 of 64
+    assert (small <= threshold_at(small, 0.95) - 1).double().mean() < 0.95  # and it is the smallest that does

@@ -53,7 +53,7 @@ def test_the_threshold_accepts_its_share_of_the_validation_split_and_changes_not
             values = scores(model, None, val, "webp", 4, 0)
         else:
             values = scores(load_model(trained / "vqvae.safetensors")[0], model, val, "bits", 100, 0)
-        assert ood["threshold"] == pytest.approx(sorted(values.tolist())[60], rel=1e-9)  # the 61st of 64: 95% at or under
+        assert ood["threshold"] == pytest.approx(sorted(values.tolist())[60], rel=1e-9)  # the 61st of 64: ceil(0.95 x 64)
         assert (values <= ood["threshold"]).double().mean() >= 0.95
     assert main(["threshold", str(trained / "vqvae.safetensors")]) == 1  # a VQ-VAE is scored under a prior
     assert "set the threshold on the prior's file" in capsys.readouterr().err
@@ -86,5 +86,12 @@ async def test_models_shows_the_threshold_and_score_answers_a_verdict_against_it
                 verdict = item["verdict"]
                 assert verdict["score"] == "png" and verdict["threshold"] == threshold
                 assert verdict["value"] == item["complexity_score"]["png"] and verdict["unusual"] == (verdict["value"] > threshold)
+            from app.client import AsyncClient
+
+            async with AsyncClient("http://t", transport=httpx.ASGITransport(app=manager.app), timeout=60) as api:
+                scored = await api.score("vae", [blob[1][1] for blob in blobs], k=4)
+            assert [s.verdict for s in scored] == [item["verdict"] for item in r.json()["items"]]
+            r = await c.post("/score", params={"model": "vae", "k": 5}, files=blobs)  # not as the threshold was set
+            assert all("verdict" not in item for item in r.json()["items"])
             r = await c.post("/score", params={"model": "vqvae", "prior": "gated"}, files=blobs[:1])
             assert "verdict" not in r.json()["items"][0]  # no threshold stored for that prior
