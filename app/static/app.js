@@ -19,7 +19,7 @@ const SAMPLES = [  // bundled images (app/static/samples/): test-split images, f
 ];
 const DEFAULT_ENDS = { 1: ["tshirt", "trouser"], 3: ["car", "horse"] };  // interpolation ends by the model's channels
 const DEFAULT_RECON = { 1: "tshirt", 3: "car" };  // the image reconstructed on load, by most models' channels
-const OPERATIONS = ["reconstruct", "encode", "decode", "interpolate", "sample"];
+const OPERATIONS = ["reconstruct", "encode", "decode", "interpolate", "sample", "score"];
 const STATUS_WORDS = {
   400: "unusable image", 404: "not found", 408: "upload too slow", 413: "too large",
   422: "invalid parameter", 500: "server error", 503: "busy or starting, try again", 504: "timed out",

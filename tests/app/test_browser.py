@@ -275,7 +275,7 @@ def test_the_page_offers_each_model_only_what_it_lists(driver, server_url) -> No
         return card.find_elements(By.CSS_SELECTOR, "dl > dd")[terms.index("Offers")].text
 
     assert offers("vae") == "decode, sample"
-    assert offers("vqvae") == "reconstruct, encode, decode, interpolate, sample"
+    assert offers("vqvae") == "reconstruct, encode, decode, interpolate, sample, score"
     button = driver.find_element(By.CSS_SELECTOR, '#model-cards .card[data-model="vae"] button')
     assert button.text == "Use for sample"
     button.click()
