@@ -39,3 +39,25 @@ def fashion_root(tmp_path) -> Path:
         write_idx(root / f"{split}-images-idx3-ubyte", images)
         write_idx(root / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+TINY = ["--quiet", "--threads", "1", "--limit-train", "192", "--val-size", "64"]  # a run of seconds
+
+
+def train_tiny(fashion_root: Path, tmp_path: Path, likelihood: str | None = None) -> Path:
+    """A tiny VAE, VQ-VAE and class-conditional Gated PixelCNN prior trained one epoch on the miniature
+    Fashion-MNIST (`likelihood`: both models' pixel likelihood, else their defaults); their folder."""
+    from training.__main__ import main
+
+    d = tmp_path / "weights"
+    common = ["--data-root", str(fashion_root), "--epochs", "1", *TINY]
+    lik = ["--likelihood", likelihood] if likelihood else []
+    assert main(["vae", "--arch", "conv", "--conv-channels", "4", "8", "--fc-dim", "16", "--latent-dim", "4", *lik,
+                 "--iwae-k", "4", "--out", str(d / "vae.safetensors"), "--run-dir", str(tmp_path / "r1"), *common]) == 0
+    assert main(["vqvae", "--hidden-channels", "16", "--res-channels", "8", "--n-res-blocks", "1", "--codebook-size", "16",
+                 "--embedding-dim", "4", *lik, "--batch-size", "64", "--out", str(d / "vqvae.safetensors"),
+                 "--run-dir", str(tmp_path / "r2"), *common]) == 0
+    assert main(["prior", "--vqvae", str(d / "vqvae.safetensors"), "--arch", "gated", "--hidden-channels", "8",
+                 "--n-layers", "2", "--batch-size", "32", "--name", "vqvae_gated", "--out", str(d / "vqvae_gated.safetensors"),
+                 "--run-dir", str(tmp_path / "r3"), *common]) == 0
+    return d

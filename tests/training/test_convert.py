@@ -18,23 +18,13 @@ from training.data import load_dataset
 from training.evaluate import nll_bound, reconstruction_quality
 from training.prior import code_nats, encode_codes
 
-TINY = ["--quiet", "--threads", "1", "--limit-train", "192", "--val-size", "64"]
+from .conftest import TINY, train_tiny
 
 
 @pytest.fixture
 def trained(fashion_root, tmp_path):
     """A tiny VAE, VQ-VAE and class-conditional Gated PixelCNN prior trained on the miniature Fashion-MNIST."""
-    d = tmp_path / "weights"
-    common = ["--data-root", str(fashion_root), "--epochs", "1", *TINY]
-    assert main(["vae", "--arch", "conv", "--conv-channels", "4", "8", "--fc-dim", "16", "--latent-dim", "4",
-                 "--iwae-k", "4", "--out", str(d / "vae.safetensors"), "--run-dir", str(tmp_path / "r1"), *common]) == 0
-    assert main(["vqvae", "--hidden-channels", "16", "--res-channels", "8", "--n-res-blocks", "1", "--codebook-size", "16",
-                 "--embedding-dim", "4", "--batch-size", "64", "--out", str(d / "vqvae.safetensors"),
-                 "--run-dir", str(tmp_path / "r2"), *common]) == 0
-    assert main(["prior", "--vqvae", str(d / "vqvae.safetensors"), "--arch", "gated", "--hidden-channels", "8",
-                 "--n-layers", "2", "--batch-size", "32", "--name", "vqvae_gated", "--out", str(d / "vqvae_gated.safetensors"),
-                 "--run-dir", str(tmp_path / "r3"), *common]) == 0
-    return d
+    return train_tiny(fashion_root, tmp_path)
 
 
 def stored_dtypes(path) -> set[str]:

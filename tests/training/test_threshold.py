@@ -14,24 +14,13 @@ from training.__main__ import load_splits, main
 from training.convert import training_args
 from training.threshold import scores
 
-TINY = ["--quiet", "--threads", "1", "--limit-train", "192", "--val-size", "64"]
+from .conftest import train_tiny
 
 
 @pytest.fixture
 def trained(fashion_root, tmp_path):
     """A tiny VAE (logistic), VQ-VAE and Gated PixelCNN prior on the miniature Fashion-MNIST."""
-    d = tmp_path / "weights"
-    common = ["--data-root", str(fashion_root), "--epochs", "1", *TINY]
-    assert main(["vae", "--arch", "conv", "--conv-channels", "4", "8", "--fc-dim", "16", "--latent-dim", "4",
-                 "--likelihood", "logistic", "--iwae-k", "4", "--out", str(d / "vae.safetensors"),
-                 "--run-dir", str(tmp_path / "r1"), *common]) == 0
-    assert main(["vqvae", "--hidden-channels", "16", "--res-channels", "8", "--n-res-blocks", "1", "--codebook-size", "16",
-                 "--embedding-dim", "4", "--likelihood", "logistic", "--batch-size", "64",
-                 "--out", str(d / "vqvae.safetensors"), "--run-dir", str(tmp_path / "r2"), *common]) == 0
-    assert main(["prior", "--vqvae", str(d / "vqvae.safetensors"), "--arch", "gated", "--hidden-channels", "8",
-                 "--n-layers", "2", "--batch-size", "32", "--name", "vqvae_gated", "--out", str(d / "vqvae_gated.safetensors"),
-                 "--run-dir", str(tmp_path / "r3"), *common]) == 0
-    return d
+    return train_tiny(fashion_root, tmp_path, likelihood="logistic")
 
 
 def test_the_threshold_accepts_its_share_of_the_validation_split_and_changes_nothing_else(trained, fashion_root, capsys):
