@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0, help="VAE: seed of the importance samples (default %(default)s)")
     score.add_argument("--codec", action="append", choices=("png", "webp"), help="lossless codecs to compare with "
                        "(repeat for both; default png)")
+    score.add_argument("--background", metavar="MODEL", help="a second model of the same image shape (e.g. vae_context): "
+                       "adds the likelihood-ratio score, bits/dim minus its bits/dim")
+    score.add_argument("--heat-maps", metavar="PNG", help="write the heat maps of bits per subpixel (black 0, pale yellow "
+                       "8) to this file, one per image in a grid")
     score.add_argument("--json", action="store_true", help="print the scores as JSON")
     return p
 
@@ -183,18 +187,22 @@ def _run(api: client.Client, args: argparse.Namespace) -> str:
     if args.command == "score":
         codecs = args.codec or ["png"]
         scores = api.score(args.model, _paths(args.images), prior=args.prior, label=args.label, k=args.k, seed=args.seed,
-                           codecs=codecs)
+                           codecs=codecs, heat_map=bool(args.heat_maps), background=args.background)
+        if args.heat_maps:
+            grid([s.heat_map for s in scores]).save(args.heat_maps, format="PNG")
         if args.json:
-            return json.dumps([{k: v for k, v in vars(s).items() if k != "map"} for s in scores], indent=2)
+            return json.dumps([{k: v for k, v in vars(s).items() if k not in ("map", "heat_map") and v is not None}
+                               for s in scores], indent=2)
+        ratio = args.background is not None
         lines = [f"# {scores[0].bound}", "file\tbits/dim\t" + "\t".join(f"{c} bits/dim\tcomplexity ({c})" for c in codecs)
-                 + "\tverdict"]
+                 + ("\tratio" if ratio else "") + "\tverdict"]
         for s in scores:
             verdict = "-" if s.verdict is None else (
                 f"{'unusual' if s.verdict['unusual'] else 'typical'} ({s.verdict['score']} {s.verdict['value']:+.4f} "
                 f"vs {s.verdict['threshold']:+.4f})")
             lines.append(f"{s.file}\t{s.bits_per_dim:.4f}\t" + "\t".join(
                 f"{s.codec_bits_per_dim.get(c, float('nan')):.4f}\t{s.complexity_score.get(c, float('nan')):+.4f}"
-                for c in codecs) + f"\t{verdict}")
+                for c in codecs) + (f"\t{s.ratio_score:+.4f}" if ratio else "") + f"\t{verdict}")
         return "\n".join(lines)
     raise AssertionError(args.command)
 

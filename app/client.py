@@ -171,7 +171,9 @@ class Encoding:
 class Score:
     """One image's /score: an upper bound on -log p(x) (`bound` says which) in nats and bits/dim, each
     codec's bits/dim for the image alone and the input-complexity score (bits_per_dim minus the
-    codec's), and with include_map the nats per pixel (H, W)."""
+    codec's), with include_map the nats per pixel (H, W), with heat_map the heat map of bits per
+    subpixel (an RGB image, black 0 to pale yellow 8), and with a background model its bits/dim and the
+    likelihood-ratio score (bits_per_dim minus the background's)."""
 
     file: str
     nats: float
@@ -181,6 +183,9 @@ class Score:
     complexity_score: dict[str, float]
     map: np.ndarray | None = None
     verdict: dict[str, Any] | None = None  # against the file's threshold: score, value, threshold, unusual
+    heat_map: Image.Image | None = None
+    background_bits_per_dim: float | None = None
+    ratio_score: float | None = None
 
 
 # --- images in and out -------------------------------------------------------------------------
@@ -228,12 +233,14 @@ def _images(response: httpx.Response) -> Images:
     encoded_images = response.json()["images"]
     if not isinstance(encoded_images, list):
         raise TypeError(f"'images' must be a list of base64 PNGs, got {type(encoded_images).__name__}")
-    images = []
-    for encoded in encoded_images:
-        img = Image.open(io.BytesIO(base64.b64decode(encoded)))
-        img.load()
-        images.append(img)
-    return Images(images)
+    return Images([_image(base64.b64decode(encoded)) for encoded in encoded_images])
+
+
+def _image(data: bytes) -> Image.Image:
+    """PNG bytes -> a loaded PIL image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def _tensor_images(body: bytes) -> Images:
@@ -370,9 +377,9 @@ def _parse_encodings(response: httpx.Response, n: int) -> list[Encoding]:
 
 
 def _score_call(model: str, images: Iterable[ImageInput], prior: str | None, label: int | str | None, k: int, seed: int,
-                codecs: Sequence[str], include_map: bool) -> _Call:
+                codecs: Sequence[str], include_map: bool, heat_map: bool, background: str | None) -> _Call:
     params = {"prior": prior, "label": label, "k": k, "seed": seed, "codec": list(codecs),
-              "include_map": "true" if include_map else None}
+              "include_map": "true" if include_map else None, "map": "true" if heat_map else None, "background": background}
     return _files_call("/score", model, images, {key: v for key, v in params.items() if v is not None})
 
 
@@ -385,7 +392,9 @@ def _parse_scores(response: httpx.Response, n: int) -> list[Score]:
     return [Score(file=item["file"], nats=float(item["nats"]), bits_per_dim=float(item["bits_per_dim"]), bound=body["bound"],
                   codec_bits_per_dim=dict(item["codec_bits_per_dim"]), complexity_score=dict(item["complexity_score"]),
                   map=np.asarray(item["map"], dtype=np.float64) if item.get("map") is not None else None,
-                  verdict=item.get("verdict"))
+                  verdict=item.get("verdict"),
+                  heat_map=_image(base64.b64decode(item["map_png"])) if item.get("map_png") is not None else None,
+                  background_bits_per_dim=item.get("background_bits_per_dim"), ratio_score=item.get("ratio_score"))
             for item in items]
 
 
@@ -500,9 +509,11 @@ class Client:
         return self._send(call, _parse_encodings, len(call.files))
 
     def score(self, model: str, images: Sequence[ImageInput], prior: str | None = None, label: int | str | None = None,
-              k: int = 100, seed: int = 0, codecs: Sequence[str] = ("png",), include_map: bool = False) -> list[Score]:
-        """POST /score: one Score per image (the likelihood bound, the codecs' bits/dim, the complexity score)."""
-        call = _score_call(model, images, prior, label, k, seed, codecs, include_map)
+              k: int = 100, seed: int = 0, codecs: Sequence[str] = ("png",), include_map: bool = False,
+              heat_map: bool = False, background: str | None = None) -> list[Score]:
+        """POST /score: one Score per image (the likelihood bound, the codecs' bits/dim, the complexity score;
+        the likelihood-ratio score against `background`, a second model, where one is named)."""
+        call = _score_call(model, images, prior, label, k, seed, codecs, include_map, heat_map, background)
         return self._send(call, _parse_scores, len(call.files))
 
     def decode(self, model: str, z: Any = None, codes: Any = None) -> Images:
@@ -568,8 +579,8 @@ class AsyncClient:
 
     async def score(self, model: str, images: Sequence[ImageInput], prior: str | None = None,
                     label: int | str | None = None, k: int = 100, seed: int = 0, codecs: Sequence[str] = ("png",),
-                    include_map: bool = False) -> list[Score]:
-        call = _score_call(model, images, prior, label, k, seed, codecs, include_map)
+                    include_map: bool = False, heat_map: bool = False, background: str | None = None) -> list[Score]:
+        call = _score_call(model, images, prior, label, k, seed, codecs, include_map, heat_map, background)
         return await self._send(call, _parse_scores, len(call.files))
 
     async def decode(self, model: str, z: Any = None, codes: Any = None) -> Images:

@@ -204,6 +204,23 @@ def grid_png(images: torch.Tensor, nrow: int | None = None, compress_level: int 
     return png_bytes(make_grid(to_uint8(images), nrow), compress_level)
 
 
+# The heat map's colours (matplotlib's "inferno" at 0, 1/4, 1/2, 3/4 and 1), linearly interpolated
+HEAT_COLOURS = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255
+
+
+def heat_map(values: torch.Tensor, vmax: float) -> torch.Tensor:
+    """(B, H, W) values -> (B, 3, H, W) RGB in [0, 1]: 0 black, `vmax` (and above) pale yellow, through
+    HEAT_COLOURS; NaN counts as 0."""
+    if not vmax > 0:
+        raise ValueError(f"vmax must be positive, got {vmax}")
+    t = (values.double().nan_to_num(0.0) / vmax).clamp(0, 1) * (len(HEAT_COLOURS) - 1)  # (B, H, W)
+    lo = t.floor().long().clamp(max=len(HEAT_COLOURS) - 2)
+    frac = (t - lo)[..., None]  # (B, H, W, 1)
+    colours = HEAT_COLOURS.double()
+    rgb = colours[lo] * (1 - frac) + colours[lo + 1] * frac  # (B, H, W, 3)
+    return rgb.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+
+
 def pngs_base64(images: torch.Tensor, compress_level: int = PNG_COMPRESSION) -> list[str]:
     """(B, C, H, W) in [0, 1] -> one base64-encoded PNG per image."""
     return [base64.b64encode(png_bytes(img, compress_level)).decode("ascii") for img in to_uint8(images)]

@@ -25,12 +25,12 @@ PNG_TYPE, JSON_TYPE, TENSOR_TYPE = "image/png", "application/json", "application
 OFFERS = (PNG_TYPE, JSON_TYPE, TENSOR_TYPE)  # in the order that wins a tie
 
 
-def negotiate(request: Request) -> str:
-    """The media type to answer with, of OFFERS, by the Accept header: the highest q-value, then the
-    most specific range that matches it; on a tie the first of OFFERS; image/png without a header."""
+def negotiate(request: Request, offers: tuple[str, ...] = OFFERS) -> str:
+    """The media type to answer with, of `offers`, by the Accept header: the highest q-value, then the
+    most specific range that matches it; on a tie the first of `offers`; the first without a header."""
     accept = request.headers.get("accept")
     if not accept:
-        return PNG_TYPE
+        return offers[0]
     ranges = []
     for part in accept.split(","):
         media, *params = part.split(";")
@@ -53,9 +53,9 @@ def negotiate(request: Request) -> str:
                 best = (q, specificity)
         return best
 
-    scores = {offer: score(offer) for offer in OFFERS}
-    best = max(OFFERS, key=lambda offer: scores[offer])  # max keeps the first of equals
-    return best if scores[best][0] > 0 else PNG_TYPE
+    scores = {offer: score(offer) for offer in offers}
+    best = max(offers, key=lambda offer: scores[offer])  # max keeps the first of equals
+    return best if scores[best][0] > 0 else offers[0]
 
 
 def wants_json(request: Request) -> bool:

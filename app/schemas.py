@@ -173,8 +173,14 @@ class ImageScore(BaseModel):
     complexity_score: dict[str, float] = Field(
         description="bits_per_dim minus each codec's: the input-complexity out-of-distribution score (Serra et al. 2020); "
                     "higher is less typical of the training data")
+    background_bits_per_dim: float | None = Field(None, description="with `background`: the same bound under that model")
+    ratio_score: float | None = Field(
+        None, description="with `background`: bits_per_dim minus background_bits_per_dim, -log of the likelihood ratio "
+                          "(Ren et al. 2019) per dimension; higher is less typical of the training data")
     map: list[list[float]] | None = Field(
         None, description="with include_map=true: (H, W) nats per pixel (`map_meaning` says what they sum to)")
+    map_png: str | None = Field(None, description="with map=true: a base64 PNG heat map of the bits per subpixel "
+                                                  "(`map_scale`)")
     verdict: Verdict | None = Field(None, description="against the threshold stored in the weight file, where there is one")
 
 
@@ -184,6 +190,7 @@ class ScoreResponse(BaseModel):
     prior: str | None = Field(description="VQ-VAE: the prior of the bound; null: uniform codes (a VAE has none)")
     bound: str = Field(description="what `nats` bounds and how it was computed")
     map_meaning: str | None = None
+    map_scale: str | None = Field(None, description="with map=true: the heat maps' colour scale")
     items: list[ImageScore]
 
 

@@ -19,7 +19,10 @@ from app.dependencies import ServiceDep, find_model
 from app.errors import deadline
 from app.multipart import read_upload_images, upload_body
 from app.operations import Op
-from app.responses import image_response
+from app import imaging
+from app.registry import Entry, Prior
+from app.responses import JSON_TYPE, PNG_TYPE, image_response, negotiate
+from app.service import Service
 from app.routes.generate import IMAGE_RESPONSES, choose_prior, resolve_label
 from app.schemas import MAX_STEPS, MIN_STEPS, EncodeResponse, Error, InterpolationMethod, OodThreshold, ScoreResponse
 from models.complexity import codec_bits_per_dim
@@ -157,7 +160,9 @@ def interpolate_latents(a: torch.Tensor, b: torch.Tensor, steps: int, method: st
 
 
 @router.post(
-    "/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ENCODE_RESPONSES, openapi_extra=FILES
+    "/score", response_model=ScoreResponse, response_model_exclude_none=True,
+    responses={**ENCODE_RESPONSES, 200: {"content": {"image/png": {}}, "description": "JSON (ScoreResponse), or with "
+               "Accept: image/png the heat maps as one PNG grid"}}, openapi_extra=FILES
 )
 async def score(
     request: Request,
@@ -172,7 +177,11 @@ async def score(
     seed: Annotated[int, Query(ge=0, lt=2**63, description="VAE only: seeds the importance samples")] = 0,
     codec: Annotated[list[Literal["png", "webp"]], Query(description="lossless codecs for the complexity score "
                                                                       "(WebP is the better anchor and 40x slower)")] = ["png"],  # noqa: B006
-    include_map: Annotated[bool, Query(description="also return each image's nats per pixel")] = False,
+    background: Annotated[str | None, Query(description="a second model of the same image shape (e.g. vae_context): "
+                                                        "adds each image's likelihood-ratio score")] = None,
+    include_map: Annotated[bool, Query(description="also return each image's nats per pixel, as numbers")] = False,
+    heat: Annotated[bool, Query(alias="map", description="also return each image's heat map of bits per subpixel "
+                                                         "as a base64 PNG (`map_png`)")] = False,
 ) -> Response:
     """How likely each uploaded image is under a model: an upper bound on -log p(x), in nats and in
     bits/dim, computed by the code that computes the model card's bits/dim (training/evaluate.py), and
@@ -186,64 +195,110 @@ async def score(
     queue. VQ-VAE: -log p(x | z_q(x)) - log P(z(x)) under the prior (`VQVAE.nll`), given `label` (then
     it bounds -log p(x | y)) or with the label marginalised over equally likely classes. A `verdict`
     comes where the file (a prior's, for a VQ-VAE) stores a threshold and the image was scored as
-    it was set: the same k, and no label."""
+    it was set: the same k, and no label.
+
+    `background`: the same images are scored under a second model (a VAE with the same k and seed;
+    a VQ-VAE under its default prior, label marginalised), and `ratio_score` is bits_per_dim minus
+    its bits_per_dim: -log of the likelihood ratio of Ren et al. (2019) per dimension, higher is
+    less typical. `map=true` adds a heat map per image; with `Accept: image/png` (preferred to
+    application/json) the answer is the heat maps alone, one PNG grid. A heat map shows bits per
+    subpixel, map / (C ln 2), from 0 (black) to 8 (pale yellow: as costly as a uniform guess over the
+    256 levels) and clipped there."""
     entry = await find_model(service, model, "score")
     s = service.settings
-    if entry.kind == "vae":
-        if prior is not None or label is not None:
-            raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
-        if k > s.max_score_samples:
-            raise HTTPException(422, f"k={k} is more than the {s.max_score_samples} importance samples allowed "
-                                     "(GENSERVE_MAX_SCORE_SAMPLES); use fewer")
-        chosen = None
-    else:
-        chosen = None if prior == "none" else choose_prior(entry, prior)
-        if label is not None and (chosen is None or not chosen.num_classes):
-            raise HTTPException(422, f"'label' applies to a class-conditional prior; {prior or 'the default prior'} is not")
+    png_answer = negotiate(request, (JSON_TYPE, PNG_TYPE)) == PNG_TYPE
+    if entry.kind == "vae" and (prior is not None or label is not None):
+        raise HTTPException(422, f"model {model!r} is a VAE: 'prior' and 'label' apply to VQ-VAE priors only")
+    chosen = None if entry.kind == "vae" or prior == "none" else choose_prior(entry, prior)
+    if label is not None and (chosen is None or not chosen.num_classes):
+        raise HTTPException(422, f"'label' applies to a class-conditional prior; {prior or 'the default prior'} is not")
     index = resolve_label(chosen, label) if label is not None and chosen is not None else -1
+    back = back_prior = None
+    if background is not None:
+        back = await find_model(service, background, "score")
+        if back.image_shape != entry.image_shape:
+            raise HTTPException(422, f"background {background!r} scores {tuple(back.image_shape)} images and {model!r} "
+                                     f"{tuple(entry.image_shape)}: pick a background model of the same image shape")
+        back_prior = None if back.kind == "vae" else choose_prior(back, None)
+    if k > s.max_score_samples and "vae" in (entry.kind, back.kind if back is not None else None):
+        raise HTTPException(422, f"k={k} is more than the {s.max_score_samples} importance samples allowed "
+                                 "(GENSERVE_MAX_SCORE_SAMPLES); use fewer")
     async with deadline(s.request_timeout_s):
         names, x = await read_files(request, service, entry)  # (n, C, H, W) on the grid k / 255
         n = len(x)
-        heat = None
-        if entry.kind == "vae":
-            if n * k > s.max_score_rows:
-                raise HTTPException(422, f"{n} images x k={k} is {n * k} importance samples, more than the {s.max_score_rows} "
-                                         "a request may ask for (GENSERVE_MAX_SCORE_ROWS); send fewer images or a smaller k")
-            eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed)).reshape(n * k, -1)  # (n k, D)
-            batcher, parts = service.batcher(entry, Op.SCORE), []
-            for start in range(0, n * k, batcher.max_batch_size):  # a pass at a time: never a queue-filling request
-                rows = torch.arange(start, min(start + batcher.max_batch_size, n * k))
-                parts += await batcher.submit(x[rows // k], eps[rows])  # row r: image r // k, its sample r % k
-            log_w = torch.cat(parts)  # (n k,)
-            nats = -VAE.iwae_from_log_weights(log_w.reshape(n, k))  # (n,)
-            if include_map:
-                (heat,) = await service.batcher(entry, Op.SCORE_MAP).submit(x)
-            bound = f"IWAE-{k} (seed {seed}): an upper bound on -log p(x), as the model card's table"
-            meaning = "-log p(x_ij | z = mu), the decoder's term at the posterior mean (it does not sum to the IWAE bound)"
-        else:
-            key = chosen.api_name if chosen is not None else None
-            nats, heat = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((n,), index))
-            heat = heat if include_map else None
-            given = f"given label {index}: an upper bound on -log p(x | y)" if index >= 0 else "an upper bound on -log p(x)"
-            marg = " (label marginalised over equally likely classes)" if chosen is not None and chosen.num_classes and index < 0 else ""
-            bound = f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
-            meaning = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
+        rows = n * k * ((entry.kind == "vae") + (back is not None and back.kind == "vae"))
+        if rows > s.max_score_rows:
+            raise HTTPException(422, f"{n} images x k={k}{' under two VAEs' if rows > n * k else ''} is {rows} importance "
+                                     f"samples, more than the {s.max_score_rows} a request may ask for "
+                                     "(GENSERVE_MAX_SCORE_ROWS); send fewer images or a smaller k")
+        want_map = include_map or heat or png_answer
+        nats, pixel_nats, bound, meaning = await _bound(service, entry, chosen, index, x, k, seed, want_map)
+        back_nats = None
+        if back is not None:
+            back_nats, _, back_bound, _ = await _bound(service, back, back_prior, -1, x, k, seed, False)
+            bound += f"; background {back.name}: {back_bound}"
         # the verdict against the file's threshold (the prior's for a VQ-VAE), computing its codec if not asked for
         threshold = chosen.ood if chosen is not None else entry.ood if entry.kind == "vae" else None
         if threshold is not None and (index >= 0 or (threshold.k is not None and threshold.k != k)):
             threshold = None  # scored otherwise than the threshold was set: no verdict
+        if png_answer:
+            level = s.png_compression
+            return Response(await service.run_io(_heat_png, pixel_nats, x.shape[1], level), media_type=PNG_TYPE,
+                            headers={"X-Genserve-Bound": bound})
         codecs = list(dict.fromkeys([*codec, *([threshold.score] if threshold is not None and threshold.score != "bits" else [])]))
-        return await service.run_codec(_score_response, entry.name, entry.kind, chosen.api_name if chosen else None,
-                                    bound, meaning if heat is not None else None, names, x, nats, heat, codecs, threshold)
+        return await service.run_codec(
+            _score_response, entry.name, entry.kind, chosen.api_name if chosen else None, bound,
+            meaning if include_map else None, names, x, nats, back_nats, pixel_nats if include_map else None,
+            pixel_nats if heat else None, codecs, threshold, s.png_compression)
+
+
+async def _bound(service: Service, entry: Entry, chosen: Prior | None, index: int, x: torch.Tensor, k: int,
+                 seed: int, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
+    """Images x (n, C, H, W) under one model -> (nats (n,), nats per pixel (n, H, W) or None, what `nats`
+    bounds, what the map means)."""
+    n = len(x)
+    if entry.kind == "vae":
+        eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed)).reshape(n * k, -1)  # (n k, D)
+        batcher, parts = service.batcher(entry, Op.SCORE), []
+        for start in range(0, n * k, batcher.max_batch_size):  # a pass at a time: never a queue-filling request
+            rows = torch.arange(start, min(start + batcher.max_batch_size, n * k))
+            parts += await batcher.submit(x[rows // k], eps[rows])  # row r: image r // k, its sample r % k
+        log_w = torch.cat(parts)  # (n k,)
+        nats = -VAE.iwae_from_log_weights(log_w.reshape(n, k))  # (n,)
+        heat = (await service.batcher(entry, Op.SCORE_MAP).submit(x))[0] if want_map else None
+        bound = f"IWAE-{k} (seed {seed}): an upper bound on -log p(x), as the model card's table"
+        meaning = "-log p(x_ij | z = mu), the decoder's term at the posterior mean (it does not sum to the IWAE bound)"
+        return nats, heat, bound, meaning
+    key = chosen.api_name if chosen is not None else None
+    nats, heat = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((n,), index))
+    given = f"given label {index}: an upper bound on -log p(x | y)" if index >= 0 else "an upper bound on -log p(x)"
+    marg = " (label marginalised over equally likely classes)" if chosen is not None and chosen.num_classes and index < 0 else ""
+    bound = f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
+    meaning = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
+    return nats, heat if want_map else None, bound, meaning
+
+
+HEAT_MAX_BITS = 8.0  # a heat map's top colour: bits per subpixel as costly as a uniform guess over 256 levels
+
+
+def _heat_images(pixel_nats: torch.Tensor, channels: int) -> torch.Tensor:
+    """Nats per pixel (n, H, W) -> heat maps (n, 3, H, W) of bits per subpixel, 0 to HEAT_MAX_BITS."""
+    return imaging.heat_map(pixel_nats.double() / (channels * math.log(2)), HEAT_MAX_BITS)
+
+
+def _heat_png(pixel_nats: torch.Tensor, channels: int, level: int) -> bytes:
+    return imaging.grid_png(_heat_images(pixel_nats, channels), compress_level=level)
 
 
 def _score_response(model: str, kind: str, prior: str | None, bound: str, meaning: str | None, names: list[str],
-                    x: torch.Tensor, nats: torch.Tensor, heat: torch.Tensor | None, codecs: list[str],
-                    threshold: OodThreshold | None) -> Response:
-    """The /score answer (ScoreResponse), built in the PNG pool: the codecs compress every image."""
+                    x: torch.Tensor, nats: torch.Tensor, back_nats: torch.Tensor | None, values: torch.Tensor | None,
+                    heat: torch.Tensor | None, codecs: list[str], threshold: OodThreshold | None, level: int) -> Response:
+    """The /score answer (ScoreResponse), built in the codec thread: the codecs compress every image."""
     dims = x[0].numel()
     bpd = nats.double() / (dims * math.log(2))  # (n,)
+    back_bpd = back_nats.double() / (dims * math.log(2)) if back_nats is not None else None
     anchors = {c: codec_bits_per_dim(x, c) for c in codecs}  # codec -> (n,)
+    maps = imaging.pngs_base64(_heat_images(heat, x.shape[1]), level) if heat is not None else None
 
     def item(i: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -253,8 +308,13 @@ def _score_response(model: str, kind: str, prior: str | None, bound: str, meanin
             "codec_bits_per_dim": {c: float(a[i]) for c, a in anchors.items()},
             "complexity_score": {c: float(bpd[i] - a[i]) for c, a in anchors.items()},
         }
-        if heat is not None:
-            out["map"] = heat[i].double().numpy()
+        if back_bpd is not None:
+            out["background_bits_per_dim"] = float(back_bpd[i])
+            out["ratio_score"] = float(bpd[i] - back_bpd[i])
+        if values is not None:
+            out["map"] = values[i].double().numpy()
+        if maps is not None:
+            out["map_png"] = maps[i]
         if threshold is not None:
             value = out["bits_per_dim"] if threshold.score == "bits" else out["complexity_score"][threshold.score]
             out["verdict"] = {"score": threshold.score, "value": value, "threshold": threshold.threshold,
@@ -262,5 +322,6 @@ def _score_response(model: str, kind: str, prior: str | None, bound: str, meanin
         return out
 
     body = {"model": model, "kind": kind, "prior": prior, "bound": bound, **({"map_meaning": meaning} if meaning else {}),
+            **({"map_scale": f"bits per subpixel, 0 (black) to {HEAT_MAX_BITS:g} (pale yellow), clipped"} if maps else {}),
             "items": [item(i) for i in range(len(names))]}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")

@@ -1,6 +1,6 @@
 // The try-it page (GET /): one ES module, no dependencies, nothing from another host.
 // It opens on results: once the model list is in, it reconstructs a bundled image with every model that
-// can, samples a grid and interpolates between two bundled images, without a click. Every panel calls the
+// can, samples a grid, interpolates between two bundled images and scores a bundled image, without a click. Every panel calls the
 // API with fetch, shows a progress bar while the request runs, shows the API's {"detail": ...} as one
 // readable message when it fails (and marks the result it would have replaced as out of date, or clears
 // it), and shows the same request as a curl command. A model is offered only for what its `operations`
@@ -351,6 +351,7 @@ async function loadModels() {
   sampleCurl();
   interpCurl();
   reconstructCells();
+  scoreCells();
 }
 
 // ---------------------------------------------------------------- image pickers
@@ -437,47 +438,50 @@ async function loadedImage(src, alt) {
   return img;
 }
 
-// ---------------------------------------------------------------- reconstruct
+// ---------------------------------------------------------------- one upload, every model (reconstruct, score)
 
-let reconFile = null, reconPreview = null, reconRun = null;
-const reconModels = () => models.filter((m) => can(m, "reconstruct"));
-
-function reconstructCells() {
-  $("#recon-results").replaceChildren(...reconModels().map((m) => el("article", { class: "pair", "data-model": m.name, "data-state": "idle" },
+/** One cell per model in `results`: its name, the input as it sees it and the output slot (`outputTitle`),
+ * and a place for `extra` (the score's numbers). */
+function modelCells(results, list, outputTitle, extra = false) {
+  results.replaceChildren(...list.map((m) => el("article", { class: "pair", "data-model": m.name, "data-state": "idle" },
     el("h3", {}, el("span", { class: "name" }, m.name), " ", el("small", {}, `${shape(m.image_shape.slice(1))} ${channels(m)}`)),
     el("div", { class: "images" },
       el("div", { class: "slot input", title: "the input as the model sees it" }),
-      el("div", { class: "slot output", title: m.decoder === "autoregressive" ? "reconstruction (pixels drawn)" : "reconstruction" })),
+      el("div", { class: "slot output", title: outputTitle(m) })),
+    extra ? el("dl", { class: "numbers" }) : null,
     el("p", { class: "error", role: "alert", hidden: true }))));
-  const skipped = models.filter((m) => !can(m, "reconstruct")).map((m) => m.name);
-  $("#recon-skipped").textContent = skipped.length > 1
-    ? `Not shown: ${skipped.join(", ")}, which do not reconstruct (they have no latent).`
-    : `Not shown: ${skipped.join(", ")}, which does not reconstruct (it has no latent).`;
-  $("#recon-skipped").hidden = !skipped.length;
-  reconCurl();
-  if (reconFile) reconstructAll(reconFile, reconPreview);
+}
+
+/** "Not shown: a, b, which do not <what>" for the models that lack `operation`, in `note`. */
+function skippedNote(note, operation, what) {
+  const skipped = models.filter((m) => !can(m, operation)).map((m) => m.name);
+  note.textContent = skipped.length > 1 ? `Not shown: ${skipped.join(", ")}, which ${what[1]}.`
+    : `Not shown: ${skipped.join(", ")}, which ${what[0]}.`;
+  note.hidden = !skipped.length;
 }
 
 /** One curl per model; a shell loop over them where every name is a plain word (short at phone width). */
-function reconCurl() {
-  const file = quote(`file=@${fileName(reconFile)}`), names = reconModels().map((m) => m.name);
-  const url = endpoint("reconstruct", { model: "MODEL" }).replace(/MODEL$/, "$m");
-  showCurl($("#reconstruct"), [...fetchBundled(reconFile), ...(names.length > 1 && names.every((n) => /^[\w.-]+$/.test(n))
-    ? [`for m in ${names.join(" ")}; do`, `  curl -fsS -F ${file} -o "$m.png" "${url}"`, "done"]
-    : names.map((n) => `curl -fsS -F ${file} -o ${quote(`${n}.png`)} ${quote(endpoint("reconstruct", { model: n }))}`))]);
+function perModelCurl(panel, path, file, names, ext, params = {}) {
+  const upload = quote(`file=@${fileName(file)}`);
+  const url = endpoint(path, { model: "MODEL", ...params }).replace("model=MODEL", "model=$m");
+  showCurl(panel, [...fetchBundled(file), ...(names.length > 1 && names.every((n) => /^[\w.-]+$/.test(n))
+    ? [`for m in ${names.join(" ")}; do`, `  curl -fsS -F ${upload} -o "$m.${ext}" "${url}"`, "done"]
+    : names.map((n) => `curl -fsS -F ${upload} -o ${quote(`${n}.${ext}`)} ${quote(endpoint(path, { model: n, ...params }))}`))]);
 }
 
-/** Reconstruct `file` with every model that can. A problem with the file itself (or one that several models
- * share) is said once, under the picker; a model's own problem in its cell. When no model returned an image,
- * the cells go: nothing from the last image is left under the message. */
-async function reconstructAll(file, preview) {
-  reconFile = file;
-  reconPreview = preview;
-  reconCurl();
-  reconRun?.abort();
-  const run = (reconRun = new AbortController());
-  const panel = $("#reconstruct"), error = $(":scope > .error", panel), results = $("#recon-results");
-  const cells = reconModels().map((m) => [m, $(`.pair[data-model="${CSS.escape(m.name)}"]`, results)]);
+const perModelRuns = new Map();  // panel -> the AbortController of its running per-model run
+
+/** Send `file` to every model with a cell in `panel`'s `results`: `request(model, file, signal)` resolves to a
+ * function that fills the model's cell, called only if this run is still the panel's latest. A problem with the
+ * file itself (or one that several models share) is said once, under the picker; a model's own problem in its
+ * cell. When no model answered, the cells go: nothing from the last image is left under the message. */
+async function perModel(panel, results, list, file, preview, request) {
+  perModelRuns.get(panel)?.abort();
+  const run = new AbortController();
+  perModelRuns.set(panel, run);
+  const current = () => perModelRuns.get(panel) === run;
+  const error = $(":scope > .error", panel);
+  const cells = list.map((m) => [m, $(`.pair[data-model="${CSS.escape(m.name)}"]`, results)]);
   panel.dataset.state = "busy";
   panel.setAttribute("aria-busy", "true");
   error.hidden = true;
@@ -486,30 +490,27 @@ async function reconstructAll(file, preview) {
     cell.dataset.state = "busy";
     $(".slot.input", cell).replaceChildren();
     $(".slot.output", cell).replaceChildren();
+    $(".numbers", cell)?.replaceChildren();
     $(".error", cell).hidden = true;
   }
   const bitmap = await preview;
-  if (run !== reconRun) return;
+  if (!current()) return;
   const failures = (await Promise.all(cells.map(async ([m, cell]) => {
     if (bitmap) $(".slot.input", cell).replaceChildren(modelView(bitmap, m.image_shape));
     try {
-      const body = new FormData();
-      body.append("file", file, file.name);
-      const blob = await (await api(endpoint("reconstruct", { model: m.name }), { method: "POST", body, signal: run.signal })).blob();
-      const img = await loadedImage(URL.createObjectURL(blob), `reconstruction by ${m.name}`);
-      if (run !== reconRun) return null;
-      $(".slot.output", cell).replaceChildren(zoomable(img, `${file.name} reconstructed by ${m.name}`,
-        `reconstruct-${slug(m.name)}-${slug(file.name)}.png`));
+      const fill = await request(m, file, run.signal);
+      if (!current()) return null;
+      fill(cell);
       cell.dataset.state = "done";
       return null;
     } catch (err) {
-      if (err.name === "AbortError" || run !== reconRun) return null;
+      if (err.name === "AbortError" || !current()) return null;
       if (!(err instanceof ApiError)) console.error(err);
       cell.dataset.state = "error";
       return { cell, err, message: describe(err) };
     }
   }))).filter(Boolean);
-  if (run !== reconRun) return;
+  if (!current()) return;
   const times = new Map();
   for (const f of failures) times.set(f.message, (times.get(f.message) ?? 0) + 1);
   const once = new Set();
@@ -522,6 +523,85 @@ async function reconstructAll(file, preview) {
   results.hidden = cells.length > 0 && failures.length === cells.length;
   panel.dataset.state = failures.length ? "error" : "done";
   panel.removeAttribute("aria-busy");
+}
+
+/** The upload as a multipart body. */
+function uploadBody(file) {
+  const body = new FormData();
+  body.append("file", file, file.name);
+  return body;
+}
+
+// ---------------------------------------------------------------- reconstruct
+
+let reconFile = null, reconPreview = null;
+const reconModels = () => models.filter((m) => can(m, "reconstruct"));
+
+function reconstructCells() {
+  modelCells($("#recon-results"), reconModels(), (m) => (m.decoder === "autoregressive" ? "reconstruction (pixels drawn)" : "reconstruction"));
+  skippedNote($("#recon-skipped"), "reconstruct", ["does not reconstruct (it has no latent)", "do not reconstruct (they have no latent)"]);
+  reconCurl();
+  if (reconFile) reconstructAll(reconFile, reconPreview);
+}
+
+function reconCurl() {
+  perModelCurl($("#reconstruct"), "reconstruct", reconFile, reconModels().map((m) => m.name), "png");
+}
+
+/** Reconstruct `file` with every model that can. */
+async function reconstructAll(file, preview) {
+  reconFile = file;
+  reconPreview = preview;
+  reconCurl();
+  await perModel($("#reconstruct"), $("#recon-results"), reconModels(), file, preview, async (m, f, signal) => {
+    const response = await api(endpoint("reconstruct", { model: m.name }), { method: "POST", body: uploadBody(f), signal });
+    const img = await loadedImage(URL.createObjectURL(await response.blob()), `reconstruction by ${m.name}`);
+    return (cell) => $(".slot.output", cell).replaceChildren(zoomable(img, `${f.name} reconstructed by ${m.name}`,
+      `reconstruct-${slug(m.name)}-${slug(f.name)}.png`));
+  });
+}
+
+// ---------------------------------------------------------------- score
+
+const SCORE_PARAMS = { k: 100, codec: "webp", map: "true" };  // k = 100: as the stored thresholds were set
+let scoreFile = null, scorePreview = null;
+const scoreModels = () => models.filter((m) => can(m, "score"));
+
+function scoreCells() {
+  modelCells($("#score-results"), scoreModels(), () => "bits per subpixel: black 0, pale yellow 8 or more", true);
+  skippedNote($("#score-skipped"), "score", ["cannot score (its likelihood is not a probability of 8-bit images)",
+    "cannot score (their likelihood is not a probability of 8-bit images)"]);
+  scoreCurl();
+  if (scoreFile) scoreAll(scoreFile, scorePreview);
+}
+
+function scoreCurl() {
+  perModelCurl($("#score"), "score", scoreFile, scoreModels().map((m) => m.name), "json", SCORE_PARAMS);
+}
+
+/** Score `file` under every model that can: its bits/dim, the WebP complexity score, the verdict against the
+ * threshold stored with the model (where there is one) and the heat map of where the bits go. */
+async function scoreAll(file, preview) {
+  scoreFile = file;
+  scorePreview = preview;
+  scoreCurl();
+  await perModel($("#score"), $("#score-results"), scoreModels(), file, preview, async (m, f, signal) => {
+    const request = { method: "POST", body: uploadBody(f), accept: "application/json", signal };
+    const body = await (await api(endpoint("score", { model: m.name, ...SCORE_PARAMS }), request)).json();
+    const item = body.items[0];
+    const img = await loadedImage(`data:image/png;base64,${item.map_png}`, `heat map under ${m.name}`);
+    return (cell) => {
+      $(".slot.output", cell).replaceChildren(zoomable(img, `${f.name}: bits per subpixel under ${m.name} (black 0, pale yellow 8)`,
+        `score-${slug(m.name)}-${slug(f.name)}.png`));
+      const v = item.verdict;
+      const rows = [["bits/dim", item.bits_per_dim.toFixed(3)], ["minus WebP", item.complexity_score.webp.toFixed(3)],
+        ["verdict", v ? el("span", { class: v.unusual ? "verdict unusual" : "verdict usual", title:
+          `${v.score} score ${v.value.toFixed(3)} against the threshold ${v.threshold.toFixed(3)}` }, v.unusual ? "unusual" : "usual")
+          : el("span", { class: "note", title: "set one with python -m training threshold" }, "no threshold")]];
+      $(".numbers", cell).replaceChildren(...rows.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+      cell.title = body.bound;
+    };
+  });
 }
 
 // ---------------------------------------------------------------- sample
@@ -710,6 +790,7 @@ $("#interp-zoom").addEventListener("click", () => {
 // ---------------------------------------------------------------- start: results before any question
 
 const recon = picker($("#recon-picker"), reconstructAll);
+const scorePick = picker($("#score-picker"), scoreAll);
 ends.a = picker($("#interp-a"), interpCurl);
 ends.b = picker($("#interp-b"), interpCurl);
 
@@ -720,6 +801,12 @@ async function showOnLoad() {
     recon.bundled(DEFAULT_RECON[grey * 2 >= reconModels().length ? 1 : 3]);
   } else if (!reconModels().length) {
     $("#reconstruct").dataset.state = "done";
+  }
+  const greyScores = scoreModels().filter((m) => m.image_shape[0] === 1).length;
+  if (scorePick.auto && !scorePick.file && scoreModels().length) {
+    scorePick.bundled(DEFAULT_RECON[greyScores * 2 >= scoreModels().length ? 1 : 3]);
+  } else if (!scoreModels().length) {
+    $("#score").dataset.state = "done";
   }
   for (const [form, panel, run] of [[sampleForm, $("#sample"), sample], [interpForm, $("#interpolate"), null]]) {
     if (form.hidden) panel.dataset.state = "done";

@@ -70,7 +70,7 @@ def driver():
     browser.quit()
 
 
-PANELS = ("#reconstruct", "#sample", "#interpolate")  # each shows a result made on load, without a click
+PANELS = ("#reconstruct", "#sample", "#interpolate", "#score")  # each shows a result made on load, without a click
 
 
 @pytest.fixture
@@ -230,7 +230,11 @@ def test_the_page_opens_on_results(page, server_url) -> None:
         assert httpx.get(url, timeout=10).headers["content-type"] == "image/png"
 
     order = page.execute_script("return [...document.querySelectorAll('main > section')].map(s => s.id)")
-    assert order == ["reconstruct", "sample", "interpolate", "models"]
+    assert order == ["reconstruct", "sample", "interpolate", "score", "models"]
+    scored = page.find_elements(By.CSS_SELECTOR, "#score-results .pair")
+    assert [c.get_attribute("data-model") for c in scored] == offered(models, "score")
+    assert all(c.get_attribute("data-state") == "done" and c.find_element(By.CSS_SELECTOR, ".slot.output img").is_displayed()
+               for c in scored)
     cards = page.find_elements(By.CSS_SELECTOR, "#model-cards details.card")
     assert len(cards) == len(models) and not any(c.get_attribute("open") for c in cards)
     assert shown(page, "#model-cards table") == [] and shown(page, "#model-cards dl") == []
@@ -310,6 +314,68 @@ def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -
     page.find_element(By.CSS_SELECTOR, '#recon-picker .bundled button[data-file="sneaker.png"]').click()
     assert all(c.get_attribute("data-state") == "done" for c in reconstructed(page, "sneaker.png"))
     assert not page.find_element(By.CSS_SELECTOR, "#recon-picker .drop .name").is_displayed()  # the button says it
+
+
+def scored(driver, name: str) -> list:
+    """Wait until `name` is the image scored (its curl names it) and every model has answered; the cells."""
+    wait_for(driver, lambda d: f"file=@{name}" in text(d, "#score pre.curl"), f"{name} to be picked for scoring")
+    settled(driver, "#score")
+    return driver.find_elements(By.CSS_SELECTOR, "#score-results .pair")
+
+
+def test_an_upload_is_scored_by_every_model_that_can(page, server_url, tmp_path) -> None:
+    """The Score panel: each model's bits/dim and WebP complexity score as /score gives them, its heat map
+    (the same PNG), and "no threshold" where the file stores none (conftest.py's files store none)."""
+    models = httpx.get(server_url + "/models", timeout=60).json()
+    path = tmp_path / "stripes.png"
+    arr = np.zeros((40, 30), np.uint8)
+    arr[::4] = 255
+    Image.fromarray(arr, "L").save(path)
+    upload(page, "#score-picker", path)
+    cells = scored(page, "stripes.png")
+    names = offered(models, "score")
+    assert [c.get_attribute("data-model") for c in cells] == names and names
+    assert "vae" not in names and "Not shown: vae," in text(page, "#score-skipped")  # conftest's Bernoulli VAE
+    for cell, name in zip(cells, names):
+        assert cell.get_attribute("data-state") == "done", cell.text
+        body = httpx.post(server_url + "/score", params={"model": name, "k": 100, "codec": "webp", "map": "true"},
+                          files={"file": ("stripes.png", path.read_bytes(), "image/png")}, timeout=60).json()
+        item = body["items"][0]
+        numbers = dict(zip([e.text for e in cell.find_elements(By.CSS_SELECTOR, ".numbers dt")],
+                           [e.text for e in cell.find_elements(By.CSS_SELECTOR, ".numbers dd")]))
+        assert numbers == {"bits/dim": f"{item['bits_per_dim']:.3f}", "minus WebP": f"{item['complexity_score']['webp']:.3f}",
+                           "verdict": "no threshold"}
+        heat = image_pixels(page, cell.find_element(By.CSS_SELECTOR, ".slot.output img"))
+        assert np.array_equal(heat, png_pixels(base64.b64decode(item["map_png"])))
+    curl = text(page, "#score pre.curl").splitlines()
+    assert curl == [f"for m in {' '.join(names)}; do",
+                    f"""  curl -fsS -F 'file=@stripes.png' -o "$m.json" "{server_url}/score?model=$m&k=100&codec=webp&map=true\"""",
+                    "done"]
+
+
+def test_the_score_panel_shows_the_verdict(driver, server_url) -> None:
+    """A verdict from /score (added here to the server's answers, as conftest.py's files store no threshold) is
+    shown as usual or unusual, with the value and the threshold in its title."""
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const fetchFromServer = window.fetch;
+        let calls = 0;
+        window.fetch = async (resource, init) => {
+          const response = await fetchFromServer(resource, init);
+          if (new URL(String(resource), location.href).pathname !== "/score" || !response.ok) return response;
+          const body = await response.json(), unusual = calls++ % 2 === 0;
+          for (const item of body.items) item.verdict = { score: "webp", value: 1.25, threshold: 0.5, unusual };
+          return new Response(JSON.stringify(body), { headers: { "Content-Type": "application/json" } });
+        };"""})["identifier"]
+    try:
+        load(driver, server_url)
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
+    verdicts = driver.find_elements(By.CSS_SELECTOR, "#score-results .verdict")
+    assert len(verdicts) == len(driver.find_elements(By.CSS_SELECTOR, "#score-results .pair")) > 1
+    assert sorted(v.text for v in verdicts)[0] == "unusual" and {v.text for v in verdicts} == {"usual", "unusual"}
+    for v in verdicts:
+        assert v.get_attribute("title") == "webp score 1.250 against the threshold 0.500"
+        assert ("unusual" in v.get_attribute("class").split()) == (v.text == "unusual")
 
 
 def test_a_bad_upload_is_one_message_at_the_picker_and_clears_the_results(page, tmp_path) -> None:

@@ -266,12 +266,21 @@ def test_score_gives_the_servers_numbers(api, pngs, server_url):
         assert s.map.shape == (8, 8) and np.array_equal(s.map, np.asarray(item["map"]))
     vae = api.score("vae_rgb", pngs[:1], k=4, seed=2)
     assert vae[0].map is None and "IWAE-4" in vae[0].bound and set(vae[0].codec_bits_per_dim) == {"png"}
+    assert vae[0].heat_map is None and vae[0].ratio_score is None and vae[0].background_bits_per_dim is None
+    # a heat map and the likelihood ratio against a background model
+    [ratio] = api.score("vqvae", pngs[:1], prior="pixelcnnpp", heat_map=True, background="vqvae")
+    with httpx.Client(base_url=server_url, timeout=60) as raw:
+        item = raw.post("/score", params={"model": "vqvae", "prior": "pixelcnnpp", "map": "true", "background": "vqvae"},
+                        files=[("file", (pngs[0].name, pngs[0].read_bytes(), "image/png"))]).json()["items"][0]
+    assert ratio.ratio_score == item["ratio_score"] and ratio.background_bits_per_dim == item["background_bits_per_dim"]
+    assert ratio.heat_map.mode == "RGB" and ratio.heat_map.size == (8, 8)
+    assert np.array_equal(np.asarray(ratio.heat_map), np.asarray(Image.open(io.BytesIO(base64.b64decode(item["map_png"])))))
     with pytest.raises(APIError) as err:
         api.score("vae", pngs)  # a Bernoulli VAE: not a probability of 8-bit images
     assert err.value.status_code == 422
 
 
-def test_cli_score_prints_a_line_per_image(server_url, pngs, capsys):
+def test_cli_score_prints_a_line_per_image(server_url, pngs, capsys, tmp_path):
     assert main(["--url", server_url, "score", "--model", "vqvae", "--codec", "png", "--codec", "webp",
                  *map(str, pngs)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -279,7 +288,16 @@ def test_cli_score_prints_a_line_per_image(server_url, pngs, capsys):
     assert [line.split("\t")[0] for line in lines[2:]] == [p.name for p in pngs]
     assert main(["--url", server_url, "score", "--model", "vqvae", "--json", str(pngs[0])]) == 0
     [item] = json.loads(capsys.readouterr().out)
-    assert item["file"] == pngs[0].name and item["bits_per_dim"] > 0
+    assert item["file"] == pngs[0].name and item["bits_per_dim"] > 0 and "ratio_score" not in item
+    heat = tmp_path / "heat.png"
+    assert main(["--url", server_url, "score", "--model", "vqvae", "--prior", "pixelcnnpp", "--background", "vqvae",
+                 "--heat-maps", str(heat), *map(str, pngs)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].split("\t")[-2:] == ["ratio", "verdict"] and "background vqvae" in lines[0]
+    ratios = [float(line.split("\t")[-2]) for line in lines[2:]]
+    expected = [s.ratio_score for s in Client(server_url).score("vqvae", pngs, prior="pixelcnnpp", background="vqvae")]
+    assert ratios == pytest.approx(expected, abs=5e-5)
+    assert len(pngs) == 3 and Image.open(heat).size == (22, 22)  # 2 per row, 8x8 maps 2 pixels apart
 
 
 async def test_async_client_has_the_same_methods_and_answers(weights_dir, server_url, pngs):

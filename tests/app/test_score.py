@@ -106,6 +106,95 @@ async def test_scores_do_not_depend_on_what_else_is_scored(client):
     assert crowd[-1].content == q
 
 
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+    import io
+
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG" and img.mode == "RGB"
+    return np.asarray(img)
+
+
+def expected_heat(pixel_nats: torch.Tensor, channels: int) -> np.ndarray:
+    """The heat map's bytes, computed here from the colour anchors: bits per subpixel on 0..8."""
+    from app.imaging import HEAT_COLOURS
+
+    t = (pixel_nats.double() / (channels * math.log(2)) / 8).clamp(0, 1) * 4  # (n, H, W)
+    lo = t.floor().long().clamp(max=3)
+    rgb = HEAT_COLOURS.double()[lo] * (1 - (t - lo))[..., None] + HEAT_COLOURS.double()[lo + 1] * (t - lo)[..., None]
+    return torch.round(rgb.float().clamp(0, 1) * 255).to(torch.uint8).numpy()  # (n, H, W, 3)
+
+
+async def test_map_true_gives_a_heat_map_png_per_image_on_a_fixed_scale(client, service):
+    blobs = uploads(2, mode="L")
+    r = await score(client, "vqvae", blobs, prior="gated", map="true", include_map="true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "8 (pale yellow)" in body["map_scale"]
+    values = torch.tensor([item["map"] for item in body["items"]], dtype=torch.float64)  # (2, 8, 8) nats per pixel
+    import base64
+
+    heat = np.stack([decode_png(base64.b64decode(item["map_png"])) for item in body["items"]])
+    assert heat.shape == (2, 8, 8, 3)
+    assert np.array_equal(heat, expected_heat(values, 1))
+    # without map=true there is none, and the numbers alone come with include_map
+    plain = (await score(client, "vqvae", blobs, prior="gated")).json()
+    assert all("map_png" not in item and "map" not in item for item in plain["items"]) and "map_scale" not in plain
+
+
+def test_the_heat_colours_run_from_black_to_pale_yellow_and_clip():
+    from app.imaging import heat_map
+
+    values = torch.tensor([[[-1.0, 0.0, 4.0, 8.0, 100.0, float("nan")]]])
+    rgb = heat_map(values, 8.0)[0, :, 0].T  # (6, 3)
+    assert torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[0], rgb[5]) and rgb[0].sum() < 0.02  # below 0 and NaN: black
+    assert torch.equal(rgb[3], rgb[4]) and rgb[3].min() > 0.6  # 8 and above: pale yellow
+    assert (rgb[1:4].sum(1).diff() > 0).all()  # brighter as the cost rises
+    with pytest.raises(ValueError, match="vmax"):
+        heat_map(values, 0.0)
+
+
+async def test_accept_image_png_answers_the_heat_maps_as_one_grid(client, service):
+    blobs = uploads(3)
+    values = torch.tensor([item["map"] for item in (await score(client, "vae_rgb", blobs, k=2, include_map="true")).json()["items"]])
+    r = await client.post("/score", params={"model": "vae_rgb", "k": 2}, files=blobs, headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert "IWAE-2" in r.headers["x-genserve-bound"]
+    grid = decode_png(r.content)
+    assert grid.shape == (2 + 2 * 10, 2 + 2 * 10, 3)  # 2 per row, 2 pixels of padding
+    heat = expected_heat(values, 3)
+    for i in range(3):
+        top, left = 2 + (i // 2) * 10, 2 + (i % 2) * 10
+        assert np.array_equal(grid[top:top + 8, left:left + 8], heat[i])
+    # */* (curl's default) and no Accept header keep the JSON answer
+    for accept in ("*/*", "application/json, image/png", None):
+        r = await client.post("/score", params={"model": "vae_rgb", "k": 2}, files=blobs,
+                              headers={"Accept": accept} if accept else {})
+        assert r.headers["content-type"] == "application/json", accept
+
+
+async def test_a_background_model_gives_the_likelihood_ratio(client, service):
+    blobs = uploads(2, mode="L")
+    r = await score(client, "vqvae", blobs, prior="pixelcnnpp", background="vqvae")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    entry = service.registry.entries["vqvae"]
+    x = pixels(blobs)
+    dims = x[0].numel() * math.log(2)
+    nats, _ = entry.model.nll_labelled(entry.priors["pixelcnnpp"].model, x, torch.full((2,), -1))
+    back, _ = entry.model.nll_labelled(entry.default_prior.model, x, torch.full((2,), -1))  # the default prior: gated
+    assert entry.default_prior.api_name == "gated" and "background vqvae" in body["bound"]
+    for i, item in enumerate(body["items"]):
+        assert item["bits_per_dim"] == pytest.approx(nats[i].item() / dims, rel=1e-9)
+        assert item["background_bits_per_dim"] == pytest.approx(back[i].item() / dims, rel=1e-9)
+        assert item["ratio_score"] == pytest.approx((nats[i] - back[i]).item() / dims, rel=1e-9, abs=1e-12)
+    assert any(abs(item["ratio_score"]) > 1e-3 for item in body["items"])
+    # a VAE against itself, with the same k and seed: a ratio of exactly 1
+    same = (await score(client, "vae_rgb", uploads(2), k=3, seed=2, background="vae_rgb")).json()
+    assert all(item["ratio_score"] == 0.0 for item in same["items"])
+    assert "ratio_score" not in (await score(client, "vae_rgb", uploads(2), k=3)).json()["items"][0]
+
+
 @pytest.mark.parametrize("model, params, status, detail", [
     ("vae", {}, 422, "not a probability of 8-bit images"),
     ("nope", {}, 404, "unknown model"),
@@ -119,11 +208,18 @@ async def test_scores_do_not_depend_on_what_else_is_scored(client):
     ("vqvae", {"prior": "pixelcnn", "label": "1"}, 422, "class-conditional"),
     ("vqvae", {"prior": "none", "label": "1"}, 422, "class-conditional"),
     ("vqvae", {"prior": "gated", "label": "7"}, 422, "out of range"),
+    ("vae_rgb", {"background": "nope"}, 404, "unknown model"),
+    ("vae_rgb", {"background": "vae"}, 422, "not a probability of 8-bit images"),
+    ("vae_rgb", {"background": "vqvae"}, 422, "same image shape"),
+    ("vqvae", {"background": "vae_rgb"}, 422, "same image shape"),
+    ("vae_rgb", {"k": 500, "background": "vae_rgb"}, 422, "under two VAEs"),
+    ("vqvae", {"k": 1001}, 200, ""),
 ])
 async def test_every_bad_request_is_a_clear_4xx(client, model, params, status, detail):
     r = await score(client, model, uploads(5, mode="L"), **params)
     assert r.status_code == status, r.text
-    assert detail in r.json()["detail"] if isinstance(r.json()["detail"], str) else True
+    if status != 200:  # a VQ-VAE takes no importance samples: k is not bounded for it
+        assert detail in r.json()["detail"] if isinstance(r.json()["detail"], str) else True
 
 
 async def test_a_request_without_files_is_refused(client):
