@@ -189,12 +189,15 @@ def _run(api: client.Client, args: argparse.Namespace) -> str:
         scores = api.score(args.model, _paths(args.images), prior=args.prior, label=args.label, k=args.k, seed=args.seed,
                            codecs=codecs, heat_map=bool(args.heat_maps), background=args.background)
         if args.heat_maps:
+            if any(s.heat_map is None for s in scores):
+                raise CLIError("the server sent no heat maps (map_png): it predates them")
             grid([s.heat_map for s in scores]).save(args.heat_maps, format="PNG")
         if args.json:
             return json.dumps([{k: v for k, v in vars(s).items() if k not in ("map", "heat_map") and v is not None}
                                for s in scores], indent=2)
         ratio = args.background is not None
-        lines = [f"# {scores[0].bound}", "file\tbits/dim\t" + "\t".join(f"{c} bits/dim\tcomplexity ({c})" for c in codecs)
+        lines = [f"# {scores[0].bound}", *([f"# background {scores[0].background_bound}"] if ratio else []),
+                 "file\tbits/dim\t" + "\t".join(f"{c} bits/dim\tcomplexity ({c})" for c in codecs)
                  + ("\tratio" if ratio else "") + "\tverdict"]
         for s in scores:
             verdict = "-" if s.verdict is None else (

@@ -186,6 +186,7 @@ class Score:
     heat_map: Image.Image | None = None
     background_bits_per_dim: float | None = None
     ratio_score: float | None = None
+    background_bound: str | None = None  # "background_name: what its bits/dim bound"
 
 
 # --- images in and out -------------------------------------------------------------------------
@@ -394,7 +395,8 @@ def _parse_scores(response: httpx.Response, n: int) -> list[Score]:
                   map=np.asarray(item["map"], dtype=np.float64) if item.get("map") is not None else None,
                   verdict=item.get("verdict"),
                   heat_map=_image(base64.b64decode(item["map_png"])) if item.get("map_png") is not None else None,
-                  background_bits_per_dim=item.get("background_bits_per_dim"), ratio_score=item.get("ratio_score"))
+                  background_bits_per_dim=item.get("background_bits_per_dim"), ratio_score=item.get("ratio_score"),
+                  background_bound=f"{body['background']}: {body['background_bound']}" if body.get("background") else None)
             for item in items]
 
 

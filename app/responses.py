@@ -81,6 +81,7 @@ async def image_response(
     of heavy requests.
     """
     service: Service = request.app.state.service
+    headers = {**(headers or {}), "Vary": "Accept"}  # the answer's type follows the Accept header
     small = images.numel() <= SMALL_IMAGE_ELEMENTS
     level = service.settings.png_compression
     media = negotiate(request)

@@ -189,7 +189,9 @@ class ScoreResponse(BaseModel):
     kind: str
     prior: str | None = Field(description="VQ-VAE: the prior of the bound; null: uniform codes (a VAE has none)")
     bound: str = Field(description="what `nats` bounds and how it was computed")
-    map_meaning: str | None = None
+    background: str | None = Field(None, description="the background model of `ratio_score`, where one was asked for")
+    background_bound: str | None = Field(None, description="what the background's bits/dim bound")
+    map_meaning: str | None = Field(None, description="with include_map or map: what the per-pixel nats are")
     map_scale: str | None = Field(None, description="with map=true: the heat maps' colour scale")
     items: list[ImageScore]
 

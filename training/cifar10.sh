@@ -4,7 +4,7 @@
 # extracted); `--data cifar10 --data-root R` reads the original data through torchvision instead.
 # Files go to runs/ship/; the `ship` lane copies them (and small GIFs) to weights/ once every run has finished.
 # Usage: DATA=data/cifar10 bash training/cifar10.sh vq | vae   (two lanes at once), then prior-a | prior-b (two
-# lanes, once vq has finished), then ship
+# lanes, once vq has finished), then ship; the colour PixelVAE (issue 25) on its own: pixelvae
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,7 +15,7 @@ t() { local family=$1; shift; "$PY" -m training "$family" --data "$DATA" --threa
 VQ="$OUT/vqvae_cifar10.safetensors"
 # every prior: the same epochs and schedule (PRIOR_EPOCHS to change them), class-conditional on the folder's labels
 PRIOR_ARGS=(--epochs "${PRIOR_EPOCHS:-7}" --batch-size 128 --lr 1e-3 --lr-schedule cosine --min-lr 1e-5)
-case "${1:?lane: vq, vae, prior-a, prior-b or ship}" in
+case "${1:?lane: vq, vae, prior-a, prior-b, ship or pixelvae}" in
   vq)  # as the shipped file was trained: 7 epochs at a constant rate (one thread, beside the vae lane), then alone on
        # two threads with the cosine schedule, lengthened twice (--stop-after replays where each curve was left);
        # from epoch 17 the mean image's squared error weighs 100, not 10, and picks the best epoch, because the
@@ -72,5 +72,15 @@ for prior_file, temperature, out in (("runs/tutorial/pixelcnn_small.safetensors"
     print(f"weights/samples/{out}")
 PY
     ;;
-  *) echo "lane must be vq, vae, prior-a, prior-b or ship" >&2; exit 2 ;;
+  pixelvae)  # issue 25: the colour PixelVAE (an autoregressive decoder), alone on two threads; then into weights/ in
+    # float16 with every metric measured again, and the out-of-distribution threshold on its validation split
+    "$PY" -m training vae --data "$DATA" --threads 2 --arch conv --conv-channels 32 64 --latent-dim 64 --fc-dim 256 \
+      --decoder autoregressive --ar-channels 64 --ar-layers 3 --free-bits 0.5 --batch-size 64 --lr 1e-3 \
+      --lr-schedule cosine --min-lr 1e-5 --epochs 14 --iwae-k 50 --name vae_cifar10_ar \
+      --out "$OUT/vae_cifar10_ar.safetensors" --run-dir runs/vae_cifar10_ar
+    cp "$OUT/vae_cifar10_ar.safetensors" weights/
+    "$PY" -m training convert --dtype float16 --threads 2 weights/vae_cifar10_ar.safetensors
+    "$PY" -m training threshold --score webp --threads 2 weights/vae_cifar10_ar.safetensors
+    ;;
+  *) echo "lane must be vq, vae, prior-a, prior-b, ship or pixelvae" >&2; exit 2 ;;
 esac

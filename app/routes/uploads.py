@@ -200,10 +200,14 @@ async def score(
     `background`: the same images are scored under a second model (a VAE with the same k and seed;
     a VQ-VAE under its default prior, label marginalised), and `ratio_score` is bits_per_dim minus
     its bits_per_dim: -log of the likelihood ratio of Ren et al. (2019) per dimension, higher is
-    less typical. `map=true` adds a heat map per image; with `Accept: image/png` (preferred to
-    application/json) the answer is the heat maps alone, one PNG grid. A heat map shows bits per
-    subpixel, map / (C ln 2), from 0 (black) to 8 (pale yellow: as costly as a uniform guess over the
-    256 levels) and clipped there."""
+    less typical (with `label`, -log p(x | y) against the background's -log p(x)). The verdict judges
+    the model's own score (`verdict.score`), never the ratio.
+
+    `map=true` adds a heat map per image; with `Accept: image/png` (preferred to application/json)
+    the answer is the heat maps alone, one PNG grid, and only they are computed (no importance
+    samples: a VAE's map is one pass; `background` is refused). A heat map shows bits per subpixel,
+    map / (C ln 2), from 0 (black) to 8 (pale yellow: as costly as a uniform guess over the 256
+    levels) and clipped there; `map_meaning` (the PNG's X-Genserve-Map header) says what it is."""
     entry = await find_model(service, model, "score")
     s = service.settings
     png_answer = negotiate(request, (JSON_TYPE, PNG_TYPE)) == PNG_TYPE
@@ -215,47 +219,72 @@ async def score(
     index = resolve_label(chosen, label) if label is not None and chosen is not None else -1
     back = back_prior = None
     if background is not None:
-        back = await find_model(service, background, "score")
-        if back.image_shape != entry.image_shape:
-            raise HTTPException(422, f"background {background!r} scores {tuple(back.image_shape)} images and {model!r} "
-                                     f"{tuple(entry.image_shape)}: pick a background model of the same image shape")
-        back_prior = None if back.kind == "vae" else choose_prior(back, None)
-    if k > s.max_score_samples and "vae" in (entry.kind, back.kind if back is not None else None):
+        if png_answer:
+            raise HTTPException(422, "the image/png answer holds only the heat maps: drop 'background', or ask for "
+                                     "application/json")
+        back, back_prior = await _background(service, background, entry)
+    vaes = [e for e in (entry, back) if e is not None and e.kind == "vae"]
+    if k > s.max_score_samples and vaes and not png_answer:
         raise HTTPException(422, f"k={k} is more than the {s.max_score_samples} importance samples allowed "
                                  "(GENSERVE_MAX_SCORE_SAMPLES); use fewer")
     async with deadline(s.request_timeout_s):
         names, x = await read_files(request, service, entry)  # (n, C, H, W) on the grid k / 255
         n = len(x)
-        rows = n * k * ((entry.kind == "vae") + (back is not None and back.kind == "vae"))
+        headers = {"Vary": "Accept"}  # the answer depends on the Accept header
+        if png_answer:
+            pixel_nats, meaning = await _heat(service, entry, chosen, index, x)
+            png = await service.run_io(_heat_png, pixel_nats, x.shape[1], s.png_compression)
+            return Response(png, media_type=PNG_TYPE, headers={**headers, "X-Genserve-Map": meaning})
+        rows = n * k * len(vaes)
         if rows > s.max_score_rows:
-            raise HTTPException(422, f"{n} images x k={k}{' under two VAEs' if rows > n * k else ''} is {rows} importance "
+            raise HTTPException(422, f"{n} images x k={k}{' under two VAEs' if len(vaes) > 1 else ''} is {rows} importance "
                                      f"samples, more than the {s.max_score_rows} a request may ask for "
                                      "(GENSERVE_MAX_SCORE_ROWS); send fewer images or a smaller k")
-        want_map = include_map or heat or png_answer
-        nats, pixel_nats, bound, meaning = await _bound(service, entry, chosen, index, x, k, seed, want_map)
-        back_nats = None
+        nats, vq_map, bound = await _bound(service, entry, chosen, index, x, k, seed)
+        pixel_nats = meaning = None
+        if include_map or heat:
+            pixel_nats, meaning = (vq_map, VQVAE_MAP) if vq_map is not None else await _heat(service, entry, chosen, index, x)
+        back_nats = back_bound = None
         if back is not None:
-            back_nats, _, back_bound, _ = await _bound(service, back, back_prior, -1, x, k, seed, False)
-            bound += f"; background {back.name}: {back_bound}"
+            back_nats, _, back_bound = await _bound(service, back, back_prior, -1, x, k, seed)
         # the verdict against the file's threshold (the prior's for a VQ-VAE), computing its codec if not asked for
         threshold = chosen.ood if chosen is not None else entry.ood if entry.kind == "vae" else None
         if threshold is not None and (index >= 0 or (threshold.k is not None and threshold.k != k)):
             threshold = None  # scored otherwise than the threshold was set: no verdict
-        if png_answer:
-            level = s.png_compression
-            return Response(await service.run_io(_heat_png, pixel_nats, x.shape[1], level), media_type=PNG_TYPE,
-                            headers={"X-Genserve-Bound": bound})
         codecs = list(dict.fromkeys([*codec, *([threshold.score] if threshold is not None and threshold.score != "bits" else [])]))
-        return await service.run_codec(
-            _score_response, entry.name, entry.kind, chosen.api_name if chosen else None, bound,
-            meaning if include_map else None, names, x, nats, back_nats, pixel_nats if include_map else None,
-            pixel_nats if heat else None, codecs, threshold, s.png_compression)
+        head = {"model": entry.name, "kind": entry.kind, "prior": chosen.api_name if chosen else None, "bound": bound,
+                **({"background": back.name, "background_bound": back_bound} if back is not None else {}),
+                **({"map_meaning": meaning} if meaning else {}),
+                **({"map_scale": f"bits per subpixel, 0 (black) to {HEAT_MAX_BITS:g} (pale yellow), clipped"} if heat else {})}
+        return await service.run_codec(_score_response, head, names, x, nats, back_nats, pixel_nats if include_map else None,
+                                       pixel_nats if heat else None, codecs, threshold, s.png_compression, headers)
+
+
+async def _background(service: Service, name: str, entry: Entry) -> tuple[Entry, Prior | None]:
+    """The `background` model (held for the request, as `model` is) and the prior it is scored under."""
+    try:
+        back = await find_model(service, name, "score")
+    except HTTPException as e:
+        raise HTTPException(e.status_code, f"background: {e.detail}") from None
+    if back.image_shape != entry.image_shape:
+        raise HTTPException(422, f"background {name!r} scores {tuple(back.image_shape)} images and {entry.name!r} "
+                                 f"{tuple(entry.image_shape)}: pick a background model of the same image shape")
+    if back.kind == "vae":
+        return back, None
+    if back.default_prior is None:
+        raise HTTPException(422, f"background {name!r} is a VQ-VAE with no prior loaded: its bound would be of uniform "
+                                 "codes; pick a model with one")
+    return back, back.default_prior
+
+
+VAE_MAP = "-log p(x_ij | z = mu), the decoder's term at the posterior mean (it does not sum to the IWAE bound)"
+VQVAE_MAP = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
 
 
 async def _bound(service: Service, entry: Entry, chosen: Prior | None, index: int, x: torch.Tensor, k: int,
-                 seed: int, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
-    """Images x (n, C, H, W) under one model -> (nats (n,), nats per pixel (n, H, W) or None, what `nats`
-    bounds, what the map means)."""
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Images x (n, C, H, W) under one model -> (nats (n,), a VQ-VAE's nats per pixel (n, H, W) (computed
+    with its bound; a VAE's is another pass: `_heat`) or None, what `nats` bounds)."""
     n = len(x)
     if entry.kind == "vae":
         eps = entry.model.draw_score_noise(n, k, torch.Generator().manual_seed(seed)).reshape(n * k, -1)  # (n k, D)
@@ -265,17 +294,22 @@ async def _bound(service: Service, entry: Entry, chosen: Prior | None, index: in
             parts += await batcher.submit(x[rows // k], eps[rows])  # row r: image r // k, its sample r % k
         log_w = torch.cat(parts)  # (n k,)
         nats = -VAE.iwae_from_log_weights(log_w.reshape(n, k))  # (n,)
-        heat = (await service.batcher(entry, Op.SCORE_MAP).submit(x))[0] if want_map else None
-        bound = f"IWAE-{k} (seed {seed}): an upper bound on -log p(x), as the model card's table"
-        meaning = "-log p(x_ij | z = mu), the decoder's term at the posterior mean (it does not sum to the IWAE bound)"
-        return nats, heat, bound, meaning
+        return nats, None, f"IWAE-{k} (seed {seed}): an upper bound on -log p(x), as the model card's table"
     key = chosen.api_name if chosen is not None else None
-    nats, heat = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((n,), index))
+    nats, pixel_nats = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((n,), index))
     given = f"given label {index}: an upper bound on -log p(x | y)" if index >= 0 else "an upper bound on -log p(x)"
     marg = " (label marginalised over equally likely classes)" if chosen is not None and chosen.num_classes and index < 0 else ""
-    bound = f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
-    meaning = "the decoder's nats per pixel plus each code's prior nats spread over its patch (sums to `nats`)"
-    return nats, heat if want_map else None, bound, meaning
+    return nats, pixel_nats, f"-log p(x | z_q(x)) - log P(z(x)) under {'prior ' + key if key else 'uniform codes'}: {given}{marg}"
+
+
+async def _heat(service: Service, entry: Entry, chosen: Prior | None, index: int, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Images x -> (nats per pixel (n, H, W), what they mean): a VAE's in one pass (no importance samples)."""
+    if entry.kind == "vae":
+        (pixel_nats,) = await service.batcher(entry, Op.SCORE_MAP).submit(x)
+        return pixel_nats, VAE_MAP
+    key = chosen.api_name if chosen is not None else None
+    _, pixel_nats = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((len(x),), index))
+    return pixel_nats, VQVAE_MAP
 
 
 HEAT_MAX_BITS = 8.0  # a heat map's top colour: bits per subpixel as costly as a uniform guess over 256 levels
@@ -290,10 +324,11 @@ def _heat_png(pixel_nats: torch.Tensor, channels: int, level: int) -> bytes:
     return imaging.grid_png(_heat_images(pixel_nats, channels), compress_level=level)
 
 
-def _score_response(model: str, kind: str, prior: str | None, bound: str, meaning: str | None, names: list[str],
-                    x: torch.Tensor, nats: torch.Tensor, back_nats: torch.Tensor | None, values: torch.Tensor | None,
-                    heat: torch.Tensor | None, codecs: list[str], threshold: OodThreshold | None, level: int) -> Response:
-    """The /score answer (ScoreResponse), built in the codec thread: the codecs compress every image."""
+def _score_response(head: dict[str, Any], names: list[str], x: torch.Tensor, nats: torch.Tensor,
+                    back_nats: torch.Tensor | None, values: torch.Tensor | None, heat: torch.Tensor | None,
+                    codecs: list[str], threshold: OodThreshold | None, level: int, headers: dict[str, str]) -> Response:
+    """The /score answer (ScoreResponse: `head`, then the items), built in the codec thread: the codecs
+    compress every image."""
     dims = x[0].numel()
     bpd = nats.double() / (dims * math.log(2))  # (n,)
     back_bpd = back_nats.double() / (dims * math.log(2)) if back_nats is not None else None
@@ -321,7 +356,5 @@ def _score_response(model: str, kind: str, prior: str | None, bound: str, meanin
                               "unusual": value > threshold.threshold}
         return out
 
-    body = {"model": model, "kind": kind, "prior": prior, "bound": bound, **({"map_meaning": meaning} if meaning else {}),
-            **({"map_scale": f"bits per subpixel, 0 (black) to {HEAT_MAX_BITS:g} (pale yellow), clipped"} if maps else {}),
-            "items": [item(i) for i in range(len(names))]}
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    body = {**head, "items": [item(i) for i in range(len(names))]}
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)

@@ -491,6 +491,7 @@ async function perModel(panel, results, list, file, preview, request) {
     $(".slot.input", cell).replaceChildren();
     $(".slot.output", cell).replaceChildren();
     $(".numbers", cell)?.replaceChildren();
+    cell.removeAttribute("title");
     $(".error", cell).hidden = true;
   }
   const bitmap = await preview;
@@ -595,8 +596,8 @@ async function scoreAll(file, preview) {
         `score-${slug(m.name)}-${slug(f.name)}.png`));
       const v = item.verdict;
       const rows = [["bits/dim", item.bits_per_dim.toFixed(3)], ["minus WebP", item.complexity_score.webp.toFixed(3)],
-        ["verdict", v ? el("span", { class: v.unusual ? "verdict unusual" : "verdict usual", title:
-          `${v.score} score ${v.value.toFixed(3)} against the threshold ${v.threshold.toFixed(3)}` }, v.unusual ? "unusual" : "usual")
+        ["verdict", v ? el("span", { class: v.unusual ? "verdict unusual" : "verdict typical", title:
+          `${v.score} score ${v.value.toFixed(3)} against the threshold ${v.threshold.toFixed(3)}` }, v.unusual ? "unusual" : "typical")
           : el("span", { class: "note", title: "set one with python -m training threshold" }, "no threshold")]];
       $(".numbers", cell).replaceChildren(...rows.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
       cell.title = body.bound;

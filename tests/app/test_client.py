@@ -273,7 +273,7 @@ def test_score_gives_the_servers_numbers(api, pngs, server_url):
         item = raw.post("/score", params={"model": "vqvae", "prior": "pixelcnnpp", "map": "true", "background": "vqvae"},
                         files=[("file", (pngs[0].name, pngs[0].read_bytes(), "image/png"))]).json()["items"][0]
     assert ratio.ratio_score == item["ratio_score"] and ratio.background_bits_per_dim == item["background_bits_per_dim"]
-    assert ratio.heat_map.mode == "RGB" and ratio.heat_map.size == (8, 8)
+    assert ratio.heat_map.mode == "RGB" and ratio.heat_map.size == (8, 8) and ratio.background_bound.startswith("vqvae: ")
     assert np.array_equal(np.asarray(ratio.heat_map), np.asarray(Image.open(io.BytesIO(base64.b64decode(item["map_png"])))))
     with pytest.raises(APIError) as err:
         api.score("vae", pngs)  # a Bernoulli VAE: not a probability of 8-bit images
@@ -293,8 +293,9 @@ def test_cli_score_prints_a_line_per_image(server_url, pngs, capsys, tmp_path):
     assert main(["--url", server_url, "score", "--model", "vqvae", "--prior", "pixelcnnpp", "--background", "vqvae",
                  "--heat-maps", str(heat), *map(str, pngs)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1].split("\t")[-2:] == ["ratio", "verdict"] and "background vqvae" in lines[0]
-    ratios = [float(line.split("\t")[-2]) for line in lines[2:]]
+    assert lines[1].startswith("# background vqvae: ") and "under prior gated" in lines[1]
+    assert lines[2].split("\t")[-2:] == ["ratio", "verdict"]
+    ratios = [float(line.split("\t")[-2]) for line in lines[3:]]
     expected = [s.ratio_score for s in Client(server_url).score("vqvae", pngs, prior="pixelcnnpp", background="vqvae")]
     assert ratios == pytest.approx(expected, abs=5e-5)
     assert len(pngs) == 3 and Image.open(heat).size == (22, 22)  # 2 per row, 8x8 maps 2 pixels apart

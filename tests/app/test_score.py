@@ -130,7 +130,7 @@ async def test_map_true_gives_a_heat_map_png_per_image_on_a_fixed_scale(client, 
     r = await score(client, "vqvae", blobs, prior="gated", map="true", include_map="true")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert "8 (pale yellow)" in body["map_scale"]
+    assert "8 (pale yellow)" in body["map_scale"] and "sums to `nats`" in body["map_meaning"]
     values = torch.tensor([item["map"] for item in body["items"]], dtype=torch.float64)  # (2, 8, 8) nats per pixel
     import base64
 
@@ -158,8 +158,14 @@ async def test_accept_image_png_answers_the_heat_maps_as_one_grid(client, servic
     blobs = uploads(3)
     values = torch.tensor([item["map"] for item in (await score(client, "vae_rgb", blobs, k=2, include_map="true")).json()["items"]])
     r = await client.post("/score", params={"model": "vae_rgb", "k": 2}, files=blobs, headers={"Accept": "image/png"})
-    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert "IWAE-2" in r.headers["x-genserve-bound"]
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.headers["vary"] == "Accept"
+    assert "posterior mean" in r.headers["x-genserve-map"]
+    # only the maps are computed: no importance samples, so k is neither used nor bounded
+    big = await client.post("/score", params={"model": "vae_rgb", "k": 5000}, files=blobs, headers={"Accept": "image/png"})
+    assert big.status_code == 200 and big.content == r.content
+    refused = await client.post("/score", params={"model": "vae_rgb", "background": "vae_rgb"}, files=blobs,
+                                headers={"Accept": "image/png"})
+    assert refused.status_code == 422 and "drop 'background'" in refused.json()["detail"]
     grid = decode_png(r.content)
     assert grid.shape == (2 + 2 * 10, 2 + 2 * 10, 3)  # 2 per row, 2 pixels of padding
     heat = expected_heat(values, 3)
@@ -170,7 +176,7 @@ async def test_accept_image_png_answers_the_heat_maps_as_one_grid(client, servic
     for accept in ("*/*", "application/json, image/png", None):
         r = await client.post("/score", params={"model": "vae_rgb", "k": 2}, files=blobs,
                               headers={"Accept": accept} if accept else {})
-        assert r.headers["content-type"] == "application/json", accept
+        assert r.headers["content-type"] == "application/json" and r.headers["vary"] == "Accept", accept
 
 
 async def test_a_background_model_gives_the_likelihood_ratio(client, service):
@@ -183,7 +189,8 @@ async def test_a_background_model_gives_the_likelihood_ratio(client, service):
     dims = x[0].numel() * math.log(2)
     nats, _ = entry.model.nll_labelled(entry.priors["pixelcnnpp"].model, x, torch.full((2,), -1))
     back, _ = entry.model.nll_labelled(entry.default_prior.model, x, torch.full((2,), -1))  # the default prior: gated
-    assert entry.default_prior.api_name == "gated" and "background vqvae" in body["bound"]
+    assert entry.default_prior.api_name == "gated" and body["background"] == "vqvae"
+    assert "under prior pixelcnnpp" in body["bound"] and "under prior gated" in body["background_bound"]
     for i, item in enumerate(body["items"]):
         assert item["bits_per_dim"] == pytest.approx(nats[i].item() / dims, rel=1e-9)
         assert item["background_bits_per_dim"] == pytest.approx(back[i].item() / dims, rel=1e-9)
@@ -208,8 +215,8 @@ async def test_a_background_model_gives_the_likelihood_ratio(client, service):
     ("vqvae", {"prior": "pixelcnn", "label": "1"}, 422, "class-conditional"),
     ("vqvae", {"prior": "none", "label": "1"}, 422, "class-conditional"),
     ("vqvae", {"prior": "gated", "label": "7"}, 422, "out of range"),
-    ("vae_rgb", {"background": "nope"}, 404, "unknown model"),
-    ("vae_rgb", {"background": "vae"}, 422, "not a probability of 8-bit images"),
+    ("vae_rgb", {"background": "nope"}, 404, "background: unknown model"),
+    ("vae_rgb", {"background": "vae"}, 422, "background: model 'vae' cannot score"),
     ("vae_rgb", {"background": "vqvae"}, 422, "same image shape"),
     ("vqvae", {"background": "vae_rgb"}, 422, "same image shape"),
     ("vae_rgb", {"k": 500, "background": "vae_rgb"}, 422, "under two VAEs"),

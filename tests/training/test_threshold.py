@@ -40,12 +40,32 @@ def test_the_threshold_accepts_its_share_of_the_validation_split_and_changes_not
         _, val, _ = load_splits(run_args)
         if path == vae_path:
             values = scores(model, None, val, "webp", 4, 0)
+            assert info.command.endswith(f"--k 4 --seed 0 --batch-size 250 {vae_path}")  # 1000 // k images a batch
         else:
             values = scores(load_model(trained / "vqvae.safetensors")[0], model, val, "bits", 100, 0)
         assert ood["threshold"] == pytest.approx(sorted(values.tolist())[60], rel=1e-9)  # the 61st of 64: ceil(0.95 x 64)
         assert (values <= ood["threshold"]).double().mean() >= 0.95
     assert main(["threshold", str(trained / "vqvae.safetensors")]) == 1  # a VQ-VAE is scored under a prior
     assert "set the threshold on the prior's file" in capsys.readouterr().err
+
+
+def test_a_vae_is_scored_at_most_a_thousand_rows_at_a_time(trained, fashion_root, monkeypatch):
+    """By default a batch holds 1000 // k images: 100 images x k = 100 at once ran ten times slower."""
+    from models.vae import VAE
+    from training import threshold
+
+    model = load_model(trained / "vae.safetensors")[0]
+    run_args = training_args(load_model(trained / "vae.safetensors")[1].command)
+    run_args.data_root = str(fashion_root)
+    _, val, _ = load_splits(run_args)
+    rows: list[int] = []
+    real = VAE.log_importance_weights
+    monkeypatch.setattr(VAE, "log_importance_weights", lambda self, x, eps: rows.append(len(x)) or real(self, x, eps))
+    values = threshold.scores(model, None, val, "bits", 30, 0)
+    assert len(val) == 64 and rows == [33 * 30, 31 * 30]  # 1000 // 30 = 33 images a batch, then the other 31
+    assert values.shape == (64,) and torch.isfinite(values).all()
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        threshold.scores(model, None, val, "bits", 30, 0, batch_size=0)
 
 
 async def test_models_shows_the_threshold_and_score_answers_a_verdict_against_it(trained, fashion_root):
