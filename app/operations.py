@@ -228,7 +228,8 @@ def _every_operation(entry: Entry) -> list[Operation]:
     if entry.kind == "vqvae":  # the bound under each prior, and under none (uniform codes: log K nats a code)
         for prior in [None, *entry.priors.values()]:
             num_labels = int(getattr(prior.model.config, "num_classes", 0)) if prior is not None else 0
-            spec = Method("nll_labelled", _labelled_images(num_labels), steps=True)  # the nearest codes' argmin
+            # steps: the nearest codes' argmin, then a prior pass per label, between which an unwanted pass stops
+            spec = Method("nll_labelled", _labelled_images(num_labels), steps=True, stoppable=True)
             method = functools.partial(m.nll_labelled, prior.model if prior is not None else None)
             ops.append(_operation(OpKey(name, Op.SCORE, prior.api_name if prior is not None else None), entry, method, spec))
     for prior in entry.priors.values():

@@ -490,16 +490,21 @@ class VQVAE(nn.Module):
         given the labels >= 0 and marginalises the rows labelled -1 over equally likely labels (as
         in this project's data sets: p(y) is not stored with a prior); other priors ignore labels.
         Every row is computed under every label, so a row never depends on its batch-mates' labels.
-        `on_step` sees the distances the codes are the argmin of (`VectorQuantizer.nearest`)."""
+        `on_step` sees the distances the codes are the argmin of (`VectorQuantizer.nearest`), then each
+        label's -log P(z_i | z_<i, y) (B, h, w) after its prior pass: the service stops there a pass that
+        nobody waits for any more (Y passes of a large prior take seconds)."""
         z = self.quantizer.nearest(self.encode(x), on_step)  # (B, h, w)
         num_labels = int(getattr(prior.config, "num_classes", 0)) if prior is not None else 0
         if not num_labels:
             return self.nll(x, prior, codes=z)
         nats, pixel = self._decoder_nll(x, z)
         h, w = z.shape[-2:]
-        per_code_y = torch.stack(
-            [F.cross_entropy(prior(z, torch.full_like(labels, y)), z.long(), reduction="none") for y in range(num_labels)], 1
-        )  # (B, Y, h, w): -log P(z_i | z_<i, y)
+        per_label = []
+        for y in range(num_labels):
+            per_label.append(F.cross_entropy(prior(z, torch.full_like(labels, y)), z.long(), reduction="none"))  # (B, h, w)
+            if on_step is not None:
+                on_step(per_label[-1])
+        per_code_y = torch.stack(per_label, 1)  # (B, Y, h, w): -log P(z_i | z_<i, y)
         log_p = -per_code_y.sum((2, 3)).double()  # (B, Y): log P(z | y)
         marginal = torch.logsumexp(log_p - math.log(num_labels), 1)  # (B,): log sum_y P(z | y) / Y
         rows = torch.arange(len(z), device=z.device)

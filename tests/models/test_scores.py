@@ -119,6 +119,13 @@ def test_labelled_rows_are_given_their_label_and_unlabelled_ones_marginalise_ove
                                             first_kernel_size=3)).eval()
     assert torch.equal(model.nll_labelled(unconditional, x, labels)[0], model.nll(x, unconditional)[0])
     assert torch.equal(model.nll_labelled(None, x, labels)[0], model.nll(x)[0])
+    # on_step: the distances of the nearest codes, then each label's -log P(z_i | z_<i, y), which sum to log_p
+    seen: list[torch.Tensor] = []
+    stepped = model.nll_labelled(prior, x, labels, on_step=seen.append)[0]
+    assert torch.equal(stepped, nats) and len(seen) == 1 + 3 and [t.shape for t in seen[1:]] == [(4, 2, 2)] * 3
+    free_nats = -torch.logsumexp(torch.stack([-t.sum((1, 2)).double() for t in seen[1:]], 1) - math.log(3), 1)
+    decoder_nats, _ = model._decoder_nll(x, model.quantizer.nearest(model.encode(x)))
+    assert torch.allclose((decoder_nats + free_nats)[~mine], nats[~mine], rtol=1e-9)
 
 
 def test_the_importance_weights_of_rows_give_the_iwae_bound_of_whole_images():
