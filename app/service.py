@@ -285,7 +285,8 @@ class Service:
                 max_queue=s.max_queue,
                 queue_wait_s=s.queue_wait_s,
                 express_items=min(s.express_items, s.max_batch_size),
-                autocast_dtype=AUTOCAST_DTYPES[s.precision],
+                # a likelihood in half precision would move its bits/dim: /score computes in float32 whatever the precision
+                autocast_dtype=None if operation.key.op in (Op.SCORE, Op.SCORE_MAP) else AUTOCAST_DTYPES[s.precision],
                 on_batch=self.metrics.observe_batch,
                 scheduler=self.scheduler,
             )

@@ -232,3 +232,14 @@ async def test_every_bad_request_is_a_clear_4xx(client, model, params, status, d
 async def test_a_request_without_files_is_refused(client):
     r = await client.post("/score", params={"model": "vae_rgb"}, files=[("other", ("a.png", b"x", "image/png"))])
     assert 400 <= r.status_code < 500
+
+
+async def test_scores_are_computed_in_full_precision_whatever_the_autocast(serve):
+    """GENSERVE_PRECISION=bf16 autocasts every pass on CUDA, but a likelihood in bf16 would move its
+    bits/dim: the score batchers never autocast."""
+    async with serve(checked=False, precision="bf16") as (app, _client):
+        batchers = app.state.service.batchers
+        scores = {key: b for key, b in batchers.items() if key.op in ("score", "score_map")}
+        assert {key.model for key in scores} == {"vae_rgb", "vqvae"}
+        assert all(b.autocast_dtype is None for b in scores.values())
+        assert all(b.autocast_dtype == torch.bfloat16 for key, b in batchers.items() if key not in scores)
