@@ -19,6 +19,8 @@ Scores, each "higher is more unusual":
 - ratio: bits/dim of the model minus that of `vae_context`, the same autoregressive decoder without a
   latent (Ren et al. 2019's likelihood ratio, the background model knowing only local statistics);
 - png / webp: bits/dim minus the codec's for the image alone (Serrà et al. 2020's input complexity).
+- ratio+webp (`vae` only): bits/dim minus the mean of the two backgrounds' bits/dim, `vae_context`'s
+  and WebP's, i.e. (ratio + webp) / 2: the latent's layout and the codec's complexity in one score.
 
 AUROC: the probability that an out-of-distribution image scores above an in-distribution one (ties
 half), by ranks. FPR@95: the threshold accepts 95% of the in-distribution images (its 95th
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         scores = {"bits/dim": bpd[name], **{c: {s: bpd[name][s] - codecs[c][s] for s in data} for c in ("png", "webp")}}
         if name == "vae" and "vae_context" in bpd:
             scores["ratio"] = {s: bpd["vae"][s] - bpd["vae_context"][s] for s in data}
+            scores["ratio+webp"] = {s: (scores["ratio"][s] + scores["webp"][s]) / 2 for s in data}
         for score, values in scores.items():
             cells = [f"{auroc(values[inside], values[s]):.3f} / {fpr_at_95(values[inside], values[s]):.3f}" for s in data if s != inside]
             rows.append([name, score, *cells])
