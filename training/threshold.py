@@ -72,7 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @torch.inference_mode()
 def scores(model: torch.nn.Module, prior: torch.nn.Module | None, data: ImageData, score: str, k: int, seed: int,
            batch_size: int | None = None) -> torch.Tensor:
-    """Each image's score (n,) float64, as POST /score computes it (its bits_per_dim, or its complexity_score).
+    """Each image's score (n,) float64, as POST /score computes it (its bits_per_dim, or its complexity_score):
+    a VAE's IWAE bound from the same noise (`draw_score_noise`, a batch at a time), by `iwae_bound_from`, which
+    reads an autoregressive decoder's context once per image where /score's rows read it once per sample (the
+    two agree to float rounding: tests/app/test_score.py).
     `batch_size` images a batch; by default a VAE's batch holds at most ROWS_PER_BATCH rows (images x k): a
     batch of 100 images x k = 100 decodes 10,000 images at once and runs out of the caches (ten times slower)."""
     batch_size = default_batch_size(model, k) if batch_size is None else batch_size
@@ -82,18 +85,12 @@ def scores(model: torch.nn.Module, prior: torch.nn.Module | None, data: ImageDat
     nats = []
     for index in torch.arange(len(data)).split(batch_size):
         x, _ = data.batch(index, torch.device("cpu"))
-        if isinstance(model, VAE):
-            nats.append(-model.iwae_from_log_weights(_log_weights(model, x, k, g)))
+        if isinstance(model, VAE):  # the k samples of a batch decoded at once: at most ROWS_PER_BATCH rows by default
+            nats.append(-model.iwae_bound_from(x, model.draw_score_noise(len(x), k, g), chunk=k))
         else:
             nats.append(model.nll_labelled(prior, x, torch.full((len(x),), -1))[0])
     bits = torch.cat(nats) / (data.images[0].numel() * math.log(2))
     return bits if score == "bits" else bits - codec_bits_per_dim(data.images, score)
-
-
-def _log_weights(model: VAE, x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    """The (n, k) log importance weights of POST /score: a row per sample, noise `draw_score_noise`."""
-    eps = model.draw_score_noise(len(x), k, g)  # (n, k, D)
-    return model.log_importance_weights(*model.importance_rows(x, eps)).reshape(len(x), k)
 
 
 def set_threshold(path: Path, args: argparse.Namespace) -> dict[str, Any]:
