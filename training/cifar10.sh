@@ -76,7 +76,7 @@ PY
     # float16 with every metric measured again, and the out-of-distribution threshold on its validation split
     "$PY" -m training vae --data "$DATA" --threads 2 --arch conv --conv-channels 32 64 --latent-dim 64 --fc-dim 256 \
       --decoder autoregressive --ar-channels 64 --ar-layers 3 --free-bits 0.5 --batch-size 64 --lr 1e-3 \
-      --lr-schedule cosine --min-lr 1e-5 --epochs 14 --iwae-k 50 --name vae_cifar10_ar \
+      --lr-schedule cosine --min-lr 1e-5 --epochs 14 --iwae-k 50 --psnr-images 500 --name vae_cifar10_ar \
       --out "$OUT/vae_cifar10_ar.safetensors" --run-dir runs/vae_cifar10_ar
     cp "$OUT/vae_cifar10_ar.safetensors" weights/
     "$PY" -m training convert --dtype float16 --threads 2 weights/vae_cifar10_ar.safetensors

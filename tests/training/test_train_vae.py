@@ -57,10 +57,31 @@ def test_two_epochs_write_a_loadable_file_with_sane_metrics_and_gifs(fashion_roo
         assert 0 < m["test_nll_nats"] <= m["test_neg_elbo"] + 1.0
         assert m["test_bits_per_dim"] == pytest.approx(m["test_nll_nats"] / (784 * math.log(2)), rel=1e-6)
         assert m["test_bits_per_dim"] < 8.0
-    assert m["iwae_k"] == 20 and m["iwae_images"] == 64 and 0 <= m["active_units"] <= 3
+    assert m["iwae_k"] == 20 and m["iwae_images"] == 64 and m["psnr_images"] == 64 and 0 <= m["active_units"] <= 3
     for gif in ("inputs", "reconstructions", "samples"):  # identical frames (the fixed inputs) are merged
         with Image.open(tmp_path / f"run-vae/{gif}.gif") as im:
             assert im.n_frames == (1 if gif == "inputs" else 2)
+
+
+def test_psnr_images_limits_the_reconstructions_that_give_the_psnr(fashion_root, tmp_path):
+    """--psnr-images N: the PSNR of the first N test images' reconstructions (an autoregressive decoder with a
+    deep context draws them slowly); the bounds stay on every test image. A finished run resumed with it
+    measures the test split again (how the shipped vae_cifar10_ar was finished)."""
+    from training.__main__ import load_splits
+    from training.convert import training_args
+    from training.evaluate import reconstruction_quality
+
+    code, out = train(fashion_root, tmp_path, "--epochs", "1", *AR, "--ar-layers", "2", "--psnr-images", "10")
+    assert code == 0
+    model, info = load_model(out)
+    assert info.metrics["psnr_images"] == 10 and info.metrics["iwae_images"] == info.metrics["test_images"] == 64
+    run_args = training_args(info.command)
+    run_args.data_root = str(fashion_root)
+    *_, test = load_splits(run_args)
+    assert info.metrics["test_psnr_db"] == pytest.approx(reconstruction_quality(model, test.subset(10))["psnr_db"], rel=1e-9)
+    assert train(fashion_root, tmp_path, "--epochs", "1", *AR, "--ar-layers", "2", "--psnr-images", "5", "--resume")[0] == 0
+    _, again = load_model(out)
+    assert again.metrics["psnr_images"] == 5 and " && " in again.command and again.command.endswith("--psnr-images 5 --resume")
 
 
 def test_resume_continues_and_adds_gif_frames(fashion_root, tmp_path):
