@@ -286,12 +286,18 @@ def test_the_page_offers_each_model_only_what_it_lists(driver, server_url) -> No
     assert Select(driver.find_element(By.CSS_SELECTOR, "#sample-form [name=model]")).first_selected_option.get_attribute("value") == "vae"
 
 
-def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -> None:
-    models = httpx.get(server_url + "/models", timeout=60).json()
-    path = tmp_path / "stripes.png"
+def stripes(folder: Path) -> Path:
+    """A 30x40 grey PNG of white rows every 4 pixels, not square (so the page crops it): its path."""
+    path = folder / "stripes.png"
     arr = np.zeros((40, 30), np.uint8)
     arr[::4] = 255
     Image.fromarray(arr, "L").save(path)
+    return path
+
+
+def test_an_upload_is_reconstructed_by_every_model(page, server_url, tmp_path) -> None:
+    models = httpx.get(server_url + "/models", timeout=60).json()
+    path = stripes(tmp_path)
     upload(page, "#recon-picker", path)
     cells = reconstructed(page, "stripes.png")
     recon = [m for m in models if m["name"] in offered(models, "reconstruct")]
@@ -327,10 +333,7 @@ def test_an_upload_is_scored_by_every_model_that_can(page, server_url, tmp_path)
     """The Score panel: each model's bits/dim and WebP complexity score as /score gives them, its heat map
     (the same PNG), and "no threshold" where the file stores none (conftest.py's files store none)."""
     models = httpx.get(server_url + "/models", timeout=60).json()
-    path = tmp_path / "stripes.png"
-    arr = np.zeros((40, 30), np.uint8)
-    arr[::4] = 255
-    Image.fromarray(arr, "L").save(path)
+    path = stripes(tmp_path)
     upload(page, "#score-picker", path)
     cells = scored(page, "stripes.png")
     names = offered(models, "score")
