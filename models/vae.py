@@ -315,7 +315,9 @@ class VAE(nn.Module):
         (`uniform_shape(N)`; drawn with `generator` when absent). Each image depends only on its
         own z and uniforms, so results do not depend on the batch. `order` "wavefront" (default)
         and "raster" draw the same pixels from the same uniforms; wavefront takes 136 steps at
-        28x28 instead of 784. `on_step(params)`, when given, sees each step's likelihood
+        28x28 instead of 784, and computes each layer of the context only at the step's pixels (each
+        pixel's activations once), where raster order reruns the whole stack at each step (the
+        reference the tests compare with). `on_step(params)`, when given, sees each step's likelihood
         parameters (N, P, 1, m) before its draw (a server checks with it that the batch size does
         not change them, and stops work nobody waits for any more by raising).
         """
@@ -332,20 +334,29 @@ class VAE(nn.Module):
             raise ValueError("uniforms must lie in [0, 1] (and not be NaN)")
         uniforms = uniforms.to(device=h.device, dtype=dtype)
         n, (c, hh, ww) = h.shape[0], self.image_shape
-        fast = order == "wavefront" and self.config.ar_layers == 1
+        fast = order == "wavefront"
+        convs = [m for m in self.ar_context if isinstance(m, MaskedConv2d)]  # mask A, then (ar_layers - 1) mask B
         pad = self.config.ar_kernel // 2 if fast else 0
         # undrawn pixels are 0; the masks never read them. The fast path reads windows of the padded buffer.
         padded = h.new_zeros(n, c, hh + 2 * pad, ww + 2 * pad, dtype=dtype)  # (N, C, H + 2p, W + 2p)
         x = padded[:, :, pad : pad + hh, pad : pad + ww]  # (N, C, H, W), a view
-        conv = self.ar_context[0]
-        kernel = (conv.weight * conv.mask).flatten(1)  # (a, C*k*k)
+        kernels = [((conv.weight * conv.mask).flatten(1), conv.bias) for conv in convs]  # (a, C_in*k*k), (a,)
+        # the fast path keeps every mask-B layer's input, ReLU(previous layer), at the pixels computed
+        # so far, padded by 1 for the 3 x 3 windows; a pixel's activations are final at its own step,
+        # since the wavefront's reach covers the whole stack, so each layer runs once per pixel.
+        a = self.config.ar_channels
+        hidden = [h.new_zeros(n, a, hh + 2, ww + 2, dtype=dtype) for _ in convs[1:]]  # (N, a, H + 2, W + 2) each
         # the 1x1 head as matrices: ReLU, W1, ReLU, W2 (the same arithmetic as the convolutions)
         w1, b1 = self.ar_head[1].weight.flatten(1), self.ar_head[1].bias  # (a, a), (a,)
         w2, b2 = self.ar_head[3].weight.flatten(1), self.ar_head[3].bias  # (P, a), (P,)
-        for rows, cols, windows in self._generation_plan(order, h.device):
+        for rows, cols, windows, windows3 in self._generation_plan(order, h.device):
             if fast:
                 patches = padded[:, :, windows[0], windows[1]].permute(0, 2, 1, 3, 4).flatten(2)  # (N, m, C*k*k)
-                ctx = F.linear(patches, kernel, conv.bias)  # (N, m, a): the masked conv at these m pixels only
+                ctx = F.linear(patches, *kernels[0])  # (N, m, a): the mask-A conv at these m pixels only
+                for buffer, kernel in zip(hidden, kernels[1:]):
+                    buffer[:, :, rows + 1, cols + 1] = F.relu(ctx).transpose(1, 2).to(dtype)
+                    patches = buffer[:, :, windows3[0], windows3[1]].permute(0, 2, 1, 3, 4).flatten(2)  # (N, m, a*9)
+                    ctx = F.linear(patches, *kernel)  # (N, m, a): the next mask-B layer at these pixels
             else:
                 ctx = self.ar_context(x)[:, :, rows, cols].transpose(1, 2)  # (N, m, a): the whole stack, then the pixels
             feats = h[:, :, rows, cols].transpose(1, 2) + ctx  # (N, m, a)
@@ -357,19 +368,19 @@ class VAE(nn.Module):
             x[:, :, rows, cols] = drawn[:, :, 0]
         return x.clone()
 
-    def _generation_plan(self, order: str, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, tuple]]:
-        """`generation_steps(order)` on `device`, each with the index grids (rows, cols) (m, k, k) of
-        its pixels' k x k windows in the padded image; computed once per (order, device)."""
+    def _generation_plan(
+        self, order: str, device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor, tuple, tuple]]:
+        """`generation_steps(order)` on `device`, each with the index grids (rows, cols) of its
+        pixels' k x k windows (m, k, k) in the image padded by k // 2, and of their 3 x 3 windows
+        (m, 3, 3) in a buffer padded by 1; computed once per (order, device)."""
         cache = self.__dict__.setdefault("_plans", {})
         key = (order, str(device))
         if key not in cache:
-            k = self.config.ar_kernel
-            offsets = torch.arange(k)
             plan = []
             for rows, cols in self.generation_steps(order):
-                rr = (rows[:, None, None] + offsets[None, :, None]).expand(-1, k, k)  # (m, k, k)
-                cc = (cols[:, None, None] + offsets[None, None, :]).expand(-1, k, k)  # (m, k, k)
-                plan.append((rows.to(device), cols.to(device), (rr.to(device), cc.to(device))))
+                windows = [_window_grid(rows, cols, size, device) for size in (self.config.ar_kernel, 3)]
+                plan.append((rows.to(device), cols.to(device), *windows))
             cache[key] = plan
         return cache[key]
 
@@ -545,6 +556,15 @@ class VAE(nn.Module):
             )
         mu, _ = self.encode(x)
         return -self.pixel_likelihood.log_prob_per_pixel(self.decode(mu, context=x), x)
+
+
+def _window_grid(rows: torch.Tensor, cols: torch.Tensor, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index grids (m, size, size) of the size x size windows centred on pixels (rows, cols) (m,)
+    of an image padded by size // 2 on each side."""
+    offsets = torch.arange(size)
+    rr = (rows[:, None, None] + offsets[None, :, None]).expand(-1, size, size)  # (m, size, size)
+    cc = (cols[:, None, None] + offsets[None, None, :]).expand(-1, size, size)  # (m, size, size)
+    return rr.to(device), cc.to(device)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduce: bool = True) -> torch.Tensor:

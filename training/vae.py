@@ -55,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iwae-images", type=int, default=None, help="test images for the IWAE bound (default: all)")
     p.add_argument("--psnr-images", type=int, default=None,
                    help="test images whose reconstructions give the PSNR (default: all). An autoregressive decoder "
-                        "draws its reconstructions pixel by pixel, and one with --ar-layers > 1 runs its whole context "
-                        "stack at each of its steps: about an hour for 10,000 CIFAR-10 images on two CPU cores")
+                        "draws its reconstructions pixel by pixel: about 0.03 s a CIFAR-10 image in batches of 16 on two "
+                        "CPU cores with a 3-layer context, 5 minutes for the 10,000 test images")
 
 
 def run(
