@@ -307,8 +307,7 @@ async def _heat(service: Service, entry: Entry, chosen: Prior | None, index: int
     if entry.kind == "vae":
         (pixel_nats,) = await service.batcher(entry, Op.SCORE_MAP).submit(x)
         return pixel_nats, VAE_MAP
-    key = chosen.api_name if chosen is not None else None
-    _, pixel_nats = await service.batcher(entry, Op.SCORE, key).submit(x, torch.full((len(x),), index))
+    _, pixel_nats, _ = await _bound(service, entry, chosen, index, x, k=1, seed=0)  # a VQ-VAE's map comes with its bound
     return pixel_nats, VQVAE_MAP
 
 
