@@ -345,7 +345,7 @@ class VAE(nn.Module):
         # so far, padded by 1 for the 3 x 3 windows; a pixel's activations are final at its own step,
         # since the wavefront's reach covers the whole stack, so each layer runs once per pixel.
         a = self.config.ar_channels
-        hidden = [h.new_zeros(n, a, hh + 2, ww + 2, dtype=dtype) for _ in convs[1:]]  # (N, a, H + 2, W + 2) each
+        hidden = [h.new_zeros(n, a, hh + 2, ww + 2, dtype=dtype) for _ in convs[1:] if fast]  # (N, a, H + 2, W + 2) each
         # the 1x1 head as matrices: ReLU, W1, ReLU, W2 (the same arithmetic as the convolutions)
         w1, b1 = self.ar_head[1].weight.flatten(1), self.ar_head[1].bias  # (a, a), (a,)
         w2, b2 = self.ar_head[3].weight.flatten(1), self.ar_head[3].bias  # (P, a), (P,)
