@@ -3,7 +3,8 @@
 - priors: sample(mode=) "naive" (the whole prior per code position) vs "cropped" vs "cached" (served).
   Bar: cached at least 3x naive at n=64.
 - the autoregressive VAE: wavefront order (served: 136 steps at 28x28) vs raster order (784), the
-  factorized decoder as the yardstick. Targets on the 2-core CPU: 1 image <= 40 ms, 64 <= 150 ms.
+  factorized decoder as the yardstick. Targets on the 2-core CPU, for the 28x28 one-layer `vae`: 1 image
+  <= 40 ms, 64 <= 150 ms (the 32x32 colour `vae_cifar10_ar`, 3 layers, takes several times that).
 
 Every path draws from the same seeded uniforms; the tables show the median of --repeats runs (raster:
 one) and count what a fast path drew differently (float32 rounding at a bin edge; in float64 they are

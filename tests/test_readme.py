@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 VENV_BIN = REPO / ".venv" / "bin"
 README_PORT = 8000  # what the README's examples say: localhost:8000, 127.0.0.1:8000, the CLI's default
-START_TIMEOUT_S = 120.0  # imports torch and loads 14 weight files (about 3 s idle; slower on a busy 2-core machine)
+START_TIMEOUT_S = 120.0  # imports torch and loads 15 weight files (about 3 s idle; slower on a busy 2-core machine)
 BLOCK_TIMEOUT_S = 120.0
 
 # a distinctive substring of the block -> what running it shows

@@ -51,6 +51,9 @@ case "${1:?lane: vq, vae, prior-a, prior-b, ship or pixelvae}" in
     # stored in float16, every metric measured again on the stored weights (issue 20; about 35 minutes on one thread)
     "$PY" -m training convert --dtype float16 --threads 1 weights/vqvae_cifar10.safetensors weights/vqvae_cifar10_gated.safetensors \
       weights/vqvae_cifar10_pixelcnn.safetensors weights/vqvae_cifar10_pixelcnnpp.safetensors weights/vae_cifar10.safetensors
+    # out-of-distribution thresholds on the validation split (issue 25; 3 minutes a prior, 18 for the VAE, two threads)
+    "$PY" -m training threshold --score webp --threads 2 weights/vqvae_cifar10_gated.safetensors \
+      weights/vqvae_cifar10_pixelcnn.safetensors weights/vqvae_cifar10_pixelcnnpp.safetensors weights/vae_cifar10.safetensors
     "$PY" - <<'PY'
 from training.visuals import small_gif
 for run, names in {"vqvae_cifar10": ("inputs", "reconstructions"), "vae_cifar10": ("reconstructions", "samples"),

@@ -5,6 +5,10 @@
 # files were then stored in float16, their metrics measured again (issue 20, in two lanes, about an hour):
 #   .venv/bin/python -m training convert --dtype float16 --threads 1 weights/vqvae*.safetensors
 #   .venv/bin/python -m training convert --dtype float16 --threads 1 weights/vae.safetensors weights/vae_context.safetensors ...
+# and given out-of-distribution thresholds on the validation split (issue 25, 1-8 minutes a file on two threads):
+#   .venv/bin/python -m training threshold --score webp --threads 2 weights/vae.safetensors weights/vae_conv.safetensors \
+#     weights/vae_context.safetensors weights/vae_mlp_logistic.safetensors weights/vqvae_gated.safetensors \
+#     weights/vqvae_pixelcnn.safetensors weights/vqvae_pixelcnnpp.safetensors
 # Usage: bash training/fashion_mnist.sh vae | vq     (one lane; run both at once on two cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

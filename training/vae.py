@@ -55,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iwae-images", type=int, default=None, help="test images for the IWAE bound (default: all)")
     p.add_argument("--psnr-images", type=int, default=None,
                    help="test images whose reconstructions give the PSNR (default: all). An autoregressive decoder "
-                        "draws its reconstructions pixel by pixel: about 0.03 s a CIFAR-10 image in batches of 16 on two "
-                        "CPU cores with a 3-layer context, 5 minutes for the 10,000 test images")
+                        "draws its reconstructions pixel by pixel: about 18 ms a CIFAR-10 image in batches of 64 on two "
+                        "CPU cores with a 3-layer context (benchmarks/RESULTS.md), about 3 minutes for 10,000, estimated")
 
 
 def run(
